@@ -1,0 +1,421 @@
+"""The one place where configuration is parsed and validated.
+
+A run is described by one YAML file (the packaged default when none is given)
+plus ``key=value`` overrides. Everything is turned into frozen dataclasses here;
+no other module reads raw dicts. Unknown keys, wrong types and out-of-range
+values raise :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedpriv.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+def _check(predicate, expected: str):
+    """Attach a range check to a field: ``field(metadata=_check(lambda v: v > 0, "> 0"))``."""
+    return {"check": predicate, "expected": expected}
+
+
+def _positive(expected="a number > 0"):
+    return _check(lambda v: v > 0, expected)
+
+
+def _fraction(expected="a number in [0, 1]"):
+    return _check(lambda v: 0.0 <= v <= 1.0, expected)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "fedpriv"
+    seed: int = 42
+    out_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """How raw label values become class names.
+
+    ``map`` sends raw values (compared as strings) to class names; ``ranges``
+    sends numeric raw values within an inclusive [low, high] to a class name.
+    ``names`` fixes the class order; by default it is the sorted set of classes.
+    """
+
+    names: list[str] | None = None
+    map: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "bbc_news"
+    path: str | None = None
+    format: Literal["auto", "csv", "tsv", "jsonl"] = "auto"
+    encoding: str = "utf-8"
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    test_path: str | None = None
+    test_text_column: str | None = None
+    test_fraction: float = field(default=0.2, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    max_examples: int | None = field(default=None, metadata=_positive("an integer > 0"))
+    html_unescape: bool = False
+    max_length: int = field(default=128, metadata=_check(lambda v: 8 <= v <= 4096, "an integer in [8, 4096]"))
+
+
+@dataclass(frozen=True)
+class PartitioningConfig:
+    scheme: Literal["iid", "dirichlet", "natural"] = "iid"
+    num_orgs: int = field(default=4, metadata=_positive("an integer > 0"))
+    alpha: float = field(default=0.5, metadata=_positive())
+    column: str | None = None
+    min_partition_size: int = field(default=10, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = field(default=8, metadata=_positive("an integer > 0"))
+    alpha: float = field(default=16.0, metadata=_positive())
+    dropout: float = field(default=0.0, metadata=_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"))
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name``: ``minilm`` (packaged pretrained), ``tiny`` (random, for tests) or a local HF directory."""
+
+    name: str = "minilm"
+    finetuning: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    rounds: int = field(default=3, metadata=_positive("an integer > 0"))
+    local_epochs: int = field(default=1, metadata=_positive("an integer > 0"))
+    batch_size: int = field(default=32, metadata=_positive("an integer > 0"))
+    eval_batch_size: int = field(default=64, metadata=_positive("an integer > 0"))
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    learning_rate: float = field(default=5e-4, metadata=_positive())
+    weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    device: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class OrgPrivacyConfig:
+    """Per-organisation override of the privacy target."""
+
+    target_epsilon: float | None = None
+    delta: float | None = None
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = field(default=8.0, metadata=_positive("a number > 0"))
+    delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    max_grad_norm: float = field(default=1.0, metadata=_positive())
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    orgs: dict[str, OrgPrivacyConfig] = field(default_factory=dict)
+
+    def target_for(self, org: str) -> tuple[float, float]:
+        """(target_epsilon, delta) for one organisation, overrides applied."""
+        override = self.orgs.get(org, OrgPrivacyConfig())
+        eps = override.target_epsilon if override.target_epsilon is not None else self.target_epsilon
+        delta = override.delta if override.delta is not None else self.delta
+        return eps, delta
+
+
+@dataclass(frozen=True)
+class FedAdamConfig:
+    eta: float = field(default=1e-2, metadata=_positive())
+    eta_l: float = field(default=1e-1, metadata=_positive())
+    beta_1: float = field(default=0.9, metadata=_fraction())
+    beta_2: float = field(default=0.99, metadata=_fraction())
+    tau: float = field(default=1e-3, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    fraction_train: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
+    fraction_evaluate: float = field(default=1.0, metadata=_fraction())
+    min_train_nodes: int = field(default=2, metadata=_positive("an integer > 0"))
+    min_evaluate_nodes: int = field(default=2, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    proximal_mu: float = field(default=0.01, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
+    round_timeout: float = field(default=3600.0, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class ClientResources:
+    num_cpus: int = field(default=1, metadata=_positive("an integer > 0"))
+    num_gpus: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    client_resources: ClientResources = field(default_factory=ClientResources)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    keep_checkpoints: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 keeps all)"))
+    export_model: bool = True
+
+
+@dataclass(frozen=True)
+class FedPrivConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partitioning: PartitioningConfig = field(default_factory=PartitioningConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what ``summary.json`` records as the resolved config)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp, key: str) -> Any:
+    """Convert a YAML value to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, raw: Any, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {prefix or '<top level>'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"config: unknown key '{where}' (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        value = _convert(raw[name], hints[name], key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"config: {key}: expected {f.metadata['expected']}, got {raw[name]!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: FedPrivConfig) -> None:
+    """Rules that involve more than one field."""
+    data, part = cfg.data, cfg.partitioning
+    if data.source == "file" and not data.path:
+        raise ConfigError("config: data.path: required when data.source is 'file'")
+    if part.scheme == "natural" and not part.column:
+        raise ConfigError("config: partitioning.column: required when partitioning.scheme is 'natural'")
+    if data.labels.map and data.labels.ranges:
+        raise ConfigError("config: data.labels: give either 'map' or 'ranges', not both")
+    for name, bounds in data.labels.ranges.items():
+        if len(bounds) != 2 or bounds[0] > bounds[1]:
+            raise ConfigError(f"config: data.labels.ranges.{name}: expected [low, high] with low <= high, got {bounds}")
+    if cfg.model.finetuning == "lora" and not cfg.model.lora.target_modules:
+        raise ConfigError("config: model.lora.target_modules: expected at least one module name")
+    for org, override in cfg.privacy.orgs.items():
+        if override.target_epsilon is not None and override.target_epsilon <= 0:
+            raise ConfigError(f"config: privacy.orgs.{org}.target_epsilon: expected a number > 0")
+        if override.delta is not None and not 0 < override.delta < 1:
+            raise ConfigError(f"config: privacy.orgs.{org}.delta: expected a number in (0, 1)")
+    if cfg.strategy.min_train_nodes > part.num_orgs:
+        raise ConfigError(
+            f"config: strategy.min_train_nodes: expected <= partitioning.num_orgs ({part.num_orgs}),"
+            f" got {cfg.strategy.min_train_nodes}"
+        )
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``a.b=1`` strings into a nested dict; values are YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, for example training.rounds=5")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}': expected a dotted key such as training.rounds")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': value is not valid YAML") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            existing = node.setdefault(part, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"override '{item}': '{part}' is set to a value and cannot have sub-keys")
+            node = existing
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def default_config_text() -> str:
+    """The packaged default config (what ``fedpriv simulate`` runs with no arguments)."""
+    return resources.files("simulations.configs").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.__class__.__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> FedPrivConfig:
+    cfg = _build(FedPrivConfig, raw, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FedPrivConfig:
+    """Load a YAML config (the packaged default when ``path`` is None) and apply overrides.
+
+    A user config is layered on top of the packaged default, so it only needs
+    the keys it changes.
+    """
+    raw = yaml.safe_load(default_config_text()) or {}
+    if path is not None:
+        user = _read_yaml(Path(path))
+        raw = _deep_merge(raw, user)
+        base = Path(path).resolve().parent
+        raw = _resolve_relative_paths(raw, base, user)
+    if overrides:
+        raw = _deep_merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw)
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path, user: dict[str, Any]) -> dict[str, Any]:
+    """Data paths given in a config file are relative to that file, as users expect."""
+    data = raw.get("data")
+    user_data = user.get("data") if isinstance(user.get("data"), dict) else {}
+    if isinstance(data, dict):
+        data = dict(data)
+        for key in ("path", "test_path"):
+            value = user_data.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                data[key] = str(base / value)
+        raw = dict(raw, data=data)
+    return raw
+
+
+def config_from_json(text: str) -> FedPrivConfig:
+    """Inverse of :meth:`FedPrivConfig.to_json` (used to hand the config to Flower apps)."""
+    return config_from_dict(json.loads(text))
