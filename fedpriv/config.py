@@ -113,9 +113,7 @@ class TrainingConfig:
     weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     device: str = field(
         default="auto",
-        metadata=_check(
-            lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"
-        ),
+        metadata=_check(lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
     )
 
 

@@ -1,0 +1,130 @@
+"""The organisation's Flower ClientApp: DP local training and local evaluation.
+
+One ClientApp for simulation and deployment. ``fedpriv simulate`` builds it
+with the resolved config (``build_client_app(cfg)``); under ``flwr run`` the
+module-level ``app`` reads ``config``/``overrides`` from the run config.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.device import resolve_device
+from client.evaluation import evaluate
+from client.node import LocalNode, NodeSetupError, fresh_model, local_node, privacy_plan, state_dir
+from client.training import train_locally
+from fedpriv import protocol
+from fedpriv.config import FedPrivConfig
+from fedpriv.quiet import quiet_third_party_warnings
+from fedpriv.run_config import config_from_context
+from privacy.accountant_state import NodePrivacy
+from shared_models.weights import load_trainable, trainable_arrays
+
+
+def _prepare(cfg: FedPrivConfig, msg: Message, context: Context) -> tuple[LocalNode, torch.nn.Module]:
+    """The node's data and a model holding the global weights from ``msg``."""
+    node = local_node(cfg, context)
+    model, digest = fresh_model(cfg.model, node.label_names)
+    server_config = msg.content[protocol.CONFIG]
+    expected = server_config.get(protocol.BASE_DIGEST)
+    if expected and expected != digest:
+        raise NodeSetupError(
+            f"organisation '{node.org}': base model differs from the server's (digest {digest[:12]} vs"
+            f" {str(expected)[:12]}): check model.name and model.init_seed"
+        )
+    load_trainable(model, msg.content[protocol.ARRAYS])
+    return node, model
+
+
+def _train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
+    node, model = _prepare(cfg, msg, context)
+    server_config = msg.content[protocol.CONFIG]
+    server_round = int(server_config[protocol.SERVER_ROUND])
+    device = resolve_device(cfg.training.device)
+    privacy = None
+    if cfg.privacy.enabled:
+        folder = state_dir(context, str(server_config[protocol.RUN_DIR]), node.org)
+        privacy = NodePrivacy.open(folder, privacy_plan(cfg, node))
+        after = privacy.epsilon_after(privacy.plan.steps_per_round)
+        if after > privacy.plan.target_epsilon:
+            # Never spend past the budget, whatever the server asks.
+            raise NodeSetupError(
+                f"organisation '{node.org}' refuses round {server_round}: epsilon would reach {after:.4f},"
+                f" above its target {privacy.plan.target_epsilon} (planned {privacy.plan.planned_rounds} rounds)"
+            )
+    result = train_locally(
+        model,
+        node.train,
+        cfg=cfg.training,
+        pad_token_id=node.pad_token_id,
+        device=device,
+        privacy=privacy,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
+        proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
+        seed=cfg.run.seed * 100_003 + server_round,
+    )
+    if privacy is not None:
+        privacy.save()
+        report = privacy.report()
+    else:
+        report = {"dp_enabled": False}
+    report = {"org": node.org, "dp_enabled": privacy is not None, **report}
+    metrics = MetricRecord(
+        {
+            protocol.NUM_EXAMPLES: len(node.train),
+            protocol.TRAIN_LOSS: result.mean_loss,
+            protocol.DP_STEPS: result.steps,
+        }
+    )
+    content = RecordDict(
+        {
+            protocol.ARRAYS: trainable_arrays(model),
+            protocol.METRICS: metrics,
+            protocol.PRIVACY: ConfigRecord(report),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _evaluate(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
+    node, model = _prepare(cfg, msg, context)
+    counts = evaluate(
+        model,
+        node.test,
+        num_labels=len(node.label_names),
+        batch_size=cfg.training.eval_batch_size,
+        pad_token_id=node.pad_token_id,
+        device=resolve_device(cfg.training.device),
+    )
+    values: dict[str, int | float] = {
+        protocol.NUM_EXAMPLES: counts.num_examples,
+        protocol.EVAL_LOSS_SUM: counts.loss_sum,
+        protocol.EVAL_CORRECT: counts.correct,
+    }
+    for index in range(len(node.label_names)):
+        values[protocol.class_count_key("tp", index)] = counts.true_positive[index]
+        values[protocol.class_count_key("fp", index)] = counts.false_positive[index]
+        values[protocol.class_count_key("fn", index)] = counts.false_negative[index]
+    content = RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: ConfigRecord({"name": node.org})})
+    return Message(content, reply_to=msg)
+
+
+def build_client_app(config: FedPrivConfig | None = None) -> ClientApp:
+    """The ClientApp; with ``config`` None it is read from each run's run config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _train(config or config_from_context(context), msg, context)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return _evaluate(config or config_from_context(context), msg, context)
+
+    return app
+
+
+quiet_third_party_warnings()
+app = build_client_app()

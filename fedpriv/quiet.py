@@ -1,0 +1,19 @@
+"""Silence third-party warnings that say nothing actionable to a fedpriv user.
+
+Each filter names one exact message; everything else still shows.
+"""
+
+import warnings
+
+_NOISE = [
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"Secure RNG turned off"),  # fedpriv does not offer Opacus secure_mode (needs torchcsprng)
+    (UserWarning, r"Full backward hook is firing when gradients are computed with respect to module outputs"),
+    (UserWarning, r"Optimal order is the (largest|smallest) alpha"),
+    (FutureWarning, r"Tip: In future versions of Ray"),
+]
+
+
+def quiet_third_party_warnings() -> None:
+    for category, message in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)

@@ -1,0 +1,24 @@
+"""Read the fedpriv config out of a Flower run config (the ``flwr run`` path).
+
+``pyproject.toml`` declares two run-config keys: ``config`` (a YAML path, empty
+for the packaged default) and ``overrides`` (space-separated ``key=value``).
+"""
+
+from __future__ import annotations
+
+import shlex
+from functools import lru_cache
+
+from flwr.app import Context
+
+from fedpriv.config import FedPrivConfig, load_config
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, overrides: str) -> FedPrivConfig:
+    return load_config(path or None, shlex.split(overrides))
+
+
+def config_from_context(context: Context) -> FedPrivConfig:
+    run_config = context.run_config
+    return _load(str(run_config.get("config", "")), str(run_config.get("overrides", "")))

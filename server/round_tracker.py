@@ -1,0 +1,165 @@
+"""Collects what each round produced and says it: metric aggregation, progress line, run files.
+
+Flower's strategies call ``aggregate_train`` / ``aggregate_evaluate`` with the
+reply contents (our per-organisation ``privacy`` / ``org`` ConfigRecords
+included) and ``end_of_round`` as their ``evaluate_fn`` after every round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from client.evaluation import macro_f1
+from fedpriv import protocol
+
+# Privacy fields every organisation's summary entry carries (null when DP is off).
+NO_DP_FIELDS = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    loss: float | None = None
+    epsilon: dict[str, float | None] = field(default_factory=dict)
+    train_loss: float | None = None
+    trained_orgs: list[str] = field(default_factory=list)
+    org_accuracy: dict[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "loss": self.loss,
+            "epsilon": dict(self.epsilon),
+            "train_loss": self.train_loss,
+            "trained_orgs": list(self.trained_orgs),
+            "org_accuracy": dict(self.org_accuracy),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def _weighted_mean(contents: list[RecordDict], key: str, weight_key: str) -> float:
+    total = sum(float(c[protocol.METRICS][weight_key]) for c in contents)
+    return sum(float(c[protocol.METRICS][key]) * float(c[protocol.METRICS][weight_key]) for c in contents) / max(
+        total, 1.0
+    )
+
+
+class RoundTracker:
+    """Per-round records, the latest privacy report of every organisation, and the progress line."""
+
+    def __init__(
+        self,
+        *,
+        num_rounds: int,
+        num_labels: int,
+        dp_enabled: bool,
+        on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+        printer: Callable[[str], None] = print,
+    ):
+        self.num_rounds = num_rounds
+        self.num_labels = num_labels
+        self.dp_enabled = dp_enabled
+        self.on_round_end = on_round_end
+        self.printer = printer
+        self.rounds: list[RoundRecord] = []
+        self.privacy: dict[str, dict[str, Any]] = {}
+        self._current: RoundRecord | None = None
+        self._started = time.monotonic()
+
+    # -- hooks called by Flower's strategy ---------------------------------------------
+
+    def _round(self) -> RoundRecord:
+        if self._current is None:
+            self._current = RoundRecord(round=len(self.rounds) + 1)
+        return self._current
+
+    def aggregate_train(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
+        record = self._round()
+        for content in contents:
+            report = dict(content[protocol.PRIVACY])
+            org = str(report.pop("org"))
+            if not report.get("dp_enabled"):
+                report.update({key: None for key in NO_DP_FIELDS})
+            record.trained_orgs.append(org)
+            self.privacy[org] = report
+        record.trained_orgs.sort()
+        record.train_loss = _weighted_mean(contents, protocol.TRAIN_LOSS, weight_key)
+        return MetricRecord(
+            {
+                protocol.TRAIN_LOSS: record.train_loss,
+                protocol.NUM_EXAMPLES: sum(int(c[protocol.METRICS][weight_key]) for c in contents),
+            }
+        )
+
+    def aggregate_evaluate(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Exact global metrics from summed counts (macro-F1 over the union of test sets)."""
+        record = self._round()
+        total = sum(int(c[protocol.METRICS][weight_key]) for c in contents)
+        correct = sum(int(c[protocol.METRICS][protocol.EVAL_CORRECT]) for c in contents)
+        loss_sum = sum(float(c[protocol.METRICS][protocol.EVAL_LOSS_SUM]) for c in contents)
+        sums = {
+            kind: [
+                sum(float(c[protocol.METRICS][protocol.class_count_key(kind, i)]) for c in contents)
+                for i in range(self.num_labels)
+            ]
+            for kind in ("tp", "fp", "fn")
+        }
+        record.accuracy = correct / total if total else 0.0
+        record.loss = loss_sum / total if total else 0.0
+        record.macro_f1 = macro_f1(sums["tp"], sums["fp"], sums["fn"])
+        for content in contents:
+            metrics = content[protocol.METRICS]
+            org = str(content[protocol.ORG]["name"])
+            n = int(metrics[weight_key])
+            record.org_accuracy[org] = int(metrics[protocol.EVAL_CORRECT]) / n if n else 0.0
+        return MetricRecord(
+            {"accuracy": record.accuracy, "macro_f1": record.macro_f1, "loss": record.loss, weight_key: total}
+        )
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: runs after each round (and once before round 1)."""
+        if server_round == 0:
+            return None
+        record = self._round()
+        record.round = server_round
+        record.elapsed_s = time.monotonic() - self._started
+        record.epsilon = {org: report.get("epsilon") for org, report in sorted(self.privacy.items())}
+        self.rounds.append(record)
+        self._current = None
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, arrays)
+        self.printer(self.progress_line(record))
+        return None
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def progress_line(self, record: RoundRecord) -> str:
+        def fmt(value: float | None, pattern: str = "{:.3f}") -> str:
+            return "n/a" if value is None else pattern.format(value)
+
+        minutes, seconds = divmod(int(record.elapsed_s), 60)
+        parts = [
+            f"[round {record.round}/{self.num_rounds}]",
+            f"acc {fmt(record.accuracy)}",
+            f"macro-F1 {fmt(record.macro_f1)}",
+            f"loss {fmt(record.loss)}",
+        ]
+        if self.dp_enabled:
+            spent = {org: eps for org, eps in record.epsilon.items() if eps is not None}
+            worst = max(spent.values()) if spent else 0.0
+            per_org = ", ".join(f"{org} {eps:.2f}" for org, eps in spent.items())
+            parts.append(f"eps max {worst:.2f} ({per_org})")
+        else:
+            parts.append("eps: DP OFF (no privacy guarantee)")
+        parts.append(f"elapsed {minutes}m{seconds:02d}s")
+        return "  ".join(parts)

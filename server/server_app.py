@@ -1,0 +1,126 @@
+"""The coordinator's Flower ServerApp: runs the rounds with a Flower strategy and writes the run files.
+
+``fedpriv simulate`` builds it with the resolved config and run folder
+(``build_server_app(cfg, run_dir)``); under ``flwr run`` the module-level
+``app`` reads ``config``/``overrides`` from the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpriv import protocol
+from fedpriv.config import FedPrivConfig
+from fedpriv.run_config import config_from_context
+from server.checkpoints import save_checkpoint
+from server.reports import build_summary, write_metrics_csv, write_plot, write_summary
+from server.round_tracker import RoundTracker
+from server.strategy import build_strategy
+from shared_models.builder import build_model, build_tokenizer
+from shared_models.export import export_model
+from shared_models.weights import base_model_digest, count_trainable, load_trainable, trainable_arrays
+from simulations.partitioning import plan_partitions
+
+log = logging.getLogger("fedpriv.server")
+
+
+def new_run_dir(base: str | Path = "runs") -> Path:
+    """A fresh ``runs/<timestamp>/`` folder (suffixed if two runs start in the same second)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(base) / stamp
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(base) / f"{stamp}-{suffix}"
+    path.mkdir(parents=True)
+    return path.resolve()
+
+
+def label_names(cfg: FedPrivConfig) -> list[str]:
+    """Class names: fixed by the config, or read from the data the simulation partitions."""
+    if cfg.data.labels.names:
+        return list(cfg.data.labels.names)
+    return list(plan_partitions(cfg).label_names)
+
+
+def run_federation(grid: Grid, cfg: FedPrivConfig, run_dir: Path, num_nodes: int) -> dict:
+    """Run all rounds; returns the summary (also written to ``run_dir/summary.json``)."""
+    started = time.monotonic()
+    labels = label_names(cfg)
+    model = build_model(cfg.model, labels)
+    trainable, total = count_trainable(model)
+    initial = trainable_arrays(model)
+    keep = cfg.output.keep_checkpoints
+    tracker = RoundTracker(
+        num_rounds=cfg.training.rounds,
+        num_labels=len(labels),
+        dp_enabled=cfg.privacy.enabled,
+        on_round_end=lambda rnd, arrays: _after_round(run_dir, rnd, arrays, keep, tracker, cfg, extra),
+    )
+    extra = {
+        "run_dir": str(run_dir),
+        "label_names": labels,
+        "model": {
+            "name": cfg.model.name,
+            "finetuning": cfg.model.finetuning,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "upload_bytes_per_round": initial.count_bytes(),
+        },
+        "status": "running",
+    }
+    strategy = build_strategy(cfg.strategy, tracker, num_nodes)
+    train_config = ConfigRecord({protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: base_model_digest(model)})
+    if not cfg.privacy.enabled:
+        tracker.printer("DP is OFF: this run gives NO differential privacy guarantee (baseline only).")
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.training.rounds,
+        timeout=cfg.strategy.round_timeout,
+        train_config=train_config,
+        evaluate_config=ConfigRecord({protocol.BASE_DIGEST: base_model_digest(model)}),
+        evaluate_fn=tracker.end_of_round,
+    )
+    completed = len(tracker.rounds)
+    extra["status"] = "completed" if completed == cfg.training.rounds else "incomplete"
+    if cfg.output.export_model and len(result.arrays) > 0:
+        load_trainable(model, result.arrays)
+        extra["model"]["export"] = export_model(model, build_tokenizer(cfg.model.name), run_dir / "model")
+    extra["wall_time_s"] = round(time.monotonic() - started, 1)
+    summary = build_summary(tracker, cfg.to_dict(), extra)
+    write_summary(run_dir, summary)
+    return summary
+
+
+def _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra) -> None:
+    save_checkpoint(run_dir, server_round, arrays, keep_last=keep)
+    write_summary(run_dir, build_summary(tracker, cfg.to_dict(), extra))
+    write_metrics_csv(run_dir, tracker)
+    targets = {org: cfg.privacy.target_for(org)[0] for org in tracker.privacy}
+    write_plot(run_dir, tracker, targets)
+
+
+def build_server_app(
+    config: FedPrivConfig | None = None, run_dir: Path | None = None, num_nodes: int | None = None
+) -> ServerApp:
+    """The ServerApp; with ``config`` None it is read from the run config (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config or config_from_context(context)
+        folder = run_dir or new_run_dir(cfg.run.out_dir or "runs")
+        nodes = num_nodes or cfg.partitioning.num_orgs
+        run_federation(grid, cfg, Path(folder), nodes)
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,27 @@
+"""Pick one of Flower's own strategies from config; fedpriv only supplies metric aggregation."""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from fedpriv.config import StrategyConfig
+from server.round_tracker import RoundTracker
+
+
+def build_strategy(cfg: StrategyConfig, tracker: RoundTracker, num_nodes: int) -> Strategy:
+    """FedAvg, FedProx or FedAdam, waiting for ``num_nodes`` nodes before the first round."""
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=min(cfg.min_train_nodes, num_nodes),
+        min_evaluate_nodes=min(cfg.min_evaluate_nodes, num_nodes),
+        min_available_nodes=num_nodes,
+        train_metrics_aggr_fn=tracker.aggregate_train,
+        evaluate_metrics_aggr_fn=tracker.aggregate_evaluate,
+    )
+    if cfg.name == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.name == "fedadam":
+        opt = cfg.fedadam
+        return FedAdam(eta=opt.eta, eta_l=opt.eta_l, beta_1=opt.beta_1, beta_2=opt.beta_2, tau=opt.tau, **common)
+    return FedAvg(**common)

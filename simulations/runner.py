@@ -1,0 +1,176 @@
+"""Run a federation of virtual organisations on this machine with Flower's simulation engine (Ray).
+
+Everything a user can get wrong is checked first (config, data, partitions,
+model, device, privacy targets), so a mistake stops the run with one line
+before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpriv.config import FedPrivConfig
+from fedpriv.quiet import quiet_third_party_warnings
+from privacy.calibration import PrivacyPlan
+from simulations.partitioning import PartitionPlan, plan_partitions
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    partitions: PartitionPlan
+    privacy: dict[str, PrivacyPlan]  # empty when DP is off
+
+
+def preflight(cfg: FedPrivConfig) -> SimulationPlan:
+    """Load and partition the data, check model and device, calibrate every organisation's noise."""
+    from client.device import resolve_device
+    from privacy.calibration import plan_privacy
+    from shared_models.builder import model_source
+
+    model_source(cfg.model.name)
+    resolve_device(cfg.training.device)
+    partitions = plan_partitions(cfg)
+    privacy: dict[str, PrivacyPlan] = {}
+    if cfg.privacy.enabled:
+        for org in partitions.orgs:
+            target_epsilon, delta = cfg.privacy.target_for(org.name)
+            privacy[org.name] = plan_privacy(
+                org=org.name,
+                num_examples=len(org.train),
+                batch_size=cfg.training.batch_size,
+                local_epochs=cfg.training.local_epochs,
+                rounds=cfg.training.rounds,
+                target_epsilon=target_epsilon,
+                delta=delta,
+                max_grad_norm=cfg.privacy.max_grad_norm,
+                accountant=cfg.privacy.accountant,
+            )
+    unknown = sorted(set(cfg.privacy.orgs) - {org.name for org in partitions.orgs})
+    if unknown:
+        from fedpriv.errors import ConfigError
+
+        names = ", ".join(org.name for org in partitions.orgs)
+        raise ConfigError(f"config: privacy.orgs: unknown organisation(s) {unknown}; organisations are: {names}")
+    return SimulationPlan(partitions, privacy)
+
+
+def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
+    parts = plan.partitions
+    lines = [
+        f"fedpriv simulate: {len(parts.orgs)} organisations, {cfg.training.rounds} rounds,"
+        f" model {cfg.model.name} ({cfg.model.finetuning}), strategy {cfg.strategy.name},"
+        f" partitioning {parts.scheme}, classes: {', '.join(parts.label_names)}",
+    ]
+    if cfg.privacy.enabled:
+        lines.append(
+            f"DP-SGD (Opacus, {cfg.privacy.accountant.upper()} accountant, clip C={cfg.privacy.max_grad_norm},"
+            " noise calibrated once per organisation for all planned rounds):"
+        )
+    else:
+        lines.append("DP is OFF: no differential privacy guarantee (baseline run).")
+    width = max(len(org.name) for org in parts.orgs)
+    for org in parts.orgs:
+        row = f"  {org.name:<{width}}  train {len(org.train):>6}  test {len(org.test):>5}"
+        p = plan.privacy.get(org.name)
+        if p is not None:
+            row += (
+                f"  target eps {p.target_epsilon:g} delta {p.delta:g}  sigma {p.noise_multiplier:.3f}"
+                f"  q {p.sample_rate:.4f}  steps {p.planned_steps}"
+            )
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def resolve_run_dir(cfg: FedPrivConfig) -> Path:
+    from server.server_app import new_run_dir
+
+    if cfg.run.out_dir:
+        path = Path(cfg.run.out_dir).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return new_run_dir("runs")
+
+
+def _quiet_logs(verbose: bool) -> None:
+    if verbose:
+        return
+    quiet_third_party_warnings()
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # keeps Flower's per-round INFO chatter out of the progress
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def backend_config(cfg: FedPrivConfig, verbose: bool) -> dict[str, Any]:
+    resources = cfg.simulation.client_resources
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if not verbose:
+        init_args.update({"logging_level": logging.ERROR, "log_to_driver": True, "configure_logging": True})
+    return {
+        "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
+        "init_args": init_args,
+    }
+
+
+def run_simulation_from_config(cfg: FedPrivConfig, *, dry_run: bool = False, verbose: bool = False) -> dict | None:
+    """Plan, then run the simulation; returns the summary (None for a dry run)."""
+    plan = preflight(cfg)
+    print(describe_plan(cfg, plan), flush=True)
+    if dry_run:
+        return None
+    run_dir = resolve_run_dir(cfg)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir)))
+    print(f"run folder: {run_dir}", flush=True)
+
+    from flwr.simulation import run_simulation
+
+    from client.client_app import build_client_app
+    from server.reports import SUMMARY_FILE
+    from server.server_app import build_server_app
+
+    _quiet_logs(verbose)
+    num_nodes = len(plan.partitions.orgs)
+    run_simulation(
+        server_app=build_server_app(cfg, run_dir, num_nodes),
+        client_app=build_client_app(cfg),
+        num_supernodes=num_nodes,
+        backend_config=backend_config(cfg, verbose),
+        verbose_logging=verbose,
+    )
+    summary_path = run_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        print(f"the simulation ended without writing {summary_path}; rerun with --verbose to see why", flush=True)
+        return {"status": "failed"}
+    import json
+
+    summary = json.loads(summary_path.read_text())
+    print(final_report(summary), flush=True)
+    return summary
+
+
+def final_report(summary: dict[str, Any]) -> str:
+    final = summary.get("final") or {}
+    lines = [
+        "",
+        f"Run {summary.get('status')}: {len(summary.get('rounds', []))} rounds in {summary.get('wall_time_s')} s",
+    ]
+    if final:
+        lines.append(
+            f"Global model: accuracy {final['accuracy']:.3f}, macro-F1 {final['macro_f1']:.3f},"
+            f" loss {final['loss']:.3f} (on the organisations' own test data)"
+        )
+    if summary.get("dp_enabled"):
+        lines.append("Privacy spent (epsilon at delta; target):")
+        for org, p in summary.get("privacy", {}).items():
+            lines.append(
+                f"  {org}: epsilon {p['epsilon']:.3f} at delta {p['delta']:g} (target {p['target_epsilon']:g},"
+                f" sigma {p['noise_multiplier']:.3f}, q {p['sample_rate']:.4f}, {p['steps']} steps)"
+            )
+    else:
+        lines.append("DP was OFF: these results carry no privacy guarantee.")
+    run_dir = summary.get("run_dir", "")
+    lines.append(f"Files: {run_dir}/summary.json, metrics.csv, progress.png, model/")
+    return "\n".join(lines)
