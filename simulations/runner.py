@@ -99,7 +99,6 @@ def resolve_run_dir(cfg: FedPrivConfig) -> Path:
 def _quiet_logs(verbose: bool) -> None:
     if verbose:
         return
-    quiet_third_party_warnings()
     logging.getLogger("flwr").setLevel(logging.ERROR)  # keeps Flower's per-round INFO chatter out of the progress
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
@@ -117,6 +116,8 @@ def backend_config(cfg: FedPrivConfig, verbose: bool) -> dict[str, Any]:
 
 def run_simulation_from_config(cfg: FedPrivConfig, *, dry_run: bool = False, verbose: bool = False) -> dict | None:
     """Plan, then run the simulation; returns the summary (None for a dry run)."""
+    if not verbose:
+        quiet_third_party_warnings()
     plan = preflight(cfg)
     print(describe_plan(cfg, plan), flush=True)
     if dry_run:

@@ -1,0 +1,108 @@
+"""Round tracking: exact global metrics from per-organisation counts, privacy per org, progress line."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.evaluation import macro_f1
+from fedpriv import protocol
+from server.checkpoints import load_checkpoint, save_checkpoint
+from server.round_tracker import RoundTracker
+
+
+def _eval_reply(org, labels, predictions, loss_sum):
+    values = {
+        protocol.NUM_EXAMPLES: len(labels),
+        protocol.EVAL_LOSS_SUM: loss_sum,
+        protocol.EVAL_CORRECT: sum(int(a == b) for a, b in zip(labels, predictions, strict=True)),
+    }
+    for c in range(3):
+        values[protocol.class_count_key("tp", c)] = sum(
+            p == c and y == c for y, p in zip(labels, predictions, strict=False)
+        )
+        values[protocol.class_count_key("fp", c)] = sum(
+            p == c and y != c for y, p in zip(labels, predictions, strict=False)
+        )
+        values[protocol.class_count_key("fn", c)] = sum(
+            p != c and y == c for y, p in zip(labels, predictions, strict=False)
+        )
+    return RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: ConfigRecord({"name": org})})
+
+
+def _train_reply(org, n, loss, eps):
+    report = {
+        "org": org, "dp_enabled": True, "epsilon": eps, "delta": 1e-5, "target_epsilon": 8.0,
+        "noise_multiplier": 0.9, "sample_rate": 0.1, "steps": 10, "accountant": "rdp", "max_grad_norm": 1.0,
+    }  # fmt: skip
+    return RecordDict(
+        {
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: n, protocol.TRAIN_LOSS: loss, protocol.DP_STEPS: 10}
+            ),
+            protocol.PRIVACY: ConfigRecord(report),
+        }
+    )
+
+
+def test_global_metrics_are_computed_from_summed_counts_not_averaged_ratios():
+    lines = []
+    tracker = RoundTracker(num_rounds=2, num_labels=3, dp_enabled=True, printer=lines.append)
+    a_labels, a_pred = [0, 0, 1, 2], [0, 1, 1, 2]
+    b_labels, b_pred = [2, 2, 2, 1, 0, 0], [2, 0, 2, 1, 1, 0]
+    tracker.aggregate_train([_train_reply("org-a", 40, 1.0, 2.5), _train_reply("org-b", 60, 2.0, 3.0)], "num-examples")
+    agg = tracker.aggregate_evaluate(
+        [_eval_reply("org-a", a_labels, a_pred, 2.0), _eval_reply("org-b", b_labels, b_pred, 9.0)], "num-examples"
+    )
+    tracker.end_of_round(1, ArrayRecord())
+    record = tracker.rounds[0]
+    labels, preds = a_labels + b_labels, a_pred + b_pred
+    tp = [sum(p == c and y == c for y, p in zip(labels, preds, strict=False)) for c in range(3)]
+    fp = [sum(p == c and y != c for y, p in zip(labels, preds, strict=False)) for c in range(3)]
+    fn = [sum(p != c and y == c for y, p in zip(labels, preds, strict=False)) for c in range(3)]
+    assert record.accuracy == sum(y == p for y, p in zip(labels, preds, strict=False)) / 10
+    assert record.macro_f1 == macro_f1(tp, fp, fn)
+    assert abs(record.loss - 11.0 / 10) < 1e-12
+    assert abs(record.train_loss - (40 * 1.0 + 60 * 2.0) / 100) < 1e-12
+    assert record.org_accuracy == {"org-a": 0.75, "org-b": 4 / 6}
+    assert record.epsilon == {"org-a": 2.5, "org-b": 3.0}
+    assert agg["accuracy"] == record.accuracy
+    assert tracker.privacy["org-b"]["noise_multiplier"] == 0.9 and "org" not in tracker.privacy["org-b"]
+    assert lines[0].startswith("[round 1/2]") and "eps max 3.00" in lines[0] and "org-a 2.50" in lines[0]
+
+
+def test_macro_f1_matches_a_direct_computation():
+    # class 0: tp 2 fp 1 fn 0 -> 0.8; class 1: tp 1 fp 0 fn 2 -> 0.5; class 2 absent -> ignored
+    assert abs(macro_f1([2, 1, 0], [1, 0, 0], [0, 2, 0]) - 0.65) < 1e-12
+
+
+def test_epsilon_of_an_org_left_out_of_a_round_is_carried_over():
+    tracker = RoundTracker(num_rounds=2, num_labels=3, dp_enabled=True, printer=lambda _: None)
+    tracker.aggregate_train([_train_reply("org-a", 10, 1.0, 1.0), _train_reply("org-b", 10, 1.0, 1.5)], "num-examples")
+    tracker.end_of_round(1, ArrayRecord())
+    tracker.aggregate_train([_train_reply("org-a", 10, 1.0, 2.0)], "num-examples")
+    tracker.end_of_round(2, ArrayRecord())
+    assert tracker.rounds[1].epsilon == {"org-a": 2.0, "org-b": 1.5}
+    assert tracker.rounds[1].trained_orgs == ["org-a"]
+
+
+def test_round_zero_is_not_a_round_and_dp_off_is_said_plainly():
+    lines = []
+    tracker = RoundTracker(num_rounds=1, num_labels=3, dp_enabled=False, printer=lines.append)
+    assert tracker.end_of_round(0, ArrayRecord()) is None and not tracker.rounds
+    reply = _train_reply("org-a", 10, 1.0, 0.0)
+    reply[protocol.PRIVACY] = ConfigRecord({"org": "org-a", "dp_enabled": False})
+    tracker.aggregate_train([reply], "num-examples")
+    tracker.end_of_round(1, ArrayRecord())
+    assert "DP OFF" in lines[0]
+    assert tracker.privacy["org-a"]["epsilon"] is None
+
+
+def test_checkpoints_round_trip_and_keep_last(tmp_path):
+    arrays = ArrayRecord(torch_state_dict={"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)})
+    for rnd in range(1, 5):
+        save_checkpoint(tmp_path, rnd, arrays, keep_last=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["round-0003.safetensors", "round-0004.safetensors"]
+    restored = load_checkpoint(tmp_path / "checkpoints" / kept[-1]).to_torch_state_dict()
+    assert torch.equal(restored["w"], torch.arange(6.0).reshape(2, 3))
