@@ -58,9 +58,9 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
+    cfg = _load(ns.args)  # before the heavy imports below: a config mistake is reported in well under a second
     from simulations.runner import run_simulation_from_config
 
-    cfg = _load(ns.args)
     if ns.out:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=ns.out))
     summary = run_simulation_from_config(cfg, dry_run=ns.dry_run, verbose=ns.verbose)

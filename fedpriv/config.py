@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,30 @@ import yaml
 from fedpriv.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-6`` is a float (YAML 1.1 needs a dot: ``1.0e-6``), as users write it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+# what PyYAML itself can raise on odd input: a bad document, an int over Python's digit limit, deep nesting
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _show(key: Any) -> str:
+    """A key or name as it goes into a one-line message: line breaks and other control characters escaped."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _check(predicate, expected: str):
@@ -37,10 +63,15 @@ def _fraction(expected="a number in [0, 1]"):
     return _check(lambda v: 0.0 <= v <= 1.0, expected)
 
 
+def _seed():
+    # numpy refuses negative seeds and torch.manual_seed overflows past 2**64 (run.seed is also scaled per round)
+    return _check(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "fedpriv"
-    seed: int = 42
+    seed: int = field(default=42, metadata=_seed())
     out_dir: str | None = None
 
 
@@ -99,7 +130,7 @@ class ModelConfig:
     name: str = "minilm"
     finetuning: Literal["lora", "full"] = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
-    init_seed: int = 0
+    init_seed: int = field(default=0, metadata=_seed())
 
 
 @dataclass(frozen=True)
@@ -113,7 +144,7 @@ class TrainingConfig:
     weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     device: str = field(
         default="auto",
-        metadata=_check(lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+        metadata=_check(lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     )
 
 
@@ -249,7 +280,7 @@ def _convert(value: Any, tp, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config: {key}: expected a mapping, got {value!r}")
         _, val_tp = typing.get_args(tp)
-        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _convert(v, val_tp, f"{key}.{_show(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -260,7 +291,13 @@ def _convert(value: Any, tp, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"config: {key}: expected a finite number, got {value!r}")
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -276,7 +313,7 @@ def _build(cls, raw: Any, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            where = f"{prefix}.{key}" if prefix else str(key)
+            where = f"{prefix}.{_show(key)}" if prefix else _show(key)
             raise ConfigError(f"config: unknown key '{where}' (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
@@ -302,14 +339,16 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
         raise ConfigError("config: data.labels: give either 'map' or 'ranges', not both")
     for name, bounds in data.labels.ranges.items():
         if len(bounds) != 2 or bounds[0] > bounds[1]:
-            raise ConfigError(f"config: data.labels.ranges.{name}: expected [low, high] with low <= high, got {bounds}")
+            raise ConfigError(
+                f"config: data.labels.ranges.{_show(name)}: expected [low, high] with low <= high, got {bounds}"
+            )
     if cfg.model.finetuning == "lora" and not cfg.model.lora.target_modules:
         raise ConfigError("config: model.lora.target_modules: expected at least one module name")
     for org, override in cfg.privacy.orgs.items():
         if override.target_epsilon is not None and override.target_epsilon <= 0:
-            raise ConfigError(f"config: privacy.orgs.{org}.target_epsilon: expected a number > 0")
+            raise ConfigError(f"config: privacy.orgs.{_show(org)}.target_epsilon: expected a number > 0")
         if override.delta is not None and not 0 < override.delta < 1:
-            raise ConfigError(f"config: privacy.orgs.{org}.delta: expected a number in (0, 1)")
+            raise ConfigError(f"config: privacy.orgs.{_show(org)}.delta: expected a number in (0, 1)")
     if cfg.strategy.min_train_nodes > part.num_orgs:
         raise ConfigError(
             f"config: strategy.min_train_nodes: expected <= partitioning.num_orgs ({part.num_orgs}),"
@@ -321,22 +360,23 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``a.b=1`` strings into a nested dict; values are YAML scalars/lists."""
     nested: dict[str, Any] = {}
     for item in overrides:
+        shown = _show(item)
         if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value, for example training.rounds=5")
+            raise ConfigError(f"override '{shown}': expected key=value, for example training.rounds=5")
         key, _, text = item.partition("=")
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{item}': expected a dotted key such as training.rounds")
+            raise ConfigError(f"override '{shown}': expected a dotted key such as training.rounds")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"override '{item}': value is not valid YAML") from None
+            value = _yaml_load(text) if text.strip() else None
+        except _YAML_ERRORS:
+            raise ConfigError(f"override '{shown}': value is not valid YAML") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
             existing = node.setdefault(part, {})
             if not isinstance(existing, dict):
-                raise ConfigError(f"override '{item}': '{part}' is set to a value and cannot have sub-keys")
+                raise ConfigError(f"override '{shown}': '{_show(part)}' is set to a value and cannot have sub-keys")
             node = existing
         node[parts[-1]] = value
     return nested
@@ -358,22 +398,23 @@ def default_config_text() -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    shown = _show(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
+        raise ConfigError(f"config file {shown}: not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path}: cannot be read ({exc.__class__.__name__})") from None
+        raise ConfigError(f"config file {shown}: cannot be read ({exc.__class__.__name__})") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        raw = _yaml_load(text)
+    except _YAML_ERRORS as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path}: not valid YAML{where}") from None
+        raise ConfigError(f"config file {shown}: not valid YAML{where}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        raise ConfigError(f"config file {shown}: expected a mapping at the top level")
     return raw
 
 
@@ -389,7 +430,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     A user config is layered on top of the packaged default, so it only needs
     the keys it changes.
     """
-    raw = yaml.safe_load(default_config_text()) or {}
+    raw = _yaml_load(default_config_text()) or {}
     if path is not None:
         user = _read_yaml(Path(path))
         raw = _deep_merge(raw, user)
