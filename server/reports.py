@@ -80,6 +80,7 @@ def write_plot(run_dir: Path, tracker: RoundTracker, targets: dict[str, float] |
     left.plot(rounds, [r.accuracy for r in tracker.rounds], marker="o", label="accuracy")
     left.plot(rounds, [r.macro_f1 for r in tracker.rounds], marker="s", label="macro-F1")
     left.set(xlabel="round", ylabel="score", title="Global model on the organisations' test data", ylim=(0, 1))
+    left.set_xticks(rounds)
     left.grid(alpha=0.3)
     left.legend()
     if tracker.dp_enabled:
@@ -89,6 +90,8 @@ def write_plot(run_dir: Path, tracker: RoundTracker, targets: dict[str, float] |
         for value in sorted(set((targets or {}).values())):
             right.axhline(value, linestyle="--", color="grey", linewidth=1)
         right.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per organisation (dashed: target)")
+        right.set_xticks(rounds)
+        right.set_ylim(bottom=0)
         right.legend(fontsize="small")
     else:
         right.text(0.5, 0.5, "DP OFF\nno privacy guarantee", ha="center", va="center", fontsize=16)

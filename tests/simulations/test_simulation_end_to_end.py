@@ -122,8 +122,12 @@ def test_dp_off_runs_and_says_so(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="../shared/data/sst2 is absent (CI and dev machines)")
-def test_minilm_learns_sst2_above_chance_with_dp(tmp_path):
-    """Pretrained MiniLM + LoRA + DP-SGD (epsilon 8) on a few hundred real sentences."""
+def test_minilm_learns_sst2_from_a_few_hundred_sentences(tmp_path):
+    """The pretrained MiniLM + LoRA pipeline learns real sentiment from about 300 sentences per organisation.
+
+    DP is off here: at epsilon 8 a few hundred SST-2 sentences are too few for DP-SGD to beat chance
+    (measured: 0.509 with 1,600 sentences); DP learning is checked on BBC News below.
+    """
     _, out = _simulate(
         tmp_path,
         "model.name=minilm",
@@ -134,14 +138,29 @@ def test_minilm_learns_sst2_above_chance_with_dp(tmp_path):
         "data.test_text_column=content",
         "data.labels.map={'0': negative, '1': positive}",
         "data.max_examples=600",
-        "data.max_length=64",
+        "data.max_length=48",
         "partitioning.scheme=iid",
         "partitioning.num_orgs=2",
         "training.rounds=2",
+        "privacy.enabled=false",
         "output.export_model=false",
     )
     summary = json.loads((out / "summary.json").read_text())
-    final = summary["final"]
     # dev.tsv: 872 sentences, about half positive; 0.5 is chance, 0.62 is > 5 standard errors above it
-    assert final["accuracy"] > 0.62, final
-    assert all(p["epsilon"] <= p["target_epsilon"] for p in summary["privacy"].values())
+    assert summary["final"]["accuracy"] > 0.62, summary["final"]
+
+
+def test_minilm_learns_news_topics_under_dp(tmp_path):
+    """Two organisations, DP-SGD at epsilon 8 each, BBC News (shipped in a package, so this runs everywhere)."""
+    _, out = _simulate(
+        tmp_path,
+        "partitioning.num_orgs=2",
+        "data.max_examples=1120",
+        "training.rounds=3",
+        "output.export_model=false",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    # 5 topics: chance is about 0.2 (measured 0.772); 0.4 is > 6 standard errors above chance on ~160 articles
+    assert summary["final"]["accuracy"] > 0.4, summary["final"]
+    for p in summary["privacy"].values():
+        assert 0 < p["epsilon"] <= p["target_epsilon"] == 8.0
