@@ -103,7 +103,11 @@ def _base_model(cfg: ModelConfig, label_names: list[str]):
         config = BertConfig(vocab_size=len(tokenizer), **TINY_BERT, **_label_maps(label_names))
         return BertForSequenceClassification(config)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(str(source), **_label_maps(label_names))
+        # A checkpoint with another head (other task, other label count) gets a fresh head, drawn under
+        # model.init_seed so that every party builds the same one.
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(source), ignore_mismatched_sizes=True, **_label_maps(label_names)
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name: cannot load a sequence classifier from {source}: {exc}") from None
 

@@ -131,3 +131,14 @@ def test_exported_model_reloads_and_predicts_the_same(tmp_path, finetuning):
         with_adapter = PeftModel.from_pretrained(base, paths["adapter"]).eval()
         again = with_adapter(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         assert torch.allclose(expected, again, atol=1e-5)
+
+
+def test_any_local_hugging_face_directory_is_a_model(tmp_path):
+    """What GPU users bring (DistilBERT, RoBERTa ...): a directory with config.json and weights."""
+    paths = export_model(_tiny("full"), build_tokenizer("tiny"), tmp_path / "exported")
+    cfg = ModelConfig(name=paths["merged"], finetuning="lora")
+    model = build_model(cfg, ["x", "y"])  # a new head for a new task: num_labels from the data
+    assert model.config.num_labels == 2
+    assert base_model_digest(model) == base_model_digest(build_model(cfg, ["x", "y"]))  # same fresh head everywhere
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert build_tokenizer(paths["merged"]).vocab_size == build_tokenizer("tiny").vocab_size

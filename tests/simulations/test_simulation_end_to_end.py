@@ -164,3 +164,21 @@ def test_minilm_learns_news_topics_under_dp(tmp_path):
     assert summary["final"]["accuracy"] > 0.4, summary["final"]
     for p in summary["privacy"].values():
         assert 0 < p["epsilon"] <= p["target_epsilon"] == 8.0
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_flower_strategies_are_selectable(tmp_path, strategy):
+    proc, out = _simulate(
+        tmp_path,
+        "model.name=tiny",
+        "training.rounds=1",
+        "partitioning.num_orgs=2",
+        "data.max_examples=120",
+        "training.batch_size=16",
+        "data.max_length=32",
+        f"strategy.name={strategy}",
+        "output.export_model=false",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["config"]["strategy"]["name"] == strategy
+    assert f"strategy {strategy}" in proc.stdout

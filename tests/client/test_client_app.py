@@ -1,0 +1,107 @@
+"""The ClientApp's handlers on real Flower messages: reply records, budget refusal, base-model check."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.client_app import _evaluate, _train
+from client.node import NodeSetupError, fresh_model
+from fedpriv import protocol
+from fedpriv.config import load_config
+from privacy.calibration import compute_epsilon
+from shared_models.weights import trainable_arrays
+from simulations.partitioning import plan_partitions
+
+OVERRIDES = [
+    "model.name=tiny",
+    "training.rounds=2",
+    "partitioning.num_orgs=2",
+    "partitioning.scheme=iid",
+    "data.max_examples=120",
+    "training.batch_size=16",
+    "data.max_length=32",
+]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What Flower's runtime sets in a process before messages are created."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _message(cfg, run_dir, server_round, message_type=MessageType.TRAIN, digest=None):
+    model, base_digest = fresh_model(cfg.model, plan_partitions(cfg).label_names)
+    config = ConfigRecord(
+        {
+            protocol.SERVER_ROUND: server_round,
+            protocol.RUN_DIR: str(run_dir),
+            protocol.BASE_DIGEST: digest or base_digest,
+        }
+    )
+    content = RecordDict({protocol.ARRAYS: trainable_arrays(model), protocol.CONFIG: config})
+    return Message(content=content, dst_node_id=1, message_type=message_type)
+
+
+def _context(partition_id=0):
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": partition_id, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def test_train_reply_carries_weights_metrics_and_the_privacy_spent(tmp_path):
+    cfg = load_config(overrides=OVERRIDES)
+    reply = _train(cfg, _message(cfg, tmp_path, 1), _context())
+    content = reply.content
+    assert len(content.array_records) == 1 and len(content.metric_records) == 1  # what Flower's strategies require
+    metrics = content[protocol.METRICS]
+    assert metrics[protocol.NUM_EXAMPLES] == len(plan_partitions(cfg).org(0).train)
+    report = content[protocol.PRIVACY]
+    assert report["org"] == "org-0" and report["dp_enabled"] is True
+    assert report["steps"] == metrics[protocol.DP_STEPS] > 0
+    assert report["epsilon"] == pytest.approx(
+        compute_epsilon(
+            noise_multiplier=report["noise_multiplier"], sample_rate=report["sample_rate"], steps=report["steps"],
+            delta=report["delta"], accountant=report["accountant"],
+        )
+    )  # fmt: skip
+    assert (tmp_path / "nodes" / "org-0" / "accountant.json").is_file()
+
+
+def test_node_refuses_a_round_beyond_its_planned_budget(tmp_path):
+    cfg = load_config(overrides=OVERRIDES)
+    for server_round in (1, 2):  # the planned participation
+        _train(cfg, _message(cfg, tmp_path, server_round), _context())
+    with pytest.raises(NodeSetupError, match="refuses round 3"):
+        _train(cfg, _message(cfg, tmp_path, 3), _context())
+
+
+def test_a_different_base_model_is_refused(tmp_path):
+    cfg = load_config(overrides=OVERRIDES)
+    with pytest.raises(NodeSetupError, match="base model differs"):
+        _train(cfg, _message(cfg, tmp_path, 1, digest="0" * 64), _context())
+
+
+def test_evaluate_reply_has_counts_for_exact_global_metrics(tmp_path):
+    cfg = load_config(overrides=OVERRIDES)
+    reply = _evaluate(cfg, _message(cfg, tmp_path, 1, MessageType.EVALUATE), _context(partition_id=1))
+    metrics = reply.content[protocol.METRICS]
+    n = metrics[protocol.NUM_EXAMPLES]
+    assert n == len(plan_partitions(cfg).org(1).test)
+    assert reply.content[protocol.ORG]["name"] == "org-1"
+    labels = len(plan_partitions(cfg).label_names)
+    assert sum(metrics[protocol.class_count_key("tp", i)] for i in range(labels)) == metrics[protocol.EVAL_CORRECT]
+    assert (
+        sum(
+            metrics[protocol.class_count_key("tp", i)] + metrics[protocol.class_count_key("fn", i)]
+            for i in range(labels)
+        )
+        == n
+    )
