@@ -166,8 +166,8 @@ def test_minilm_learns_news_topics_under_dp(tmp_path):
         assert 0 < p["epsilon"] <= p["target_epsilon"] == 8.0
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
-def test_flower_strategies_are_selectable(tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "finetuning"), [("fedprox", "lora"), ("fedadam", "lora"), ("fedavg", "full")])
+def test_flower_strategies_and_full_finetuning_run(tmp_path, strategy, finetuning):
     proc, out = _simulate(
         tmp_path,
         "model.name=tiny",
@@ -177,8 +177,12 @@ def test_flower_strategies_are_selectable(tmp_path, strategy):
         "training.batch_size=16",
         "data.max_length=32",
         f"strategy.name={strategy}",
+        f"model.finetuning={finetuning}",
         "output.export_model=false",
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["config"]["strategy"]["name"] == strategy
-    assert f"strategy {strategy}" in proc.stdout
+    assert f"strategy {strategy}" in proc.stdout and f"({finetuning})" in proc.stdout
+    trainable = summary["model"]["trainable_parameters"]
+    assert (trainable > 0.9 * summary["model"]["total_parameters"]) == (finetuning == "full")
+    assert all(0 < p["epsilon"] <= p["target_epsilon"] for p in summary["privacy"].values())
