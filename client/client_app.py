@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from client.device import resolve_device
 from client.evaluation import evaluate
-from client.node import LocalNode, NodeSetupError, fresh_model, local_node, privacy_plan, state_dir
+from client.node import LocalNode, NodeSetupError, fresh_model, local_node, org_privacy_plan, state_dir
 from client.training import train_locally
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
@@ -46,7 +46,7 @@ def _train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
     privacy = None
     if cfg.privacy.enabled:
         folder = state_dir(context, str(server_config[protocol.RUN_DIR]), node.org)
-        privacy = NodePrivacy.open(folder, privacy_plan(cfg, node))
+        privacy = NodePrivacy.open(folder, org_privacy_plan(cfg, node.org, len(node.train)))
         after = privacy.epsilon_after(privacy.plan.steps_per_round)
         if after > privacy.plan.target_epsilon:
             # Never spend past the budget, whatever the server asks.

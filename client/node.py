@@ -82,11 +82,12 @@ def state_dir(context: Context, run_dir: str, org: str) -> Path:
     return path
 
 
-def privacy_plan(cfg: FedPrivConfig, node: LocalNode) -> PrivacyPlan:
-    target_epsilon, delta = cfg.privacy.target_for(node.org)
+def org_privacy_plan(cfg: FedPrivConfig, org: str, num_train: int) -> PrivacyPlan:
+    """One organisation's DP plan from config; the same call on the node and in the pre-flight check."""
+    target_epsilon, delta = cfg.privacy.target_for(org)
     return plan_privacy(
-        org=node.org,
-        num_examples=len(node.train),
+        org=org,
+        num_examples=num_train,
         batch_size=cfg.training.batch_size,
         local_epochs=cfg.training.local_epochs,
         rounds=cfg.training.rounds,

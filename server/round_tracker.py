@@ -148,6 +148,11 @@ class RoundTracker:
             return "n/a" if value is None else pattern.format(value)
 
         minutes, seconds = divmod(int(record.elapsed_s), 60)
+        if not record.trained_orgs:
+            return (
+                f"[round {record.round}/{self.num_rounds}]  NO organisation trained this round"
+                " (every node failed or refused; see the errors above): the global model did not change"
+            )
         parts = [
             f"[round {record.round}/{self.num_rounds}]",
             f"acc {fmt(record.accuracy)}",

@@ -88,8 +88,9 @@ def run_federation(grid: Grid, cfg: FedPrivConfig, run_dir: Path, num_nodes: int
         evaluate_config=ConfigRecord({protocol.BASE_DIGEST: base_model_digest(model)}),
         evaluate_fn=tracker.end_of_round,
     )
-    completed = len(tracker.rounds)
-    extra["status"] = "completed" if completed == cfg.training.rounds else "incomplete"
+    trained = [record for record in tracker.rounds if record.trained_orgs]
+    extra["status"] = "completed" if len(trained) == cfg.training.rounds else "incomplete"
+    extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
     if cfg.output.export_model and len(result.arrays) > 0:
         load_trainable(model, result.arrays)
         extra["model"]["export"] = export_model(model, build_tokenizer(cfg.model.name), run_dir / "model")

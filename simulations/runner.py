@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.config import FedPrivConfig
+from fedpriv.errors import ConfigError
 from fedpriv.quiet import quiet_third_party_warnings
 from privacy.calibration import PrivacyPlan
 from simulations.partitioning import PartitionPlan, plan_partitions
@@ -29,7 +30,7 @@ class SimulationPlan:
 def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     """Load and partition the data, check model and device, calibrate every organisation's noise."""
     from client.device import resolve_device
-    from privacy.calibration import plan_privacy
+    from client.node import org_privacy_plan
     from shared_models.builder import model_source
 
     model_source(cfg.model.name)
@@ -38,22 +39,9 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     privacy: dict[str, PrivacyPlan] = {}
     if cfg.privacy.enabled:
         for org in partitions.orgs:
-            target_epsilon, delta = cfg.privacy.target_for(org.name)
-            privacy[org.name] = plan_privacy(
-                org=org.name,
-                num_examples=len(org.train),
-                batch_size=cfg.training.batch_size,
-                local_epochs=cfg.training.local_epochs,
-                rounds=cfg.training.rounds,
-                target_epsilon=target_epsilon,
-                delta=delta,
-                max_grad_norm=cfg.privacy.max_grad_norm,
-                accountant=cfg.privacy.accountant,
-            )
+            privacy[org.name] = org_privacy_plan(cfg, org.name, len(org.train))
     unknown = sorted(set(cfg.privacy.orgs) - {org.name for org in partitions.orgs})
     if unknown:
-        from fedpriv.errors import ConfigError
-
         names = ", ".join(org.name for org in partitions.orgs)
         raise ConfigError(f"config: privacy.orgs: unknown organisation(s) {unknown}; organisations are: {names}")
     return SimulationPlan(partitions, privacy)
@@ -91,6 +79,11 @@ def resolve_run_dir(cfg: FedPrivConfig) -> Path:
 
     if cfg.run.out_dir:
         path = Path(cfg.run.out_dir).resolve()
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            raise ConfigError(
+                f"--out {path}: already exists and is not an empty folder; choose a new run folder"
+                " (a run's privacy state is never reused by another run)"
+            )
         path.mkdir(parents=True, exist_ok=True)
         return path
     return new_run_dir("runs")

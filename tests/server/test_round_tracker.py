@@ -106,3 +106,11 @@ def test_checkpoints_round_trip_and_keep_last(tmp_path):
     assert kept == ["round-0003.safetensors", "round-0004.safetensors"]
     restored = load_checkpoint(tmp_path / "checkpoints" / kept[-1]).to_torch_state_dict()
     assert torch.equal(restored["w"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_round_where_nobody_trained_is_reported_as_such():
+    lines = []
+    tracker = RoundTracker(num_rounds=1, num_labels=3, dp_enabled=True, printer=lines.append)
+    tracker.end_of_round(1, ArrayRecord())  # every train reply was an error: no aggregate_train call
+    assert tracker.rounds[0].trained_orgs == []
+    assert "NO organisation trained" in lines[0] and "acc" not in lines[0]

@@ -19,6 +19,16 @@ SUMMARY_PRIVACY_FIELDS = {"epsilon", "delta", "target_epsilon", "noise_multiplie
 
 pytestmark = pytest.mark.integration
 
+# Two organisations, tiny model, a few seconds of training per round.
+TINY_PAIR = [
+    "model.name=tiny",
+    "partitioning.num_orgs=2",
+    "data.max_examples=120",
+    "training.batch_size=16",
+    "data.max_length=32",
+    "output.export_model=false",
+]
+
 
 def _simulate(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "run"
@@ -106,14 +116,9 @@ def test_run_files_metrics_plot_checkpoints_and_model(tiny_run):
 def test_dp_off_runs_and_says_so(tmp_path):
     proc, out = _simulate(
         tmp_path,
-        "model.name=tiny",
+        *TINY_PAIR,
         "training.rounds=1",
-        "partitioning.num_orgs=2",
-        "data.max_examples=120",
-        "training.batch_size=16",
-        "data.max_length=32",
         "privacy.enabled=false",
-        "output.export_model=false",
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dp_enabled"] is False
@@ -170,15 +175,10 @@ def test_minilm_learns_news_topics_under_dp(tmp_path):
 def test_flower_strategies_and_full_finetuning_run(tmp_path, strategy, finetuning):
     proc, out = _simulate(
         tmp_path,
-        "model.name=tiny",
+        *TINY_PAIR,
         "training.rounds=1",
-        "partitioning.num_orgs=2",
-        "data.max_examples=120",
-        "training.batch_size=16",
-        "data.max_length=32",
         f"strategy.name={strategy}",
         f"model.finetuning={finetuning}",
-        "output.export_model=false",
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["config"]["strategy"]["name"] == strategy

@@ -1,0 +1,45 @@
+"""The simulation runner's checks before any training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedpriv.config import load_config
+from fedpriv.errors import ConfigError
+from simulations.runner import describe_plan, preflight, resolve_run_dir
+
+TINY = ["model.name=tiny", "partitioning.num_orgs=3", "data.max_examples=300", "training.batch_size=16"]
+
+
+def _with_out(cfg, path):
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(path)))
+
+
+def test_an_existing_run_folder_is_never_reused(tmp_path):
+    cfg = load_config(overrides=TINY)
+    assert resolve_run_dir(_with_out(cfg, tmp_path / "new")) == (tmp_path / "new").resolve()
+    assert resolve_run_dir(_with_out(cfg, tmp_path / "new")).is_dir()  # empty: fine
+    (tmp_path / "new" / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--out .*already exists"):
+        resolve_run_dir(_with_out(cfg, tmp_path / "new"))
+
+
+def test_preflight_plans_every_organisation_and_rejects_unknown_privacy_overrides():
+    cfg = load_config(overrides=[*TINY, "privacy.orgs={org-1: {target_epsilon: 2}}"])
+    plan = preflight(cfg)
+    assert [o.name for o in plan.partitions.orgs] == ["org-0", "org-1", "org-2"]
+    assert plan.privacy["org-1"].target_epsilon == 2.0 and plan.privacy["org-0"].target_epsilon == 8.0
+    # a tighter budget needs more noise
+    assert plan.privacy["org-1"].noise_multiplier > plan.privacy["org-0"].noise_multiplier
+    assert "org-1" in describe_plan(cfg, plan) and "sigma" in describe_plan(cfg, plan)
+    with pytest.raises(ConfigError, match="unknown organisation"):
+        preflight(load_config(overrides=[*TINY, "privacy.orgs={hospital-z: {target_epsilon: 2}}"]))
+
+
+def test_dp_off_plan_says_so():
+    cfg = load_config(overrides=[*TINY, "privacy.enabled=false"])
+    plan = preflight(cfg)
+    assert plan.privacy == {}
+    assert "DP is OFF" in describe_plan(cfg, plan)
