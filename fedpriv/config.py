@@ -68,6 +68,9 @@ def _seed():
     return _check(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
 
 
+_DEVICE = _check(lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "fedpriv"
@@ -142,10 +145,7 @@ class TrainingConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = field(default=5e-4, metadata=_positive())
     weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
-    device: str = field(
-        default="auto",
-        metadata=_check(lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
-    )
+    device: str = field(default="auto", metadata=_DEVICE)
 
 
 @dataclass(frozen=True)
@@ -458,3 +458,63 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path, user: dict[str, Any
 def config_from_json(text: str) -> FedPrivConfig:
     """Inverse of :meth:`FedPrivConfig.to_json` (used to hand the config to Flower apps)."""
     return config_from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------- an organisation's node config
+
+
+@dataclass(frozen=True)
+class NodePrivacyConfig:
+    """The organisation's own budget: the coordinator cannot raise it."""
+
+    target_epsilon: float = field(default=8.0, metadata=_positive("a number > 0"))
+    delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What an organisation decides for itself in deployment (``node.yaml`` in its kit).
+
+    The federation-wide run config (model, rounds, optimiser) comes from the
+    coordinator; the data, the privacy budget, the device and where the
+    node's privacy state lives never do.
+    """
+
+    org: str = ""
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="file"))
+    privacy: NodePrivacyConfig = field(default_factory=NodePrivacyConfig)
+    device: str = field(default="auto", metadata=_DEVICE)
+    state_dir: str = "state"
+
+
+ORG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    """Parse and validate an organisation's ``node.yaml``; relative paths are relative to the file."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    base = path.resolve().parent
+    data = raw.get("data")
+    if isinstance(data, dict):
+        data = dict(data)
+        data.setdefault("source", "file")
+        for key in ("path", "test_path"):
+            if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
+                data[key] = str(base / data[key])
+        raw = dict(raw, data=data)
+    state_dir = raw.get("state_dir", NodeConfig.state_dir)
+    if isinstance(state_dir, str) and not Path(state_dir).is_absolute():
+        raw = dict(raw, state_dir=str(base / state_dir))
+    where = f"node config {_show(path)}"
+    try:
+        node = _build(NodeConfig, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {str(exc).removeprefix('config: ')}") from None
+    if not ORG_NAME.fullmatch(node.org):
+        raise ConfigError(
+            f"{where}: org: expected a name of letters, digits, '.', '_' or '-' (at most 64), got {node.org!r}"
+        )
+    if node.data.source != "file" or not node.data.path:
+        raise ConfigError(f"{where}: data.path: required (the organisation's own CSV / TSV / JSONL file)")
+    return node
