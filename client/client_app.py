@@ -42,11 +42,12 @@ def _train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
     node, model = _prepare(cfg, msg, context)
     server_config = msg.content[protocol.CONFIG]
     server_round = int(server_config[protocol.SERVER_ROUND])
-    device = resolve_device(cfg.training.device)
+    device = resolve_device(node.device)
     privacy = None
     if cfg.privacy.enabled:
-        folder = state_dir(context, str(server_config[protocol.RUN_DIR]), node.org)
-        privacy = NodePrivacy.open(folder, org_privacy_plan(cfg, node.org, len(node.train)))
+        folder = state_dir(node, str(server_config.get(protocol.RUN_DIR, "")))
+        plan = org_privacy_plan(cfg, node.org, len(node.train), target=(node.target_epsilon, node.delta))
+        privacy = NodePrivacy.open(folder, plan)
         after = privacy.epsilon_after(privacy.plan.steps_per_round)
         if after > privacy.plan.target_epsilon:
             # Never spend past the budget, whatever the server asks.
@@ -96,7 +97,7 @@ def _evaluate(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
         num_labels=len(node.label_names),
         batch_size=cfg.training.eval_batch_size,
         pad_token_id=node.pad_token_id,
-        device=resolve_device(cfg.training.device),
+        device=resolve_device(node.device),
     )
     values: dict[str, int | float] = {
         protocol.NUM_EXAMPLES: counts.num_examples,

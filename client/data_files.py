@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fedpriv.config import DataConfig, LabelConfig
 from fedpriv.errors import DataError
 
@@ -375,3 +377,31 @@ def load_labelled_file(
     labels, names = map_labels(raw_labels, data_cfg.labels, source=source, column=label_col, label_names=label_names)
     columns = {c: [record[c] for record in records] for c in dict.fromkeys(keep_columns)}
     return LabelledTexts(texts=texts, labels=labels, label_names=names, columns=columns, source=source)
+
+
+def split_indices(indices: list[int], labels: Sequence[int], fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic train/test split of ``indices``; stratified when every class has >= 2 examples."""
+    n = len(indices)
+    if n < 2:
+        return sorted(indices), []
+    rng = np.random.default_rng(seed)
+    n_test = min(max(int(round(n * fraction)), 1), n - 1)
+    by_class: dict[int, list[int]] = {}
+    for i in sorted(indices):
+        by_class.setdefault(labels[i], []).append(i)
+    if all(len(rows) >= 2 for rows in by_class.values()):
+        classes = sorted(by_class)
+        quotas = [len(by_class[c]) * n_test / n for c in classes]
+        take = [int(q) for q in quotas]
+        by_remainder = sorted(range(len(classes)), key=lambda k: (-(quotas[k] - take[k]), k))
+        for k in by_remainder[: n_test - sum(take)]:
+            take[k] += 1
+        test: list[int] = []
+        for k, c in enumerate(classes):
+            rows = by_class[c]
+            count = min(take[k], len(rows) - 1)  # keep at least one of each class for training
+            test.extend(rng.permutation(rows)[:count].tolist())
+    else:
+        test = rng.permutation(sorted(indices))[:n_test].tolist()
+    test_set = set(test)
+    return sorted(i for i in indices if i not in test_set), sorted(test)

@@ -1,8 +1,10 @@
-"""Who this node is: its organisation, its tokenised local data and where its state lives.
+"""Who this node is: its organisation, its tokenised local data, its budget and where its state lives.
 
 In simulation the node is one partition of a shared corpus (``partition-id`` in
-``node_config``); the result is cached per process, so data is read and
-tokenised once, not every round.
+``node_config``). In deployment the organisation's kit names its own
+``node.yaml`` (``node-config`` in ``node_config``): its data file, privacy
+budget, device and state folder, which the coordinator cannot change. Either
+way the result is cached per process, so data is read and tokenised once.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
+from client.data_files import load_labelled_file, split_indices
 from client.tokenized import TokenizedTexts, tokenize
 from fedpriv import protocol
-from fedpriv.config import FedPrivConfig, ModelConfig
+from fedpriv.config import FedPrivConfig, ModelConfig, load_node_config
 from privacy.calibration import PrivacyPlan, plan_privacy
 from shared_models.builder import build_model, build_tokenizer
 from shared_models.weights import base_model_digest
-from simulations.partitioning import plan_partitions
 
 
 class NodeSetupError(RuntimeError):
@@ -36,55 +38,114 @@ class LocalNode:
     train: TokenizedTexts
     test: TokenizedTexts
     pad_token_id: int
+    target_epsilon: float
+    delta: float
+    device: str
+    state_dir: Path | None  # None in simulation: <run-dir>/nodes/<org>
 
 
-_NODES: dict[tuple[str, int], LocalNode] = {}
+_NODES: dict[tuple[str, object], LocalNode] = {}
 _TEMPLATES: dict[str, tuple[torch.nn.Module, str]] = {}
 
 
-def _simulated_node(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
-    key = (cfg.to_json(), partition_id)
+def _cached(cfg: FedPrivConfig, which: object, load) -> LocalNode:
+    key = (cfg.to_json(), which)
     if key not in _NODES:
         _NODES.clear()  # one run at a time per process
-        _NODES[key] = _load_partition(cfg, partition_id)
+        _NODES[key] = load()
     return _NODES[key]
 
 
 def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
+    from simulations.partitioning import plan_partitions  # simulation only: deployment nodes never import it
+
     plan = plan_partitions(cfg)
     org = plan.org(partition_id)
     tokenizer = build_tokenizer(cfg.model.name)
     max_length = cfg.data.max_length
+    target_epsilon, delta = cfg.privacy.target_for(org.name)
     return LocalNode(
         org=org.name,
         label_names=list(plan.label_names),
         train=tokenize(org.train.texts, org.train.labels, tokenizer, max_length),
         test=tokenize(org.test.texts, org.test.labels, tokenizer, max_length),
         pad_token_id=tokenizer.pad_token_id,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        device=cfg.training.device,
+        state_dir=None,
+    )
+
+
+def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
+    """A deployment node: its own file, split into train/test, labelled with the federation's classes."""
+    node = load_node_config(node_config_path)
+    label_names = list(cfg.data.labels.names or [])
+    if not label_names:
+        raise NodeSetupError(
+            "run config: data.labels.names must list the federation's classes, so that every"
+            " organisation numbers them the same way"
+        )
+    data = load_labelled_file(node.data.path, node.data, label_names=label_names)
+    if node.data.test_path:
+        test_column = node.data.test_text_column or node.data.text_column
+        test = load_labelled_file(node.data.test_path, node.data, text_column=test_column, label_names=label_names)
+        train = data
+    else:
+        train_rows, test_rows = split_indices(
+            list(range(len(data))), data.labels, node.data.test_fraction, cfg.run.seed
+        )
+        train, test = data.subset(train_rows), data.subset(test_rows)
+    if len(train) < cfg.training.batch_size:
+        raise NodeSetupError(
+            f"organisation '{node.org}': {len(train)} training examples in {node.data.path}, fewer than one batch"
+            f" (training.batch_size={cfg.training.batch_size})"
+        )
+    tokenizer = build_tokenizer(cfg.model.name)
+    max_length = node.data.max_length
+    return LocalNode(
+        org=node.org,
+        label_names=label_names,
+        train=tokenize(train.texts, train.labels, tokenizer, max_length),
+        test=tokenize(test.texts, test.labels, tokenizer, max_length),
+        pad_token_id=tokenizer.pad_token_id,
+        target_epsilon=node.privacy.target_epsilon,
+        delta=node.privacy.delta,
+        device=node.device,
+        state_dir=Path(node.state_dir),
     )
 
 
 def local_node(cfg: FedPrivConfig, context: Context) -> LocalNode:
     node_config = context.node_config
-    if protocol.NODE_PARTITION_ID not in node_config:
-        raise NodeSetupError(
-            "node_config: expected 'partition-id' (set by the simulation engine); "
-            "deployment nodes are configured by their organisation kit"
-        )
-    return _simulated_node(cfg, int(node_config[protocol.NODE_PARTITION_ID]))
+    if protocol.NODE_CONFIG_FILE in node_config:
+        path = str(node_config[protocol.NODE_CONFIG_FILE])
+        return _cached(cfg, path, lambda: _load_own_data(cfg, path))
+    if protocol.NODE_PARTITION_ID in node_config:
+        partition_id = int(node_config[protocol.NODE_PARTITION_ID])
+        return _cached(cfg, partition_id, lambda: _load_partition(cfg, partition_id))
+    raise NodeSetupError(
+        f"node_config: expected '{protocol.NODE_CONFIG_FILE}' (the organisation's node.yaml, set in its kit's"
+        f" start command) or '{protocol.NODE_PARTITION_ID}' (set by the simulation engine)"
+    )
 
 
-def state_dir(context: Context, run_dir: str, org: str) -> Path:
+def state_dir(node: LocalNode, run_dir: str) -> Path:
     """The node's own state folder (accountant, privacy plan); never shared with the server."""
-    configured = context.node_config.get(protocol.NODE_STATE_DIR)
-    path = Path(str(configured)) if configured else Path(run_dir) / "nodes" / org
+    path = node.state_dir or Path(run_dir) / "nodes" / node.org
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def org_privacy_plan(cfg: FedPrivConfig, org: str, num_train: int) -> PrivacyPlan:
-    """One organisation's DP plan from config; the same call on the node and in the pre-flight check."""
-    target_epsilon, delta = cfg.privacy.target_for(org)
+def org_privacy_plan(
+    cfg: FedPrivConfig, org: str, num_train: int, target: tuple[float, float] | None = None
+) -> PrivacyPlan:
+    """One organisation's DP plan; the same call on the node and in the pre-flight check.
+
+    ``target`` (epsilon, delta) is the organisation's own budget in deployment;
+    in simulation it comes from the run config.
+    """
+    target_epsilon, delta = target or cfg.privacy.target_for(org)
     return plan_privacy(
         org=org,
         num_examples=num_train,

@@ -28,4 +28,4 @@ def class_count_key(kind: str, label_index: int) -> str:
 
 # node_config keys (simulation sets partition-id / num-partitions itself)
 NODE_PARTITION_ID = "partition-id"
-NODE_STATE_DIR = "state-dir"
+NODE_CONFIG_FILE = "node-config"  # deployment: path of the organisation's node.yaml

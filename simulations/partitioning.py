@@ -24,7 +24,7 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 from flwr_datasets.partitioner import natural_id_partitioner as _natural_id_module
 
-from client.data_files import LabelledTexts, load_labelled_file, map_labels
+from client.data_files import LabelledTexts, load_labelled_file, map_labels, split_indices
 from fedpriv.config import FedPrivConfig, config_from_dict
 from fedpriv.errors import DataError
 from simulations.corpora import load_builtin
@@ -198,34 +198,6 @@ def _natural(values: Sequence[str], cfg: FedPrivConfig, source: str) -> tuple[li
     return chosen, rows
 
 
-def _split_indices(indices: list[int], labels: Sequence[int], fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic train/test split of ``indices``; stratified when every class has >= 2 examples."""
-    n = len(indices)
-    if n < 2:
-        return sorted(indices), []
-    rng = np.random.default_rng(seed)
-    n_test = min(max(int(round(n * fraction)), 1), n - 1)
-    by_class: dict[int, list[int]] = {}
-    for i in sorted(indices):
-        by_class.setdefault(labels[i], []).append(i)
-    if all(len(rows) >= 2 for rows in by_class.values()):
-        classes = sorted(by_class)
-        quotas = [len(by_class[c]) * n_test / n for c in classes]
-        take = [int(q) for q in quotas]
-        by_remainder = sorted(range(len(classes)), key=lambda k: (-(quotas[k] - take[k]), k))
-        for k in by_remainder[: n_test - sum(take)]:
-            take[k] += 1
-        test: list[int] = []
-        for k, c in enumerate(classes):
-            rows = by_class[c]
-            count = min(take[k], len(rows) - 1)  # keep at least one of each class for training
-            test.extend(rng.permutation(rows)[:count].tolist())
-    else:
-        test = rng.permutation(sorted(indices))[:n_test].tolist()
-    test_set = set(test)
-    return sorted(i for i in indices if i not in test_set), sorted(test)
-
-
 def _build_plan(cfg: FedPrivConfig) -> PartitionPlan:
     part = cfg.partitioning
     seed = cfg.run.seed
@@ -254,7 +226,7 @@ def _build_plan(cfg: FedPrivConfig) -> PartitionPlan:
             train_idx = sorted(i for i in members if provenance[i] == _TRAIN)
             test_idx = sorted(i for i in members if provenance[i] == _TEST)
         else:
-            train_idx, test_idx = _split_indices(members, rows.labels, cfg.data.test_fraction, seed + pid)
+            train_idx, test_idx = split_indices(members, rows.labels, cfg.data.test_fraction, seed + pid)
         if len(train_idx) < batch_size:
             if part.scheme == "dirichlet":
                 remedy = "use fewer organisations, a smaller batch size, or a larger partitioning.alpha"

@@ -105,3 +105,50 @@ def test_evaluate_reply_has_counts_for_exact_global_metrics(tmp_path):
         )
         == n
     )
+
+
+def _own_data_node(tmp_path, target_epsilon=2.0):
+    rows = ["text,label"] + [
+        f"{'great fine good' if i % 2 else 'awful bad poor'} item {i},{'pos' if i % 2 else 'neg'}" for i in range(60)
+    ]
+    (tmp_path / "notes.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "node.yaml").write_text(
+        "org: hospital-a\n"
+        "data: {path: notes.csv, text_column: text, label_column: label, test_fraction: 0.25}\n"
+        f"privacy: {{target_epsilon: {target_epsilon}, delta: 1.0e-3}}\n"
+        "device: cpu\n"
+        "state_dir: private-state\n"
+    )
+    node_config = {"node-config": str(tmp_path / "node.yaml")}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_deployment_node_uses_its_own_data_budget_and_state_folder(tmp_path):
+    cfg = load_config(
+        overrides=[
+            "model.name=tiny", "training.rounds=2", "training.batch_size=16", "data.max_length=16",
+            "data.labels.names=[neg, pos]", "privacy.target_epsilon=50",  # the coordinator's wish: ignored
+        ]
+    )  # fmt: skip
+    context = _own_data_node(tmp_path, target_epsilon=2.0)
+    model, digest = fresh_model(cfg.model, ["neg", "pos"])
+    config = ConfigRecord(
+        {protocol.SERVER_ROUND: 1, protocol.RUN_DIR: str(tmp_path / "server-run"), protocol.BASE_DIGEST: digest}
+    )
+    msg = Message(
+        content=RecordDict({protocol.ARRAYS: trainable_arrays(model), protocol.CONFIG: config}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    report = _train(cfg, msg, context).content[protocol.PRIVACY]
+    assert report["org"] == "hospital-a" and report["target_epsilon"] == 2.0 and report["delta"] == 1e-3
+    assert 0 < report["epsilon"] <= 2.0
+    assert (tmp_path / "private-state" / "accountant.json").is_file()
+    assert not (tmp_path / "server-run").exists()  # the server's folder is not where a real node keeps its state
+    assert _train(cfg, msg, context).content[protocol.METRICS][protocol.NUM_EXAMPLES] == 45
+
+
+def test_deployment_needs_the_federation_class_names(tmp_path):
+    cfg = load_config(overrides=["model.name=tiny", "training.batch_size=16"])
+    with pytest.raises(NodeSetupError, match="data.labels.names"):
+        _train(cfg, _message(load_config(overrides=OVERRIDES), tmp_path, 1), _own_data_node(tmp_path))
