@@ -89,10 +89,25 @@ def resolve_run_dir(cfg: FedPrivConfig) -> Path:
     return new_run_dir("runs")
 
 
+class NodeFailuresOnly(logging.Filter):
+    """Keeps Flower's per-round INFO chatter out of the progress, but never a node's error reply.
+
+    Also drops Flower's notice that ``run_simulation`` is deprecated: fedpriv
+    uses it on purpose (in-process, no detached SuperLink left behind).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "DEPRECATED FEATURE" in str(record.msg) and "run_simulation" in str(record.args):
+            return False
+        return record.levelno >= logging.WARNING or "error in reply" in str(record.msg)
+
+
 def _quiet_logs(verbose: bool) -> None:
     if verbose:
         return
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # keeps Flower's per-round INFO chatter out of the progress
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, NodeFailuresOnly) for f in flwr_logger.filters):
+        flwr_logger.addFilter(NodeFailuresOnly())
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 

@@ -43,3 +43,20 @@ def test_dp_off_plan_says_so():
     plan = preflight(cfg)
     assert plan.privacy == {}
     assert "DP is OFF" in describe_plan(cfg, plan)
+
+
+def test_quiet_flower_logs_still_show_a_node_error_reply():
+    import logging
+
+    from simulations.runner import NodeFailuresOnly
+
+    keep = NodeFailuresOnly()
+
+    def record(level, msg, args=()):
+        return logging.LogRecord("flwr", level, __file__, 1, msg, args, None)
+
+    assert keep.filter(record(logging.INFO, "\\t> Received error in reply from node %d: %s"))
+    assert keep.filter(record(logging.WARNING, "anything"))
+    assert not keep.filter(record(logging.INFO, "configure_train: Sampled %s nodes (out of %s)"))
+    assert not keep.filter(record(logging.WARNING, "DEPRECATED FEATURE: %s", ("The `run_simulation` function ...",)))
+    assert keep.filter(record(logging.WARNING, "DEPRECATED FEATURE: %s", ("something else",)))
