@@ -129,6 +129,7 @@ class RoundTracker:
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: runs after each round (and once before round 1)."""
         if server_round == 0:
+            self.printer(f"training: {self.num_rounds} round(s); each node loads the model and its data in round 1 ...")
             return None
         record = self._round()
         record.round = server_round

@@ -50,7 +50,7 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
 def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
     parts = plan.partitions
     lines = [
-        f"fedpriv simulate: {len(parts.orgs)} organisations, {cfg.training.rounds} rounds,"
+        f"fedpriv simulate: {len(parts.orgs)} organisations, {cfg.training.rounds} round(s),"
         f" model {cfg.model.name} ({cfg.model.finetuning}), strategy {cfg.strategy.name},"
         f" partitioning {parts.scheme}, classes: {', '.join(parts.label_names)}",
     ]
