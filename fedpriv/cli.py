@@ -3,6 +3,10 @@
 ``fedpriv simulate [CONFIG.yaml] [key=value ...] [--out DIR]`` checks everything
 it can before training (config, data, partitions, privacy targets), prints the
 plan, runs Flower's simulation engine and ends with a short summary.
+
+``fedpriv provision FEDERATION.yaml --out kits/`` writes the coordinator's and
+each organisation's kit (CA, TLS certificate, node keys, start scripts);
+``fedpriv pki inspect KIT`` checks one.
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ def _parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the resolved config as YAML")
     show.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+
+    prov = commands.add_parser(
+        "provision",
+        help="write the kits of a multi-organisation federation (CA, certificates, node keys, start scripts)",
+        description="Create or update the coordinator's and every organisation's kit from FEDERATION.yaml."
+        " Re-running changes nothing; keys are never regenerated.",
+    )
+    prov.add_argument("federation", metavar="FEDERATION.yaml")
+    prov.add_argument("--out", required=True, help="folder of the kits (coordinator/ and one folder per organisation)")
+    prov.add_argument("--add-org", metavar="NAME", help="enrol only this organisation (it must be in FEDERATION.yaml)")
+
+    pki_cmd = commands.add_parser("pki", help="inspect certificates and keys")
+    pki_sub = pki_cmd.add_subparsers(dest="pki_command", required=True)
+    insp = pki_sub.add_parser(
+        "inspect",
+        help="show a kit's certificates and keys and check them (exit 1 when a check fails)",
+        description="Subjects, SANs, validity, key types and fingerprints; checks chains, key pairs, permissions.",
+    )
+    insp.add_argument("kit", metavar="KIT", help="a kit folder or one .crt file")
     return parser
 
 
@@ -69,9 +92,31 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(ns: argparse.Namespace) -> int:
+    from fedpriv.provisioning.federation import load_federation
+    from fedpriv.provisioning.kits import provision
+
+    outcome = provision(load_federation(ns.federation), ns.out, add_org=ns.add_org)
+    for change in outcome.changes:
+        print(f"{change.action:<11} {change.path}" + (f"  ({change.reason})" if change.reason else ""))
+    for note in outcome.notes:
+        print(f"note: {note}")
+    if not outcome.changes:
+        print(f"{ns.out}: up to date, nothing changed")
+    return 0
+
+
+def cmd_pki(ns: argparse.Namespace) -> int:
+    from fedpriv.provisioning.inspect import inspect_kit
+
+    report = inspect_kit(ns.kit)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "config": cmd_config}
+    handlers = {"simulate": cmd_simulate, "config": cmd_config, "provision": cmd_provision, "pki": cmd_pki}
     try:
         return handlers[ns.command](ns)
     except UserError as exc:

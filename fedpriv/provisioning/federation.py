@@ -1,0 +1,184 @@
+"""FEDERATION.yaml: the one place it is parsed and validated, into frozen dataclasses.
+
+It reuses :mod:`fedpriv.config`'s machinery, so mistakes read like every other
+config mistake: one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpriv.config import (
+    _DEVICE,
+    ORG_NAME,
+    DataConfig,
+    NodePrivacyConfig,
+    _build,
+    _check,
+    _read_yaml,
+    _show,
+)
+from fedpriv.errors import ConfigError
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str | None:
+    """An IP address object, a lower-case DNS name, or None when ``text`` is neither."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    name = text.rstrip(".").lower()
+    if not name or len(name) > 253 or re.fullmatch(r"[0-9.]+", name):
+        return None  # '10.0.0' or '999.1.1.1' are typos of IPs, not host names
+    if all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        return name
+    return None
+
+
+def _addresses_ok(values: list[str]) -> bool:
+    return bool(values) and all(parse_address(v) is not None for v in values)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Where the SuperLink runs. ``addresses`` become the certificate's SANs; SuperNodes dial the first one."""
+
+    addresses: list[str] = field(
+        default_factory=list, metadata=_check(_addresses_ok, "a non-empty list of DNS names and/or IP addresses")
+    )
+    port: int = field(default=9092, metadata=_check(lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"))
+    bind_host: str = field(
+        default="0.0.0.0",
+        metadata=_check(
+            lambda v: isinstance(parse_address(v), (ipaddress.IPv4Address, ipaddress.IPv6Address)), "an IP address"
+        ),
+    )
+    database: str = "state/superlink.db"
+    # Flower 1.41 has no separate Control API address (see _cross_checks): the key is accepted only to refuse it clearly
+    control_address: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidityDays:
+    ca: int = field(default=1825, metadata=_check(lambda v: v > 0, "an integer > 0 (days)"))
+    server: int = field(default=397, metadata=_check(lambda v: v > 0, "an integer > 0 (days)"))
+
+
+@dataclass(frozen=True)
+class OrganisationConfig:
+    """One organisation: what goes into its kit's node.yaml (its own data, budget and device)."""
+
+    name: str = ""
+    contact: str = ""
+    device: str = field(default="auto", metadata=_DEVICE)
+    privacy: NodePrivacyConfig = field(default_factory=NodePrivacyConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="file"))
+    state_dir: str = "state"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    federation: str = ""
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    validity_days: ValidityDays = field(default_factory=ValidityDays)
+    organisations: list[OrganisationConfig] = field(default_factory=list)
+
+    def org(self, name: str) -> OrganisationConfig | None:
+        return next((o for o in self.organisations if o.name == name), None)
+
+    @property
+    def san_addresses(self) -> list[str]:
+        """The coordinator's addresses plus loopback, normalised and de-duplicated, in order.
+
+        Loopback is always included: with ``--host 0.0.0.0`` the SuperLink's own
+        SuperExec dials 127.0.0.1 with TLS and checks the certificate against it.
+        """
+        seen: list[str] = []
+        for text in [*self.coordinator.addresses, *LOOPBACK]:
+            shown = str(parse_address(text))
+            if shown not in seen:
+                seen.append(shown)
+        return seen
+
+    @property
+    def dial_address(self) -> str:
+        """host:port the SuperNodes dial (the first coordinator address)."""
+        host = str(parse_address(self.coordinator.addresses[0]))
+        return f"[{host}]:{self.coordinator.port}" if ":" in host else f"{host}:{self.coordinator.port}"
+
+    @property
+    def local_address(self) -> str:
+        """host:port the coordinator's own ``flwr`` CLI dials (loopback is always in the certificate)."""
+        return f"127.0.0.1:{self.coordinator.port}"
+
+
+def _prepare(raw: dict[str, Any]) -> dict[str, Any]:
+    """Organisations' data is always their own file, as in node.yaml."""
+    orgs = raw.get("organisations")
+    if isinstance(orgs, list):
+        prepared = []
+        for org in orgs:
+            if isinstance(org, dict) and isinstance(org.get("data"), dict):
+                org = dict(org, data={"source": "file", **org["data"]})
+            prepared.append(org)
+        raw = dict(raw, organisations=prepared)
+    return raw
+
+
+def _cross_checks(cfg: FederationConfig) -> None:
+    if not ORG_NAME.fullmatch(cfg.federation):
+        raise ConfigError(
+            f"federation: expected a name of letters, digits, '.', '_' or '-' (at most 64), got {cfg.federation!r}"
+        )
+    if not cfg.coordinator.addresses:
+        raise ConfigError("coordinator.addresses: required (the DNS names and/or IPs SuperNodes dial)")
+    if cfg.coordinator.control_address is not None:
+        raise ConfigError(
+            "coordinator.control_address: Flower 1.41 serves the Control API on the Fleet port"
+            " (--control-api-address is deprecated and ignored); remove the key and filter /v1/control/"
+            " and /v1/runtime/ in front of the port (see the coordinator kit's README.txt)"
+        )
+    if not cfg.organisations:
+        raise ConfigError("organisations: expected at least one organisation")
+    seen: set[str] = set()
+    for i, org in enumerate(cfg.organisations):
+        key = f"organisations[{i}]"
+        if not ORG_NAME.fullmatch(org.name):
+            raise ConfigError(
+                f"{key}.name: expected a name of letters, digits, '.', '_' or '-' (at most 64), got {org.name!r}"
+            )
+        if org.name.lower() in seen or org.name.lower() == "coordinator":
+            why = "reserved for the coordinator's kit" if org.name.lower() == "coordinator" else "duplicate name"
+            raise ConfigError(f"{key}.name: {why} {org.name!r} (kit folders must not collide)")
+        seen.add(org.name.lower())
+        if org.data.source != "file" or not org.data.path:
+            raise ConfigError(f"{key}.data.path: required (the organisation's own CSV / TSV / JSONL file)")
+
+
+def federation_from_dict(raw: Any, where: str = "federation") -> FederationConfig:
+    """Build and check; every error is one line starting with ``where`` (the file)."""
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError("expected a mapping at the top level")
+        cfg = _build(FederationConfig, _prepare(raw), "")
+        _cross_checks(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {str(exc).removeprefix('config: ')}") from None
+    return cfg
+
+
+def load_federation(path: str | Path) -> FederationConfig:
+    """Parse and validate FEDERATION.yaml."""
+    path = Path(path)
+    try:
+        raw = _read_yaml(path)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("config file", "federation file", 1)) from None
+    return federation_from_dict(raw, f"federation file {_show(path)}")

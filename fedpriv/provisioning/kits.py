@@ -1,0 +1,442 @@
+"""Writing the kits: one for the coordinator, one per organisation.
+
+Re-running is safe: keys and certificates are only created when missing (or,
+for the SuperLink certificate, when the coordinator's addresses changed), text
+files only rewritten when their content changes, every file written
+atomically. Everything is checked before anything is written, so a refusal
+leaves the kits as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedpriv.config import DataConfig
+from fedpriv.errors import ConfigError
+from fedpriv.protocol import NODE_CONFIG_FILE
+from fedpriv.provisioning import ProvisioningError, pki
+from fedpriv.provisioning.federation import FederationConfig, OrganisationConfig, parse_address
+
+COORDINATOR = "coordinator"
+PRIVATE = 0o600
+PUBLIC = 0o644
+SCRIPT = 0o755
+
+
+@dataclass(frozen=True)
+class Change:
+    path: Path
+    action: str  # created / updated / re-issued / permissions
+    reason: str = ""
+
+
+@dataclass
+class Outcome:
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write to a temporary file created with ``mode`` in the same folder, then rename: never a half-written key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _existing(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ProvisioningError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+# --------------------------------------------------------------------------- file contents
+
+
+def _kit_prelude(script: str) -> list[str]:
+    """Resolve the kit folder from the script's own location, so a kit can be copied to another machine."""
+    return [
+        "set -eu",
+        'KIT="$(cd "$(dirname "$0")" && pwd)"',
+        'case "$KIT" in',
+        f"  *\\'*|*'\"'*|*\\\\*) echo \"{script}: the kit's folder must not contain quotes or backslashes: $KIT\" >&2; exit 2 ;;",
+        "esac",
+    ]
+
+
+def _in_kit(path: str) -> str:
+    """A shell word for ``path``: as is when absolute, else inside the kit folder."""
+    return shlex.quote(path) if Path(path).is_absolute() else '"$KIT"/' + shlex.quote(path)
+
+
+def superlink_command(cfg: FederationConfig) -> list[str]:
+    """The flower-superlink arguments (shell words, ``$KIT`` = the coordinator kit)."""
+    co = cfg.coordinator
+    return [
+        "flower-superlink",
+        '--ssl-ca-certfile "$KIT/ca.crt"',
+        '--ssl-certfile "$KIT/superlink.crt"',
+        '--ssl-keyfile "$KIT/superlink.key"',
+        "--enable-supernode-auth",
+        f"--host {shlex.quote(co.bind_host)}",
+        f"--port {co.port}",
+        f"--database {_in_kit(co.database)}",
+    ]
+
+
+def start_superlink_sh(cfg: FederationConfig) -> str:
+    db_dir = _in_kit(str(Path(cfg.coordinator.database).parent))
+    lines = [
+        "#!/bin/sh",
+        f"# Starts the SuperLink of federation {cfg.federation} (written by `fedpriv provision`: re-run it, do not edit).",
+        "# TLS on the one port that serves Flower's Fleet, Control and Runtime APIs; only SuperNodes whose",
+        "# public key was registered (./enroll-nodes.sh) may connect. Extra flower-superlink flags may follow,",
+        "# e.g. ./start-superlink.sh --disable-runtime-dependency-installation",
+        *_kit_prelude("start-superlink.sh"),
+        f"mkdir -p {db_dir}",
+        "exec " + " \\\n    ".join(superlink_command(cfg)) + ' \\\n    "$@"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def register_command(cfg: FederationConfig, org: str) -> str:
+    return f'flwr supernode register "$KIT/nodes/{org}.pub" {cfg.federation} --name {org}'
+
+
+def enroll_nodes_sh(cfg: FederationConfig, enrolled: list[str]) -> str:
+    names = " ".join(enrolled)
+    lines = [
+        "#!/bin/sh",
+        f"# Registers the organisations' SuperNode public keys with the running SuperLink of {cfg.federation}.",
+        "# Flower 1.41 keeps the allow-list in the SuperLink's database, filled through the Control API",
+        "# (`flwr supernode register`); flower-superlink refuses the old --auth-list-public-keys CSV.",
+        "# Run on the coordinator host after ./start-superlink.sh. Usage: ./enroll-nodes.sh [ORG ...] (default: all)",
+        *_kit_prelude("enroll-nodes.sh"),
+        'export FLWR_HOME="$KIT/flwr-home"',
+        'mkdir -p "$FLWR_HOME"',
+        'cat > "$FLWR_HOME/config.toml" <<EOF',
+        "[superlink]",
+        f'default = "{cfg.federation}"',
+        "",
+        f'[superlink."{cfg.federation}"]',
+        f'address = "{cfg.local_address}"',
+        'root-certificates = "$KIT/ca.crt"',
+        "EOF",
+        f'[ "$#" -gt 0 ] || set -- {names}',
+        "failed=''",
+        'for org in "$@"; do',
+        '  case "$org" in',
+    ]
+    for org in enrolled:
+        lines.append(f'    {org}) {register_command(cfg, org)} || failed="$failed {org}" ;;')
+    lines += [
+        f"    *) echo \"enroll-nodes.sh: unknown organisation '$org' (known: {names})\" >&2; exit 2 ;;",
+        "  esac",
+        "done",
+        'if [ -n "$failed" ]; then echo "enroll-nodes.sh: not registered:$failed" >&2; exit 1; fi',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def supernode_command(cfg: FederationConfig) -> list[str]:
+    return [
+        "flower-supernode",
+        f"--superlink {cfg.dial_address}",
+        '--root-certificates "$KIT/ca.crt"',
+        '--auth-supernode-private-key "$KIT/node.key"',
+        f"--node-config \"{NODE_CONFIG_FILE}='$KIT/node.yaml'\"",
+    ]
+
+
+def start_supernode_sh(cfg: FederationConfig, org: OrganisationConfig) -> str:
+    lines = [
+        "#!/bin/sh",
+        f"# Starts {org.name}'s SuperNode for federation {cfg.federation} (written by `fedpriv provision`).",
+        "# It dials the coordinator over TLS trusting only ca.crt, proves who it is with node.key (the",
+        "# coordinator registered node.pub) and reads this organisation's own settings from node.yaml.",
+        "# Extra flower-supernode flags may follow, e.g. ./start-supernode.sh --port 9095",
+        *_kit_prelude("start-supernode.sh"),
+        "exec " + " \\\n    ".join(supernode_command(cfg)) + ' \\\n    "$@"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def node_yaml(cfg: FederationConfig, org: OrganisationConfig) -> str:
+    """What :func:`fedpriv.config.load_node_config` reads; only the data keys that differ from the defaults."""
+    defaults = dataclasses.asdict(DataConfig(source="file"))
+    data = dataclasses.asdict(org.data)
+    kept = {"path", "text_column", "label_column"}
+    data = {k: v for k, v in data.items() if k != "source" and (k in kept or v != defaults[k])}
+    body = {
+        "org": org.name,
+        "data": data,
+        "privacy": dataclasses.asdict(org.privacy),
+        "device": org.device,
+        "state_dir": org.state_dir,
+    }
+    header = (
+        f"# {org.name}'s own settings in federation {cfg.federation}: its data, privacy budget and device.\n"
+        "# The coordinator cannot override them. Relative paths are relative to this file.\n"
+    )
+    return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+
+
+def coordinator_readme(cfg: FederationConfig, enrolled: list[str]) -> str:
+    co = cfg.coordinator
+    return f"""Coordinator kit of federation {cfg.federation} (written by `fedpriv provision`; keep this folder private)
+
+Files
+  ca.key            the federation CA's private key: it exists only here. Keep it offline if you can;
+                    `fedpriv provision` needs it again only to enrol organisations or re-issue superlink.crt.
+  ca.crt            the CA certificate every party trusts
+  superlink.crt/.key  the SuperLink's TLS certificate (SANs: {", ".join(cfg.san_addresses)}) and key
+  nodes/ORG.pub     each enrolled organisation's SuperNode public key (OpenSSH, EC P-384)
+  start-superlink.sh  starts flower-superlink with TLS and SuperNode authentication on port {co.port}
+  enroll-nodes.sh   registers nodes/*.pub with the running SuperLink (flwr supernode register)
+
+Steps
+  1. ./start-superlink.sh
+  2. ./enroll-nodes.sh            (once; again for an organisation added with `fedpriv provision --add-org`)
+  3. send each organisation its own folder; never this one.
+  Check a kit at any time: fedpriv pki inspect {COORDINATOR}/
+
+Enrolled organisations: {", ".join(enrolled) or "none"}
+SuperNodes dial {cfg.dial_address}.
+
+Security: what Flower 1.41 does NOT do for you
+  One HTTPS port serves the Fleet API (/v1/fleet/, used by SuperNodes), the Control API (/v1/control/:
+  register nodes, start and stop runs, read logs) and the Runtime API (/v1/runtime/, used by the ServerApp
+  runner). --control-api-address and --fleet-api-address are deprecated and ignored, so the Control API
+  cannot listen elsewhere, and the open-source build has no login on it: anyone who can reach the port
+  and trusts ca.crt (every organisation has it) could register a node or submit a run.
+  Before opening the port to the organisations, put a TLS-terminating reverse proxy in front of it that
+  forwards only /v1/fleet/ (and /health), bind the SuperLink to 127.0.0.1 (coordinator.bind_host), and
+  run `flwr` / enroll-nodes.sh on the coordinator host only (it dials {cfg.local_address}).
+"""
+
+
+def org_readme(cfg: FederationConfig, org: OrganisationConfig) -> str:
+    return f"""Kit of {org.name} in federation {cfg.federation} (written by `fedpriv provision`)
+
+Files
+  ca.crt            the federation CA: the only certificate this SuperNode trusts for the coordinator
+  node.key          this organisation's SuperNode identity (OpenSSH, EC P-384): keep it private (0600),
+                    never send it to anyone. Losing it means asking the coordinator for a new identity.
+  node.pub          its public half; the coordinator registered it
+  node.yaml         your own settings: data file, privacy budget (target_epsilon, delta), device, state folder.
+                    Edit data.path to where the data lives on this machine.
+  start-supernode.sh  starts flower-supernode, dialling the coordinator at {cfg.dial_address}
+
+Run: ./start-supernode.sh      (the folder can be copied anywhere; paths are relative to the script)
+Check: fedpriv pki inspect .
+Contact on record: {org.contact or "-"}
+"""
+
+
+# --------------------------------------------------------------------------- planning and writing
+
+
+@dataclass
+class _Plan:
+    writes: dict[Path, tuple[bytes, int, str, str]] = field(default_factory=dict)  # path -> data, mode, action, why
+    chmods: dict[Path, int] = field(default_factory=dict)
+
+    def put(self, path: Path, data: bytes, mode: int, action: str = "", why: str = "") -> None:
+        """Write ``data`` unless the file already holds it (then only fix its permissions)."""
+        current = _existing(path)
+        if current == data:
+            if (path.stat().st_mode & 0o777) != mode:
+                self.chmods[path] = mode
+            return
+        self.writes[path] = (data, mode, action or ("created" if current is None else "updated"), why)
+
+
+def _check_ca(out: Path, cfg: FederationConfig, org_names: list[str]):
+    """Load the existing CA, or make sure there is nothing a new CA would silently split from."""
+    co = out / COORDINATOR
+    key_path, crt_path = co / "ca.key", co / "ca.crt"
+    if key_path.exists() and crt_path.exists():
+        key, cert = pki.load_private_key(key_path), pki.load_cert(crt_path)
+        if not pki.same_public_key(key.public_key(), cert.public_key()):
+            raise ProvisioningError(f"{key_path}: does not match {crt_path}; refusing to touch the kits")
+        issued_for = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
+        if issued_for and issued_for[0].value != cfg.federation:
+            raise ProvisioningError(
+                f"{crt_path}: the kits in {out} belong to federation {issued_for[0].value!r},"
+                f" not {cfg.federation!r}; use another --out folder"
+            )
+        return key, cert
+    existing = [p for p in (key_path, crt_path, co / "superlink.crt", co / "nodes") if p.exists()]
+    existing += [out / o / "ca.crt" for o in org_names if (out / o / "ca.crt").exists()]
+    if existing:
+        missing = key_path if not key_path.exists() else crt_path
+        raise ProvisioningError(
+            f"{missing}: missing but {existing[0]} exists; a new CA would not match the kits already handed out"
+            f" (restore {missing.name}, or provision into an empty --out folder)"
+        )
+    return None, None
+
+
+def _org_key(out: Path, org: str) -> ec.EllipticCurvePrivateKey | None:
+    """The organisation's existing identity key, checked against what the coordinator enrolled."""
+    key_path, enrolled = out / org / "node.key", out / COORDINATOR / "nodes" / f"{org}.pub"
+    if not key_path.exists():
+        if enrolled.exists():
+            raise ProvisioningError(
+                f"{key_path}: missing but {org} is enrolled ({enrolled}); to give it a new identity delete"
+                f" {enrolled.name}, run `flwr supernode unregister` for the old node, then provision again"
+            )
+        return None
+    key = pki.load_private_key(key_path)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ProvisioningError(f"{key_path}: expected an EC (P-384) key, got {pki.key_type(key.public_key())}")
+    for pub_path in (out / org / "node.pub", enrolled):
+        if pub_path.exists() and not pki.same_public_key(pki.load_public_key(pub_path), key.public_key()):
+            raise ProvisioningError(f"{pub_path}: does not match {key_path}; refusing to touch the kits")
+    return key
+
+
+def _server_reasons(out: Path, cfg: FederationConfig, ca_cert, server_key) -> tuple[list[str], bool]:
+    """Why the SuperLink certificate must be (re-)issued (empty: keep it), and whether its addresses changed."""
+    path = out / COORDINATOR / "superlink.crt"
+    if not path.exists():
+        return ["new"], False
+    cert = pki.load_cert(path)
+    if not pki.signed_by(cert, ca_cert):
+        raise ProvisioningError(f"{path}: not signed by {out / COORDINATOR / 'ca.crt'}; refusing to touch the kits")
+    reasons, changed = [], False
+    have, want = set(pki.san_strings(cert)), {str(parse_address(a)) for a in cfg.san_addresses}
+    if have != want:
+        added, removed = sorted(want - have), sorted(have - want)
+        parts = ([f"added {', '.join(added)}"] if added else []) + (
+            [f"removed {', '.join(removed)}"] if removed else []
+        )
+        reasons.append("coordinator addresses changed: " + "; ".join(parts))
+        changed = True
+    if server_key is None or not pki.same_public_key(server_key.public_key(), cert.public_key()):
+        reasons.append("superlink.key does not match it")
+    if cert.not_valid_after_utc <= pki.now():
+        reasons.append("it expired")
+    return reasons, changed
+
+
+def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None) -> Outcome:
+    """Create or bring up to date the kits under ``out``; with ``add_org`` touch only what enrols that organisation."""
+    out = Path(out)
+    outcome = Outcome()
+    names = [o.name for o in cfg.organisations]
+    if add_org is not None and cfg.org(add_org) is None:
+        raise ConfigError(f"--add-org {add_org}: not in the federation file (organisations: {', '.join(names)})")
+    if out.exists() and not out.is_dir():
+        raise ProvisioningError(f"{out}: not a folder")
+    co = out / COORDINATOR
+
+    # ---- checks first: a refusal must leave everything as it was
+    ca_key, ca_cert = _check_ca(out, cfg, names)
+    if add_org is not None and ca_cert is None:
+        raise ProvisioningError(f"{co / 'ca.key'}: no coordinator kit in {out} yet; run `fedpriv provision` first")
+    if ca_cert is not None:
+        for name in names:
+            org_ca = out / name / "ca.crt"
+            if org_ca.exists() and org_ca.read_bytes() != pki.cert_pem(ca_cert):
+                raise ProvisioningError(f"{org_ca}: not this federation's CA ({co / 'ca.crt'}); refusing to mix kits")
+    todo = [cfg.org(add_org)] if add_org is not None else list(cfg.organisations)
+    org_keys = {o.name: _org_key(out, o.name) for o in todo}
+
+    plan = _Plan()
+    if ca_cert is None:
+        ca_key = pki.new_key()
+        ca_cert = pki.issue_ca(cfg.federation, ca_key, cfg.validity_days.ca)
+        plan.put(co / "ca.key", pki.pem_private(ca_key), PRIVATE)
+    else:
+        plan.put(co / "ca.key", (co / "ca.key").read_bytes(), PRIVATE)  # permissions only
+    ca_pem = pki.cert_pem(ca_cert)
+    plan.put(co / "ca.crt", ca_pem, PUBLIC)
+
+    server_key_path = co / "superlink.key"
+    server_key = pki.load_private_key(server_key_path) if server_key_path.exists() else None
+    reasons, addresses_changed = _server_reasons(out, cfg, ca_cert, server_key)
+    if reasons and add_org is not None and reasons != ["new"]:
+        outcome.notes.append(
+            f"{co / 'superlink.crt'} left as is with --add-org ({'; '.join(reasons)}); run without --add-org to re-issue it"
+        )
+    elif reasons:
+        if server_key is None or not isinstance(server_key, ec.EllipticCurvePrivateKey):
+            server_key = pki.new_key()
+            plan.put(server_key_path, pki.pem_private(server_key), PRIVATE)
+        server_cert = pki.issue_server(
+            cfg.federation, cfg.san_addresses, server_key, ca_cert, ca_key, cfg.validity_days.server
+        )
+        why = "" if reasons == ["new"] else "; ".join(reasons)
+        plan.put(co / "superlink.crt", pki.cert_pem(server_cert), PUBLIC, "created" if why == "" else "re-issued", why)
+        if addresses_changed:
+            outcome.notes.append(
+                "only the SuperLink certificate was re-issued; restart the SuperLink (./start-superlink.sh)"
+                + (" and send the organisations their updated start-supernode.sh" if add_org is None else "")
+            )
+    else:
+        plan.put(server_key_path, server_key_path.read_bytes(), PRIVATE)  # permissions only
+
+    for org in todo:
+        kit = out / org.name
+        key = org_keys[org.name]
+        if key is None:
+            key = pki.new_key()
+            plan.put(kit / "node.key", pki.ssh_private(key), PRIVATE)
+        else:
+            plan.put(kit / "node.key", (kit / "node.key").read_bytes(), PRIVATE)  # permissions only
+        pub = pki.ssh_public(key.public_key(), f"{org.name}@{cfg.federation}")
+        plan.put(kit / "node.pub", pub, PUBLIC)
+        plan.put(co / "nodes" / f"{org.name}.pub", pub, PUBLIC)
+        plan.put(kit / "ca.crt", ca_pem, PUBLIC)
+        plan.put(kit / "node.yaml", node_yaml(cfg, org).encode(), PUBLIC)
+        plan.put(kit / "README.txt", org_readme(cfg, org).encode(), PUBLIC)
+        plan.put(kit / "start-supernode.sh", start_supernode_sh(cfg, org).encode(), SCRIPT)
+
+    enrolled = [n for n in names if (co / "nodes" / f"{n}.pub") in plan.writes or (co / "nodes" / f"{n}.pub").exists()]
+    if add_org is None:
+        plan.put(co / "start-superlink.sh", start_superlink_sh(cfg).encode(), SCRIPT)
+    plan.put(co / "enroll-nodes.sh", enroll_nodes_sh(cfg, enrolled).encode(), SCRIPT)
+    plan.put(co / "README.txt", coordinator_readme(cfg, enrolled).encode(), PUBLIC)
+
+    if out.is_dir():
+        for child in sorted(out.iterdir()):
+            if child.is_dir() and child.name != COORDINATOR and child.name not in names:
+                outcome.notes.append(f"{child}: not in the federation file, left as is")
+
+    # ---- write: keys before the certificates and scripts that refer to them
+    for path, (data, mode, action, why) in sorted(plan.writes.items(), key=lambda kv: _order(kv[0])):
+        write_atomic(path, data, mode)
+        outcome.changes.append(Change(path, action, why))
+    for path, mode in plan.chmods.items():
+        os.chmod(path, mode)
+        outcome.changes.append(Change(path, "permissions", f"set to {mode:o}"))
+    return outcome
+
+
+def _order(path: Path) -> tuple[int, str]:
+    rank = {".key": 0, ".pub": 1, ".crt": 2}.get(path.suffix, 3)
+    return rank, str(path)

@@ -1,0 +1,248 @@
+"""Kits: complete, consistent, private keys private, and safe to re-run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedpriv.cli import main
+from fedpriv.config import load_node_config
+from fedpriv.errors import ConfigError
+from fedpriv.provisioning import ProvisioningError, pki
+from fedpriv.provisioning.federation import load_federation
+from fedpriv.provisioning.kits import provision
+
+from .conftest import federation_dict, snapshot, write_federation
+
+ORGS = ("hospital-a", "hospital-b")
+ADDRESSES = ("coordinator.example.org", "10.0.0.5", "127.0.0.1", "localhost")
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_coordinator_kit_is_complete_and_verifies(kits: Path):
+    co = kits / "coordinator"
+    for name in (
+        "ca.key",
+        "ca.crt",
+        "superlink.crt",
+        "superlink.key",
+        "README.txt",
+        "start-superlink.sh",
+        "enroll-nodes.sh",
+    ):
+        assert (co / name).is_file(), name
+    ca, server = pki.load_cert(co / "ca.crt"), pki.load_cert(co / "superlink.crt")
+    # cryptography's WebPKI verifier: signature, validity now, serverAuth, SAN match, for every address
+    assert pki.verify_server(server, ca, list(ADDRESSES)) == []
+    assert pki.verify_server(server, ca, ["elsewhere.example.org"]) != []
+    assert set(pki.san_strings(server)) == set(ADDRESSES)
+    assert pki.same_public_key(pki.load_private_key(co / "ca.key").public_key(), ca.public_key())
+    assert pki.same_public_key(pki.load_private_key(co / "superlink.key").public_key(), server.public_key())
+    assert server.not_valid_after_utc - server.not_valid_before_utc <= dt.timedelta(days=397, hours=1)
+
+
+def test_another_ca_does_not_verify_the_server(kits: Path, tmp_path: Path, federation_file: Path):
+    other = tmp_path / "other"
+    provision(load_federation(federation_file), other)
+    server = pki.load_cert(kits / "coordinator" / "superlink.crt")
+    problems = pki.verify_server(server, pki.load_cert(other / "coordinator" / "ca.crt"), ["coordinator.example.org"])
+    assert problems and "signature" in problems[0]
+
+
+def test_org_kits_hold_matching_keys_in_flowers_formats(kits: Path):
+    ca_bytes = (kits / "coordinator" / "ca.crt").read_bytes()
+    for org in ORGS:
+        kit = kits / org
+        assert (kit / "ca.crt").read_bytes() == ca_bytes
+        # what flower-supernode / flwr supernode register load
+        private = serialization.load_ssh_private_key((kit / "node.key").read_bytes(), None)
+        public = serialization.load_ssh_public_key((kit / "node.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert pki.same_public_key(private.public_key(), public)
+        enrolled = serialization.load_ssh_public_key((kits / "coordinator" / "nodes" / f"{org}.pub").read_bytes())
+        assert pki.same_public_key(enrolled, public)
+        script = (kit / "start-supernode.sh").read_text()
+        assert "--superlink coordinator.example.org:9092" in script
+        assert '--root-certificates "$KIT/ca.crt"' in script
+        assert '--auth-supernode-private-key "$KIT/node.key"' in script
+        assert "--node-config \"node-config='$KIT/node.yaml'\"" in script
+        assert 'KIT="$(cd "$(dirname "$0")" && pwd)"' in script
+    # the two organisations have different identities
+    assert (kits / "hospital-a" / "node.pub").read_bytes() != (kits / "hospital-b" / "node.pub").read_bytes()
+
+
+def test_private_keys_are_0600_and_ca_key_only_in_coordinator_kit(kits: Path):
+    private = [p for p in kits.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    names = sorted(str(p.relative_to(kits)) for p in private)
+    assert names == ["coordinator/ca.key", "coordinator/superlink.key", "hospital-a/node.key", "hospital-b/node.key"]
+    for path in private:
+        assert _mode(path) == 0o600, path
+    assert [p.relative_to(kits) for p in kits.rglob("ca.key")] == [Path("coordinator/ca.key")]
+    for org in ORGS:
+        assert not any("superlink.key" in p.name or p.name == "ca.key" for p in (kits / org).iterdir())
+    assert not list(kits.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_node_yaml_loads_with_load_node_config(kits: Path):
+    a = load_node_config(kits / "hospital-a" / "node.yaml")
+    assert a.org == "hospital-a" and a.data.path == "/data/hospital-a/notes.csv"
+    assert a.privacy.target_epsilon == 8.0 and a.privacy.delta == 1e-5 and a.device == "auto"
+    b = load_node_config(kits / "hospital-b" / "node.yaml")
+    assert b.org == "hospital-b" and b.privacy.target_epsilon == 3.0
+    assert b.data.path == str((kits / "hospital-b" / "notes.csv").resolve())  # relative to node.yaml
+    assert b.state_dir == str((kits / "hospital-b" / "state").resolve())
+
+
+def test_superlink_script_has_tls_auth_and_database(kits: Path):
+    script = (kits / "coordinator" / "start-superlink.sh").read_text()
+    for flag in (
+        '--ssl-ca-certfile "$KIT/ca.crt"',
+        '--ssl-certfile "$KIT/superlink.crt"',
+        '--ssl-keyfile "$KIT/superlink.key"',
+        "--enable-supernode-auth",
+        "--port 9092",
+        '--database "$KIT"/state/superlink.db',
+    ):
+        assert flag in script, flag
+    assert "--auth-list-public-keys" not in script  # refused by flower-superlink 1.41
+    enroll = (kits / "coordinator" / "enroll-nodes.sh").read_text()
+    for org in ORGS:
+        assert f'flwr supernode register "$KIT/nodes/{org}.pub" clinics-2026 --name {org}' in enroll
+
+
+def test_rerun_changes_nothing(kits: Path, federation_file: Path):
+    before = snapshot(kits)
+    outcome = provision(load_federation(federation_file), kits)
+    assert outcome.changes == []
+    assert snapshot(kits) == before
+
+
+def test_rerun_restores_permissions_without_new_keys(kits: Path, federation_file: Path):
+    key = kits / "hospital-a" / "node.key"
+    before = snapshot(kits)
+    key.chmod(0o644)
+    outcome = provision(load_federation(federation_file), kits)
+    assert [(c.path, c.action) for c in outcome.changes] == [(key, "permissions")]
+    assert _mode(key) == 0o600 and snapshot(kits) == before
+
+
+def test_add_org_touches_nothing_else(tmp_path: Path):
+    raw = federation_dict()
+    path = write_federation(tmp_path / "FEDERATION.yaml", raw)
+    out = tmp_path / "kits"
+    provision(load_federation(path), out)
+    before = snapshot(out)
+    raw["organisations"].append({"name": "clinic-c", "data": {"path": "c.csv"}})
+    write_federation(path, raw)
+    outcome = provision(load_federation(path), out, add_org="clinic-c")
+    after = snapshot(out)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed == {
+        "clinic-c/ca.crt",
+        "clinic-c/node.key",
+        "clinic-c/node.pub",
+        "clinic-c/node.yaml",
+        "clinic-c/README.txt",
+        "clinic-c/start-supernode.sh",
+        "coordinator/nodes/clinic-c.pub",
+        "coordinator/enroll-nodes.sh",
+        "coordinator/README.txt",
+    }
+    assert {k for k in before if k not in after} == set()
+    assert "clinic-c" in after["coordinator/enroll-nodes.sh"].decode()
+    assert after["clinic-c/ca.crt"] == before["coordinator/ca.crt"]
+    assert all(c.action == "created" or c.path.name in ("enroll-nodes.sh", "README.txt") for c in outcome.changes)
+    # enrolling again is a no-op
+    assert provision(load_federation(path), out, add_org="clinic-c").changes == []
+
+
+def test_add_org_must_be_in_the_federation_file(kits: Path, federation_file: Path):
+    with pytest.raises(ConfigError, match="--add-org nobody"):
+        provision(load_federation(federation_file), kits, add_org="nobody")
+
+
+def test_address_change_reissues_only_the_server_certificate(tmp_path: Path):
+    path = write_federation(tmp_path / "FEDERATION.yaml", federation_dict())
+    out = tmp_path / "kits"
+    provision(load_federation(path), out)
+    before = snapshot(out)
+    old_serial = pki.load_cert(out / "coordinator" / "superlink.crt").serial_number
+    write_federation(path, federation_dict(addresses=["coordinator.example.org", "10.0.0.6"]))
+    outcome = provision(load_federation(path), out)
+    after = snapshot(out)
+    changed = {k for k in after if before[k] != after[k]}
+    assert changed == {"coordinator/superlink.crt", "coordinator/README.txt"}
+    reissued = [c for c in outcome.changes if c.path.name == "superlink.crt"]
+    assert reissued[0].action == "re-issued" and "10.0.0.6" in reissued[0].reason and "10.0.0.5" in reissued[0].reason
+    assert any("only the SuperLink certificate" in n for n in outcome.notes)
+    cert = pki.load_cert(out / "coordinator" / "superlink.crt")
+    assert cert.serial_number != old_serial
+    assert pki.verify_server(cert, pki.load_cert(out / "coordinator" / "ca.crt"), ["10.0.0.6", "127.0.0.1"]) == []
+    assert pki.verify_server(cert, pki.load_cert(out / "coordinator" / "ca.crt"), ["10.0.0.5"]) != []
+
+
+def test_changing_the_first_address_updates_the_supernode_scripts(tmp_path: Path):
+    path = write_federation(tmp_path / "FEDERATION.yaml", federation_dict())
+    out = tmp_path / "kits"
+    provision(load_federation(path), out)
+    write_federation(path, federation_dict(addresses=["fl.example.org"]))
+    provision(load_federation(path), out)
+    assert "--superlink fl.example.org:9092" in (out / "hospital-a" / "start-supernode.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    "damage", ["delete-ca-key", "foreign-org-ca", "foreign-server-cert", "swapped-ca-key", "lost-node-key"]
+)
+def test_mismatched_kits_are_refused_and_left_untouched(tmp_path: Path, federation_file: Path, kits: Path, damage: str):
+    cfg = load_federation(federation_file)
+    other = tmp_path / "other"
+    provision(cfg, other)
+    co = kits / "coordinator"
+    if damage == "delete-ca-key":
+        (co / "ca.key").unlink()
+    elif damage == "foreign-org-ca":
+        (kits / "hospital-b" / "ca.crt").write_bytes((other / "coordinator" / "ca.crt").read_bytes())
+    elif damage == "foreign-server-cert":
+        (co / "superlink.crt").write_bytes((other / "coordinator" / "superlink.crt").read_bytes())
+    elif damage == "swapped-ca-key":
+        (co / "ca.key").write_bytes((other / "coordinator" / "ca.key").read_bytes())
+    elif damage == "lost-node-key":
+        (kits / "hospital-a" / "node.key").unlink()
+    before = snapshot(kits)
+    with pytest.raises(ProvisioningError) as info:
+        provision(cfg, kits)
+    assert len(str(info.value).splitlines()) == 1
+    assert snapshot(kits) == before
+
+
+def test_cli_provision_reports_and_refuses_in_one_line(tmp_path: Path, federation_file: Path, capsys):
+    out = tmp_path / "kits"
+    assert main(["provision", str(federation_file), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "created" in first and "ca.key" in first
+    assert main(["provision", str(federation_file), "--out", str(out)]) == 0
+    assert "nothing changed" in capsys.readouterr().out
+    (out / "coordinator" / "ca.key").unlink()
+    assert main(["provision", str(federation_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "ca.key" in err
+    assert main(["provision", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_kits_of_another_federation_are_refused(tmp_path: Path, kits: Path):
+    raw = federation_dict()
+    raw["federation"] = "banks-2027"
+    cfg = load_federation(write_federation(tmp_path / "OTHER.yaml", raw))
+    before = snapshot(kits)
+    with pytest.raises(ProvisioningError, match="clinics-2026"):
+        provision(cfg, kits)
+    assert snapshot(kits) == before
