@@ -20,6 +20,7 @@ from fedpriv.config import FedPrivConfig
 from fedpriv.quiet import quiet_third_party_warnings
 from fedpriv.run_config import config_from_context
 from privacy.accountant_state import NodePrivacy
+from privacy.calibration import dp_steps_per_epoch
 from shared_models.weights import load_trainable, trainable_arrays
 
 
@@ -48,7 +49,9 @@ def _train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
         folder = state_dir(node, str(server_config.get(protocol.RUN_DIR, "")))
         plan = org_privacy_plan(cfg, node.org, len(node.train), target=(node.target_epsilon, node.delta))
         privacy = NodePrivacy.open(folder, plan)
-        after = privacy.epsilon_after(privacy.plan.steps_per_round)
+        # The steps this round will really take (the server may ask for more local epochs than planned).
+        steps = cfg.training.local_epochs * dp_steps_per_epoch(len(node.train), cfg.training.batch_size)
+        after = privacy.epsilon_after(steps)
         if after > privacy.plan.target_epsilon:
             # Never spend past the budget, whatever the server asks.
             raise NodeSetupError(

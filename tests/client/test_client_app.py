@@ -152,3 +152,12 @@ def test_deployment_needs_the_federation_class_names(tmp_path):
     cfg = load_config(overrides=["model.name=tiny", "training.batch_size=16"])
     with pytest.raises(NodeSetupError, match="data.labels.names"):
         _train(cfg, _message(load_config(overrides=OVERRIDES), tmp_path, 1), _own_data_node(tmp_path))
+
+
+def test_more_local_epochs_than_planned_cannot_overspend(tmp_path):
+    """A later run config asking for 3 local epochs on the same node state: the node refuses round 2."""
+    cfg = load_config(overrides=OVERRIDES)
+    _train(cfg, _message(cfg, tmp_path, 1), _context())
+    greedy = load_config(overrides=[*OVERRIDES, "training.local_epochs=3"])
+    with pytest.raises(NodeSetupError, match="refuses round 2"):
+        _train(greedy, _message(greedy, tmp_path, 2), _context())
