@@ -1,0 +1,102 @@
+"""Translate between fedpriv's records and the legacy fit/evaluate records that SecAgg+ speaks.
+
+Flower 1.41 offers secure aggregation only through its legacy workflow
+(``DefaultWorkflow`` + ``SecAggPlusWorkflow``), whose messages carry
+``fitins.*`` / ``evaluateins.*`` records with unnamed arrays. These functions,
+built on Flower's own ``recorddict_compat`` converters, let the ClientApp's
+handlers and the server's round tracker stay exactly as they are on both
+paths. See docs/design/secure-aggregation.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.compat.common.typing import Code, EvaluateRes, FitRes, Status
+
+from fedpriv import protocol
+
+LEGACY_FIT_ARRAYS = "fitins.parameters"
+LEGACY_EVALUATE_ARRAYS = "evaluateins.parameters"
+PRIVACY_PREFIX = "privacy."  # per-organisation privacy report, flattened into the (unmasked) fit metrics
+ORG_NAME_KEY = "org.name"
+_LEGACY_KEYS = {"proximal_mu": protocol.PROXIMAL_MU}  # legacy FedProx spells it with an underscore
+
+
+class LegacyMessageError(ValueError):
+    """A legacy message does not fit the model (wrong number of arrays)."""
+
+
+def is_legacy_fit(content: RecordDict) -> bool:
+    return LEGACY_FIT_ARRAYS in content.array_records
+
+
+def is_legacy_evaluate(content: RecordDict) -> bool:
+    return LEGACY_EVALUATE_ARRAYS in content.array_records
+
+
+def _named(ndarrays: list, names: list[str]) -> ArrayRecord:
+    if len(ndarrays) != len(names):
+        raise LegacyMessageError(
+            f"legacy message: {len(ndarrays)} arrays, the model has {len(names)} trainable tensors"
+        )
+    return ArrayRecord(array_dict={name: Array(array) for name, array in zip(names, ndarrays, strict=True)})
+
+
+def _config(config: dict[str, Any]) -> ConfigRecord:
+    return ConfigRecord({_LEGACY_KEYS.get(key, key): value for key, value in config.items()})
+
+
+def legacy_fit_to_content(content: RecordDict, names: list[str]) -> RecordDict:
+    """``fitins.*`` -> ``{"arrays", "config"}`` as the train handler expects (array names by model order)."""
+    ins = compat.recorddict_to_fitins(content, keep_input=True)
+    arrays = _named(parameters_to_ndarrays(ins.parameters), names)
+    return RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: _config(ins.config)})
+
+
+def legacy_evaluate_to_content(content: RecordDict, names: list[str]) -> RecordDict:
+    ins = compat.recorddict_to_evaluateins(content, keep_input=True)
+    arrays = _named(parameters_to_ndarrays(ins.parameters), names)
+    return RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: _config(ins.config)})
+
+
+def fit_reply_to_legacy(reply: RecordDict, names: list[str]) -> RecordDict:
+    """The train handler's reply -> ``fitres.*``; only the arrays get masked by SecAgg+."""
+    arrays = reply[protocol.ARRAYS]
+    metrics: dict[str, Any] = dict(reply[protocol.METRICS])
+    metrics.update({PRIVACY_PREFIX + key: value for key, value in reply[protocol.PRIVACY].items()})
+    fitres = FitRes(
+        status=Status(code=Code.OK, message=""),
+        parameters=ndarrays_to_parameters([arrays[name].numpy() for name in names]),
+        num_examples=int(metrics[protocol.NUM_EXAMPLES]),
+        metrics=metrics,
+    )
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def evaluate_reply_to_legacy(reply: RecordDict) -> RecordDict:
+    metrics: dict[str, Any] = dict(reply[protocol.METRICS])
+    num_examples = int(metrics[protocol.NUM_EXAMPLES])
+    metrics[ORG_NAME_KEY] = str(reply[protocol.ORG]["name"])
+    loss = float(metrics[protocol.EVAL_LOSS_SUM]) / num_examples if num_examples else 0.0
+    evaluateres = EvaluateRes(
+        status=Status(code=Code.OK, message=""), loss=loss, num_examples=num_examples, metrics=metrics
+    )
+    return compat.evaluateres_to_recorddict(evaluateres)
+
+
+def legacy_fit_metrics_to_content(metrics: dict[str, Any]) -> RecordDict:
+    """Server side: a legacy fit result's metrics -> the records ``RoundTracker.aggregate_train`` reads."""
+    privacy = {key[len(PRIVACY_PREFIX) :]: value for key, value in metrics.items() if key.startswith(PRIVACY_PREFIX)}
+    plain = {key: value for key, value in metrics.items() if not key.startswith(PRIVACY_PREFIX)}
+    return RecordDict({protocol.METRICS: MetricRecord(plain), protocol.PRIVACY: ConfigRecord(privacy)})
+
+
+def legacy_evaluate_metrics_to_content(metrics: dict[str, Any]) -> RecordDict:
+    """Server side: a legacy evaluate result's metrics -> the records ``RoundTracker.aggregate_evaluate`` reads."""
+    plain = {key: value for key, value in metrics.items() if key != ORG_NAME_KEY}
+    org = ConfigRecord({"name": str(metrics[ORG_NAME_KEY])})
+    return RecordDict({protocol.METRICS: MetricRecord(plain), protocol.ORG: org})

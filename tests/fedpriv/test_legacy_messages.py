@@ -1,0 +1,88 @@
+"""Round trips between fedpriv's records and the legacy fit/evaluate records SecAgg+ uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.compat.common.typing import EvaluateIns, FitIns
+
+from fedpriv import protocol
+from fedpriv.legacy_messages import (
+    LegacyMessageError,
+    evaluate_reply_to_legacy,
+    fit_reply_to_legacy,
+    is_legacy_evaluate,
+    is_legacy_fit,
+    legacy_evaluate_metrics_to_content,
+    legacy_evaluate_to_content,
+    legacy_fit_metrics_to_content,
+    legacy_fit_to_content,
+)
+from server.round_tracker import RoundTracker
+
+NAMES = ["layer.lora_A.weight", "layer.lora_B.weight", "classifier.bias"]
+ARRAYS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32), np.array([0.5, -0.5], np.float32)]
+REPORT = {"org": "hospital-a", "dp_enabled": True, "epsilon": 2.5, "delta": 1e-5, "target_epsilon": 8.0,
+          "noise_multiplier": 0.9, "sample_rate": 0.1, "steps": 10, "accountant": "rdp", "max_grad_norm": 1.0}  # fmt: skip
+
+
+def _legacy_fit_message():
+    ins = FitIns(parameters=ndarrays_to_parameters(ARRAYS), config={"server-round": 2, "proximal_mu": 0.1})
+    return compat.fitins_to_recorddict(ins, keep_input=True)
+
+
+def test_legacy_fit_becomes_named_arrays_and_our_config():
+    legacy = _legacy_fit_message()
+    assert is_legacy_fit(legacy) and not is_legacy_evaluate(legacy)
+    content = legacy_fit_to_content(legacy, NAMES)
+    arrays = content[protocol.ARRAYS]
+    assert list(arrays.keys()) == NAMES
+    for name, expected in zip(NAMES, ARRAYS, strict=True):
+        np.testing.assert_array_equal(arrays[name].numpy(), expected)
+    assert content[protocol.CONFIG][protocol.SERVER_ROUND] == 2
+    assert content[protocol.CONFIG][protocol.PROXIMAL_MU] == 0.1
+    with pytest.raises(LegacyMessageError, match="3 arrays, the model has 2"):
+        legacy_fit_to_content(legacy, NAMES[:2])
+
+
+def test_fit_reply_round_trips_to_the_tracker_with_the_privacy_report():
+    reply = RecordDict(
+        {
+            protocol.ARRAYS: legacy_fit_to_content(_legacy_fit_message(), NAMES)[protocol.ARRAYS],
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: 120, protocol.TRAIN_LOSS: 0.7, protocol.DP_STEPS: 10}
+            ),
+            protocol.PRIVACY: ConfigRecord(REPORT),
+        }
+    )
+    legacy = fit_reply_to_legacy(reply, NAMES)
+    fitres = compat.recorddict_to_fitres(legacy, keep_input=True)  # what secaggplus_mod / the server read
+    assert fitres.num_examples == 120
+    for got, expected in zip(parameters_to_ndarrays(fitres.parameters), ARRAYS, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    content = legacy_fit_metrics_to_content(dict(fitres.metrics))
+    assert dict(content[protocol.PRIVACY]) == REPORT
+    tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=True, printer=lambda _: None)
+    tracker.aggregate_train([content], protocol.NUM_EXAMPLES)
+    assert tracker.privacy["hospital-a"]["epsilon"] == 2.5
+
+
+def test_evaluate_round_trip_keeps_counts_and_org():
+    ins = EvaluateIns(parameters=ndarrays_to_parameters(ARRAYS), config={"server-round": 1})
+    legacy_in = compat.evaluateins_to_recorddict(ins, keep_input=True)
+    assert is_legacy_evaluate(legacy_in)
+    assert list(legacy_evaluate_to_content(legacy_in, NAMES)[protocol.ARRAYS].keys()) == NAMES
+    counts = {protocol.NUM_EXAMPLES: 4, protocol.EVAL_LOSS_SUM: 2.0, protocol.EVAL_CORRECT: 3}
+    for kind, values in (("tp", [2, 1]), ("fp", [1, 0]), ("fn", [0, 1])):
+        counts.update({protocol.class_count_key(kind, i): v for i, v in enumerate(values)})
+    reply = RecordDict({protocol.METRICS: MetricRecord(counts), protocol.ORG: ConfigRecord({"name": "hospital-b"})})
+    res = compat.recorddict_to_evaluateres(evaluate_reply_to_legacy(reply))
+    assert res.loss == 0.5 and res.num_examples == 4
+    content = legacy_evaluate_metrics_to_content(dict(res.metrics))
+    tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=True, printer=lambda _: None)
+    tracker.aggregate_evaluate([content], protocol.NUM_EXAMPLES)
+    tracker.end_of_round(1, ArrayRecord())
+    assert tracker.rounds[0].accuracy == 0.75 and tracker.rounds[0].org_accuracy == {"hospital-b": 0.75}
