@@ -159,12 +159,23 @@ def org_privacy_plan(
     )
 
 
-def fresh_model(model_cfg: ModelConfig, label_names: list[str]) -> tuple[torch.nn.Module, str]:
-    """A private copy of the shared model (built once per process) and its base digest."""
+def _template(model_cfg: ModelConfig, label_names: list[str]) -> tuple[torch.nn.Module, str]:
+    """The shared model, built once per process, and its base digest."""
     key = json.dumps([dataclasses.asdict(model_cfg), label_names])
     if key not in _TEMPLATES:
         _TEMPLATES.clear()
         model = build_model(model_cfg, label_names)
         _TEMPLATES[key] = (model, base_model_digest(model))
-    template, digest = _TEMPLATES[key]
+    return _TEMPLATES[key]
+
+
+def fresh_model(model_cfg: ModelConfig, label_names: list[str]) -> tuple[torch.nn.Module, str]:
+    """A private copy of the shared model and its base digest."""
+    template, digest = _template(model_cfg, label_names)
     return copy.deepcopy(template), digest
+
+
+def trainable_names(model_cfg: ModelConfig, label_names: list[str]) -> list[str]:
+    """The exchanged tensors, in the order legacy (unnamed) messages carry them."""
+    template, _ = _template(model_cfg, label_names)
+    return [name for name, param in template.named_parameters() if param.requires_grad]

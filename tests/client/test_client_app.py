@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.client_app import _evaluate, _train
+from client.client_app import handle_evaluate, handle_train
 from client.node import NodeSetupError, fresh_model
 from fedpriv import protocol
 from fedpriv.config import load_config
@@ -58,7 +58,7 @@ def _context(partition_id=0):
 
 def test_train_reply_carries_weights_metrics_and_the_privacy_spent(tmp_path):
     cfg = load_config(overrides=OVERRIDES)
-    reply = _train(cfg, _message(cfg, tmp_path, 1), _context())
+    reply = handle_train(cfg, _message(cfg, tmp_path, 1), _context())
     content = reply.content
     assert len(content.array_records) == 1 and len(content.metric_records) == 1  # what Flower's strategies require
     metrics = content[protocol.METRICS]
@@ -78,20 +78,20 @@ def test_train_reply_carries_weights_metrics_and_the_privacy_spent(tmp_path):
 def test_node_refuses_a_round_beyond_its_planned_budget(tmp_path):
     cfg = load_config(overrides=OVERRIDES)
     for server_round in (1, 2):  # the planned participation
-        _train(cfg, _message(cfg, tmp_path, server_round), _context())
+        handle_train(cfg, _message(cfg, tmp_path, server_round), _context())
     with pytest.raises(NodeSetupError, match="refuses round 3"):
-        _train(cfg, _message(cfg, tmp_path, 3), _context())
+        handle_train(cfg, _message(cfg, tmp_path, 3), _context())
 
 
 def test_a_different_base_model_is_refused(tmp_path):
     cfg = load_config(overrides=OVERRIDES)
     with pytest.raises(NodeSetupError, match="base model differs"):
-        _train(cfg, _message(cfg, tmp_path, 1, digest="0" * 64), _context())
+        handle_train(cfg, _message(cfg, tmp_path, 1, digest="0" * 64), _context())
 
 
 def test_evaluate_reply_has_counts_for_exact_global_metrics(tmp_path):
     cfg = load_config(overrides=OVERRIDES)
-    reply = _evaluate(cfg, _message(cfg, tmp_path, 1, MessageType.EVALUATE), _context(partition_id=1))
+    reply = handle_evaluate(cfg, _message(cfg, tmp_path, 1, MessageType.EVALUATE), _context(partition_id=1))
     metrics = reply.content[protocol.METRICS]
     n = metrics[protocol.NUM_EXAMPLES]
     assert n == len(plan_partitions(cfg).org(1).test)
@@ -140,24 +140,54 @@ def test_deployment_node_uses_its_own_data_budget_and_state_folder(tmp_path):
         dst_node_id=7,
         message_type=MessageType.TRAIN,
     )
-    report = _train(cfg, msg, context).content[protocol.PRIVACY]
+    report = handle_train(cfg, msg, context).content[protocol.PRIVACY]
     assert report["org"] == "hospital-a" and report["target_epsilon"] == 2.0 and report["delta"] == 1e-3
     assert 0 < report["epsilon"] <= 2.0
     assert (tmp_path / "private-state" / "accountant.json").is_file()
     assert not (tmp_path / "server-run").exists()  # the server's folder is not where a real node keeps its state
-    assert _train(cfg, msg, context).content[protocol.METRICS][protocol.NUM_EXAMPLES] == 45
+    assert handle_train(cfg, msg, context).content[protocol.METRICS][protocol.NUM_EXAMPLES] == 45
 
 
 def test_deployment_needs_the_federation_class_names(tmp_path):
     cfg = load_config(overrides=["model.name=tiny", "training.batch_size=16"])
     with pytest.raises(NodeSetupError, match="data.labels.names"):
-        _train(cfg, _message(load_config(overrides=OVERRIDES), tmp_path, 1), _own_data_node(tmp_path))
+        handle_train(cfg, _message(load_config(overrides=OVERRIDES), tmp_path, 1), _own_data_node(tmp_path))
 
 
 def test_more_local_epochs_than_planned_cannot_overspend(tmp_path):
     """A later run config asking for 3 local epochs on the same node state: the node refuses round 2."""
     cfg = load_config(overrides=OVERRIDES)
-    _train(cfg, _message(cfg, tmp_path, 1), _context())
+    handle_train(cfg, _message(cfg, tmp_path, 1), _context())
     greedy = load_config(overrides=[*OVERRIDES, "training.local_epochs=3"])
     with pytest.raises(NodeSetupError, match="refuses round 2"):
-        _train(greedy, _message(greedy, tmp_path, 2), _context())
+        handle_train(greedy, _message(greedy, tmp_path, 2), _context())
+
+
+def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path):
+    """SecAgg+ sends unnamed ``fitins`` arrays; the node trains and answers ``fitres`` with its privacy report."""
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.compat.common.typing import FitIns
+
+    from client.node import trainable_names
+    from fedpriv.legacy_messages import legacy_fit_metrics_to_content
+
+    cfg = load_config(overrides=OVERRIDES)
+    labels = plan_partitions(cfg).label_names
+    model, digest = fresh_model(cfg.model, labels)
+    names = trainable_names(cfg.model, labels)
+    state = dict(model.named_parameters())
+    ins = FitIns(
+        parameters=ndarrays_to_parameters([state[n].detach().numpy() for n in names]),
+        config={protocol.SERVER_ROUND: 1, protocol.RUN_DIR: str(tmp_path), protocol.BASE_DIGEST: digest},
+    )
+    msg = Message(
+        content=compat.fitins_to_recorddict(ins, keep_input=True), dst_node_id=1, message_type=MessageType.TRAIN
+    )
+    fitres = compat.recorddict_to_fitres(handle_train(cfg, msg, _context()).content, keep_input=True)
+    updated = parameters_to_ndarrays(fitres.parameters)
+    assert [u.shape for u in updated] == [tuple(state[n].shape) for n in names]
+    assert any(not (u == state[n].detach().numpy()).all() for u, n in zip(updated, names, strict=True))
+    report = legacy_fit_metrics_to_content(dict(fitres.metrics))[protocol.PRIVACY]
+    assert report["org"] == "org-0" and 0 < report["epsilon"] <= report["target_epsilon"]
+    assert fitres.num_examples == len(plan_partitions(cfg).org(0).train)
