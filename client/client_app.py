@@ -33,7 +33,7 @@ from fedpriv.legacy_messages import (
     legacy_evaluate_to_content,
     legacy_fit_to_content,
 )
-from fedpriv.quiet import quiet_third_party_warnings
+from fedpriv.quiet import quiet_flower_debug, quiet_third_party_warnings
 from fedpriv.run_config import config_from_context
 from privacy.accountant_state import NodePrivacy
 from privacy.calibration import dp_steps_per_epoch
@@ -179,4 +179,5 @@ def build_client_app(config: FedPrivConfig | None = None) -> ClientApp:
 
 
 quiet_third_party_warnings()
+quiet_flower_debug()
 app = build_client_app()

@@ -66,6 +66,10 @@ def train_locally(
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(seed)
+    if privacy is None:
+        # Non-private baselines are reproducible (dropout included). Never under DP: Opacus draws its
+        # noise from the global generator, and a known seed would make the noise predictable.
+        torch.manual_seed(seed)
     loader = DataLoader(
         data,
         batch_size=cfg.batch_size,

@@ -6,7 +6,9 @@ plan, runs Flower's simulation engine and ends with a short summary.
 
 ``fedpriv provision FEDERATION.yaml --out kits/`` writes the coordinator's and
 each organisation's kit (CA, TLS certificate, node keys, start scripts);
-``fedpriv pki inspect KIT`` checks one.
+``fedpriv pki inspect KIT`` checks one; ``fedpriv federation up FEDERATION.yaml
+--kits DIR`` runs a whole deployment (SuperLink, SuperNodes, ``flwr run``) on
+this machine.
 """
 
 from __future__ import annotations
@@ -63,6 +65,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Subjects, SANs, validity, key types and fingerprints; checks chains, key pairs, permissions.",
     )
     insp.add_argument("kit", metavar="KIT", help="a kit folder or one .crt file")
+
+    fed = commands.add_parser("federation", help="run a deployment (SuperLink + SuperNodes) on this machine")
+    fed_sub = fed.add_subparsers(dest="federation_command", required=True)
+    up = fed_sub.add_parser(
+        "up",
+        help="provision the kits if missing, start one SuperLink and a SuperNode per organisation on 127.0.0.1,"
+        " enrol them, run `flwr run`, stop everything",
+        description="Try the deployment path on one machine: the same kits, TLS, node keys and `flwr run` as a real"
+        " federation, with every process on 127.0.0.1 (free ports). Each organisation trains on the data file and"
+        " privacy budget FEDERATION.yaml gives it.",
+    )
+    up.add_argument("federation", metavar="FEDERATION.yaml")
+    up.add_argument("args", nargs="*", metavar="key=value", help="run config overrides, e.g. model.name=tiny")
+    up.add_argument("--kits", required=True, help="kits folder (provisioned here for a 127.0.0.1 coordinator)")
+    up.add_argument("--rounds", type=int, help="training.rounds")
+    up.add_argument("--config", help="a fedpriv run config YAML (default: the packaged one)")
+    up.add_argument("--out", help="run folder (default: runs/<timestamp>/)")
+    up.add_argument("--timeout", type=float, help="stop the run after this many seconds")
+    up.add_argument("--verbose", action="store_true", help="show Flower's own log lines from the run")
     return parser
 
 
@@ -114,9 +135,36 @@ def cmd_pki(ns: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_federation(ns: argparse.Namespace) -> int:
+    from fedpriv.local_federation import federation_up
+
+    result = federation_up(
+        ns.federation,
+        ns.kits,
+        overrides=ns.args,
+        rounds=ns.rounds,
+        config_path=ns.config,
+        out=ns.out,
+        run_timeout=ns.timeout,
+        verbose=ns.verbose,
+    )
+    return result.returncode
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "config": cmd_config, "provision": cmd_provision, "pki": cmd_pki}
+    parser = _parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after options (fedpriv federation up F.yaml --kits K a.b=1)
+        if ns.command != "federation" or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.args = [*ns.args, *extra]
+    handlers = {
+        "simulate": cmd_simulate,
+        "config": cmd_config,
+        "provision": cmd_provision,
+        "pki": cmd_pki,
+        "federation": cmd_federation,
+    }
     try:
         return handlers[ns.command](ns)
     except UserError as exc:

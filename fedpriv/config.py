@@ -190,9 +190,34 @@ class StrategyConfig:
     fraction_evaluate: float = field(default=1.0, metadata=_fraction())
     min_train_nodes: int = field(default=2, metadata=_positive("an integer > 0"))
     min_evaluate_nodes: int = field(default=2, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    # nodes the server waits for before round 1; None = partitioning.num_orgs (deployment: the enrolled organisations)
+    min_available_nodes: int | None = field(default=None, metadata=_positive("an integer > 0 or null"))
     proximal_mu: float = field(default=0.01, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     round_timeout: float = field(default=3600.0, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+: the coordinator sees only the sum of the masked updates, never one organisation's.
+
+    ``num_shares`` / ``reconstruction_threshold`` default to every node and
+    two thirds of them; a round survives dropouts down to the threshold.
+    ``clipping_range`` bounds |weight x num_examples / max_weight| before
+    quantisation to ``quantization_range`` levels; ``max_weight`` must be at
+    least the largest organisation's number of training examples.
+    """
+
+    enabled: bool = False
+    num_shares: int | None = field(default=None, metadata=_check(lambda v: v >= 3, "an integer >= 3 or null"))
+    reconstruction_threshold: int | None = field(
+        default=None, metadata=_check(lambda v: v >= 2, "an integer >= 2 or null")
+    )
+    clipping_range: float = field(default=8.0, metadata=_positive())
+    quantization_range: int = field(
+        default=2**22, metadata=_check(lambda v: 2**8 <= v <= 2**24, "an integer in [256, 16777216]")
+    )
+    max_weight: float = field(default=1_000.0, metadata=_positive())
 
 
 @dataclass(frozen=True)
@@ -221,6 +246,7 @@ class FedPrivConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -349,6 +375,16 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
             raise ConfigError(f"config: privacy.orgs.{_show(org)}.target_epsilon: expected a number > 0")
         if override.delta is not None and not 0 < override.delta < 1:
             raise ConfigError(f"config: privacy.orgs.{_show(org)}.delta: expected a number in (0, 1)")
+    secagg = cfg.secure_aggregation
+    if (
+        secagg.num_shares is not None
+        and secagg.reconstruction_threshold is not None
+        and secagg.reconstruction_threshold > secagg.num_shares
+    ):
+        raise ConfigError(
+            f"config: secure_aggregation.reconstruction_threshold: expected <= num_shares ({secagg.num_shares}),"
+            f" got {secagg.reconstruction_threshold}"
+        )
     if cfg.strategy.min_train_nodes > part.num_orgs:
         raise ConfigError(
             f"config: strategy.min_train_nodes: expected <= partitioning.num_orgs ({part.num_orgs}),"

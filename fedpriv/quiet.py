@@ -1,8 +1,10 @@
-"""Silence third-party warnings that say nothing actionable to a fedpriv user.
+"""Silence third-party warnings and debug chatter that say nothing actionable to a fedpriv user.
 
 Each filter names one exact message; everything else still shows.
 """
 
+import logging
+import os
 import warnings
 
 _NOISE = [
@@ -17,3 +19,12 @@ _NOISE = [
 def quiet_third_party_warnings() -> None:
     for category, message in _NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+VERBOSE_ENV = "FEDPRIV_VERBOSE"  # set by ``fedpriv simulate --verbose``; simulation workers inherit it
+
+
+def quiet_flower_debug() -> None:
+    """Flower's SecAgg+ client mod logs every stage at DEBUG; keep INFO and above unless asked."""
+    if not os.environ.get(VERBOSE_ENV):
+        logging.getLogger("flwr").setLevel(logging.INFO)

@@ -17,15 +17,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
+from fedpriv.errors import ConfigError
 from fedpriv.run_config import config_from_context
 from server.checkpoints import save_checkpoint
-from server.reports import build_summary, write_metrics_csv, write_plot, write_summary
+from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_plot, write_summary
 from server.round_tracker import RoundTracker
+from server.secure_rounds import run_secure_rounds, secagg_shares
 from server.strategy import build_strategy
 from shared_models.builder import build_model, build_tokenizer
 from shared_models.export import export_model
 from shared_models.weights import base_model_digest, count_trainable, load_trainable, trainable_arrays
-from simulations.partitioning import plan_partitions
 
 log = logging.getLogger("fedpriv.server")
 
@@ -42,14 +43,30 @@ def new_run_dir(base: str | Path = "runs") -> Path:
     return path.resolve()
 
 
+def run_dir_for(cfg: FedPrivConfig) -> Path:
+    """``run.out_dir`` itself when set (refused if a run already wrote there), else a fresh ``runs/<timestamp>/``."""
+    if not cfg.run.out_dir:
+        return new_run_dir("runs")
+    path = Path(cfg.run.out_dir).resolve()
+    if path.is_file() or (path / SUMMARY_FILE).exists():
+        raise ConfigError(
+            f"run.out_dir {path}: already holds a run (or is a file); choose a new run folder"
+            " (a run's files are never overwritten by another run)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def label_names(cfg: FedPrivConfig) -> list[str]:
-    """Class names: fixed by the config, or read from the data the simulation partitions."""
+    """Class names: fixed by the config (always so in deployment), or read from the data the simulation partitions."""
     if cfg.data.labels.names:
         return list(cfg.data.labels.names)
+    from simulations.partitioning import plan_partitions  # simulation only: a deployment run names its classes
+
     return list(plan_partitions(cfg).label_names)
 
 
-def run_federation(grid: Grid, cfg: FedPrivConfig, run_dir: Path, num_nodes: int) -> dict:
+def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Path, num_nodes: int) -> dict:
     """Run all rounds; returns the summary (also written to ``run_dir/summary.json``)."""
     started = time.monotonic()
     labels = label_names(cfg)
@@ -75,24 +92,42 @@ def run_federation(grid: Grid, cfg: FedPrivConfig, run_dir: Path, num_nodes: int
         },
         "status": "running",
     }
-    strategy = build_strategy(cfg.strategy, tracker, num_nodes)
-    train_config = ConfigRecord({protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: base_model_digest(model)})
+    digest = base_model_digest(model)
     if not cfg.privacy.enabled:
         tracker.printer("DP is OFF: this run gives NO differential privacy guarantee (baseline only).")
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.training.rounds,
-        timeout=cfg.strategy.round_timeout,
-        train_config=train_config,
-        evaluate_config=ConfigRecord({protocol.BASE_DIGEST: base_model_digest(model)}),
-        evaluate_fn=tracker.end_of_round,
-    )
+    if cfg.secure_aggregation.enabled:
+        shares, threshold = secagg_shares(cfg, num_nodes)
+        tracker.printer(f"secure aggregation (SecAgg+): {shares} shares, rounds need {threshold} organisations")
+        extra["secure_aggregation"] = {"num_shares": shares, "reconstruction_threshold": threshold}
+        final = run_secure_rounds(
+            grid,
+            context,
+            cfg=cfg,
+            tracker=tracker,
+            initial=initial,
+            fit_config={protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest},
+            num_nodes=num_nodes,
+            say=tracker.printer,
+        )
+    else:
+        final = (
+            build_strategy(cfg.strategy, tracker, num_nodes)
+            .start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=cfg.training.rounds,
+                timeout=cfg.strategy.round_timeout,
+                train_config=ConfigRecord({protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest}),
+                evaluate_config=ConfigRecord({protocol.BASE_DIGEST: digest}),
+                evaluate_fn=tracker.end_of_round,
+            )
+            .arrays
+        )
     trained = [record for record in tracker.rounds if record.trained_orgs]
     extra["status"] = "completed" if len(trained) == cfg.training.rounds else "incomplete"
     extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
-    if cfg.output.export_model and len(result.arrays) > 0:
-        load_trainable(model, result.arrays)
+    if cfg.output.export_model and len(final) > 0:
+        load_trainable(model, final)
         extra["model"]["export"] = export_model(model, build_tokenizer(cfg.model.name), run_dir / "model")
     extra["wall_time_s"] = round(time.monotonic() - started, 1)
     summary = build_summary(tracker, cfg.to_dict(), extra)
@@ -104,7 +139,10 @@ def _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra) -> No
     save_checkpoint(run_dir, server_round, arrays, keep_last=keep)
     write_summary(run_dir, build_summary(tracker, cfg.to_dict(), extra))
     write_metrics_csv(run_dir, tracker)
-    targets = {org: cfg.privacy.target_for(org)[0] for org in tracker.privacy}
+    # a deployment node reports its own target (its node.yaml); a simulated one the run config's
+    targets = {
+        org: report.get("target_epsilon") or cfg.privacy.target_for(org)[0] for org, report in tracker.privacy.items()
+    }
     write_plot(run_dir, tracker, targets)
 
 
@@ -117,9 +155,9 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or config_from_context(context)
-        folder = run_dir or new_run_dir(cfg.run.out_dir or "runs")
-        nodes = num_nodes or cfg.partitioning.num_orgs
-        run_federation(grid, cfg, Path(folder), nodes)
+        folder = run_dir or run_dir_for(cfg)
+        nodes = num_nodes or cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
+        run_federation(grid, context, cfg, Path(folder), nodes)
 
     return app
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
-from fedpriv.quiet import quiet_third_party_warnings
+from fedpriv.quiet import VERBOSE_ENV, quiet_third_party_warnings
 from privacy.calibration import PrivacyPlan
 from simulations.partitioning import PartitionPlan, plan_partitions
 
@@ -104,6 +104,7 @@ class NodeFailuresOnly(logging.Filter):
 
 def _quiet_logs(verbose: bool) -> None:
     if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # simulation workers inherit it: Flower's debug output stays on
         return
     flwr_logger = logging.getLogger("flwr")
     if not any(isinstance(f, NodeFailuresOnly) for f in flwr_logger.filters):

@@ -1,0 +1,457 @@
+"""``fedpriv federation up``: a whole deployment on one machine, from the kits, as real processes.
+
+For people who want to try the deployment path before involving other
+machines: the coordinator's ``start-superlink.sh`` and every organisation's
+``start-supernode.sh`` run as separate processes on 127.0.0.1 (TLS, enrolled
+node keys, each organisation's own node.yaml), the coordinator enrols the
+nodes with ``enroll-nodes.sh`` and starts the run with ``flwr run``, exactly
+as on three machines. Every process is started in its own session and its
+whole process group is stopped at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from fedpriv.errors import UserError
+from fedpriv.provisioning import ProvisioningError
+from fedpriv.provisioning.federation import CoordinatorConfig, FederationConfig, load_federation
+
+START_TIMEOUT_S = 60.0
+STOP_WAIT_S = 10.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FLOWER_LOG = re.compile(r"^(INFO|DEBUG|WARNING|ERROR)\s*:")
+
+
+class FederationUpError(UserError):
+    """The local federation could not be started or did not finish its run."""
+
+    exit_code = 1
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's commands: this interpreter's scripts first on PATH, offline, no telemetry."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def start_process(args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``args`` in a new session (its own process group), output to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def stop_process(proc: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
+    """SIGTERM the process group started by :func:`start_process`, then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; its group may still hold children (SuperExec, ClientApps): end them too
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+    try:
+        proc.wait(1)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group ``pgid`` is still running (zombies aside)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def tls_ready(port: int, cafile: Path, host: str = "127.0.0.1") -> bool:
+    """Whether a TLS handshake that trusts ``cafile`` succeeds on ``host:port``."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    try:
+        with socket.create_connection((host, port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return _ANSI.sub("", path.read_text(errors="replace"))[-chars:]
+    except OSError:
+        return ""
+
+
+def supernodes(coordinator_kit: Path, env: dict[str, str]) -> list[dict]:
+    """``flwr supernode list`` on the coordinator's connection (node id, status)."""
+    done = subprocess.run(
+        ["flwr", "supernode", "list", "--format", "json"],
+        env=dict(env, FLWR_HOME=str(coordinator_kit / "flwr-home")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    text = done.stdout
+    if done.returncode != 0 or "{" not in text:
+        raise FederationUpError(f"flwr supernode list failed ({done.returncode}): {_ANSI.sub('', text + done.stderr)}")
+    return json.loads(text[text.index("{") :]).get("nodes", [])
+
+
+def enrol(coordinator_kit: Path, org: str, env: dict[str, str]) -> str:
+    """Register ``org``'s key with ``enroll-nodes.sh ORG``; 'registered' or 'already registered'."""
+    done = subprocess.run(
+        ["sh", str(coordinator_kit / "enroll-nodes.sh"), org], env=env, capture_output=True, text=True, timeout=60
+    )
+    output = _ANSI.sub("", done.stdout + done.stderr)
+    if done.returncode == 0:
+        return "registered"
+    if "already in use" in output:  # Flower refuses a key twice: the SuperLink's database already has it
+        return "already registered"
+    raise FederationUpError(f"enroll-nodes.sh {org} failed ({done.returncode}):\n{output[-2000:]}")
+
+
+# --------------------------------------------------------------------------- the federation
+
+
+def local_federation(cfg: FederationConfig, port: int) -> FederationConfig:
+    """The same organisations, with the coordinator on 127.0.0.1:``port``."""
+    coordinator = CoordinatorConfig(
+        addresses=["127.0.0.1", "localhost"], port=port, bind_host="127.0.0.1", database="state/superlink.db"
+    )
+    return dataclasses.replace(cfg, coordinator=coordinator)
+
+
+def _absolute_data(cfg: FederationConfig, base: Path) -> FederationConfig:
+    """Data paths in FEDERATION.yaml relative to that file, as in a run config (node.yaml gets absolute ones)."""
+    orgs = []
+    for org in cfg.organisations:
+        data = org.data
+        for key in ("path", "test_path"):
+            value = getattr(data, key)
+            if value and not Path(value).is_absolute():
+                data = dataclasses.replace(data, **{key: str((base / value).resolve())})
+        orgs.append(dataclasses.replace(org, data=data))
+    return dataclasses.replace(cfg, organisations=orgs)
+
+
+def _check_kits_are_local(kits: Path, cfg: FederationConfig) -> None:
+    """Refuse to turn a real federation's kits into local ones (that would re-issue the SuperLink certificate)."""
+    from fedpriv.provisioning import pki
+
+    cert = kits / "coordinator" / "superlink.crt"
+    if cert.exists():
+        have = set(pki.san_strings(pki.load_cert(cert)))
+        if have != set(cfg.san_addresses):
+            raise FederationUpError(
+                f"--kits {kits}: holds the kits of a coordinator at {', '.join(sorted(have))}; `federation up` runs"
+                " everything on 127.0.0.1 and would re-issue its certificate: use another --kits folder"
+            )
+
+
+def _spent_state(cfg: FederationConfig, kits: Path) -> list[str]:
+    """Organisations whose node already holds privacy state from an earlier run (it never resets)."""
+    from privacy.accountant_state import ACCOUNTANT_FILE, PLAN_FILE
+
+    spent = []
+    for org in cfg.organisations:
+        folder = Path(org.state_dir) if Path(org.state_dir).is_absolute() else kits / org.name / org.state_dir
+        if (folder / ACCOUNTANT_FILE).exists() or (folder / PLAN_FILE).exists():
+            spent.append(f"{org.name} ({folder})")
+    return spent
+
+
+def infer_label_names(cfg: FederationConfig) -> list[str]:
+    """The sorted union of the organisations' classes (their files are on this machine)."""
+    from client.data_files import load_labelled_file
+
+    names: set[str] = set()
+    for org in cfg.organisations:
+        names.update(load_labelled_file(org.data.path, org.data).label_names)
+    return sorted(names)
+
+
+def write_run_config(path: Path, config_path: str | None, overrides: list[str]) -> Path:
+    """A TOML file for ``flwr run --run-config FILE`` with the app's two keys (no quoting limits, kept with the run)."""
+    lines = [
+        "# run config of this fedpriv run (flwr run --run-config THIS_FILE)",
+        f"config = {json.dumps(str(Path(config_path).resolve()) if config_path else '', ensure_ascii=False)}",
+        f"overrides = {json.dumps(shlex.join(overrides), ensure_ascii=False)}",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def app_dir() -> Path:
+    """The Flower app folder (the project root with ``[tool.flwr.app]`` in its pyproject.toml)."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not pyproject.exists() or "[tool.flwr.app]" not in pyproject.read_text(encoding="utf-8"):
+        raise FederationUpError(f"{root}: no pyproject.toml with [tool.flwr.app]; run from a checkout of fedpriv")
+    return root
+
+
+def _wait(what: str, ready: Callable[[], bool], procs: dict[str, tuple[subprocess.Popen, Path]], timeout: float):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for name, (proc, log) in procs.items():
+            if proc.poll() is not None:
+                raise FederationUpError(f"{name} exited with {proc.returncode} while {what}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {name}\n{tail(log, 1500)}" for name, (_, log) in procs.items())
+            raise FederationUpError(f"timed out after {timeout:.0f} s {what}\n{logs}")
+        time.sleep(0.5)
+
+
+def _show_line(line: str, verbose: bool) -> bool:
+    plain = _ANSI.sub("", line).rstrip()
+    if not plain.strip():
+        return False
+    if verbose:
+        return True
+    if _FLOWER_LOG.match(plain):
+        return not plain.startswith(("INFO", "DEBUG"))  # warnings and errors always
+    return not plain.startswith(("Loading project", "Successfully built", "🎊", "Using SuperLink"))
+
+
+@dataclass
+class UpResult:
+    run_dir: Path
+    summary: dict | None
+    returncode: int
+
+
+def federation_up(
+    federation_path: str | Path,
+    kits: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    rounds: int | None = None,
+    config_path: str | None = None,
+    out: str | Path | None = None,
+    run_timeout: float | None = None,
+    verbose: bool = False,
+    say: Callable[[str], None] = print,
+    processes: dict[str, subprocess.Popen] | None = None,
+) -> UpResult:
+    """Provision (if needed), start SuperLink + one SuperNode per organisation, enrol, run, stop everything.
+
+    ``processes`` (optional) receives every started process by name, for callers that check they were stopped.
+    """
+    from fedpriv.config import load_config
+    from fedpriv.provisioning.kits import provision
+
+    federation_path = Path(federation_path)
+    kits = Path(kits).resolve()
+    base = load_federation(federation_path)
+    cfg = local_federation(_absolute_data(base, federation_path.resolve().parent), free_port())
+    n = len(cfg.organisations)
+
+    overrides = list(overrides or [])
+    if rounds is not None:
+        overrides.append(f"training.rounds={rounds}")
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    if "data.labels.names" not in keys:
+        names = infer_label_names(cfg)
+        overrides.append(f"data.labels.names=[{', '.join(json.dumps(name) for name in names)}]")
+    if "strategy.min_available_nodes" not in keys:
+        overrides.append(f"strategy.min_available_nodes={n}")
+    run_dir = Path(out).resolve() if out else (Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    if (run_dir / "summary.json").exists():
+        raise FederationUpError(f"--out {run_dir}: already holds a run; choose a new folder")
+    overrides.append(f"run.out_dir={json.dumps(str(run_dir))}")
+    run_cfg = load_config(config_path, overrides)  # a config mistake stops here, before any process starts
+
+    _check_kits_are_local(kits, cfg)
+    spent = _spent_state(cfg, kits)
+    if spent and run_cfg.privacy.enabled:
+        raise FederationUpError(
+            "privacy state from an earlier run in " + ", ".join(spent) + ": a node never resets its accountant,"
+            " so it would refuse to train past its budget. Delete those folders for a fresh try-out"
+            " (never in a real federation), or use another --kits folder"
+        )
+    outcome = provision(cfg, kits)
+    created = sum(change.action == "created" for change in outcome.changes)
+    say(f"kits: {kits} ({'provisioned' if created else 'reused'}; coordinator 127.0.0.1:{cfg.coordinator.port})")
+
+    logs = run_dir / "logs"
+    co_kit = kits / "coordinator"
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    with ExitStack() as stack:
+        homes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedpriv-federation-")))
+
+        def stop_all() -> None:
+            for proc, _ in reversed(list(procs.values())):
+                stop_process(proc)
+
+        stack.callback(stop_all)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM stops the processes like Ctrl-C
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+            stack.callback(signal.signal, signal.SIGTERM, previous)
+
+        env = flower_env(homes / "cli")
+        log = logs / "superlink.log"
+        procs["superlink"] = (
+            start_process(["sh", str(co_kit / "start-superlink.sh")], log, flower_env(homes / "superlink"), cwd=co_kit),
+            log,
+        )
+        _wait(
+            "waiting for the SuperLink to accept TLS",
+            lambda: tls_ready(cfg.coordinator.port, co_kit / "ca.crt"),
+            procs,
+            START_TIMEOUT_S,
+        )
+        say(f"SuperLink up on 127.0.0.1:{cfg.coordinator.port} (TLS, SuperNode authentication); log {log}")
+        for org in cfg.organisations:
+            say(f"  enrolled {org.name}: {enrol(co_kit, org.name, env)}")
+        for org in cfg.organisations:
+            kit = kits / org.name
+            log = logs / f"{org.name}.log"
+            args = ["sh", str(kit / "start-supernode.sh"), "--port", str(free_port())]
+            procs[org.name] = (start_process(args, log, flower_env(homes / org.name), cwd=kit), log)
+        if processes is not None:
+            processes.update({name: proc for name, (proc, _) in procs.items()})
+
+        def all_online() -> bool:
+            return sum(node.get("status") == "online" for node in supernodes(co_kit, env)) >= n
+
+        _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
+        say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
+
+        run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
+        command = ["flwr", "run", str(app_dir()), cfg.federation, "--stream", "--run-config", str(run_config)]
+        say(f"$ FLWR_HOME={co_kit / 'flwr-home'} " + shlex.join(command))
+        run_log = logs / "flwr-run.log"
+        returncode = _stream(
+            command, dict(env, FLWR_HOME=str(co_kit / "flwr-home")), run_log, run_timeout, verbose, say
+        )
+
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
+    if summary is None:
+        say(f"no summary.json in {run_dir}: the run did not start or failed; see {logs}")
+        return UpResult(run_dir, None, returncode or 1)
+    from simulations.runner import final_report
+
+    say(final_report(summary))
+    say("every process stopped")
+    ok = returncode == 0 and summary.get("status") == "completed"
+    return UpResult(run_dir, summary, 0 if ok else 1)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stream(
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    timeout: float | None,
+    verbose: bool,
+    say: Callable[[str], None],
+) -> int:
+    """Run ``flwr run --stream``, showing fedpriv's progress lines (everything with ``verbose``), all into ``log``."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        import selectors
+
+        with log.open("a", encoding="utf-8") as handle, selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                if deadline is not None and time.monotonic() > deadline:
+                    say(f"flwr run: still running after {timeout:.0f} s; stopping everything")
+                    return 124
+                if not sel.select(timeout=1.0):
+                    continue
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                handle.write(_ANSI.sub("", line))
+                handle.flush()
+                if _show_line(line, verbose):
+                    say(_ANSI.sub("", line).rstrip())
+        return proc.wait()
+    finally:
+        stop_process(proc, wait_s=5)
+
+
+__all__ = [
+    "FederationUpError",
+    "ProvisioningError",
+    "federation_up",
+    "free_port",
+    "flower_env",
+    "group_alive",
+    "start_process",
+    "stop_process",
+    "supernodes",
+    "tls_ready",
+]

@@ -1,0 +1,133 @@
+"""Rounds with secure aggregation: Flower's SecAgg+ workflow around a legacy Flower strategy.
+
+Flower 1.41 offers SecAgg+ only through its legacy ``DefaultWorkflow``. This
+module keeps everything else as on the plain path: the same ClientApp (it
+speaks the legacy records too), the same ``RoundTracker`` (fed through small
+shims), the same round order (train, federated evaluate, end of round). A round
+that SecAgg+ abandons (too many dropouts) leaves the global model unchanged
+and Flower says nothing: it is detected here and reported as a round in which
+no organisation trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Context
+from flwr.common import ndarrays_to_parameters
+from flwr.serverapp import Grid
+
+from fedpriv import protocol
+from fedpriv.config import FedPrivConfig
+from fedpriv.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
+from server.round_tracker import RoundTracker
+
+
+def secagg_shares(cfg: FedPrivConfig, num_nodes: int) -> tuple[int, int]:
+    """(num_shares, reconstruction_threshold): by default every node, and two thirds of them."""
+    secagg = cfg.secure_aggregation
+    shares = secagg.num_shares or num_nodes
+    threshold = secagg.reconstruction_threshold or max(2, math.ceil(2 * shares / 3))
+    return shares, min(threshold, shares)
+
+
+def _legacy_strategy(cfg: FedPrivConfig, tracker: RoundTracker, initial: list, num_nodes: int, fit_config: dict):
+    from flwr.server.strategy import FedAdam, FedAvg, FedProx
+
+    def fit_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        contents = [legacy_fit_metrics_to_content(metrics) for _, metrics in results]
+        return dict(tracker.aggregate_train(contents, protocol.NUM_EXAMPLES))
+
+    def evaluate_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        contents = [legacy_evaluate_metrics_to_content(metrics) for _, metrics in results]
+        return dict(tracker.aggregate_evaluate(contents, protocol.NUM_EXAMPLES))
+
+    strat = cfg.strategy
+    common = dict(
+        fraction_fit=strat.fraction_train,
+        fraction_evaluate=strat.fraction_evaluate,
+        min_fit_clients=min(strat.min_train_nodes, num_nodes),
+        min_evaluate_clients=min(strat.min_evaluate_nodes, num_nodes),
+        min_available_clients=num_nodes,
+        initial_parameters=ndarrays_to_parameters(initial),
+        on_fit_config_fn=lambda rnd: {**fit_config, protocol.SERVER_ROUND: rnd},
+        on_evaluate_config_fn=lambda rnd: {
+            protocol.BASE_DIGEST: fit_config[protocol.BASE_DIGEST],
+            protocol.SERVER_ROUND: rnd,
+        },
+        fit_metrics_aggregation_fn=fit_metrics,
+        evaluate_metrics_aggregation_fn=evaluate_metrics,
+        accept_failures=True,
+    )
+    if strat.name == "fedprox":
+        return FedProx(proximal_mu=strat.proximal_mu, **common)
+    if strat.name == "fedadam":
+        opt = strat.fedadam
+        return FedAdam(eta=opt.eta, eta_l=opt.eta_l, beta_1=opt.beta_1, beta_2=opt.beta_2, tau=opt.tau, **common)
+    return FedAvg(**common)
+
+
+def _named(legacy: ArrayRecord, names: list[str], dtypes: dict[str, Any]) -> ArrayRecord:
+    """The legacy (unnamed, float64 after SecAgg+) parameters as our named trainable tensors."""
+    arrays = [array.numpy() for array in legacy.values()]
+    return ArrayRecord(
+        array_dict={name: Array(value.astype(dtypes[name])) for name, value in zip(names, arrays, strict=True)}
+    )
+
+
+def run_secure_rounds(
+    grid: Grid,
+    context: Context,
+    *,
+    cfg: FedPrivConfig,
+    tracker: RoundTracker,
+    initial: ArrayRecord,
+    fit_config: dict[str, Any],
+    num_nodes: int,
+    say: Callable[[str], None] = print,
+) -> ArrayRecord:
+    """Run every round with SecAgg+; returns the final global trainable weights."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+    from flwr.server.workflow.default_workflows import default_evaluate_workflow
+
+    names = list(initial.keys())
+    dtypes = {name: initial[name].numpy().dtype for name in names}
+    strategy = _legacy_strategy(cfg, tracker, [initial[name].numpy() for name in names], num_nodes, fit_config)
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=cfg.training.rounds, round_timeout=cfg.strategy.round_timeout),
+        strategy=strategy,
+    )
+    shares, threshold = secagg_shares(cfg, num_nodes)
+    secagg = SecAggPlusWorkflow(
+        num_shares=shares,
+        reconstruction_threshold=threshold,
+        clipping_range=cfg.secure_aggregation.clipping_range,
+        quantization_range=cfg.secure_aggregation.quantization_range,
+        max_weight=cfg.secure_aggregation.max_weight,
+        timeout=cfg.strategy.round_timeout,
+    )
+
+    def current_round(ctx: Context) -> int:
+        return int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+
+    def fit(grid_: Grid, ctx: Context) -> None:
+        before = ctx.state.array_records[MAIN_PARAMS_RECORD]
+        secagg(grid_, ctx)
+        if ctx.state.array_records[MAIN_PARAMS_RECORD] is before:
+            say(
+                f"[round {current_round(ctx)}/{cfg.training.rounds}]  secure aggregation halted: fewer than"
+                f" {threshold} organisations answered; this round did not change the model"
+            )
+
+    def evaluate_then_close(grid_: Grid, ctx: Context) -> None:
+        default_evaluate_workflow(grid_, ctx)
+        tracker.end_of_round(current_round(ctx), _named(ctx.state.array_records[MAIN_PARAMS_RECORD], names, dtypes))
+
+    tracker.end_of_round(0, initial)
+    DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_then_close)(grid, legacy)
+    return _named(legacy.state.array_records[MAIN_PARAMS_RECORD], names, dtypes)
