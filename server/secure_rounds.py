@@ -121,7 +121,8 @@ def run_secure_rounds(
         if ctx.state.array_records[MAIN_PARAMS_RECORD] is before:
             say(
                 f"[round {current_round(ctx)}/{cfg.training.rounds}]  secure aggregation halted: fewer than"
-                f" {threshold} organisations answered; this round did not change the model"
+                f" {threshold} organisations answered; this round did not change the model. Organisations that"
+                " trained in it still spent privacy: their own accountants hold it, this summary cannot"
             )
 
     def evaluate_then_close(grid_: Grid, ctx: Context) -> None:

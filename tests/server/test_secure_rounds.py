@@ -1,0 +1,87 @@
+"""SecAgg+ rounds with nodes that fail mid-round: survive down to the threshold, and never report a lost round."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fedpriv.config import load_config
+from server.secure_rounds import secagg_shares
+
+pytestmark = pytest.mark.integration
+
+# A ClientApp whose chosen nodes crash in their train handler (after SecAgg+ key setup), with the real ServerApp.
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from client.client_app import handle_evaluate, handle_train, secagg_when_requested
+    from fedpriv.config import load_config
+    from server.server_app import build_server_app
+    from simulations.runner import backend_config
+
+    out, failing = Path(sys.argv[1]), {int(p) for p in sys.argv[2].split(",") if p}
+    cfg = load_config(overrides=[
+        "model.name=tiny", "partitioning.num_orgs=4", "partitioning.scheme=iid", "data.max_examples=200",
+        "training.batch_size=16", "data.max_length=32", "training.rounds=1", "output.export_model=false",
+        "secure_aggregation.enabled=true", "secure_aggregation.max_weight=64", f"run.out_dir={out}",
+    ])
+    app = ClientApp()
+
+    @app.train(mods=[secagg_when_requested])
+    def train(msg, context):
+        if int(context.node_config["partition-id"]) in failing:
+            raise RuntimeError("simulated dropout")
+        return handle_train(cfg, msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return handle_evaluate(cfg, msg, context)
+
+    out.mkdir(parents=True)
+    run_simulation(server_app=build_server_app(cfg, out, 4), client_app=app, num_supernodes=4,
+                   backend_config=backend_config(cfg, verbose=False))
+    """
+)
+
+
+def _run(tmp_path: Path, failing: str) -> tuple[str, dict]:
+    script = tmp_path / "dropouts.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), failing], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "summary.json").read_text())
+
+
+def test_default_shares_and_threshold():
+    cfg = load_config(overrides=["secure_aggregation.enabled=true"])
+    assert secagg_shares(cfg, 4) == (4, 3)
+    assert secagg_shares(cfg, 10) == (10, 7)
+    cfg = load_config(overrides=["secure_aggregation.num_shares=5", "secure_aggregation.reconstruction_threshold=4"])
+    assert secagg_shares(cfg, 8) == (5, 4)
+
+
+def test_one_node_dropping_mid_round_does_not_stop_the_round(tmp_path):
+    _, summary = _run(tmp_path, "3")
+    assert summary["status"] == "completed"
+    assert summary["rounds"][0]["trained_orgs"] == ["org-0", "org-1", "org-2"]
+    assert set(summary["privacy"]) == {"org-0", "org-1", "org-2"}  # org-3 spent nothing it did not report
+
+
+def test_too_many_dropouts_halt_the_round_and_the_run_says_so(tmp_path):
+    stdout, summary = _run(tmp_path, "2,3")  # 2 survivors < threshold 3
+    assert "secure aggregation halted" in stdout and "NO organisation trained" in stdout
+    assert summary["status"] == "incomplete" and summary["rounds_without_training"] == [1]
+    assert summary["rounds"][0]["trained_orgs"] == []
