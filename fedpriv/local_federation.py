@@ -121,6 +121,21 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def processes_under(root: Path) -> list[str]:
+    """Live processes whose working directory is inside ``root`` ("pid: command")."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = os.readlink(proc / "cwd")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if state != "Z" and (cwd == str(root) or cwd.startswith(f"{root}/")):
+            found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
 def tls_ready(port: int, cafile: Path, host: str = "127.0.0.1") -> bool:
     """Whether a TLS handshake that trusts ``cafile`` succeeds on ``host:port``."""
     context = ssl.create_default_context(cafile=str(cafile))
@@ -340,6 +355,14 @@ def federation_up(
         def stop_all() -> None:
             for proc, _ in reversed(list(procs.values())):
                 stop_process(proc)
+            # Flower's SuperExec starts its own session and leaves when its parent (--parent-pid) has gone,
+            # taking the ServerApp / ClientApps with it: wait for that, they all run inside the kits folder
+            deadline = time.monotonic() + STOP_WAIT_S
+            while processes_under(kits) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            left = processes_under(kits)
+            if left:
+                say(f"warning: still running in {kits}: " + "; ".join(left))
 
         stack.callback(stop_all)
         if threading.current_thread() is threading.main_thread():  # SIGTERM stops the processes like Ctrl-C
@@ -450,6 +473,7 @@ __all__ = [
     "free_port",
     "flower_env",
     "group_alive",
+    "processes_under",
     "start_process",
     "stop_process",
     "supernodes",

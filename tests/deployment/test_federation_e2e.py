@@ -1,0 +1,277 @@
+"""A real deployment on 127.0.0.1: one flower-superlink and three flower-supernode processes from their kits.
+
+``fedpriv federation up`` provisions the kits, starts the SuperLink with the
+coordinator's start-superlink.sh, enrols the nodes with enroll-nodes.sh,
+starts every organisation's start-supernode.sh and runs ``flwr run`` (2
+rounds, tiny model, DP on, each organisation with its own data file and
+budget). Then the refusals, from what the processes do: a SuperNode without
+TLS, one trusting another CA and one with a key that was never enrolled never
+come online, next to an enrolled one that does.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from fedpriv.local_federation import (
+    flower_env,
+    free_port,
+    group_alive,
+    processes_under,
+    start_process,
+    stop_process,
+    supernodes,
+    tail,
+    tls_ready,
+)
+from fedpriv.protocol import NODE_CONFIG_FILE
+from fedpriv.provisioning import pki
+from fedpriv.provisioning.federation import load_federation
+from fedpriv.provisioning.kits import provision
+
+pytestmark = pytest.mark.integration
+
+TARGETS = {"clinic-a": 3.0, "clinic-b": 5.0, "clinic-c": 8.0}
+ROWS = {"clinic-a": 110, "clinic-b": 130, "clinic-c": 150}
+WORDS = {
+    "sports": "match goal team win league coach player score",
+    "politics": "vote election party minister law parliament policy campaign",
+    "tech": "software chip computer phone internet data code app",
+}
+FILLER = "the a of today new report said people week year more".split()
+RUN_TIMEOUT_S = 420
+REFUSAL_WINDOW_S = 20
+
+
+def _write_csv(path: Path, rows: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for _ in range(rows):
+            label = rng.choice(sorted(WORDS))
+            tokens = rng.sample(WORDS[label].split(), 4) + rng.sample(FILLER, 4)
+            rng.shuffle(tokens)
+            writer.writerow([" ".join(tokens), label])
+
+
+def _processes_under(root: Path, wait_s: float = 15.0) -> list[str]:
+    """Live processes working inside ``root`` (SuperLink, SuperNodes, SuperExecs, Server/ClientApps), after a grace."""
+    deadline = time.monotonic() + wait_s
+    while processes_under(root) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return processes_under(root)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("federation")
+    orgs = []
+    for seed, (name, target) in enumerate(TARGETS.items()):
+        _write_csv(root / f"{name}.csv", ROWS[name], seed)
+        orgs.append(
+            {"name": name, "device": "cpu", "privacy": {"target_epsilon": target}, "data": {"path": f"{name}.csv"}}
+        )
+    raw = {"federation": "e2e-fed", "coordinator": {"addresses": ["127.0.0.1"]}, "organisations": orgs}
+    path = root / "FEDERATION.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def finished_run(federation):
+    from fedpriv.local_federation import federation_up
+
+    root, path = federation
+    lines: list[str] = []
+    processes: dict[str, subprocess.Popen] = {}
+    started = time.monotonic()
+    result = federation_up(
+        path,
+        root / "kits",
+        rounds=2,
+        overrides=["model.name=tiny", "training.batch_size=32", "training.local_epochs=1"],
+        out=root / "run",
+        run_timeout=RUN_TIMEOUT_S,
+        say=lines.append,
+        processes=processes,
+    )
+    return {
+        "result": result,
+        "lines": lines,
+        "processes": processes,
+        "kits": root / "kits",
+        "seconds": time.monotonic() - started,
+    }
+
+
+def test_three_organisations_train_over_tls_each_within_its_own_budget(finished_run):
+    result, lines = finished_run["result"], finished_run["lines"]
+    output = "\n".join(lines)
+    assert result.returncode == 0, output + "\n" + tail(result.run_dir / "logs" / "flwr-run.log")
+    summary = result.summary
+    assert summary["status"] == "completed" and summary["dp_enabled"] is True
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["trained_orgs"] == sorted(TARGETS) for r in summary["rounds"])
+    assert "[round 2/2]" in output  # progress streamed from the ServerApp through `flwr run --stream`
+
+    for org, target in TARGETS.items():
+        report = summary["privacy"][org]
+        assert 0 < report["epsilon"] <= target, (org, report)
+        assert report["target_epsilon"] == target  # the node's own node.yaml, not the run config's 8.0
+        assert report["epsilon"] > 0.9 * target  # calibrated for the 2 planned rounds, both spent
+    # every node kept its accountant in its own kit, never in the coordinator's run folder
+    for org in TARGETS:
+        assert (finished_run["kits"] / org / "state" / "accountant.json").exists()
+    assert not (result.run_dir / "nodes").exists()
+
+    first = load_file(result.run_dir / "checkpoints" / "round-0001.safetensors")
+    second = load_file(result.run_dir / "checkpoints" / "round-0002.safetensors")
+    assert first.keys() == second.keys()
+    assert any((first[k] != second[k]).any() for k in first), "the global model did not change between rounds"
+    assert (result.run_dir / "model" / "merged").is_dir()
+    assert json.loads((result.run_dir / "summary.json").read_text())["run_dir"] == str(result.run_dir)
+
+
+def test_every_process_is_stopped_afterwards(finished_run):
+    processes = finished_run["processes"]
+    assert sorted(processes) == sorted(["superlink", *TARGETS])
+    for name, proc in processes.items():
+        assert proc.poll() is not None, name
+        assert not group_alive(proc.pid), f"{name}: processes of its group still running"
+    assert _processes_under(finished_run["kits"]) == []
+
+
+def test_a_second_run_on_the_same_kits_is_refused_before_starting_anything(federation, finished_run):
+    from fedpriv.local_federation import FederationUpError, federation_up
+
+    root, path = federation
+    with pytest.raises(FederationUpError, match="privacy state from an earlier run"):
+        federation_up(path, root / "kits", rounds=1, overrides=["model.name=tiny"], out=root / "run2", say=print)
+    assert _processes_under(root / "kits") == []
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def superlink(federation, finished_run):
+    """The same coordinator kit started again (its database still holds the three enrolled keys)."""
+    root, _ = federation
+    kits = finished_run["kits"]
+    co = kits / "coordinator"
+    port = int(load_federation_port(co))
+    env = flower_env(root / "refusals-home")
+    log = root / "refusals" / "superlink.log"
+    proc = start_process(["sh", str(co / "start-superlink.sh")], log, env, cwd=co)
+    try:
+        deadline = time.monotonic() + 60
+        while not tls_ready(port, co / "ca.crt"):
+            assert proc.poll() is None, tail(log)
+            assert time.monotonic() < deadline, tail(log)
+            time.sleep(0.5)
+        yield {"port": port, "kits": kits, "env": env, "root": root}
+    finally:
+        stop_process(proc)
+    assert not group_alive(proc.pid)
+    assert _processes_under(kits) == []
+
+
+def load_federation_port(coordinator_kit: Path) -> str:
+    script = (coordinator_kit / "start-superlink.sh").read_text()
+    return script.split("--port ", 1)[1].split()[0]
+
+
+def _supernode(superlink, name: str, *, key: Path | None, ca: Path | None, log: Path) -> subprocess.Popen:
+    kit = superlink["kits"] / name
+    args = [
+        "flower-supernode",
+        "--superlink",
+        f"127.0.0.1:{superlink['port']}",
+        "--port",
+        str(free_port()),
+        "--node-config",
+        f"{NODE_CONFIG_FILE}='{kit / 'node.yaml'}'",
+    ]
+    args += ["--auth-supernode-private-key", str(key)] if key is not None else []
+    args += ["--root-certificates", str(ca)] if ca is not None else ["--insecure"]
+    env = flower_env(superlink["root"] / "refusals" / f"home-{log.stem}")
+    return start_process(args, log, env, cwd=superlink["root"] / "refusals")
+
+
+def test_only_the_enrolled_tls_node_connects(superlink, federation):
+    root, _ = federation
+    kits = superlink["kits"]
+    other = root / "other-kits"
+    other_raw = {"federation": "other-fed", "coordinator": {"addresses": ["127.0.0.1"]}, "organisations": []}
+    other_raw["organisations"] = [{"name": "x", "data": {"path": "x.csv"}}]
+    other_file = root / "OTHER.yaml"
+    other_file.write_text(yaml.safe_dump(other_raw), encoding="utf-8")
+    provision(load_federation(other_file), other)
+    stranger = root / "refusals" / "stranger.key"
+    stranger.parent.mkdir(parents=True, exist_ok=True)
+    stranger.write_bytes(pki.ssh_private(pki.new_key()))
+    stranger.chmod(0o600)
+
+    names = ("good", "plaintext", "plaintext-with-key", "other-ca", "unenrolled")
+    logs = {name: root / "refusals" / f"{name}.log" for name in names}
+    nodes = {}
+    try:
+        # no TLS at all / no TLS with clinic-a's enrolled key / clinic-b's key trusting another CA / a key never
+        # registered; and, as a control, clinic-c's enrolled key with the federation's CA
+        nodes["plaintext"] = _supernode(superlink, "clinic-a", key=None, ca=None, log=logs["plaintext"])
+        nodes["plaintext-with-key"] = _supernode(
+            superlink, "clinic-a", key=kits / "clinic-a" / "node.key", ca=None, log=logs["plaintext-with-key"]
+        )
+        nodes["other-ca"] = _supernode(
+            superlink, "clinic-b", key=kits / "clinic-b" / "node.key", ca=other / "x" / "ca.crt", log=logs["other-ca"]
+        )
+        nodes["unenrolled"] = _supernode(
+            superlink, "clinic-c", key=stranger, ca=kits / "clinic-c" / "ca.crt", log=logs["unenrolled"]
+        )
+        nodes["good"] = _supernode(
+            superlink, "clinic-c", key=kits / "clinic-c" / "node.key", ca=kits / "clinic-c" / "ca.crt", log=logs["good"]
+        )
+        deadline = time.monotonic() + REFUSAL_WINDOW_S
+        online_seen = 0
+        while time.monotonic() < deadline:
+            online = [n for n in supernodes(kits / "coordinator", superlink["env"]) if n.get("status") == "online"]
+            online_seen = max(online_seen, len(online))
+            assert len(online) <= 1, f"a refused SuperNode came online: {online}\n" + "\n".join(
+                f"--- {k}\n{tail(v, 1500)}" for k, v in logs.items()
+            )
+            time.sleep(1)
+        assert online_seen == 1, "the enrolled SuperNode never came online:\n" + tail(logs["good"])
+        assert nodes["good"].poll() is None, tail(logs["good"])
+
+        def text(name: str) -> str:
+            return tail(logs[name], 20000)
+
+        # plaintext against the TLS port: Flower keeps retrying and never says TLS; it never gets in
+        assert nodes["plaintext"].poll() is None, text("plaintext")
+        assert "Connection attempt failed" in text("plaintext") or "retrying" in text("plaintext").lower()
+        # Flower refuses to send a node key over plaintext at all (it prints exit code 303)
+        assert nodes["plaintext-with-key"].wait(30) != 0
+        assert "Exit Code: 303" in text("plaintext-with-key")
+        # another CA: the handshake fails and the SuperNode gives up (printed exit code 305)
+        assert nodes["other-ca"].wait(30) != 0
+        assert "CERTIFICATE_VERIFY_FAILED" in text("other-ca") and "Exit Code: 305" in text("other-ca")
+        # a key the coordinator never registered: the SuperLink refuses to activate the node
+        assert nodes["unenrolled"].wait(30) != 0
+        assert "[code: 2004]" in text("unenrolled") and "Exit Code: 305" in text("unenrolled")
+        print({name: proc.returncode for name, proc in nodes.items()})
+    finally:
+        for proc in nodes.values():
+            stop_process(proc)
+    for name, proc in nodes.items():
+        assert not group_alive(proc.pid), name
+    assert _processes_under(root / "refusals") == []
