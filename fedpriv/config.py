@@ -379,10 +379,10 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
     if (
         secagg.num_shares is not None
         and secagg.reconstruction_threshold is not None
-        and secagg.reconstruction_threshold > secagg.num_shares
+        and secagg.reconstruction_threshold >= secagg.num_shares
     ):
         raise ConfigError(
-            f"config: secure_aggregation.reconstruction_threshold: expected <= num_shares ({secagg.num_shares}),"
+            f"config: secure_aggregation.reconstruction_threshold: expected < num_shares ({secagg.num_shares}),"
             f" got {secagg.reconstruction_threshold}"
         )
     if cfg.strategy.min_train_nodes > part.num_orgs:

@@ -326,6 +326,8 @@ def federation_up(
     if "data.labels.names" not in keys:
         names = infer_label_names(cfg)
         overrides.append(f"data.labels.names=[{', '.join(json.dumps(name) for name in names)}]")
+    if "secure_aggregation.enabled" not in keys and n >= 3:
+        overrides.insert(0, "secure_aggregation.enabled=true")  # on by default in deployment (needs 3 or more)
     if "strategy.min_available_nodes" not in keys:
         overrides.append(f"strategy.min_available_nodes={n}")
     run_dir = Path(out).resolve() if out else (Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()

@@ -21,16 +21,21 @@ from flwr.serverapp import Grid
 
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
+from fedpriv.errors import ConfigError
 from fedpriv.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
 from server.round_tracker import RoundTracker
 
 
 def secagg_shares(cfg: FedPrivConfig, num_nodes: int) -> tuple[int, int]:
-    """(num_shares, reconstruction_threshold): by default every node, and two thirds of them."""
+    """(num_shares, reconstruction_threshold): by default every node, and two thirds of them (fewer than all)."""
     secagg = cfg.secure_aggregation
     shares = secagg.num_shares or num_nodes
+    if shares < 3:
+        raise ConfigError(
+            f"config: secure_aggregation: SecAgg+ needs at least 3 organisations (num_shares > 2), got {shares}"
+        )
     threshold = secagg.reconstruction_threshold or max(2, math.ceil(2 * shares / 3))
-    return shares, min(threshold, shares)
+    return shares, min(threshold, shares - 1)
 
 
 def _legacy_strategy(cfg: FedPrivConfig, tracker: RoundTracker, initial: list, num_nodes: int, fit_config: dict):

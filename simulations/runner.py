@@ -40,6 +40,10 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     if cfg.privacy.enabled:
         for org in partitions.orgs:
             privacy[org.name] = org_privacy_plan(cfg, org.name, len(org.train))
+    if cfg.secure_aggregation.enabled:
+        from server.secure_rounds import secagg_shares
+
+        secagg_shares(cfg, len(partitions.orgs))  # SecAgg+'s own limits, before any training
     unknown = sorted(set(cfg.privacy.orgs) - {org.name for org in partitions.orgs})
     if unknown:
         names = ", ".join(org.name for org in partitions.orgs)

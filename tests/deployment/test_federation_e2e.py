@@ -3,8 +3,8 @@
 ``fedpriv federation up`` provisions the kits, starts the SuperLink with the
 coordinator's start-superlink.sh, enrols the nodes with enroll-nodes.sh,
 starts every organisation's start-supernode.sh and runs ``flwr run`` (2
-rounds, tiny model, DP on, each organisation with its own data file and
-budget). Then the refusals, from what the processes do: a SuperNode without
+rounds, tiny model, DP and SecAgg+ on, each organisation with its own data
+file and budget). Then the refusals, from what the processes do: a SuperNode without
 TLS, one trusting another CA and one with a key that was never enrolled never
 come online, next to an enrolled one that does.
 """
@@ -120,6 +120,8 @@ def test_three_organisations_train_over_tls_each_within_its_own_budget(finished_
     assert result.returncode == 0, output + "\n" + tail(result.run_dir / "logs" / "flwr-run.log")
     summary = result.summary
     assert summary["status"] == "completed" and summary["dp_enabled"] is True
+    # secure aggregation is on by default in deployment: the coordinator only ever unmasked sums
+    assert summary["secure_aggregation"] == {"num_shares": 3, "reconstruction_threshold": 2}
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["trained_orgs"] == sorted(TARGETS) for r in summary["rounds"])
     assert "[round 2/2]" in output  # progress streamed from the ServerApp through `flwr run --stream`

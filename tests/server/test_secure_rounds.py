@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedpriv.config import load_config
+from fedpriv.errors import ConfigError
 from server.secure_rounds import secagg_shares
 
 pytestmark = pytest.mark.integration
@@ -26,6 +27,7 @@ SCRIPT = textwrap.dedent(
 
     from client.client_app import handle_evaluate, handle_train, secagg_when_requested
     from fedpriv.config import load_config
+from fedpriv.errors import ConfigError
     from server.server_app import build_server_app
     from simulations.runner import backend_config
 
@@ -71,6 +73,11 @@ def test_default_shares_and_threshold():
     assert secagg_shares(cfg, 10) == (10, 7)
     cfg = load_config(overrides=["secure_aggregation.num_shares=5", "secure_aggregation.reconstruction_threshold=4"])
     assert secagg_shares(cfg, 8) == (5, 4)
+    assert secagg_shares(load_config(), 3) == (3, 2)  # Flower: threshold < num_shares
+    with pytest.raises(ConfigError, match="at least 3 organisations"):
+        secagg_shares(load_config(), 2)
+    with pytest.raises(ConfigError, match="expected < num_shares"):
+        load_config(overrides=["secure_aggregation.num_shares=4", "secure_aggregation.reconstruction_threshold=4"])
 
 
 def test_one_node_dropping_mid_round_does_not_stop_the_round(tmp_path):
