@@ -24,6 +24,7 @@ from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
 from fedpriv.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
 from server.round_tracker import RoundTracker
+from server.strategy import select_strategy
 
 
 def secagg_shares(cfg: FedPrivConfig, num_nodes: int) -> tuple[int, int]:
@@ -66,12 +67,7 @@ def _legacy_strategy(cfg: FedPrivConfig, tracker: RoundTracker, initial: list, n
         evaluate_metrics_aggregation_fn=evaluate_metrics,
         accept_failures=True,
     )
-    if strat.name == "fedprox":
-        return FedProx(proximal_mu=strat.proximal_mu, **common)
-    if strat.name == "fedadam":
-        opt = strat.fedadam
-        return FedAdam(eta=opt.eta, eta_l=opt.eta_l, beta_1=opt.beta_1, beta_2=opt.beta_2, tau=opt.tau, **common)
-    return FedAvg(**common)
+    return select_strategy(strat, FedAvg, FedProx, FedAdam, **common)
 
 
 def _named(legacy: ArrayRecord, names: list[str], dtypes: dict[str, Any]) -> ArrayRecord:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedpriv.config import StrategyConfig
@@ -19,9 +21,14 @@ def build_strategy(cfg: StrategyConfig, tracker: RoundTracker, num_nodes: int) -
         train_metrics_aggr_fn=tracker.aggregate_train,
         evaluate_metrics_aggr_fn=tracker.aggregate_evaluate,
     )
+    return select_strategy(cfg, FedAvg, FedProx, FedAdam, **common)
+
+
+def select_strategy(cfg: StrategyConfig, fedavg: type, fedprox: type, fedadam: type, **common: Any):
+    """The configured strategy from one family of Flower's classes (Message-API, or legacy for SecAgg+)."""
     if cfg.name == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+        return fedprox(proximal_mu=cfg.proximal_mu, **common)
     if cfg.name == "fedadam":
         opt = cfg.fedadam
-        return FedAdam(eta=opt.eta, eta_l=opt.eta_l, beta_1=opt.beta_1, beta_2=opt.beta_2, tau=opt.tau, **common)
-    return FedAvg(**common)
+        return fedadam(eta=opt.eta, eta_l=opt.eta_l, beta_1=opt.beta_1, beta_2=opt.beta_2, tau=opt.tau, **common)
+    return fedavg(**common)
