@@ -27,7 +27,6 @@ SCRIPT = textwrap.dedent(
 
     from client.client_app import handle_evaluate, handle_train, secagg_when_requested
     from fedpriv.config import load_config
-from fedpriv.errors import ConfigError
     from server.server_app import build_server_app
     from simulations.runner import backend_config
 
