@@ -138,7 +138,11 @@ def state_dir(node: LocalNode, run_dir: str) -> Path:
 
 
 def org_privacy_plan(
-    cfg: FedPrivConfig, org: str, num_train: int, target: tuple[float, float] | None = None
+    cfg: FedPrivConfig,
+    org: str,
+    num_train: int,
+    target: tuple[float, float] | None = None,
+    calibrate: bool = True,
 ) -> PrivacyPlan:
     """One organisation's DP plan; the same call on the node and in the pre-flight check.
 
@@ -156,6 +160,7 @@ def org_privacy_plan(
         delta=delta,
         max_grad_norm=cfg.privacy.max_grad_norm,
         accountant=cfg.privacy.accountant,
+        calibrate=calibrate,
     )
 
 

@@ -31,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedpriv.errors import UserError
+from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
 from fedpriv.provisioning.federation import CoordinatorConfig, FederationConfig, load_federation
 
@@ -147,6 +148,15 @@ def tls_ready(port: int, cafile: Path, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def tcp_ready(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (the plaintext baseline)."""
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 def tail(path: Path, chars: int = 3000) -> str:
     try:
         return _ANSI.sub("", path.read_text(errors="replace"))[-chars:]
@@ -154,11 +164,11 @@ def tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def supernodes(coordinator_kit: Path, env: dict[str, str]) -> list[dict]:
-    """``flwr supernode list`` on the coordinator's connection (node id, status)."""
+def supernodes(flwr_home: Path, env: dict[str, str]) -> list[dict]:
+    """``flwr supernode list`` on the connection configured in ``flwr_home`` (node id, status)."""
     done = subprocess.run(
         ["flwr", "supernode", "list", "--format", "json"],
-        env=dict(env, FLWR_HOME=str(coordinator_kit / "flwr-home")),
+        env=dict(env, FLWR_HOME=str(flwr_home)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -305,10 +315,13 @@ def federation_up(
     verbose: bool = False,
     say: Callable[[str], None] = print,
     processes: dict[str, subprocess.Popen] | None = None,
+    plaintext: bool = False,
 ) -> UpResult:
     """Provision (if needed), start SuperLink + one SuperNode per organisation, enrol, run, stop everything.
 
     ``processes`` (optional) receives every started process by name, for callers that check they were stopped.
+    ``plaintext`` is for benchmarks only (no CLI flag): the same processes without TLS and without node
+    authentication, the baseline that the cost of the secure transport is measured against.
     """
     from fedpriv.config import load_config
     from fedpriv.provisioning.kits import provision
@@ -372,41 +385,47 @@ def federation_up(
             stack.callback(signal.signal, signal.SIGTERM, previous)
 
         env = flower_env(homes / "cli")
+        port = cfg.coordinator.port
         log = logs / "superlink.log"
-        procs["superlink"] = (
-            start_process(["sh", str(co_kit / "start-superlink.sh")], log, flower_env(homes / "superlink"), cwd=co_kit),
-            log,
-        )
-        _wait(
-            "waiting for the SuperLink to accept TLS",
-            lambda: tls_ready(cfg.coordinator.port, co_kit / "ca.crt"),
-            procs,
-            START_TIMEOUT_S,
-        )
-        say(f"SuperLink up on 127.0.0.1:{cfg.coordinator.port} (TLS, SuperNode authentication); log {log}")
-        for org in cfg.organisations:
-            say(f"  enrolled {org.name}: {enrol(co_kit, org.name, env)}")
+        if plaintext:
+            cli_home = _plaintext_cli_home(homes / "cli-plaintext", cfg.federation, port)
+            args = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+            args += ["--database", str(homes / "superlink.db")]
+            ready, transport = (lambda: tcp_ready(port)), "PLAINTEXT, no node authentication (benchmark baseline)"
+        else:
+            cli_home = co_kit / "flwr-home"
+            args = ["sh", str(co_kit / "start-superlink.sh")]
+            ready, transport = (lambda: tls_ready(port, co_kit / "ca.crt")), "TLS, SuperNode authentication"
+        procs["superlink"] = (start_process(args, log, flower_env(homes / "superlink"), cwd=co_kit), log)
+        _wait("waiting for the SuperLink to accept connections", ready, procs, START_TIMEOUT_S)
+        say(f"SuperLink up on 127.0.0.1:{port} ({transport}); log {log}")
+        if not plaintext:
+            for org in cfg.organisations:
+                say(f"  enrolled {org.name}: {enrol(co_kit, org.name, env)}")
         for org in cfg.organisations:
             kit = kits / org.name
             log = logs / f"{org.name}.log"
-            args = ["sh", str(kit / "start-supernode.sh"), "--port", str(free_port())]
+            if plaintext:
+                args = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}"]
+                args += ["--node-config", f"{NODE_CONFIG_FILE}='{kit / 'node.yaml'}'"]
+            else:
+                args = ["sh", str(kit / "start-supernode.sh")]
+            args += ["--port", str(free_port())]
             procs[org.name] = (start_process(args, log, flower_env(homes / org.name), cwd=kit), log)
         if processes is not None:
             processes.update({name: proc for name, (proc, _) in procs.items()})
 
         def all_online() -> bool:
-            return sum(node.get("status") == "online" for node in supernodes(co_kit, env)) >= n
+            return sum(node.get("status") == "online" for node in supernodes(cli_home, env)) >= n
 
         _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
         say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
 
         run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
         command = ["flwr", "run", str(app_dir()), cfg.federation, "--stream", "--run-config", str(run_config)]
-        say(f"$ FLWR_HOME={co_kit / 'flwr-home'} " + shlex.join(command))
+        say(f"$ FLWR_HOME={cli_home} " + shlex.join(command))
         run_log = logs / "flwr-run.log"
-        returncode = _stream(
-            command, dict(env, FLWR_HOME=str(co_kit / "flwr-home")), run_log, run_timeout, verbose, say
-        )
+        returncode = _stream(command, dict(env, FLWR_HOME=str(cli_home)), run_log, run_timeout, verbose, say)
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
@@ -419,6 +438,17 @@ def federation_up(
     say("every process stopped")
     ok = returncode == 0 and summary.get("status") == "completed"
     return UpResult(run_dir, summary, 0 if ok else 1)
+
+
+def _plaintext_cli_home(home: Path, federation: str, port: int) -> Path:
+    """A FLWR_HOME whose connection to the plaintext SuperLink is ``insecure = true``."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{federation}"\n\n[superlink."{federation}"]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    return home
 
 
 def _raise_interrupt(signum, frame) -> None:

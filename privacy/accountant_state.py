@@ -53,6 +53,11 @@ class NodePrivacy:
         self.plan = plan
         self.accountant = accountant
 
+    @staticmethod
+    def has_plan(state_dir: Path) -> bool:
+        """Whether ``state_dir`` already holds the organisation's plan (then ``open`` needs no calibrated one)."""
+        return (Path(state_dir) / PLAN_FILE).exists()
+
     @classmethod
     def open(cls, state_dir: Path, plan: PrivacyPlan) -> NodePrivacy:
         """Reuse the stored plan and accountant in ``state_dir`` if any, else start from ``plan``."""
@@ -75,6 +80,8 @@ class NodePrivacy:
                     " restore the original privacy settings or start a new run with a fresh state directory"
                 )
             plan = stored
+        elif math.isnan(plan.noise_multiplier):
+            raise ValueError("NodePrivacy.open: an uncalibrated plan needs a stored plan (see has_plan)")
         else:
             _write_json_atomic(plan_path, plan.to_dict())
 

@@ -246,7 +246,11 @@ def test_only_the_enrolled_tls_node_connects(superlink, federation):
         deadline = time.monotonic() + REFUSAL_WINDOW_S
         online_seen = 0
         while time.monotonic() < deadline:
-            online = [n for n in supernodes(kits / "coordinator", superlink["env"]) if n.get("status") == "online"]
+            online = [
+                n
+                for n in supernodes(kits / "coordinator" / "flwr-home", superlink["env"])
+                if n.get("status") == "online"
+            ]
             online_seen = max(online_seen, len(online))
             assert len(online) <= 1, f"a refused SuperNode came online: {online}\n" + "\n".join(
                 f"--- {k}\n{tail(v, 1500)}" for k, v in logs.items()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -176,3 +178,42 @@ def test_data_loader_must_match_the_plan(tmp_path):
     loader = DataLoader(TensorDataset(torch.randn(N, 5)), batch_size=BATCH * 2)
     with pytest.raises(PrivacyError, match="sampling rate"):
         node.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+
+
+def _uncalibrated(**kw):
+    args = dict(
+        org="org-1",
+        num_examples=N,
+        batch_size=BATCH,
+        local_epochs=LOCAL_EPOCHS,
+        rounds=ROUNDS,
+        target_epsilon=2.0,
+        delta=1e-3,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
+    args.update(kw)
+    return plan_privacy(calibrate=False, **args)
+
+
+def test_later_rounds_reopen_without_calibrating(tmp_path):
+    plan = _plan()
+    assert not NodePrivacy.has_plan(tmp_path)
+    with pytest.raises(ValueError, match="uncalibrated"):
+        NodePrivacy.open(tmp_path, _uncalibrated())  # the first start must calibrate
+    first = NodePrivacy.open(tmp_path, plan)
+    _step_one_round(first)
+    first.save()
+    assert NodePrivacy.has_plan(tmp_path)
+    reopened = NodePrivacy.open(tmp_path, _uncalibrated())
+    assert reopened.plan == plan and reopened.steps == first.steps
+    with pytest.raises(PrivacyError, match="fixed for the run"):  # the settings are still checked
+        NodePrivacy.open(tmp_path, _uncalibrated(batch_size=BATCH * 2))
+
+
+def test_an_uncalibrated_plan_differs_only_in_its_noise(tmp_path):
+    plan, quick = _plan(), _uncalibrated()
+    assert math.isnan(quick.noise_multiplier)
+    assert dataclasses.replace(quick, noise_multiplier=plan.noise_multiplier) == plan
+    with pytest.raises(PrivacyError, match="delta"):  # the settings are validated all the same
+        _uncalibrated(delta=0.5)

@@ -1,0 +1,195 @@
+"""What TLS + SecAgg+ cost per round, against the same round in plaintext, with real processes.
+
+Builds a federation of N organisations, each with its own CSV of BBC News
+articles, and runs it with ``fedpriv federation up`` twice per update kind:
+once as deployed (TLS, SuperNode authentication, SecAgg+) and once as the
+plaintext baseline (no TLS, no node authentication, plain FedAvg). Everything
+else is equal: the model, DP-SGD, the data, the rounds. Round wall times come
+from each run's summary.json; ``FEDPRIV_STAGE_TIMINGS`` makes every ClientApp
+message report how long its process took to start and where the handler's
+time went, which shows what a SecAgg+ round pays for.
+
+    python benchmarks/secure_round_overhead.py                       # 10 nodes, LoRA and full model
+    python benchmarks/secure_round_overhead.py nodes=4 rounds=2 updates=lora model=tiny out=/tmp/overhead
+
+Prints progress, then a Markdown table; writes the raw numbers to OUT/overhead.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+DEFAULTS = {
+    "nodes": 10, "rounds": 3, "examples": 40, "updates": "lora,full", "model": "minilm",
+    "batch": 16, "max_length": 64, "out": "",
+}  # fmt: skip
+MODES = ("secure", "plaintext")
+
+
+def parse(argv: list[str]) -> dict:
+    args = dict(DEFAULTS)
+    for item in argv:
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS:
+            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
+        args[key] = int(value) if isinstance(DEFAULTS[key], int) else value
+    return args
+
+
+def write_federation(root: Path, nodes: int, examples: int) -> Path:
+    """N organisations, each with ``examples`` distinct BBC News articles of its own (IID)."""
+    from simulations.corpora import load_bbc_news
+
+    texts, labels = load_bbc_news()
+    order = list(range(len(texts)))
+    random.Random(0).shuffle(order)
+    if nodes * examples > len(order):
+        raise SystemExit(f"{nodes} x {examples} examples: the corpus has {len(order)}")
+    orgs = []
+    for index in range(nodes):
+        name = f"org-{index:02d}"
+        with (root / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for row in order[index * examples : (index + 1) * examples]:
+                writer.writerow([texts[row], labels[row]])
+        orgs.append(
+            {"name": name, "device": "cpu", "privacy": {"target_epsilon": 8.0}, "data": {"path": f"{name}.csv"}}
+        )
+    path = root / "FEDERATION.yaml"
+    federation = {"federation": "overhead-bench", "coordinator": {"addresses": ["127.0.0.1"]}, "organisations": orgs}
+    path.write_text(yaml.safe_dump(federation, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def round_times(summary: dict) -> list[float]:
+    elapsed = [0.0] + [float(r["elapsed_s"]) for r in summary["rounds"]]
+    return [round(b - a, 2) for a, b in zip(elapsed, elapsed[1:], strict=False)]
+
+
+def stage_table(path: Path) -> dict[str, dict]:
+    """Per message kind: count, median process start-up, median handler time and its phases."""
+    by_stage: dict[str, list[dict]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            by_stage.setdefault(entry["stage"], []).append(entry)
+    table = {}
+    for stage, entries in sorted(by_stage.items()):
+        phases = sorted({name for e in entries for name in e["phases"]})
+        table[stage] = {
+            "messages": len(entries),
+            "startup_s": round(statistics.median(e["started_after_s"] for e in entries), 2),
+            "handler_s": round(statistics.median(e["handler_s"] for e in entries), 2),
+            "phases_s": {p: round(statistics.median(e["phases"].get(p, 0.0) for e in entries), 2) for p in phases},
+        }
+    return table
+
+
+def run_one(root: Path, federation: Path, args: dict, update: str, mode: str) -> dict:
+    from fedpriv.local_federation import federation_up
+
+    label = f"{update}/{mode}"
+    timings = root / f"stages-{update}-{mode}.jsonl"
+    overrides = [
+        f"model.name={args['model']}",
+        f"model.finetuning={update}",
+        "training.local_epochs=1",
+        f"training.batch_size={args['batch']}",
+        f"data.max_length={args['max_length']}",
+        f"secure_aggregation.enabled={'true' if mode == 'secure' else 'false'}",
+        "output.export_model=false",
+    ]
+    if update == "full":
+        overrides.append("privacy.grad_sample_mode=ghost")  # per-sample gradients of 22M parameters x 10 nodes
+    os.environ["FEDPRIV_STAGE_TIMINGS"] = str(timings)  # inherited by every SuperNode's ClientApp processes
+    started = time.monotonic()
+    try:
+        result = federation_up(
+            federation,
+            root / f"kits-{update}-{mode}",
+            rounds=args["rounds"],
+            overrides=overrides,
+            out=root / f"run-{update}-{mode}",
+            run_timeout=3600,
+            plaintext=mode == "plaintext",
+            say=lambda line: print(f"  [{label}] {line}", flush=True),
+        )
+    finally:
+        os.environ.pop("FEDPRIV_STAGE_TIMINGS", None)
+    if result.summary is None or result.returncode != 0:
+        raise SystemExit(f"{label}: the run failed (exit {result.returncode}); logs in {result.run_dir / 'logs'}")
+    summary = result.summary
+    rounds = round_times(summary)
+    return {
+        "update": update,
+        "mode": mode,
+        "trainable_parameters": summary["model"]["trainable_parameters"],
+        "upload_bytes_per_round": summary["model"]["upload_bytes_per_round"],
+        "round_s": rounds,
+        "median_round_s": round(statistics.median(rounds), 2),
+        "total_s": round(time.monotonic() - started, 1),
+        "final_accuracy": summary["final"]["accuracy"],
+        "trained_orgs_per_round": [len(r["trained_orgs"]) for r in summary["rounds"]],
+        "stages": stage_table(timings),
+    }
+
+
+def markdown(results: list[dict], args: dict) -> str:
+    lines = [
+        "| update | trainable parameters | plaintext s/round | TLS + SecAgg+ s/round | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for update in dict.fromkeys(r["update"] for r in results):
+        by_mode = {r["mode"]: r for r in results if r["update"] == update}
+        plain, secure = by_mode.get("plaintext"), by_mode.get("secure")
+        if not plain or not secure:
+            continue
+        ratio = secure["median_round_s"] / plain["median_round_s"]
+        lines.append(
+            f"| {update} | {secure['trainable_parameters']:,} | {plain['round_s']} (median {plain['median_round_s']})"
+            f" | {secure['round_s']} (median {secure['median_round_s']}) | {ratio:.2f} |"
+        )
+    lines += [
+        "",
+        "| run | message | messages | process start-up s | handler s | handler phases s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for stage, row in r["stages"].items():
+            phases = ", ".join(f"{k} {v}" for k, v in row["phases_s"].items()) or "-"
+            lines.append(
+                f"| {r['update']}/{r['mode']} | {stage} | {row['messages']} | {row['startup_s']} | {row['handler_s']}"
+                f" | {phases} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> list[dict]:
+    args = parse(argv)
+    out = Path(args["out"]) if args["out"] else Path(tempfile.mkdtemp(prefix="fedpriv-overhead-"))
+    out.mkdir(parents=True, exist_ok=True)
+    federation = write_federation(out, args["nodes"], args["examples"])
+    print(f"{args['nodes']} organisations x {args['examples']} articles; {args['rounds']} rounds per run; in {out}")
+    results = []
+    for update in args["updates"].split(","):
+        for mode in MODES:
+            results.append(run_one(out, federation, args, update, mode))
+            (out / "overhead.json").write_text(json.dumps({"settings": args, "results": results}, indent=2))
+    print(markdown(results, args))
+    print(f"raw numbers: {out / 'overhead.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,77 @@
+"""Where a ClientApp message's time goes, for benchmarks (off unless ``FEDPRIV_STAGE_TIMINGS`` names a file).
+
+Under a SuperNode every message runs in a fresh ``flwr-clientapp`` process, so
+a round with SecAgg+ (four train messages and one evaluate message per node)
+pays process start-up five times. With the variable set, each message appends
+one JSON line: the message kind (the SecAgg+ stage for the workflow's
+messages), how long the process had been alive when the handler was entered
+(interpreter, Flower and app imports), how long the handler took, and the named
+phases inside it (``phase("model")``...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ENV_VAR = "FEDPRIV_STAGE_TIMINGS"
+_phases: dict[str, float] = {}
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV_VAR))
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0.0 where unavailable)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Time a named part of the handler (added up if entered twice)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _phases[name] = _phases.get(name, 0.0) + time.perf_counter() - started
+
+
+def _stage(msg) -> str:
+    configs = msg.content.config_records.get("secaggplus_configs")
+    if configs is not None and "stage" in configs:
+        return f"secagg:{configs['stage']}"
+    return str(msg.metadata.message_type)
+
+
+def stage_timings(msg, context, call_next):
+    """ClientApp mod: one JSON line per message into the file ``FEDPRIV_STAGE_TIMINGS`` names."""
+    path = os.environ.get(ENV_VAR)
+    if not path:
+        return call_next(msg, context)
+    entry = {
+        "node_id": int(context.node_id),
+        "round": msg.metadata.group_id,
+        "stage": _stage(msg),
+        "pid": os.getpid(),
+        "started_after_s": round(process_age_s(), 3),
+    }
+    _phases.clear()
+    started = time.perf_counter()
+    try:
+        return call_next(msg, context)
+    finally:
+        entry["handler_s"] = round(time.perf_counter() - started, 3)
+        entry["phases"] = {name: round(value, 3) for name, value in _phases.items()}
+        line = json.dumps(entry) + "\n"
+        with open(path, "a", encoding="utf-8") as handle:  # one short append per message: lines do not interleave
+            handle.write(line)

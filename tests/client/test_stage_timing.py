@@ -1,0 +1,62 @@
+"""The ClientApp's per-message timings (benchmarks) and its light import (every message is a new process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client import stage_timing
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What Flower's runtime sets in a process before messages are created."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 7), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _message(config: dict | None = None) -> Message:
+    content = RecordDict({"secaggplus_configs": ConfigRecord(config)} if config else {})
+    return Message(content, dst_node_id=7, message_type="train", group_id="3")
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_the_client_app_module_imports_without_torch():
+    code = "import sys, client.client_app; print(sorted(m for m in ('torch', 'transformers', 'opacus') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_no_file_is_written_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv(stage_timing.ENV_VAR, raising=False)
+    reply = stage_timing.stage_timings(_message(), _context(), lambda msg, ctx: "reply")
+    assert reply == "reply" and list(tmp_path.iterdir()) == []
+
+
+def test_each_message_appends_its_stage_startup_and_phases(tmp_path, monkeypatch):
+    path = tmp_path / "stages.jsonl"
+    monkeypatch.setenv(stage_timing.ENV_VAR, str(path))
+
+    def handler(msg, ctx):
+        with stage_timing.phase("model"):
+            pass
+        with stage_timing.phase("train"):
+            pass
+        return "reply"
+
+    assert stage_timing.stage_timings(_message({"stage": "share_keys"}), _context(), handler) == "reply"
+    assert stage_timing.stage_timings(_message(), _context(), lambda msg, ctx: "reply") == "reply"
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert first["stage"] == "secagg:share_keys" and second["stage"] == "train"
+    assert first["node_id"] == 7 and first["round"] == "3"
+    assert set(first["phases"]) == {"model", "train"} and second["phases"] == {}
+    assert 0 < first["started_after_s"] < 36_000 and first["handler_s"] >= 0
