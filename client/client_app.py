@@ -11,6 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.stage_timing import phase, stage_timings
+from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from fedpriv.legacy_messages import (
     evaluate_reply_to_legacy,
@@ -35,6 +36,12 @@ def handle_train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
         with phase("setup"):
             names = task.node_trainable_names(cfg, context)
         content = task.train_content(cfg, legacy_fit_to_content(msg.content, names), context)
+        if protocol.REFUSAL in content:
+            # SecAgg+ has no way to say "no" inside a round: the node drops out of it. Its refusal is in its
+            # ledger and reaches the coordinator with its next evaluate reply.
+            raise task.NodeSetupError(
+                f"organisation '{content[protocol.REFUSAL]['org']}' refuses to train: {content[protocol.REFUSAL]['reason']}"
+            )
         reply = fit_reply_to_legacy(content, names)
     else:
         reply = task.train_content(cfg, msg.content, context)

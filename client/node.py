@@ -40,8 +40,10 @@ class LocalNode:
     pad_token_id: int
     target_epsilon: float
     delta: float
+    max_epsilon: float  # the hard budget: rounds that would pass it are refused
     device: str
     state_dir: Path | None  # None in simulation: <run-dir>/nodes/<org>
+    ledger_key: Path | None  # the kit's Ed25519 ledger key; None in simulation (<state_dir>/ledger.key, made once)
 
 
 _NODES: dict[tuple[str, object], LocalNode] = {}
@@ -72,8 +74,10 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         pad_token_id=tokenizer.pad_token_id,
         target_epsilon=target_epsilon,
         delta=delta,
+        max_epsilon=cfg.privacy.budget_for(org.name),
         device=cfg.training.device,
         state_dir=None,
+        ledger_key=None,
     )
 
 
@@ -111,8 +115,10 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
         pad_token_id=tokenizer.pad_token_id,
         target_epsilon=node.privacy.target_epsilon,
         delta=node.privacy.delta,
+        max_epsilon=node.privacy.budget,
         device=node.device,
         state_dir=Path(node.state_dir),
+        ledger_key=Path(node.ledger_key),
     )
 
 

@@ -60,6 +60,7 @@ def stage_timings(msg, context, call_next):
         return call_next(msg, context)
     entry = {
         "node_id": int(context.node_id),
+        "node_config": {key: str(value) for key, value in context.node_config.items()},
         "round": msg.metadata.group_id,
         "stage": _stage(msg),
         "pid": os.getpid(),

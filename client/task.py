@@ -10,24 +10,16 @@ from __future__ import annotations
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
+from client.budget import NodeBudget, round_steps
 from client.device import resolve_device
 from client.evaluation import evaluate
-from client.node import (
-    LocalNode,
-    NodeSetupError,
-    fresh_model,
-    local_node,
-    org_privacy_plan,
-    state_dir,
-    trainable_names,
-)
+from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_names
 from client.stage_timing import phase
 from client.training import train_locally
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from privacy.accountant_state import NodePrivacy
-from privacy.calibration import dp_steps_per_epoch
-from shared_models.weights import load_trainable, trainable_arrays
+from shared_models.weights import arrays_digest, load_trainable, trainable_arrays
 
 
 def prepare(cfg: FedPrivConfig, content: RecordDict, context: Context) -> tuple[LocalNode, torch.nn.Module]:
@@ -48,33 +40,38 @@ def prepare(cfg: FedPrivConfig, content: RecordDict, context: Context) -> tuple[
 
 
 def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> RecordDict:
+    """Train with DP and record the round in the node's ledger, or refuse (recorded too) when over budget."""
     node, model = prepare(cfg, content, context)
     server_config = content[protocol.CONFIG]
     server_round = int(server_config[protocol.SERVER_ROUND])
+    heads = server_config.get(protocol.LEDGER_HEADS)
     device = resolve_device(node.device)
-    privacy = None
+    budget = None
     if cfg.privacy.enabled:
         folder = state_dir(node, str(server_config.get(protocol.RUN_DIR, "")))
         with phase("privacy"):
-            # Calibrated once, in the node's first round; later rounds check the settings against the stored plan.
-            plan = org_privacy_plan(
-                cfg,
-                node.org,
-                len(node.train),
-                target=(node.target_epsilon, node.delta),
-                calibrate=not NodePrivacy.has_plan(folder),
+            budget = NodeBudget.open(cfg, node, folder)
+            # the steps this round will really take, whatever the server asks (more local epochs, more rounds)
+            refusal = budget.check(server_round, round_steps(cfg, len(node.train)))
+        if refusal is not None:
+            budget.record_refusal(refusal)
+            return RecordDict(
+                {
+                    protocol.REFUSAL: ConfigRecord(
+                        {
+                            "org": node.org,
+                            "reason": refusal.reason,
+                            "epsilon": refusal.epsilon,
+                            "epsilon-if-trained": refusal.epsilon_if_trained,
+                            "max-epsilon": refusal.max_epsilon,
+                        }
+                    ),
+                    protocol.LEDGER: budget.report(cfg, heads),
+                    protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 0}),
+                }
             )
-            privacy = NodePrivacy.open(folder, plan)
-        # The steps this round will really take (the server may ask for more local epochs than planned).
-        steps = cfg.training.local_epochs * dp_steps_per_epoch(len(node.train), cfg.training.batch_size)
-        with phase("privacy"):
-            after = privacy.epsilon_after(steps)
-        if after > privacy.plan.target_epsilon:
-            # Never spend past the budget, whatever the server asks.
-            raise NodeSetupError(
-                f"organisation '{node.org}' refuses round {server_round}: epsilon would reach {after:.4f},"
-                f" above its target {privacy.plan.target_epsilon} (planned {privacy.plan.planned_rounds} rounds)"
-            )
+        steps_before = budget.privacy.steps
+    model_digest = arrays_digest(content[protocol.ARRAYS])
     with phase("train"):
         result = train_locally(
             model,
@@ -82,17 +79,18 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             cfg=cfg.training,
             pad_token_id=node.pad_token_id,
             device=device,
-            privacy=privacy,
+            privacy=None if budget is None else budget.privacy,
             grad_sample_mode=cfg.privacy.grad_sample_mode,
             proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
             seed=cfg.run.seed * 100_003 + server_round,
         )
-    if privacy is not None:
-        privacy.save()
-        report = privacy.report()
+    records = {}
+    if budget is not None:
+        budget.record_round(server_round, steps_before, model_digest)
+        report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
+        records[protocol.LEDGER] = budget.report(cfg, heads)
     else:
-        report = {"dp_enabled": False}
-    report = {"org": node.org, "dp_enabled": privacy is not None, **report}
+        report = {"org": node.org, "dp_enabled": False}
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: len(node.train),
@@ -105,8 +103,23 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             protocol.ARRAYS: trainable_arrays(model),
             protocol.METRICS: metrics,
             protocol.PRIVACY: ConfigRecord(report),
+            **records,
         }
     )
+
+
+def ledger_report(cfg: FedPrivConfig, content: RecordDict, context: Context) -> ConfigRecord | None:
+    """The LEDGER record for an evaluate reply (entries a lost train reply did not deliver, and the outlook)."""
+    if not cfg.privacy.enabled:
+        return None
+    node = local_node(cfg, context)
+    server_config = content[protocol.CONFIG]
+    folder = state_dir(node, str(server_config.get(protocol.RUN_DIR, "")))
+    if not NodePrivacy.has_plan(folder):
+        return None  # never trained: nothing spent, nothing to report
+    with phase("privacy"):
+        budget = NodeBudget.open(cfg, node, folder, calibrate=False)
+        return budget.report(cfg, server_config.get(protocol.LEDGER_HEADS))
 
 
 def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> RecordDict:
@@ -129,7 +142,11 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
         values[protocol.class_count_key("tp", index)] = counts.true_positive[index]
         values[protocol.class_count_key("fp", index)] = counts.false_positive[index]
         values[protocol.class_count_key("fn", index)] = counts.false_negative[index]
-    return RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: ConfigRecord({"name": node.org})})
+    reply = RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: ConfigRecord({"name": node.org})})
+    ledger = ledger_report(cfg, content, context)
+    if ledger is not None:
+        reply[protocol.LEDGER] = ledger
+    return reply
 
 
 def node_trainable_names(cfg: FedPrivConfig, context: Context) -> list[str]:

@@ -150,10 +150,11 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class OrgPrivacyConfig:
-    """Per-organisation override of the privacy target."""
+    """Per-organisation override of the privacy target and budget."""
 
     target_epsilon: float | None = None
     delta: float | None = None
+    max_epsilon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ class PrivacyConfig:
     max_grad_norm: float = field(default=1.0, metadata=_positive())
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    # the hard budget: a node refuses any round that would take it past this (null: target_epsilon)
+    max_epsilon: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
     orgs: dict[str, OrgPrivacyConfig] = field(default_factory=dict)
 
     def target_for(self, org: str) -> tuple[float, float]:
@@ -172,6 +175,14 @@ class PrivacyConfig:
         eps = override.target_epsilon if override.target_epsilon is not None else self.target_epsilon
         delta = override.delta if override.delta is not None else self.delta
         return eps, delta
+
+    def budget_for(self, org: str) -> float:
+        """max_epsilon for one organisation: its override, else the run's, else its target."""
+        override = self.orgs.get(org, OrgPrivacyConfig())
+        for value in (override.max_epsilon, self.max_epsilon):
+            if value is not None:
+                return value
+        return self.target_for(org)[0]
 
 
 @dataclass(frozen=True)
@@ -375,6 +386,16 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
             raise ConfigError(f"config: privacy.orgs.{_show(org)}.target_epsilon: expected a number > 0")
         if override.delta is not None and not 0 < override.delta < 1:
             raise ConfigError(f"config: privacy.orgs.{_show(org)}.delta: expected a number in (0, 1)")
+        if override.max_epsilon is not None and override.max_epsilon <= 0:
+            raise ConfigError(f"config: privacy.orgs.{_show(org)}.max_epsilon: expected a number > 0")
+    for org in ["", *cfg.privacy.orgs]:
+        target, budget = cfg.privacy.target_for(org)[0], cfg.privacy.budget_for(org)
+        if budget < target:
+            where = f"privacy.orgs.{_show(org)}" if org else "privacy"
+            raise ConfigError(
+                f"config: {where}.max_epsilon: {budget} is below target_epsilon {target}; the noise is calibrated"
+                " to reach the target, so the budget must be at least that"
+            )
     secagg = cfg.secure_aggregation
     if (
         secagg.num_shares is not None
@@ -505,6 +526,12 @@ class NodePrivacyConfig:
 
     target_epsilon: float = field(default=8.0, metadata=_positive("a number > 0"))
     delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    # the hard budget: the node refuses any round that would take it past this (null: target_epsilon)
+    max_epsilon: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
+
+    @property
+    def budget(self) -> float:
+        return self.target_epsilon if self.max_epsilon is None else self.max_epsilon
 
 
 @dataclass(frozen=True)
@@ -521,6 +548,8 @@ class NodeConfig:
     privacy: NodePrivacyConfig = field(default_factory=NodePrivacyConfig)
     device: str = field(default="auto", metadata=_DEVICE)
     state_dir: str = "state"
+    # the organisation's Ed25519 key that signs its privacy ledger (written by `fedpriv provision`)
+    ledger_key: str = "ledger.key"
 
 
 ORG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -539,9 +568,10 @@ def load_node_config(path: str | Path) -> NodeConfig:
             if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])
         raw = dict(raw, data=data)
-    state_dir = raw.get("state_dir", NodeConfig.state_dir)
-    if isinstance(state_dir, str) and not Path(state_dir).is_absolute():
-        raw = dict(raw, state_dir=str(base / state_dir))
+    for key in ("state_dir", "ledger_key"):
+        value = raw.get(key, getattr(NodeConfig, key))
+        if isinstance(value, str) and not Path(value).is_absolute():
+            raw = dict(raw, **{key: str(base / value)})
     where = f"node config {_show(path)}"
     try:
         node = _build(NodeConfig, raw, "")
@@ -553,4 +583,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
         )
     if node.data.source != "file" or not node.data.path:
         raise ConfigError(f"{where}: data.path: required (the organisation's own CSV / TSV / JSONL file)")
+    if node.privacy.budget < node.privacy.target_epsilon:
+        raise ConfigError(
+            f"{where}: privacy.max_epsilon: {node.privacy.max_epsilon} is below target_epsilon"
+            f" {node.privacy.target_epsilon}; the budget must be at least the target"
+        )
     return node

@@ -23,6 +23,7 @@ LEGACY_FIT_ARRAYS = "fitins.parameters"
 LEGACY_EVALUATE_ARRAYS = "evaluateins.parameters"
 PRIVACY_PREFIX = "privacy."  # per-organisation privacy report, flattened into the (unmasked) fit metrics
 ORG_NAME_KEY = "org.name"
+LEDGER_PREFIX = "ledger."  # the node's new signed ledger entries, flattened likewise (never masked)
 _LEGACY_KEYS = {"proximal_mu": protocol.PROXIMAL_MU}  # legacy FedProx spells it with an underscore
 
 
@@ -68,6 +69,7 @@ def fit_reply_to_legacy(reply: RecordDict, names: list[str]) -> RecordDict:
     arrays = reply[protocol.ARRAYS]
     metrics: dict[str, Any] = dict(reply[protocol.METRICS])
     metrics.update({PRIVACY_PREFIX + key: value for key, value in reply[protocol.PRIVACY].items()})
+    metrics.update(_flat_ledger(reply))
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
         parameters=ndarrays_to_parameters([arrays[name].numpy() for name in names]),
@@ -81,6 +83,7 @@ def evaluate_reply_to_legacy(reply: RecordDict) -> RecordDict:
     metrics: dict[str, Any] = dict(reply[protocol.METRICS])
     num_examples = int(metrics[protocol.NUM_EXAMPLES])
     metrics[ORG_NAME_KEY] = str(reply[protocol.ORG]["name"])
+    metrics.update(_flat_ledger(reply))
     loss = float(metrics[protocol.EVAL_LOSS_SUM]) / num_examples if num_examples else 0.0
     evaluateres = EvaluateRes(
         status=Status(code=Code.OK, message=""), loss=loss, num_examples=num_examples, metrics=metrics
@@ -88,15 +91,28 @@ def evaluate_reply_to_legacy(reply: RecordDict) -> RecordDict:
     return compat.evaluateres_to_recorddict(evaluateres)
 
 
+def _flat_ledger(reply: RecordDict) -> dict[str, Any]:
+    if protocol.LEDGER not in reply:
+        return {}
+    return {LEDGER_PREFIX + key: value for key, value in reply[protocol.LEDGER].items()}
+
+
+def _with_ledger(records: dict[str, Any], metrics: dict[str, Any]) -> RecordDict:
+    ledger = {key[len(LEDGER_PREFIX) :]: value for key, value in metrics.items() if key.startswith(LEDGER_PREFIX)}
+    if ledger:
+        records[protocol.LEDGER] = ConfigRecord(ledger)
+    return RecordDict(records)
+
+
 def legacy_fit_metrics_to_content(metrics: dict[str, Any]) -> RecordDict:
     """Server side: a legacy fit result's metrics -> the records ``RoundTracker.aggregate_train`` reads."""
     privacy = {key[len(PRIVACY_PREFIX) :]: value for key, value in metrics.items() if key.startswith(PRIVACY_PREFIX)}
-    plain = {key: value for key, value in metrics.items() if not key.startswith(PRIVACY_PREFIX)}
-    return RecordDict({protocol.METRICS: MetricRecord(plain), protocol.PRIVACY: ConfigRecord(privacy)})
+    plain = {key: value for key, value in metrics.items() if not key.startswith((PRIVACY_PREFIX, LEDGER_PREFIX))}
+    return _with_ledger({protocol.METRICS: MetricRecord(plain), protocol.PRIVACY: ConfigRecord(privacy)}, metrics)
 
 
 def legacy_evaluate_metrics_to_content(metrics: dict[str, Any]) -> RecordDict:
     """Server side: a legacy evaluate result's metrics -> the records ``RoundTracker.aggregate_evaluate`` reads."""
-    plain = {key: value for key, value in metrics.items() if key != ORG_NAME_KEY}
+    plain = {key: value for key, value in metrics.items() if key != ORG_NAME_KEY and not key.startswith(LEDGER_PREFIX)}
     org = ConfigRecord({"name": str(metrics[ORG_NAME_KEY])})
-    return RecordDict({protocol.METRICS: MetricRecord(plain), protocol.ORG: org})
+    return _with_ledger({protocol.METRICS: MetricRecord(plain), protocol.ORG: org}, metrics)

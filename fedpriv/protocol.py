@@ -6,12 +6,24 @@ CONFIG = "config"  # ConfigRecord sent by the server
 METRICS = "metrics"  # MetricRecord in replies (exactly one, as Flower's strategies require)
 PRIVACY = "privacy"  # ConfigRecord in train replies: the organisation's privacy spent so far
 ORG = "org"  # ConfigRecord in evaluate replies: which organisation answered
+LEDGER = "ledger"  # ConfigRecord in replies: the node's new signed ledger entries and its budget outlook
+REFUSAL = "refusal"  # ConfigRecord in a train reply that declines to train (budget): no arrays, no DP step
 
 # Keys of the server's ConfigRecord
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 RUN_DIR = "run-dir"  # where simulated nodes keep their state when node_config has no state-dir
 BASE_DIGEST = "base-digest"  # SHA-256 of the frozen base model every party must share
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+LEDGER_HEADS = "ledger-heads"  # JSON {org: seq}: the ledger entries the coordinator already holds
+
+# Keys of the LEDGER record
+LEDGER_ORG = "org"
+LEDGER_PUBLIC_KEY = "public-key"  # PEM Ed25519 key that signs the entries
+LEDGER_ENTRIES = "entries"  # JSON array of the entries after the coordinator's head
+LEDGER_EPSILON = "epsilon"  # spent so far (the node's accountant)
+LEDGER_EPSILON_NEXT = "epsilon-next"  # after one more round as configured
+LEDGER_MAX_EPSILON = "max-epsilon"  # the organisation's hard budget
+LEDGER_CAN_TRAIN = "can-train"  # whether one more round fits in the budget
 
 # Keys of reply MetricRecords
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key

@@ -103,6 +103,22 @@ class NodePrivacy:
         """Total DP steps recorded so far."""
         return sum(int(n) for _, _, n in self.accountant.history)
 
+    def catch_up(self, events: list[tuple[float, float, int]]) -> bool:
+        """Adopt the ledger's events when they hold more steps than the accountant (a crash after the ledger
+        entry was written but before the accountant was saved): the node never counts less than it recorded."""
+        recorded = sum(int(n) for _, _, n in events)
+        if recorded <= self.steps:
+            return False
+        merged: list[tuple[float, float, int]] = []
+        for sigma, q, n in events:
+            if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+                merged[-1] = (sigma, q, merged[-1][2] + int(n))
+            elif int(n) > 0:
+                merged.append((float(sigma), float(q), int(n)))
+        self.accountant.history = merged
+        self.save()
+        return True
+
     def epsilon(self) -> float:
         """Epsilon spent so far (0.0 before the first step)."""
         if not self.accountant.history:

@@ -23,6 +23,7 @@ from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
 from fedpriv.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
+from server.budget_gate import BudgetState, gate_legacy_strategy
 from server.round_tracker import RoundTracker
 from server.strategy import select_strategy
 
@@ -39,7 +40,9 @@ def secagg_shares(cfg: FedPrivConfig, num_nodes: int) -> tuple[int, int]:
     return shares, min(threshold, shares - 1)
 
 
-def _legacy_strategy(cfg: FedPrivConfig, tracker: RoundTracker, initial: list, num_nodes: int, fit_config: dict):
+def _legacy_strategy(
+    cfg: FedPrivConfig, tracker: RoundTracker, initial: list, num_nodes: int, fit_config: dict, budget: BudgetState
+):
     from flwr.server.strategy import FedAdam, FedAvg, FedProx
 
     def fit_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -58,16 +61,18 @@ def _legacy_strategy(cfg: FedPrivConfig, tracker: RoundTracker, initial: list, n
         min_evaluate_clients=min(strat.min_evaluate_nodes, num_nodes),
         min_available_clients=num_nodes,
         initial_parameters=ndarrays_to_parameters(initial),
-        on_fit_config_fn=lambda rnd: {**fit_config, protocol.SERVER_ROUND: rnd},
+        on_fit_config_fn=lambda rnd: {**fit_config, protocol.SERVER_ROUND: rnd, protocol.LEDGER_HEADS: budget.heads()},
         on_evaluate_config_fn=lambda rnd: {
-            protocol.BASE_DIGEST: fit_config[protocol.BASE_DIGEST],
+            **fit_config,
             protocol.SERVER_ROUND: rnd,
+            protocol.LEDGER_HEADS: budget.heads(),
         },
         fit_metrics_aggregation_fn=fit_metrics,
         evaluate_metrics_aggregation_fn=evaluate_metrics,
         accept_failures=True,
     )
-    return select_strategy(strat, FedAvg, FedProx, FedAdam, **common)
+    _, threshold = secagg_shares(cfg, num_nodes)
+    return gate_legacy_strategy(select_strategy(strat, FedAvg, FedProx, FedAdam, **common), budget, threshold)
 
 
 def _named(legacy: ArrayRecord, names: list[str], dtypes: dict[str, Any]) -> ArrayRecord:
@@ -87,6 +92,7 @@ def run_secure_rounds(
     initial: ArrayRecord,
     fit_config: dict[str, Any],
     num_nodes: int,
+    budget: BudgetState,
     say: Callable[[str], None] = print,
 ) -> ArrayRecord:
     """Run every round with SecAgg+; returns the final global trainable weights."""
@@ -97,7 +103,7 @@ def run_secure_rounds(
 
     names = list(initial.keys())
     dtypes = {name: initial[name].numpy().dtype for name in names}
-    strategy = _legacy_strategy(cfg, tracker, [initial[name].numpy() for name in names], num_nodes, fit_config)
+    strategy = _legacy_strategy(cfg, tracker, [initial[name].numpy() for name in names], num_nodes, fit_config, budget)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=cfg.training.rounds, round_timeout=cfg.strategy.round_timeout),

@@ -19,7 +19,9 @@ from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
 from fedpriv.run_config import config_from_context
+from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState
 from server.checkpoints import save_checkpoint
+from server.ledger_store import LedgerStore
 from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_plot, write_summary
 from server.round_tracker import RoundTracker
 from server.secure_rounds import run_secure_rounds, secagg_shares
@@ -74,12 +76,19 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
     trainable, total = count_trainable(model)
     initial = trainable_arrays(model)
     keep = cfg.output.keep_checkpoints
+    latest = {"arrays": initial}
+
+    def round_end(server_round: int, arrays) -> None:
+        latest["arrays"] = arrays
+        _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra)
+
     tracker = RoundTracker(
         num_rounds=cfg.training.rounds,
         num_labels=len(labels),
         dp_enabled=cfg.privacy.enabled,
-        on_round_end=lambda rnd, arrays: _after_round(run_dir, rnd, arrays, keep, tracker, cfg, extra),
+        on_round_end=round_end,
     )
+    budget = BudgetState(LedgerStore(run_dir, warn=tracker.printer), say=tracker.printer)
     extra = {
         "run_dir": str(run_dir),
         "label_names": labels,
@@ -99,32 +108,44 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
         shares, threshold = secagg_shares(cfg, num_nodes)
         tracker.printer(f"secure aggregation (SecAgg+): {shares} shares, rounds need {threshold} organisations")
         extra["secure_aggregation"] = {"num_shares": shares, "reconstruction_threshold": threshold}
-        final = run_secure_rounds(
-            grid,
-            context,
-            cfg=cfg,
-            tracker=tracker,
-            initial=initial,
-            fit_config={protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest},
-            num_nodes=num_nodes,
-            say=tracker.printer,
-        )
-    else:
-        final = (
-            build_strategy(cfg.strategy, tracker, num_nodes)
-            .start(
+    node_config = {protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest}
+    try:
+        if cfg.secure_aggregation.enabled:
+            final = run_secure_rounds(
+                grid,
+                context,
+                cfg=cfg,
+                tracker=tracker,
+                initial=initial,
+                fit_config=node_config,
+                num_nodes=num_nodes,
+                budget=budget,
+                say=tracker.printer,
+            )
+        else:
+            strategy = BudgetGatedStrategy(build_strategy(cfg.strategy, tracker, num_nodes), budget)
+            final = strategy.start(
                 grid=grid,
                 initial_arrays=initial,
                 num_rounds=cfg.training.rounds,
                 timeout=cfg.strategy.round_timeout,
-                train_config=ConfigRecord({protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest}),
-                evaluate_config=ConfigRecord({protocol.BASE_DIGEST: digest}),
+                train_config=ConfigRecord(node_config),
+                evaluate_config=ConfigRecord(node_config),
                 evaluate_fn=tracker.end_of_round,
-            )
-            .arrays
-        )
+            ).arrays
+    except BudgetExhausted as exc:
+        tracker.printer(f"run ended after round {len(tracker.rounds)} of {cfg.training.rounds}: {exc}")
+        final = latest["arrays"]
     trained = [record for record in tracker.rounds if record.trained_orgs]
-    extra["status"] = "completed" if len(trained) == cfg.training.rounds else "incomplete"
+    if budget.stopped_reason:
+        extra["status"] = "budget_exhausted"
+    else:
+        extra["status"] = "completed" if len(trained) == cfg.training.rounds else "incomplete"
+    extra["budget"] = {
+        "stopped_reason": budget.stopped_reason,
+        "refusals": budget.refusals,
+        "ledgers": {org: dict(head) for org, head in sorted(budget.ledgers.heads.items())},
+    }
     extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
     if cfg.output.export_model and len(final) > 0:
         load_trainable(model, final)

@@ -70,6 +70,16 @@ def base_model_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def arrays_digest(arrays: ArrayRecord) -> str:
+    """SHA-256 over named weights as received (names, shapes, dtypes, bytes): which global model a node trained."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays.keys()):
+        value = arrays[name].numpy()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(unwrap(model).parameters())

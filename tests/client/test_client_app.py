@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -75,12 +77,36 @@ def test_train_reply_carries_weights_metrics_and_the_privacy_spent(tmp_path):
     assert (tmp_path / "nodes" / "org-0" / "accountant.json").is_file()
 
 
-def test_node_refuses_a_round_beyond_its_planned_budget(tmp_path):
+def test_node_refuses_a_round_beyond_its_budget_with_a_typed_reply_and_a_ledger_entry(tmp_path):
+    import json
+
+    from privacy.accountant_state import NodePrivacy
+    from privacy.ledger import NodeLedger, load_signing_key
+
     cfg = load_config(overrides=OVERRIDES)
     for server_round in (1, 2):  # the planned participation
-        handle_train(cfg, _message(cfg, tmp_path, server_round), _context())
-    with pytest.raises(NodeSetupError, match="refuses round 3"):
-        handle_train(cfg, _message(cfg, tmp_path, 3), _context())
+        reply = handle_train(cfg, _message(cfg, tmp_path, server_round), _context())
+        assert protocol.ARRAYS in reply.content and protocol.REFUSAL not in reply.content
+    folder = tmp_path / "nodes" / "org-0"
+    steps_before = NodePrivacy.open(folder, _stored_plan(folder)).steps
+    reply = handle_train(cfg, _message(cfg, tmp_path, 3), _context())
+    refusal = reply.content[protocol.REFUSAL]
+    assert protocol.ARRAYS not in reply.content
+    assert refusal["org"] == "org-0" and refusal["epsilon-if-trained"] > refusal["max-epsilon"] == 8.0
+    assert "max_epsilon=8" in refusal["reason"]
+    assert NodePrivacy.open(folder, _stored_plan(folder)).steps == steps_before  # no DP step was taken
+    ledger = NodeLedger.open(folder, "org-0", load_signing_key(folder / "ledger.key"))  # verifies the chain
+    assert [(e["kind"], e["round"]) for e in ledger.entries] == [("dp_round", 1), ("dp_round", 2), ("refusal", 3)]
+    assert ledger.entries[1]["epsilon"] <= 8.0 < ledger.entries[2]["epsilon_if_trained"]
+    record = reply.content[protocol.LEDGER]
+    assert [e["seq"] for e in json.loads(record[protocol.LEDGER_ENTRIES])] == [1, 2, 3]  # the server held none
+    assert record[protocol.LEDGER_CAN_TRAIN] is False
+
+
+def _stored_plan(folder):
+    from privacy.calibration import PrivacyPlan
+
+    return PrivacyPlan.from_dict(json.loads((folder / "privacy_plan.json").read_text()))
 
 
 def test_a_different_base_model_is_refused(tmp_path):

@@ -11,9 +11,7 @@ come online, next to an enrolled one that does.
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +24,6 @@ from fedpriv.local_federation import (
     flower_env,
     free_port,
     group_alive,
-    processes_under,
     start_process,
     stop_process,
     supernodes,
@@ -37,39 +34,14 @@ from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import pki
 from fedpriv.provisioning.federation import load_federation
 from fedpriv.provisioning.kits import provision
+from tests.deployment.helpers import processes_after, write_csv
 
 pytestmark = pytest.mark.integration
 
 TARGETS = {"clinic-a": 3.0, "clinic-b": 5.0, "clinic-c": 8.0}
 ROWS = {"clinic-a": 110, "clinic-b": 130, "clinic-c": 150}
-WORDS = {
-    "sports": "match goal team win league coach player score",
-    "politics": "vote election party minister law parliament policy campaign",
-    "tech": "software chip computer phone internet data code app",
-}
-FILLER = "the a of today new report said people week year more".split()
 RUN_TIMEOUT_S = 420
 REFUSAL_WINDOW_S = 20
-
-
-def _write_csv(path: Path, rows: int, seed: int) -> None:
-    rng = random.Random(seed)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for _ in range(rows):
-            label = rng.choice(sorted(WORDS))
-            tokens = rng.sample(WORDS[label].split(), 4) + rng.sample(FILLER, 4)
-            rng.shuffle(tokens)
-            writer.writerow([" ".join(tokens), label])
-
-
-def _processes_under(root: Path, wait_s: float = 15.0) -> list[str]:
-    """Live processes working inside ``root`` (SuperLink, SuperNodes, SuperExecs, Server/ClientApps), after a grace."""
-    deadline = time.monotonic() + wait_s
-    while processes_under(root) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return processes_under(root)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +49,7 @@ def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
     orgs = []
     for seed, (name, target) in enumerate(TARGETS.items()):
-        _write_csv(root / f"{name}.csv", ROWS[name], seed)
+        write_csv(root / f"{name}.csv", ROWS[name], seed)
         orgs.append(
             {"name": name, "device": "cpu", "privacy": {"target_epsilon": target}, "data": {"path": f"{name}.csv"}}
         )
@@ -150,7 +122,7 @@ def test_every_process_is_stopped_afterwards(finished_run):
     for name, proc in processes.items():
         assert proc.poll() is not None, name
         assert not group_alive(proc.pid), f"{name}: processes of its group still running"
-    assert _processes_under(finished_run["kits"]) == []
+    assert processes_after(finished_run["kits"]) == []
 
 
 def test_a_second_run_on_the_same_kits_is_refused_before_starting_anything(federation, finished_run):
@@ -159,7 +131,7 @@ def test_a_second_run_on_the_same_kits_is_refused_before_starting_anything(feder
     root, path = federation
     with pytest.raises(FederationUpError, match="privacy state from an earlier run"):
         federation_up(path, root / "kits", rounds=1, overrides=["model.name=tiny"], out=root / "run2", say=print)
-    assert _processes_under(root / "kits") == []
+    assert processes_after(root / "kits") == []
 
 
 # --------------------------------------------------------------------------- refusals
@@ -185,7 +157,7 @@ def superlink(federation, finished_run):
     finally:
         stop_process(proc)
     assert not group_alive(proc.pid)
-    assert _processes_under(kits) == []
+    assert processes_after(kits) == []
 
 
 def load_federation_port(coordinator_kit: Path) -> str:
@@ -280,4 +252,4 @@ def test_only_the_enrolled_tls_node_connects(superlink, federation):
             stop_process(proc)
     for name, proc in nodes.items():
         assert not group_alive(proc.pid), name
-    assert _processes_under(root / "refusals") == []
+    assert processes_after(root / "refusals") == []

@@ -94,9 +94,11 @@ def test_too_many_dropouts_halt_the_round_and_the_run_says_so(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam")])
-def test_both_paths_pick_the_configured_flower_strategy(name, cls):
+def test_both_paths_pick_the_configured_flower_strategy(name, cls, tmp_path):
     import numpy as np
 
+    from server.budget_gate import BudgetState
+    from server.ledger_store import LedgerStore
     from server.round_tracker import RoundTracker
     from server.secure_rounds import _legacy_strategy
     from server.strategy import build_strategy
@@ -104,6 +106,7 @@ def test_both_paths_pick_the_configured_flower_strategy(name, cls):
     cfg = load_config(overrides=[f"strategy.name={name}"])
     tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=True)
     plain = build_strategy(cfg.strategy, tracker, 4)
-    legacy = _legacy_strategy(cfg, tracker, [np.zeros(2)], 4, {"base-digest": "x"})
+    budget = BudgetState(LedgerStore(tmp_path))
+    legacy = _legacy_strategy(cfg, tracker, [np.zeros(2)], 4, {"base-digest": "x"}, budget)
     assert (type(plain).__name__, type(legacy).__name__) == (cls, cls)
     assert type(plain).__module__.startswith("flwr.serverapp.") and type(legacy).__module__.startswith("flwr.server.")

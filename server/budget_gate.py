@@ -1,0 +1,178 @@
+"""The coordinator's side of budget enforcement: collect ledgers, leave out nodes that cannot train, stop.
+
+Nodes decide; the coordinator listens. Every reply may carry the node's new
+ledger entries (kept by :class:`LedgerStore`) and its outlook: whether one
+more round fits its ``max_epsilon``. A node that refused, or said it cannot
+afford another round, gets no more train messages (it still evaluates). When
+no node can train any more, the run ends early with the reason, instead of
+sending rounds that every node would refuse.
+
+``BudgetGatedStrategy`` wraps any Message-API strategy (FedAvg, FedProx,
+FedAdam); ``gate_legacy_strategy`` does the same to the legacy strategy that
+SecAgg+ drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedpriv import protocol
+from server.ledger_store import LedgerStore
+
+
+class BudgetExhausted(Exception):
+    """No node can train another round within its budget: the run ends here."""
+
+
+@dataclass
+class BudgetState:
+    """What the coordinator knows of each node's budget, from the nodes' own reports."""
+
+    ledgers: LedgerStore
+    say: Callable[[str], None] = print
+    org_of: dict[int, str] = field(default_factory=dict)
+    outlook: dict[str, dict[str, Any]] = field(default_factory=dict)  # org -> last LEDGER record's numbers
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+    stopped_reason: str | None = None
+
+    def heads(self) -> str:
+        return self.ledgers.heads_json()
+
+    def note(self, node_id: int, content, server_round: int) -> None:
+        """Take a reply's LEDGER record (entries + outlook) and REFUSAL record, if any."""
+        if protocol.LEDGER in content:
+            record = content[protocol.LEDGER]
+            org = str(record.get(protocol.LEDGER_ORG, ""))
+            self.ledgers.ingest(record, source=f"node {node_id} ({org or 'unnamed'})")
+            if org:
+                self.org_of[node_id] = org
+                self.outlook[org] = {
+                    "epsilon": float(record.get(protocol.LEDGER_EPSILON, 0.0)),
+                    "epsilon_next": float(record.get(protocol.LEDGER_EPSILON_NEXT, 0.0)),
+                    "max_epsilon": float(record.get(protocol.LEDGER_MAX_EPSILON, 0.0)),
+                    "can_train": bool(record.get(protocol.LEDGER_CAN_TRAIN, True)),
+                }
+        if protocol.REFUSAL in content:
+            refusal = dict(content[protocol.REFUSAL])
+            org = str(refusal.get("org", ""))
+            self.org_of.setdefault(node_id, org)
+            self.outlook.setdefault(org, {})["can_train"] = False
+            self.refusals.append({"round": server_round, "org": org, "reason": str(refusal.get("reason", ""))})
+            self.say(f"[round {server_round}]  {org} refused to train: {refusal.get('reason', '')}")
+
+    def can_train(self, node_id: int) -> bool:
+        org = self.org_of.get(node_id)
+        return org is None or self.outlook.get(org, {}).get("can_train", True)
+
+    def exhausted_reason(self) -> str:
+        parts = []
+        for org, view in sorted(self.outlook.items()):
+            if "epsilon" in view:
+                parts.append(
+                    f"{org} spent {view['epsilon']:.3f} of max_epsilon {view['max_epsilon']:g},"
+                    f" one more round would reach {view['epsilon_next']:.3f}"
+                )
+            else:
+                parts.append(f"{org} refused")
+        return "no organisation can train another round within its budget: " + "; ".join(parts)
+
+    def select(self, node_ids: Iterable[int], server_round: int, minimum: int = 1) -> set[int]:
+        """The node ids that may train; raises BudgetExhausted when fewer than ``minimum`` may."""
+        node_ids = list(node_ids)
+        allowed = {node_id for node_id in node_ids if self.can_train(node_id)}
+        left_out = sorted(self.org_of[n] for n in node_ids if n not in allowed)
+        if left_out:
+            self.say(f"[round {server_round}]  left out (budget spent): {', '.join(left_out)}")
+        if node_ids and len(allowed) < minimum:
+            reason = self.exhausted_reason()
+            if allowed:  # SecAgg+ cannot run a round with fewer nodes than its threshold
+                reason = (
+                    f"only {len(allowed)} organisation(s) can train another round, secure aggregation needs"
+                    f" {minimum}: " + reason.split(": ", 1)[1]
+                )
+            self.stopped_reason = reason
+            raise BudgetExhausted(reason)
+        return allowed
+
+
+def _with_heads(config: ConfigRecord, state: BudgetState) -> ConfigRecord:
+    return ConfigRecord({**dict(config), protocol.LEDGER_HEADS: state.heads()})
+
+
+class BudgetGatedStrategy(Strategy):
+    """A Flower Message-API strategy with the budget gate in front of it."""
+
+    def __init__(self, inner: Strategy, state: BudgetState):
+        self.inner = inner
+        self.state = state
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, _with_heads(config, self.state), grid))
+        allowed = self.state.select([m.metadata.dst_node_id for m in messages], server_round)
+        return [m for m in messages if m.metadata.dst_node_id in allowed]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        trained = []
+        for reply in replies:
+            if reply.has_error():
+                trained.append(reply)  # the inner strategy counts and logs failures
+                continue
+            self.state.note(reply.metadata.src_node_id, reply.content, server_round)
+            if protocol.REFUSAL not in reply.content:
+                trained.append(reply)
+        if not any(not reply.has_error() for reply in trained):
+            return None, None  # nobody trained: the global model stays as it is
+        return self.inner.aggregate_train(server_round, trained)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, _with_heads(config, self.state), grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error():
+                self.state.note(reply.metadata.src_node_id, reply.content, server_round)
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+def gate_legacy_strategy(strategy, state: BudgetState, minimum: int = 1):
+    """The same gate on a legacy strategy (the SecAgg+ path): filter ``configure_fit``, read fit/evaluate results."""
+    from fedpriv.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
+
+    configure_fit, aggregate_fit = strategy.configure_fit, strategy.aggregate_fit
+    aggregate_evaluate = strategy.aggregate_evaluate
+
+    def gated_configure_fit(server_round, parameters, client_manager):
+        pairs = configure_fit(server_round, parameters, client_manager)
+        allowed = state.select([int(proxy.node_id) for proxy, _ in pairs], server_round, minimum)
+        return [(proxy, ins) for proxy, ins in pairs if int(proxy.node_id) in allowed]
+
+    def noted_aggregate_fit(server_round, results, failures):
+        for proxy, res in results:
+            state.note(int(proxy.node_id), legacy_fit_metrics_to_content(dict(res.metrics)), server_round)
+        return aggregate_fit(server_round, results, failures)
+
+    def noted_aggregate_evaluate(server_round, results, failures):
+        for proxy, res in results:
+            state.note(int(proxy.node_id), legacy_evaluate_metrics_to_content(dict(res.metrics)), server_round)
+        return aggregate_evaluate(server_round, results, failures)
+
+    strategy.configure_fit = gated_configure_fit
+    strategy.aggregate_fit = noted_aggregate_fit
+    strategy.aggregate_evaluate = noted_aggregate_evaluate
+    return strategy
