@@ -1,0 +1,163 @@
+"""The audit's files: audit.json for programs, audit.md and a self-contained audit.html for people."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from privacy.audit import AuditResult
+
+JSON_FILE, MARKDOWN_FILE, HTML_FILE = "audit.json", "audit.md", "audit.html"
+MAX_PLOTTED_ORGS = 20  # beyond this the plot shows the 20 organisations closest to their budgets
+
+
+def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _rows(result: AuditResult) -> list[list[str]]:
+    rows = []
+    for org in result.orgs:
+        rows.append(
+            [
+                org.org,
+                str(org.entries),
+                str(org.dp_rounds),
+                str(org.refusals),
+                (org.accountant or "n/a").upper(),
+                _fmt(org.claimed_epsilon),
+                _fmt(org.recomputed_epsilon.get("rdp")),
+                _fmt(org.recomputed_epsilon.get("prv")),
+                _fmt(org.max_epsilon, "{:g}"),
+                {True: "yes", False: "NO", None: "n/a"}[org.within_budget],
+                "OK" if org.ok else f"FAILED ({len(org.findings)})",
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "organisation", "entries", "DP rounds", "refusals", "accountant", "claimed epsilon",
+    "recomputed RDP", "recomputed PRV", "max_epsilon", "within budget", "checks",
+]  # fmt: skip
+
+
+def markdown(result: AuditResult) -> str:
+    verdict = "every check holds" if result.ok else "CHECKS FAILED"
+    lines = [
+        "# Privacy-budget audit",
+        "",
+        f"Input: `{result.source}`  ",
+        f"Verdict: **{verdict}** ({len(result.orgs)} organisations, {result.seconds:.2f} s)",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
+    findings = [f for org in result.orgs for f in org.findings]
+    lines += ["", "## Findings", ""]
+    if findings:
+        for f in findings:
+            where = f"line {f.position}" if f.position else "ledger"
+            lines.append(f"- **{f.org}** ({where}, {f.check}/{f.problem}): {f.message}")
+    else:
+        lines.append("None: every signature verifies, every chain is complete and in order, every claimed epsilon")
+        lines.append("is at least what its recorded parameters give, and every organisation stayed within its budget.")
+    lines += ["", "## Keys", ""]
+    for org in result.orgs:
+        lines.append(f"- {org.org}: {org.key_fingerprint or 'no key'} ({org.key_source})")
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
+    lines += [
+        "",
+        "Epsilon is recomputed from each ledger's recorded (noise multiplier, sampling rate, steps) alone: RDP",
+        "(Opacus's orders, Balle et al. 2020 conversion) for every entry, PRV (Gopi et al. 2021, upper bound) for",
+        "the last entry, and for every entry of ledgers that claim PRV.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(result: AuditResult) -> bytes | None:
+    """Epsilon per round per organisation: recomputed (line), claimed (dots), budgets (dashed)."""
+    orgs = [org for org in result.orgs if org.rounds]
+    if not orgs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(orgs) > MAX_PLOTTED_ORGS:
+        orgs = sorted(orgs, key=lambda o: -(o.recomputed_epsilon.get("rdp") or 0) / (o.max_epsilon or 1))
+        orgs = orgs[:MAX_PLOTTED_ORGS]
+    fig, axis = plt.subplots(figsize=(9, 4.5))
+    for org in orgs:
+        rounds = [check.round for check in org.rounds]
+        recomputed = [
+            check.rdp_epsilon if check.accountant == "rdp" or check.prv_epsilon is None else check.prv_epsilon
+            for check in org.rounds
+        ]
+        (line,) = axis.plot(rounds, recomputed, label=org.org, linewidth=1.5)
+        axis.scatter(rounds, [c.claimed_epsilon for c in org.rounds], s=12, color=line.get_color())
+        if org.max_epsilon is not None:
+            axis.axhline(org.max_epsilon, linestyle="--", linewidth=0.8, color=line.get_color())
+    axis.set(
+        xlabel="round", ylabel="epsilon", title="Epsilon per round: recomputed (lines), claimed (dots), budget (dashed)"
+    )
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def html_page(result: AuditResult) -> str:
+    verdict = "every check holds" if result.ok else "CHECKS FAILED"
+    colour = "#1a7f37" if result.ok else "#cf222e"
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr>"
+    for row in _rows(result):
+        table += "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+    table += "</table>"
+    findings = [f for org in result.orgs for f in org.findings]
+    items = "".join(
+        f"<li><b>{html.escape(f.org)}</b> ({'line ' + str(f.position) if f.position else 'ledger'},"
+        f" {html.escape(f.check)}/{html.escape(f.problem)}): {html.escape(f.message)}</li>"
+        for f in findings
+    )
+    png = plot_png(result)
+    image = f'<img alt="epsilon per round" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
+    keys = "".join(
+        f"<li>{html.escape(o.org)}: {html.escape(o.key_fingerprint or 'no key')} ({html.escape(o.key_source)})</li>"
+        for o in result.orgs
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Privacy-budget audit</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+.verdict{{color:{colour};font-weight:bold}}</style></head><body>
+<h1>Privacy-budget audit</h1>
+<p>Input: <code>{html.escape(result.source)}</code><br>
+Verdict: <span class="verdict">{verdict}</span> ({len(result.orgs)} organisations, {result.seconds:.2f} s)</p>
+{table}
+<h2>Epsilon per round</h2>{image or "<p>No DP rounds recorded.</p>"}
+<h2>Findings</h2>{f"<ul>{items}</ul>" if items else "<p>None.</p>"}
+<h2>Keys</h2><ul>{keys}</ul>
+{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+</body></html>
+"""
+
+
+def write_reports(result: AuditResult, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / JSON_FILE, out / MARKDOWN_FILE, out / HTML_FILE]
+    paths[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(result), encoding="utf-8")
+    paths[2].write_text(html_page(result), encoding="utf-8")
+    return paths
