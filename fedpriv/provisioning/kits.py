@@ -18,16 +18,29 @@ from pathlib import Path
 
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedpriv.config import DataConfig
 from fedpriv.errors import ConfigError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError, pki
 from fedpriv.provisioning.federation import FederationConfig, OrganisationConfig, parse_address
+from privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
+from privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
+from privacy.ledger import LedgerError, load_signing_key, public_key_text
 
 COORDINATOR = "coordinator"
 PRIVATE = 0o600
+
+
+def ledger_pem_private(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 PUBLIC = 0o644
 SCRIPT = 0o755
 
@@ -196,6 +209,7 @@ def node_yaml(cfg: FederationConfig, org: OrganisationConfig) -> str:
         "privacy": dataclasses.asdict(org.privacy),
         "device": org.device,
         "state_dir": org.state_dir,
+        "ledger_key": LEDGER_KEY,
     }
     header = (
         f"# {org.name}'s own settings in federation {cfg.federation}: its data, privacy budget and device.\n"
@@ -214,6 +228,7 @@ Files
   ca.crt            the CA certificate every party trusts
   superlink.crt/.key  the SuperLink's TLS certificate (SANs: {", ".join(cfg.san_addresses)}) and key
   nodes/ORG.pub     each enrolled organisation's SuperNode public key (OpenSSH, EC P-384)
+  ledger-keys/ORG.pub  each organisation's privacy-ledger key: `fedpriv audit RUN_DIR --keys ledger-keys/`
   start-superlink.sh  starts flower-superlink with TLS and SuperNode authentication on port {co.port}
   enroll-nodes.sh   registers nodes/*.pub with the running SuperLink (flwr supernode register)
 
@@ -246,8 +261,11 @@ Files
   node.key          this organisation's SuperNode identity (OpenSSH, EC P-384): keep it private (0600),
                     never send it to anyone. Losing it means asking the coordinator for a new identity.
   node.pub          its public half; the coordinator registered it
-  node.yaml         your own settings: data file, privacy budget (target_epsilon, delta), device, state folder.
-                    Edit data.path to where the data lives on this machine.
+  ledger.key        signs this organisation's privacy ledger (Ed25519; keep it private, 0600)
+  ledger.pub        its public half; give it to auditors (the coordinator kit has a copy in ledger-keys/)
+  node.yaml         your own settings: data file, privacy budget (target_epsilon, delta, max_epsilon),
+                    device, state folder. Edit data.path to where the data lives on this machine.
+  state/            (after the first round) privacy plan, accountant and ledger.jsonl: never delete it
   start-supernode.sh  starts flower-supernode, dialling the coordinator at {cfg.dial_address}
 
 Run: ./start-supernode.sh      (the folder can be copied anywhere; paths are relative to the script)
@@ -315,6 +333,27 @@ def _org_key(out: Path, org: str) -> ec.EllipticCurvePrivateKey | None:
         raise ProvisioningError(f"{key_path}: expected an EC (P-384) key, got {pki.key_type(key.public_key())}")
     for pub_path in (out / org / "node.pub", enrolled):
         if pub_path.exists() and not pki.same_public_key(pki.load_public_key(pub_path), key.public_key()):
+            raise ProvisioningError(f"{pub_path}: does not match {key_path}; refusing to touch the kits")
+    return key
+
+
+def _ledger_key(out: Path, org: str) -> Ed25519PrivateKey | None:
+    """The organisation's existing ledger signing key (never regenerated: its old ledger entries name it)."""
+    key_path = out / org / LEDGER_KEY
+    if not key_path.exists():
+        registered = out / COORDINATOR / "ledger-keys" / f"{org}.pub"
+        if registered.exists():
+            raise ProvisioningError(
+                f"{key_path}: missing but the coordinator holds {org}'s ledger key ({registered}); restore it"
+                " (its ledger is signed with it), or delete that .pub to give the organisation a new one"
+            )
+        return None
+    try:
+        key = load_signing_key(key_path)
+    except LedgerError as exc:
+        raise ProvisioningError(str(exc)) from None
+    for pub_path in (out / org / LEDGER_PUB, out / COORDINATOR / "ledger-keys" / f"{org}.pub"):
+        if pub_path.exists() and pub_path.read_text() != public_key_text(key.public_key()):
             raise ProvisioningError(f"{pub_path}: does not match {key_path}; refusing to touch the kits")
     return key
 
@@ -412,6 +451,15 @@ def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None
         plan.put(kit / "node.pub", pub, PUBLIC)
         plan.put(co / "nodes" / f"{org.name}.pub", pub, PUBLIC)
         plan.put(kit / "ca.crt", ca_pem, PUBLIC)
+        ledger_key = _ledger_key(out, org.name)
+        if ledger_key is None:
+            ledger_key = Ed25519PrivateKey.generate()
+            plan.put(kit / LEDGER_KEY, ledger_pem_private(ledger_key), PRIVATE)
+        else:
+            plan.put(kit / LEDGER_KEY, (kit / LEDGER_KEY).read_bytes(), PRIVATE)  # permissions only
+        ledger_pub = public_key_text(ledger_key.public_key()).encode()
+        plan.put(kit / LEDGER_PUB, ledger_pub, PUBLIC)
+        plan.put(co / "ledger-keys" / f"{org.name}.pub", ledger_pub, PUBLIC)  # what an auditor checks against
         plan.put(kit / "node.yaml", node_yaml(cfg, org).encode(), PUBLIC)
         plan.put(kit / "README.txt", org_readme(cfg, org).encode(), PUBLIC)
         plan.put(kit / "start-supernode.sh", start_supernode_sh(cfg, org).encode(), SCRIPT)

@@ -82,13 +82,36 @@ def test_org_kits_hold_matching_keys_in_flowers_formats(kits: Path):
 def test_private_keys_are_0600_and_ca_key_only_in_coordinator_kit(kits: Path):
     private = [p for p in kits.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
     names = sorted(str(p.relative_to(kits)) for p in private)
-    assert names == ["coordinator/ca.key", "coordinator/superlink.key", "hospital-a/node.key", "hospital-b/node.key"]
+    assert names == [
+        "coordinator/ca.key",
+        "coordinator/superlink.key",
+        "hospital-a/ledger.key",
+        "hospital-a/node.key",
+        "hospital-b/ledger.key",
+        "hospital-b/node.key",
+    ]
     for path in private:
         assert _mode(path) == 0o600, path
     assert [p.relative_to(kits) for p in kits.rglob("ca.key")] == [Path("coordinator/ca.key")]
     for org in ORGS:
         assert not any("superlink.key" in p.name or p.name == "ca.key" for p in (kits / org).iterdir())
     assert not list(kits.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_each_organisation_has_its_own_ledger_key_and_the_coordinator_its_public_half(kits: Path, federation_file):
+    from privacy.ledger import load_signing_key, public_key_text
+
+    pubs = []
+    for org in ORGS:
+        key = load_signing_key(kits / org / "ledger.key")
+        pub = public_key_text(key.public_key())
+        assert (kits / org / "ledger.pub").read_text() == pub
+        assert (kits / "coordinator" / "ledger-keys" / f"{org}.pub").read_text() == pub
+        assert load_node_config(kits / org / "node.yaml").ledger_key == str(kits.resolve() / org / "ledger.key")
+        pubs.append(pub)
+    assert pubs[0] != pubs[1]
+    provision(load_federation(federation_file), kits)  # re-running never replaces a ledger key
+    assert [(kits / org / "ledger.pub").read_text() for org in ORGS] == pubs
 
 
 def test_node_yaml_loads_with_load_node_config(kits: Path):
@@ -147,6 +170,9 @@ def test_add_org_touches_nothing_else(tmp_path: Path):
     changed = {k for k in after if before.get(k) != after[k]}
     assert changed == {
         "clinic-c/ca.crt",
+        "clinic-c/ledger.key",
+        "clinic-c/ledger.pub",
+        "coordinator/ledger-keys/clinic-c.pub",
         "clinic-c/node.key",
         "clinic-c/node.pub",
         "clinic-c/node.yaml",
