@@ -460,6 +460,41 @@ def test_target_for_applies_per_org_overrides():
     assert cfg.privacy.target_for("org-0") == (3.0, 1e-6)
 
 
+def test_budget_for_is_max_epsilon_else_the_target():
+    cfg = load_config(
+        None, ["privacy.max_epsilon=10", "privacy.orgs={org-1: {max_epsilon: 12}, org-2: {target_epsilon: 3}}"]
+    )
+    assert [cfg.privacy.budget_for(o) for o in ("org-0", "org-1", "org-2")] == [10.0, 12.0, 10.0]
+    assert load_config().privacy.budget_for("org-0") == 8.0  # no budget given: the target
+
+
+@pytest.mark.parametrize(
+    ("override", "where"),
+    [
+        ("privacy.max_epsilon=4", "config: privacy.max_epsilon: 4.0 is below target_epsilon 8.0"),
+        ("privacy.orgs={org-1: {max_epsilon: 2}}", "config: privacy.orgs.org-1.max_epsilon: 2.0 is below"),
+        ("privacy.max_epsilon=-1", "privacy.max_epsilon"),
+    ],
+)
+def test_a_budget_below_the_target_is_refused_in_one_line(override, where):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert where in str(info.value) and "\n" not in str(info.value)
+
+
+def test_node_yaml_budget_defaults_to_its_target_and_must_not_be_lower(tmp_path):
+    from fedpriv.config import load_node_config
+
+    (tmp_path / "d.csv").write_text("text,label\na,b\n")
+    path = tmp_path / "node.yaml"
+    path.write_text("org: lab\ndata: {path: d.csv}\nprivacy: {target_epsilon: 3}\n")
+    node = load_node_config(path)
+    assert node.privacy.budget == 3.0 and node.ledger_key == str(tmp_path / "ledger.key")
+    path.write_text("org: lab\ndata: {path: d.csv}\nprivacy: {target_epsilon: 3, max_epsilon: 2}\n")
+    with pytest.raises(ConfigError, match=r"node\.yaml.*privacy\.max_epsilon: 2\.0 is below target_epsilon 3"):
+        load_node_config(path)
+
+
 # --------------------------------------------------------------------------- property: junk never crashes
 
 

@@ -97,6 +97,57 @@ def test_every_reported_epsilon_is_recomputable_from_the_record(tiny_run):
         assert (out / "nodes" / org / "accountant.json").is_file()
 
 
+def test_the_runs_ledgers_are_complete_and_audit_clean(tiny_run):
+    from privacy.audit import audit, load_ledger_set
+
+    _, out = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    result = audit(load_ledger_set([out]), prv=True)
+    assert result.ok, result.to_dict()["findings"]
+    assert {org.org for org in result.orgs} == set(summary["privacy"])
+    for org in result.orgs:
+        reported = summary["privacy"][org.org]["epsilon"]
+        assert org.dp_rounds == 2 and org.claimed_epsilon == reported
+        assert abs(org.recomputed_epsilon["rdp"] - reported) <= 0.01 * reported  # the issue's 1%
+        # the coordinator's copy is the node's own ledger, entry for entry
+        node_copy = (out / "nodes" / org.org / "ledger.jsonl").read_text()
+        assert (out / "ledgers" / f"{org.org}.jsonl").read_text() == node_copy
+    assert summary["budget"]["refusals"] == [] and summary["budget"]["stopped_reason"] is None
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["fedavg", "secagg"])
+def test_nodes_that_already_spent_their_budget_refuse_and_the_run_ends(tiny_run, tmp_path, secure):
+    """The nodes' state from a finished run (budget spent) under a new run: every node refuses, the run stops."""
+    import shutil
+
+    _, spent = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(spent / "nodes", out / "nodes")
+    before = {org.name: (org / "ledger.jsonl").read_text() for org in (out / "nodes").iterdir()}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "fedpriv.cli", "simulate", "model.name=tiny", "training.rounds=2",
+            "partitioning.num_orgs=3", "partitioning.scheme=iid", "data.max_examples=300", "training.batch_size=16",
+            "data.max_length=64", f"secure_aggregation.enabled={str(secure).lower()}", "--out", str(out),
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "budget_exhausted"
+    assert "no organisation can train another round within its budget" in summary["budget"]["stopped_reason"]
+    assert "run ended after round 1 of 2" in proc.stdout
+    assert [r["trained_orgs"] for r in summary["rounds"]] == [[]]  # round 1: nobody trained, model unchanged
+    if not secure:  # the typed refusal reaches the coordinator as such
+        assert sorted(r["org"] for r in summary["budget"]["refusals"]) == ["org-0", "org-1", "org-2"]
+    for org, text in before.items():
+        entries = [json.loads(line) for line in (out / "nodes" / org / "ledger.jsonl").read_text().splitlines()]
+        assert (out / "nodes" / org / "ledger.jsonl").read_text().startswith(text)
+        assert [e["kind"] for e in entries] == ["dp_round", "dp_round", "refusal"]  # nothing spent, refusal kept
+        coordinator = [json.loads(line) for line in (out / "ledgers" / f"{org}.jsonl").read_text().splitlines()]
+        assert coordinator == entries  # delivered in the refusal (or, under SecAgg+, the evaluate) reply
+
+
 def test_run_files_metrics_plot_checkpoints_and_model(tiny_run):
     _, out = tiny_run
     rows = list(csv.DictReader((out / "metrics.csv").open()))
