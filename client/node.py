@@ -66,10 +66,15 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
     tokenizer = build_tokenizer(cfg.model.name)
     max_length = cfg.data.max_length
     target_epsilon, delta = cfg.privacy.target_for(org.name)
+    texts, labels = org.train.texts, org.train.labels
+    if cfg.canary_audit.enabled:  # the audited organisation also trains on the canaries drawn "in"
+        from simulations.canary_audit import with_canaries
+
+        texts, labels = with_canaries(cfg, partition_id, texts, labels, len(plan.label_names), tokenizer)
     return LocalNode(
         org=org.name,
         label_names=list(plan.label_names),
-        train=tokenize(org.train.texts, org.train.labels, tokenizer, max_length),
+        train=tokenize(texts, labels, tokenizer, max_length),
         test=tokenize(org.test.texts, org.test.labels, tokenizer, max_length),
         pad_token_id=tokenizer.pad_token_id,
         target_epsilon=target_epsilon,

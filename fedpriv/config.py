@@ -249,6 +249,25 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CanaryAuditConfig:
+    """Empirical privacy audit in simulation (Steinke, Nasr and Jagielski 2023, one training run).
+
+    ``canaries`` random sentences with random labels are made; each is added to
+    organisation ``org``'s training data with probability 1/2. After training,
+    the ``guesses`` canaries the final model fits best are guessed "in" and the
+    ``guesses`` it fits worst "out"; the number of right guesses gives a lower
+    bound on epsilon that holds with probability ``confidence``.
+    """
+
+    enabled: bool = False
+    canaries: int = field(default=200, metadata=_positive("an integer > 0"))
+    guesses: int = field(default=20, metadata=_positive("an integer > 0"))
+    org: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (a partition index)"))
+    confidence: float = field(default=0.95, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    seed: int = field(default=0, metadata=_seed())
+
+
+@dataclass(frozen=True)
 class FedPrivConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -260,6 +279,7 @@ class FedPrivConfig:
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    canary_audit: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what ``summary.json`` records as the resolved config)."""
@@ -396,6 +416,17 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
                 f"config: {where}.max_epsilon: {budget} is below target_epsilon {target}; the noise is calibrated"
                 " to reach the target, so the budget must be at least that"
             )
+    canary = cfg.canary_audit
+    if canary.enabled and 2 * canary.guesses > canary.canaries:
+        raise ConfigError(
+            f"config: canary_audit.guesses: {canary.guesses} 'in' and {canary.guesses} 'out' guesses need at least"
+            f" {2 * canary.guesses} canaries (canary_audit.canaries={canary.canaries})"
+        )
+    if canary.enabled and canary.org >= cfg.partitioning.num_orgs:
+        raise ConfigError(
+            f"config: canary_audit.org: {canary.org} is not a partition index below partitioning.num_orgs"
+            f" ({cfg.partitioning.num_orgs})"
+        )
     secagg = cfg.secure_aggregation
     if (
         secagg.num_shares is not None

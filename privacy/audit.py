@@ -36,6 +36,7 @@ from privacy.ledger import (
 # a claimed epsilon may sit below the recomputation by float noise only
 RELATIVE_TOLERANCE = 1e-6
 HEADS_FILE = "heads.json"
+EMPIRICAL_FILE = "empirical_audit.json"
 
 
 class AuditInputError(LedgerError):
@@ -93,6 +94,7 @@ class AuditResult:
     orgs: list[OrgAudit]
     notes: list[str]
     seconds: float = 0.0
+    empirical: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -110,6 +112,7 @@ class AuditResult:
                 for org in self.orgs
             },
             "findings": [asdict(f) for org in self.orgs for f in org.findings],
+            "empirical_audit": self.empirical,
         }
 
 
@@ -126,6 +129,7 @@ class LedgerSet:
     copies: dict[str, list[tuple[Path, list[dict[str, Any]]]]]
     source: str
     notes: list[str]
+    empirical: dict[str, Any] | None = None  # a simulation's canary audit (empirical_audit.json), when present
 
 
 def _org_of(path: Path, entries: list[dict[str, Any]]) -> str:
@@ -148,10 +152,16 @@ def load_ledger_set(paths: list[str | Path], keys_dir: str | Path | None = None)
     keys: dict[str, tuple[Any, str]] = {}
     heads: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
+    empirical = None
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise AuditInputError(f"{path}: no such file or folder")
+        if path.is_dir() and (path / EMPIRICAL_FILE).exists():
+            try:
+                empirical = json.loads((path / EMPIRICAL_FILE).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise AuditInputError(f"{path / EMPIRICAL_FILE}: not readable JSON ({exc})") from None
         folder = path / "ledgers" if (path / "ledgers").is_dir() else path
         if path.is_file():
             files.append(path)
@@ -194,7 +204,7 @@ def load_ledger_set(paths: list[str | Path], keys_dir: str | Path | None = None)
             copies.setdefault(org, []).append((path, entries))
         else:
             ledgers[org] = (path, entries)
-    return LedgerSet(ledgers, keys, heads, copies, ", ".join(str(p) for p in paths), notes)
+    return LedgerSet(ledgers, keys, heads, copies, ", ".join(str(p) for p in paths), notes, empirical)
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -452,4 +462,23 @@ def audit(ledger_set: LedgerSet, prv: bool = True) -> AuditResult:
             )
         )
         orgs.append(missing)
-    return AuditResult(ledger_set.source, orgs, list(ledger_set.notes), time.perf_counter() - started)
+    empirical = ledger_set.empirical
+    if empirical is not None:
+        bound, org_name = float(empirical.get("epsilon_lower_bound", 0.0)), str(empirical.get("org"))
+        audited = next((o for o in orgs if o.org == org_name), None)
+        claimed = None if audited is None else audited.recomputed_epsilon.get(audited.accountant or "rdp")
+        if claimed is not None and bound > claimed * (1 + RELATIVE_TOLERANCE):
+            audited.findings.append(
+                Finding(
+                    org_name,
+                    "empirical",
+                    "contradicted",
+                    None,
+                    None,
+                    f"the canary audit shows epsilon >= {bound:.4g} ({empirical.get('confidence')} confidence),"
+                    f" above the {claimed:.4g} the ledger accounts for: the DP guarantee does not hold",
+                )
+            )
+    return AuditResult(
+        ledger_set.source, orgs, list(ledger_set.notes), time.perf_counter() - started, ledger_set.empirical
+    )

@@ -66,6 +66,17 @@ def markdown(result: AuditResult) -> str:
     else:
         lines.append("None: every signature verifies, every chain is complete and in order, every claimed epsilon")
         lines.append("is at least what its recorded parameters give, and every organisation stayed within its budget.")
+    if result.empirical:
+        e = result.empirical
+        claimed = "n/a (DP off)" if e.get("claimed_epsilon") is None else f"{e['claimed_epsilon']:.4f}"
+        lines += [
+            "",
+            "## Empirical audit (canaries)",
+            "",
+            f"{e['org']}: {e['correct']} of {e['guesses']} membership guesses right on {e['canaries']} canaries"
+            f" ({e['included']} inserted): epsilon >= **{e['epsilon_lower_bound']:.4f}** with"
+            f" {e['confidence']:.0%} confidence, next to the claimed epsilon {claimed}. ({e['method']})",
+        ]
     lines += ["", "## Keys", ""]
     for org in result.orgs:
         lines.append(f"- {org.org}: {org.key_fingerprint or 'no key'} ({org.key_source})")
@@ -147,11 +158,25 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th
 Verdict: <span class="verdict">{verdict}</span> ({len(result.orgs)} organisations, {result.seconds:.2f} s)</p>
 {table}
 <h2>Epsilon per round</h2>{image or "<p>No DP rounds recorded.</p>"}
+{_empirical_html(result)}
 <h2>Findings</h2>{f"<ul>{items}</ul>" if items else "<p>None.</p>"}
 <h2>Keys</h2><ul>{keys}</ul>
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
 </body></html>
 """
+
+
+def _empirical_html(result: AuditResult) -> str:
+    e = result.empirical
+    if not e:
+        return ""
+    claimed = "n/a (DP off)" if e.get("claimed_epsilon") is None else f"{e['claimed_epsilon']:.4f}"
+    return (
+        "<h2>Empirical audit (canaries)</h2><table><tr><th>organisation</th><th>canaries</th><th>right guesses</th>"
+        "<th>empirical lower bound</th><th>claimed epsilon</th></tr>"
+        f"<tr><td>{html.escape(str(e['org']))}</td><td>{e['canaries']}</td><td>{e['correct']} / {e['guesses']}</td>"
+        f"<td>{e['epsilon_lower_bound']:.4f} ({e['confidence']:.0%})</td><td>{claimed}</td></tr></table>"
+    )
 
 
 def write_reports(result: AuditResult, out: Path) -> list[Path]:

@@ -161,7 +161,15 @@ def run_simulation_from_config(cfg: FedPrivConfig, *, dry_run: bool = False, ver
     import json
 
     summary = json.loads(summary_path.read_text())
+    if cfg.canary_audit.enabled and summary.get("rounds"):
+        from server.reports import write_summary
+        from simulations.canary_audit import describe, run_canary_audit
+
+        summary["empirical_audit"] = run_canary_audit(cfg, run_dir, summary)
+        write_summary(run_dir, summary)
     print(final_report(summary), flush=True)
+    if "empirical_audit" in summary:
+        print(describe(summary["empirical_audit"]), flush=True)
     return summary
 
 
