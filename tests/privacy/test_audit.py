@@ -228,3 +228,20 @@ def test_a_garbage_line_is_reported_as_malformed_not_a_crash(run_dir):
     with _ledger(run_dir).open("a") as handle:
         handle.write("this is not json\n")
     assert ("org-a", "malformed", 5, None) in _findings(run_dir)
+
+
+def test_an_empirical_bound_above_the_ledgers_epsilon_fails_the_audit(run_dir):
+    claimed = rdp_epsilons([(SIGMA, Q, STEPS)] * 4, DELTA)[-1]
+    empirical = {
+        "org": "org-a", "epsilon_lower_bound": claimed + 1.0, "confidence": 0.95, "claimed_epsilon": claimed,
+        "canaries": 200, "included": 100, "guesses": 40, "correct": 40, "method": "one-run", "delta": DELTA,
+    }  # fmt: skip
+    (run_dir / "empirical_audit.json").write_text(json.dumps(empirical))
+    result = audit(load_ledger_set([run_dir]), prv=False)
+    assert not result.ok
+    assert [(f.org, f.check, f.problem) for o in result.orgs for f in o.findings] == [
+        ("org-a", "empirical", "contradicted")
+    ]
+    empirical["epsilon_lower_bound"] = claimed / 2
+    (run_dir / "empirical_audit.json").write_text(json.dumps(empirical))
+    assert audit(load_ledger_set([run_dir]), prv=False).ok
