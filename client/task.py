@@ -96,6 +96,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             protocol.NUM_EXAMPLES: len(node.train),
             protocol.TRAIN_LOSS: result.mean_loss,
             protocol.DP_STEPS: result.steps,
+            protocol.UNIT_WEIGHT: 1,
         }
     )
     return RecordDict(
@@ -137,6 +138,7 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
         protocol.NUM_EXAMPLES: counts.num_examples,
         protocol.EVAL_LOSS_SUM: counts.loss_sum,
         protocol.EVAL_CORRECT: counts.correct,
+        protocol.UNIT_WEIGHT: 1,
     }
     for index in range(len(node.label_names)):
         values[protocol.class_count_key("tp", index)] = counts.true_positive[index]

@@ -249,6 +249,29 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ClientDPConfig:
+    """Organisation-level DP on top of each node's example-level DP-SGD (Flower's DP strategy wrappers).
+
+    The coordinator clips every organisation's update to ``clipping_norm``
+    (``fixed``; ``adaptive`` tracks the ``target_clipped_quantile`` of update
+    norms) and adds Gaussian noise with ``noise_multiplier`` to the average:
+    one organisation's whole contribution is protected at (epsilon, ``delta``),
+    recorded per round in the coordinator's ledger. The run stops before a
+    round would carry that epsilon past ``max_epsilon``.
+    """
+
+    enabled: bool = False
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    noise_multiplier: float = field(default=1.0, metadata=_positive())
+    clipping_norm: float = field(default=1.0, metadata=_positive())  # adaptive: the initial norm
+    target_clipped_quantile: float = field(default=0.5, metadata=_fraction())
+    clip_norm_lr: float = field(default=0.2, metadata=_positive())
+    clipped_count_stddev: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
+    delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    max_epsilon: float = field(default=10.0, metadata=_positive())
+
+
+@dataclass(frozen=True)
 class CanaryAuditConfig:
     """Empirical privacy audit in simulation (Steinke, Nasr and Jagielski 2023, one training run).
 
@@ -280,6 +303,7 @@ class FedPrivConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     canary_audit: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what ``summary.json`` records as the resolved config)."""
@@ -416,6 +440,11 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
                 f"config: {where}.max_epsilon: {budget} is below target_epsilon {target}; the noise is calibrated"
                 " to reach the target, so the budget must be at least that"
             )
+    if cfg.client_dp.enabled and cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            "config: client_dp.enabled: the coordinator clips each organisation's update, which SecAgg+ hides;"
+            " turn off secure_aggregation.enabled for organisation-level DP (node-level DP-SGD stays on either way)"
+        )
     canary = cfg.canary_audit
     if canary.enabled and 2 * canary.guesses > canary.canaries:
         raise ConfigError(

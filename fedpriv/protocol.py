@@ -29,6 +29,7 @@ LEDGER_CAN_TRAIN = "can-train"  # whether one more round fits in the budget
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 TRAIN_LOSS = "train-loss"
 DP_STEPS = "dp-steps"
+UNIT_WEIGHT = "unit-weight"  # 1 in every train reply: equal weights for organisation-level DP
 EVAL_LOSS_SUM = "loss-sum"
 EVAL_CORRECT = "correct"
 

@@ -22,6 +22,7 @@ from typing import Any
 from privacy import recompute
 from privacy.ledger import (
     DP_FIELDS,
+    DP_KINDS,
     FORMAT,
     KINDS,
     REFUSAL_FIELDS,
@@ -236,14 +237,14 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
     for name in ("format", "org", "seq", "round", "prev_hash", "signature"):
         if name not in entry:
             problems.append(f"no {name}")
-    for name in DP_FIELDS if kind == "dp_round" else REFUSAL_FIELDS:
+    for name in DP_FIELDS if kind in DP_KINDS else REFUSAL_FIELDS:
         if name not in entry:
             problems.append(f"no {name}")
     if problems:
         return problems
     if entry["format"] != FORMAT:
         problems.append(f"format {entry['format']!r}, expected {FORMAT}")
-    if kind == "dp_round":
+    if kind in DP_KINDS:
         if not (isinstance(entry["noise_multiplier"], (int, float)) and entry["noise_multiplier"] > 0):
             problems.append(f"noise_multiplier {entry['noise_multiplier']!r} is not > 0")
         if not (isinstance(entry["sample_rate"], (int, float)) and 0 < entry["sample_rate"] <= 1):
@@ -380,7 +381,7 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
                 flag("chain", "diverged", None, entry["seq"], f"entry seq {entry['seq']} differs from {copy_path}")
     # 4. epsilon from the recorded parameters, and the budget
     chain = [by_seq[s] for s in sorted(by_seq)]
-    dp = [e for e in chain if e["kind"] == "dp_round"]
+    dp = [e for e in chain if e["kind"] in DP_KINDS]
     result.dp_rounds = len(dp)
     result.refusals = sum(e["kind"] == "refusal" for e in chain)
     accountants = {e["accountant"] for e in chain}

@@ -23,7 +23,7 @@ def _rows(result: AuditResult) -> list[list[str]]:
     for org in result.orgs:
         rows.append(
             [
-                org.org,
+                f"{org.org} (organisation-level DP)" if org.org == "coordinator" else org.org,
                 str(org.entries),
                 str(org.dp_rounds),
                 str(org.refusals),

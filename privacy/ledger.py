@@ -31,7 +31,8 @@ LEDGER_FILE = "ledger.jsonl"
 SIGNING_KEY_FILE = "ledger.key"
 PUBLIC_KEY_FILE = "ledger.pub"
 FORMAT = "fedpriv-ledger/1"
-KINDS = ("dp_round", "refusal")
+KINDS = ("dp_round", "refusal", "client_dp_round")  # client_dp_round: the coordinator's organisation-level DP
+DP_KINDS = ("dp_round", "client_dp_round")
 # what every entry holds, and what each kind adds (the audit checks exactly these)
 COMMON_FIELDS = ("format", "org", "seq", "kind", "round", "time", "prev_hash")
 DP_FIELDS = (
@@ -207,9 +208,9 @@ class NodeLedger:
     entries: list[dict[str, Any]]
 
     @classmethod
-    def open(cls, state_dir: Path, org: str, key: Ed25519PrivateKey) -> NodeLedger:
+    def open(cls, state_dir: Path, org: str, key: Ed25519PrivateKey, filename: str = LEDGER_FILE) -> NodeLedger:
         """Load the node's own ledger and check it is intact and its own (a node never appends to a broken chain)."""
-        path = Path(state_dir) / LEDGER_FILE
+        path = Path(state_dir) / filename
         entries = read_entries(path)
         public = key.public_key()
         previous = genesis_hash(org)
@@ -231,7 +232,7 @@ class NodeLedger:
     def append(self, kind: str, server_round: int, fields: dict[str, Any]) -> dict[str, Any]:
         if kind not in KINDS:
             raise ValueError(f"ledger entry kind {kind!r}; expected one of {KINDS}")
-        required = DP_FIELDS if kind == "dp_round" else REFUSAL_FIELDS
+        required = DP_FIELDS if kind in DP_KINDS else REFUSAL_FIELDS
         missing = [name for name in required if name not in fields]
         if missing:
             raise ValueError(f"{kind} ledger entry without {', '.join(missing)}")

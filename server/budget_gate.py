@@ -106,15 +106,25 @@ def _with_heads(config: ConfigRecord, state: BudgetState) -> ConfigRecord:
 
 
 class BudgetGatedStrategy(Strategy):
-    """A Flower Message-API strategy with the budget gate in front of it."""
+    """A Flower Message-API strategy with the budget gate in front of it.
 
-    def __init__(self, inner: Strategy, state: BudgetState):
+    With ``client_dp`` (a :class:`server.client_dp.ClientDPAccount`, ``inner`` being Flower's DP wrapper) the
+    coordinator's own organisation-level budget is checked before each round and each release is recorded.
+    """
+
+    def __init__(self, inner: Strategy, state: BudgetState, client_dp=None):
         self.inner = inner
         self.state = state
+        self.client_dp = client_dp
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.client_dp is not None:
+            reason = self.client_dp.refusal_reason()
+            if reason is not None:
+                self.state.stopped_reason = reason
+                raise BudgetExhausted(reason)
         messages = list(self.inner.configure_train(server_round, arrays, _with_heads(config, self.state), grid))
         allowed = self.state.select([m.metadata.dst_node_id for m in messages], server_round)
         return [m for m in messages if m.metadata.dst_node_id in allowed]
@@ -130,9 +140,13 @@ class BudgetGatedStrategy(Strategy):
             self.state.note(reply.metadata.src_node_id, reply.content, server_round)
             if protocol.REFUSAL not in reply.content:
                 trained.append(reply)
-        if not any(not reply.has_error() for reply in trained):
+        answered = sum(not reply.has_error() for reply in trained)
+        if not answered:
             return None, None  # nobody trained: the global model stays as it is
-        return self.inner.aggregate_train(server_round, trained)
+        arrays, metrics = self.inner.aggregate_train(server_round, trained)
+        if self.client_dp is not None and arrays is not None:
+            self.client_dp.record(server_round, answered, arrays, float(self.inner.clipping_norm))
+        return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -84,6 +84,7 @@ class RoundTracker:
         return self._current
 
     def aggregate_train(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
+        weight_key = protocol.NUM_EXAMPLES  # metrics are per example, whatever weights the strategy averages with
         record = self._round()
         for content in contents:
             report = dict(content[protocol.PRIVACY])
@@ -103,6 +104,7 @@ class RoundTracker:
 
     def aggregate_evaluate(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         """Exact global metrics from summed counts (macro-F1 over the union of test sets)."""
+        weight_key = protocol.NUM_EXAMPLES
         record = self._round()
         total = sum(int(c[protocol.METRICS][weight_key]) for c in contents)
         correct = sum(int(c[protocol.METRICS][protocol.EVAL_CORRECT]) for c in contents)

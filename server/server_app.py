@@ -77,9 +77,12 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
     initial = trainable_arrays(model)
     keep = cfg.output.keep_checkpoints
     latest = {"arrays": initial}
+    strategy_holder: list[BudgetGatedStrategy] = []
 
     def round_end(server_round: int, arrays) -> None:
         latest["arrays"] = arrays
+        if strategy_holder and strategy_holder[0].client_dp is not None:
+            extra["client_dp"] = strategy_holder[0].client_dp.summary()
         _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra)
 
     tracker = RoundTracker(
@@ -123,7 +126,8 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
                 say=tracker.printer,
             )
         else:
-            strategy = BudgetGatedStrategy(build_strategy(cfg.strategy, tracker, num_nodes), budget)
+            strategy = _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra)
+            strategy_holder.append(strategy)
             final = strategy.start(
                 grid=grid,
                 initial_arrays=initial,
@@ -137,6 +141,8 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
         tracker.printer(f"run ended after round {len(tracker.rounds)} of {cfg.training.rounds}: {exc}")
         final = latest["arrays"]
     trained = [record for record in tracker.rounds if record.trained_orgs]
+    if strategy_holder and strategy_holder[0].client_dp is not None:
+        extra["client_dp"] = strategy_holder[0].client_dp.summary()
     if budget.stopped_reason:
         extra["status"] = "budget_exhausted"
     else:
@@ -154,6 +160,26 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
     summary = build_summary(tracker, cfg.to_dict(), extra)
     write_summary(run_dir, summary)
     return summary
+
+
+def _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra) -> BudgetGatedStrategy:
+    """Flower's strategy, wrapped by Flower's server-side DP when organisation-level DP is on, then the budget gate."""
+    if not cfg.client_dp.enabled:
+        return BudgetGatedStrategy(build_strategy(cfg.strategy, tracker, num_nodes), budget)
+    from server import client_dp
+
+    inner = build_strategy(cfg.strategy, tracker, num_nodes, weighted_by_key=protocol.UNIT_WEIGHT)
+    sampled = max(min(cfg.strategy.min_train_nodes, num_nodes), int(cfg.strategy.fraction_train * num_nodes))
+    account = client_dp.ClientDPAccount(cfg.client_dp, run_dir, sampled, say=tracker.printer)
+    extra["client_dp"] = account.summary()
+    tracker.printer(
+        f"organisation-level DP: {cfg.client_dp.clipping} clipping, noise multiplier {cfg.client_dp.noise_multiplier},"
+        f" {sampled} organisations per round, budget epsilon {cfg.client_dp.max_epsilon:g} at delta"
+        f" {cfg.client_dp.delta:g}"
+    )
+    wrapped = client_dp.wrap(cfg.client_dp, inner, sampled)
+    gated = BudgetGatedStrategy(wrapped, budget, client_dp=account)
+    return gated
 
 
 def _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra) -> None:

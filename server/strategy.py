@@ -6,13 +6,20 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from fedpriv import protocol
 from fedpriv.config import StrategyConfig
 from server.round_tracker import RoundTracker
 
 
-def build_strategy(cfg: StrategyConfig, tracker: RoundTracker, num_nodes: int) -> Strategy:
-    """FedAvg, FedProx or FedAdam, waiting for ``num_nodes`` nodes before the first round."""
+def build_strategy(
+    cfg: StrategyConfig, tracker: RoundTracker, num_nodes: int, weighted_by_key: str = protocol.NUM_EXAMPLES
+) -> Strategy:
+    """FedAvg, FedProx or FedAdam, waiting for ``num_nodes`` nodes before the first round.
+
+    ``weighted_by_key=protocol.UNIT_WEIGHT`` averages organisations equally (what organisation-level DP needs).
+    """
     common = dict(
+        weighted_by_key=weighted_by_key,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=min(cfg.min_train_nodes, num_nodes),

@@ -193,6 +193,16 @@ def final_report(summary: dict[str, Any]) -> str:
             )
     else:
         lines.append("DP was OFF: these results carry no privacy guarantee.")
+    client_dp = summary.get("client_dp")
+    if client_dp:
+        lines.append(
+            f"Organisation-level DP ({client_dp['clipping']} clipping, noise multiplier {client_dp['noise_multiplier']}):"
+            f" epsilon {client_dp['epsilon']:.3f} at delta {client_dp['delta']:g} over {client_dp['rounds']} rounds"
+            f" (budget {client_dp['max_epsilon']:g}); it protects {client_dp['protects']}"
+        )
+    budget = summary.get("budget") or {}
+    if budget.get("stopped_reason"):
+        lines.append(f"Stopped early: {budget['stopped_reason']}")
     run_dir = summary.get("run_dir", "")
     lines.append(f"Files: {run_dir}/summary.json, metrics.csv, progress.png, model/")
     return "\n".join(lines)

@@ -559,3 +559,9 @@ def test_junk_either_loads_or_raises_config_error(raw):
         return
     assert isinstance(cfg, FedPrivConfig)
     assert config_from_json(cfg.to_json()) == cfg
+
+
+def test_organisation_level_dp_cannot_be_combined_with_secure_aggregation():
+    with pytest.raises(ConfigError, match="client_dp.enabled: the coordinator clips each organisation's update"):
+        load_config(None, ["client_dp.enabled=true", "secure_aggregation.enabled=true"])
+    assert load_config(None, ["client_dp.enabled=true", "client_dp.clipping=adaptive"]).client_dp.clipping == "adaptive"

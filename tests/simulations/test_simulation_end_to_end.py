@@ -30,7 +30,9 @@ TINY_PAIR = [
 ]
 
 
-def _simulate(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, Path]:
+def _simulate(
+    tmp_path: Path, *args: str, timeout: int = 600, expect_failure: bool = False
+) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedpriv.cli", "simulate", *args, "--out", str(out)],
@@ -39,7 +41,7 @@ def _simulate(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subproces
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == (1 if expect_failure else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, out
 
 
@@ -146,6 +148,27 @@ def test_nodes_that_already_spent_their_budget_refuse_and_the_run_ends(tiny_run,
         assert [e["kind"] for e in entries] == ["dp_round", "dp_round", "refusal"]  # nothing spent, refusal kept
         coordinator = [json.loads(line) for line in (out / "ledgers" / f"{org}.jsonl").read_text().splitlines()]
         assert coordinator == entries  # delivered in the refusal (or, under SecAgg+, the evaluate) reply
+
+
+def test_organisation_level_dp_is_recorded_audited_and_stops_the_run_at_its_budget(tmp_path):
+    """Flower's server-side clipping + noise; the coordinator's ledger; a budget that fits 2 of 3 rounds."""
+    from privacy.audit import audit, load_ledger_set
+    from privacy.recompute import rdp_epsilons
+
+    _, out = _simulate(tmp_path, *TINY_PAIR, "training.rounds=3", "client_dp.enabled=true",
+                       "client_dp.noise_multiplier=0.8", "client_dp.max_epsilon=10", expect_failure=True)  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "budget_exhausted" and len(summary["rounds"]) == 2
+    assert "client_dp.max_epsilon=10" in summary["budget"]["stopped_reason"]
+    client = summary["client_dp"]
+    assert client["rounds"] == 2 and client["level"] == "organisation"
+    assert client["epsilon"] == pytest.approx(rdp_epsilons([(0.8, 1.0, 1)] * 2, 1e-5)[-1]) and client["epsilon"] <= 10
+    result = audit(load_ledger_set([out]), prv=False)
+    assert result.ok, result.to_dict()["findings"]
+    coordinator = next(org for org in result.orgs if org.org == "coordinator")
+    assert coordinator.dp_rounds == 2 and coordinator.claimed_epsilon == pytest.approx(client["epsilon"])
+    for org, p in summary["privacy"].items():  # the example-level guarantees are reported beside it
+        assert 0 < p["epsilon"] <= p["target_epsilon"], org
 
 
 def test_run_files_metrics_plot_checkpoints_and_model(tiny_run):
