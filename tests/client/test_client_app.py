@@ -185,8 +185,13 @@ def test_more_local_epochs_than_planned_cannot_overspend(tmp_path):
     cfg = load_config(overrides=OVERRIDES)
     handle_train(cfg, _message(cfg, tmp_path, 1), _context())
     greedy = load_config(overrides=[*OVERRIDES, "training.local_epochs=3"])
-    with pytest.raises(NodeSetupError, match="refuses round 2"):
-        handle_train(greedy, _message(greedy, tmp_path, 2), _context())
+    reply = handle_train(greedy, _message(greedy, tmp_path, 2), _context())
+    assert protocol.ARRAYS not in reply.content
+    refusal = reply.content[protocol.REFUSAL]
+    assert refusal["epsilon-if-trained"] > refusal["max-epsilon"]
+    last = json.loads((tmp_path / "nodes" / "org-0" / "ledger.jsonl").read_text().splitlines()[-1])
+    first = json.loads((tmp_path / "nodes" / "org-0" / "ledger.jsonl").read_text().splitlines()[0])
+    assert last["kind"] == "refusal" and last["requested_steps"] == 3 * first["local_steps"]
 
 
 def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path):
