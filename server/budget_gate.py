@@ -101,6 +101,21 @@ class BudgetState:
         return allowed
 
 
+def stop_waiting_for_everyone(strategy) -> None:
+    """After the first round is configured, sample from the nodes that are there.
+
+    Flower's strategies wait for ``min_available_nodes`` (every organisation, so that round 1 starts with all)
+    before *every* round; once one node has died that wait would never end. From round 1's own messages on,
+    the minimum becomes the strategy's minimum of training nodes. Walks wrappers (``.strategy``) too.
+    """
+    while strategy is not None:
+        if hasattr(strategy, "min_available_nodes") and hasattr(strategy, "min_train_nodes"):
+            strategy.min_available_nodes = min(strategy.min_available_nodes, strategy.min_train_nodes)
+        if hasattr(strategy, "min_available_clients") and hasattr(strategy, "min_fit_clients"):
+            strategy.min_available_clients = min(strategy.min_available_clients, strategy.min_fit_clients)
+        strategy = getattr(strategy, "strategy", None)
+
+
 def _with_heads(config: ConfigRecord, state: BudgetState) -> ConfigRecord:
     return ConfigRecord({**dict(config), protocol.LEDGER_HEADS: state.heads()})
 
@@ -126,6 +141,7 @@ class BudgetGatedStrategy(Strategy):
                 self.state.stopped_reason = reason
                 raise BudgetExhausted(reason)
         messages = list(self.inner.configure_train(server_round, arrays, _with_heads(config, self.state), grid))
+        stop_waiting_for_everyone(self.inner)
         allowed = self.state.select([m.metadata.dst_node_id for m in messages], server_round)
         return [m for m in messages if m.metadata.dst_node_id in allowed]
 
@@ -173,6 +189,7 @@ def gate_legacy_strategy(strategy, state: BudgetState, minimum: int = 1):
 
     def gated_configure_fit(server_round, parameters, client_manager):
         pairs = configure_fit(server_round, parameters, client_manager)
+        stop_waiting_for_everyone(strategy)
         allowed = state.select([int(proxy.node_id) for proxy, _ in pairs], server_round, minimum)
         return [(proxy, ins) for proxy, ins in pairs if int(proxy.node_id) in allowed]
 

@@ -61,7 +61,7 @@ def _budget(folder, max_epsilon: float) -> NodeBudget:
     return NodeBudget(node, privacy, ledger)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     schedule=st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=6),
     slack=st.floats(min_value=1.0, max_value=2.5),

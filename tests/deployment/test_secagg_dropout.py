@@ -1,10 +1,11 @@
 """SecAgg+ survives a node that dies mid-round, with real processes on 127.0.0.1.
 
 Four organisations (tiny model, DP, SecAgg+ with 4 shares and threshold 3)
-run one round through ``fedpriv federation up``. As soon as one organisation's
-ClientApp has sent its encrypted key shares (SecAgg+ stage ``share_keys``), its
-whole SuperNode process group is killed with SIGKILL: it never sends its masked
-update. The server must then rebuild that node's pairwise masks from the
+run one round through ``fedpriv federation up``. Once every organisation has
+sent its encrypted key shares (SecAgg+ stage ``share_keys``), one of them is
+killed (SIGKILL, its whole SuperNode process group) as soon as it starts the
+next message, training for ``collect_masked_vectors``: it never sends its
+masked update. The server must then rebuild that node's pairwise masks from the
 survivors' shares and still aggregate the round from the three others.
 """
 
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,18 +31,41 @@ ORGS = ("lab-a", "lab-b", "lab-c", "lab-d")
 RUN_TIMEOUT_S = 420
 
 
-def _victim_after_share_keys(timings, processes: dict[str, subprocess.Popen], done: threading.Event, killed: list):
-    """Kill the SuperNode (SIGKILL, whole group) of the first organisation that finished ``share_keys``."""
+def _clientapps_of(pgid: int) -> list[int]:
+    """Live ``flwr-clientapp`` processes in a SuperNode's process group (one per message it is handling)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z" and b"flwr-clientapp" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def _victim_in_masked_stage(timings, processes: dict[str, subprocess.Popen], done: threading.Event, killed: list):
+    """SIGKILL the SuperNode group of one organisation while it trains for ``collect_masked_vectors``.
+
+    Every organisation has finished ``share_keys`` when the timings file holds 4 such lines; a ClientApp the
+    victim starts after that can only be its stage-2 message (the server sends stage 2 once it has every
+    stage-1 reply), so its key shares were delivered and the survivors can rebuild its masks.
+    """
+    victim = None
     while not done.wait(0.2):
         if not timings.exists() or not processes:
             continue
-        for line in timings.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
-            if entry["stage"] != "secagg:share_keys":
-                continue
-            org = next(name for name in ORGS if f"/{name}/" in json.dumps(entry["node_config"]))
-            os.killpg(processes[org].pid, signal.SIGKILL)
-            killed.append((org, time.monotonic()))
+        entries = [json.loads(line) for line in timings.read_text(encoding="utf-8").splitlines()]
+        shared = [e for e in entries if e["stage"] == "secagg:share_keys"]
+        if len(shared) < len(ORGS):
+            continue
+        if victim is None:
+            victim = next(name for name in ORGS if f"/{name}/" in json.dumps(shared[0]["node_config"]))
+            before = set(_clientapps_of(processes[victim].pid))
+        if set(_clientapps_of(processes[victim].pid)) - before:
+            os.killpg(processes[victim].pid, signal.SIGKILL)
+            killed.append((victim, time.monotonic()))
             return
 
 
@@ -64,7 +89,7 @@ def dropout_run(tmp_path_factory):
     killed: list = []
     lines: list[str] = []
     done = threading.Event()
-    watcher = threading.Thread(target=_victim_after_share_keys, args=(timings, processes, done, killed), daemon=True)
+    watcher = threading.Thread(target=_victim_in_masked_stage, args=(timings, processes, done, killed), daemon=True)
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDPRIV_STAGE_TIMINGS", str(timings))  # the ClientApps say when each SecAgg+ stage is done
     watcher.start()
@@ -79,7 +104,7 @@ def dropout_run(tmp_path_factory):
                 "training.local_epochs=1",
                 "secure_aggregation.num_shares=4",
                 "secure_aggregation.reconstruction_threshold=3",
-                "strategy.round_timeout=120",  # the dead node's stage-2 reply is waited for at most this long
+                "strategy.round_timeout=60",  # the dead node's stage-2 reply is waited for at most this long
             ],
             out=root / "run",
             run_timeout=RUN_TIMEOUT_S,
@@ -95,7 +120,7 @@ def dropout_run(tmp_path_factory):
 
 def test_the_round_completes_without_the_killed_node(dropout_run):
     result, lines = dropout_run["result"], dropout_run["lines"]
-    assert dropout_run["killed"], "no node reached share_keys:\n" + "\n".join(lines[-40:])
+    assert dropout_run["killed"], "no node reached the masked-vector stage:\n" + "\n".join(lines[-40:])
     victim = dropout_run["killed"][0][0]
     assert result.returncode == 0, "\n".join(lines[-60:])
     summary = result.summary

@@ -20,7 +20,7 @@ COMMON = [
 ]  # fmt: skip
 
 
-def _simulate(tmp_path, *extra: str) -> dict:
+def _simulate(tmp_path, *extra: str) -> tuple[dict, str]:
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedpriv.cli", "simulate", *COMMON, *extra, "--out", str(out)],
@@ -33,12 +33,17 @@ def _simulate(tmp_path, *extra: str) -> dict:
     assert "Empirical audit (org-0)" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["empirical_audit"] == json.loads((out / "empirical_audit.json").read_text())
-    return summary
+    return summary, proc.stdout
 
 
 def test_a_memorising_non_private_run_shows_a_bound_clearly_above_zero(tmp_path):
     """The test has power: five local epochs per round without DP memorise the inserted canaries."""
-    summary = _simulate(tmp_path, "privacy.enabled=false", "training.local_epochs=5", "training.learning_rate=0.003")
+    summary, stdout = _simulate(
+        tmp_path, "privacy.enabled=false", "training.local_epochs=5", "training.learning_rate=0.003"
+    )
+    # a run without DP says so plainly and reports no epsilon
+    assert summary["dp_enabled"] is False and all(p["epsilon"] is None for p in summary["privacy"].values())
+    assert "DP is OFF" in stdout and "no privacy guarantee" in stdout.lower()
     audit = summary["empirical_audit"]
     assert audit["claimed_epsilon"] is None and audit["guesses"] == 20
     assert audit["correct"] >= 18, audit  # measured: 20 of 20
@@ -46,7 +51,7 @@ def test_a_memorising_non_private_run_shows_a_bound_clearly_above_zero(tmp_path)
 
 
 def test_a_dp_run_never_shows_a_bound_above_its_claimed_epsilon(tmp_path, capsys):
-    summary = _simulate(tmp_path, "privacy.target_epsilon=2")
+    summary, _ = _simulate(tmp_path, "privacy.target_epsilon=2")
     audit = summary["empirical_audit"]
     claimed = summary["privacy"]["org-0"]["epsilon"]
     assert audit["claimed_epsilon"] == claimed and 0 < claimed <= 2.0
