@@ -11,9 +11,12 @@ for.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -21,9 +24,25 @@ Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 RDP_ORDERS = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)  # Opacus's alphas
 
 
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    from opacus.accountants.analysis.rdp import compute_rdp
+@functools.cache
+def _rdp_analysis():
+    """Opacus's RDP analysis of the sampled Gaussian mechanism, loaded on its own.
 
+    The module needs only numpy and scipy; importing it through the ``opacus`` package would import torch
+    (seconds), which an audit of ledgers never needs.
+    """
+    spec = importlib.util.find_spec("opacus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("opacus is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
+    module_spec = importlib.util.spec_from_file_location("fedpriv_opacus_rdp_analysis", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    compute_rdp = _rdp_analysis().compute_rdp
     return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS))
 
 
