@@ -253,3 +253,19 @@ def test_only_the_enrolled_tls_node_connects(superlink, federation):
     for name, proc in nodes.items():
         assert not group_alive(proc.pid), name
     assert processes_after(root / "refusals") == []
+
+
+def test_the_runs_ledgers_verify_against_the_keys_in_the_organisations_kits(finished_run):
+    """An auditor with the coordinator kit's ledger-keys/ (the organisations' own public keys) finds no problem."""
+    from privacy.audit import audit, load_ledger_set
+
+    run_dir = finished_run["result"].run_dir
+    result = audit(load_ledger_set([run_dir], finished_run["kits"] / "coordinator" / "ledger-keys"), prv=False)
+    assert result.ok, result.to_dict()["findings"]
+    assert {org.org for org in result.orgs} == set(TARGETS)
+    for org in result.orgs:
+        assert org.key_source.startswith("given with --keys") and org.dp_rounds == 2
+        assert org.within_budget and org.max_epsilon == TARGETS[org.org]
+        # the coordinator's copy is the node's own ledger (kept in its kit's state folder)
+        node_copy = finished_run["kits"] / org.org / "state" / "ledger.jsonl"
+        assert node_copy.read_text() == (run_dir / "ledgers" / f"{org.org}.jsonl").read_text()
