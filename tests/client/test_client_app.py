@@ -191,7 +191,8 @@ def test_more_local_epochs_than_planned_cannot_overspend(tmp_path):
     assert refusal["epsilon-if-trained"] > refusal["max-epsilon"]
     last = json.loads((tmp_path / "nodes" / "org-0" / "ledger.jsonl").read_text().splitlines()[-1])
     first = json.loads((tmp_path / "nodes" / "org-0" / "ledger.jsonl").read_text().splitlines()[0])
-    assert last["kind"] == "refusal" and last["requested_steps"] == 3 * first["local_steps"]
+    per_epoch = first["local_steps"] // cfg.training.local_epochs
+    assert last["kind"] == "refusal" and last["requested_steps"] == 3 * per_epoch
 
 
 def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path):
