@@ -31,7 +31,7 @@ import yaml
 
 DEFAULTS = {
     "nodes": 10, "rounds": 3, "examples": 40, "updates": "lora,full", "model": "minilm",
-    "batch": 16, "max_length": 64, "out": "",
+    "batch": 16, "max_length": 64, "out": "", "modes": "secure,plaintext",
 }  # fmt: skip
 MODES = ("secure", "plaintext")
 
@@ -183,7 +183,9 @@ def main(argv: list[str]) -> list[dict]:
     print(f"{args['nodes']} organisations x {args['examples']} articles; {args['rounds']} rounds per run; in {out}")
     results = []
     for update in args["updates"].split(","):
-        for mode in MODES:
+        for mode in args["modes"].split(","):
+            if mode not in MODES:
+                raise SystemExit(f"modes: {mode!r} is not one of {', '.join(MODES)}")
             results.append(run_one(out, federation, args, update, mode))
             (out / "overhead.json").write_text(json.dumps({"settings": args, "results": results}, indent=2))
     print(markdown(results, args))
