@@ -115,19 +115,20 @@ def plan_privacy(
     sample_rate = 1 / steps_per_epoch
     steps_per_round = steps_per_epoch * local_epochs
     planned_steps = steps_per_round * rounds
+    plan = PrivacyPlan(
+        target_epsilon=float(target_epsilon),
+        delta=float(delta),
+        noise_multiplier=math.nan,
+        max_grad_norm=float(max_grad_norm),
+        sample_rate=sample_rate,
+        steps_per_round=steps_per_round,
+        planned_rounds=rounds,
+        planned_steps=planned_steps,
+        accountant=accountant,
+        num_examples=num_examples,
+    )
     if not calibrate:
-        return PrivacyPlan(
-            target_epsilon=float(target_epsilon),
-            delta=float(delta),
-            noise_multiplier=math.nan,
-            max_grad_norm=float(max_grad_norm),
-            sample_rate=sample_rate,
-            steps_per_round=steps_per_round,
-            planned_rounds=rounds,
-            planned_steps=planned_steps,
-            accountant=accountant,
-            num_examples=num_examples,
-        )
+        return plan
     try:
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
@@ -145,15 +146,4 @@ def plan_privacy(
             f" ({rounds} rounds x {local_epochs} local epochs, batch {batch_size}): {reason}"
             " Raise privacy.target_epsilon or train fewer steps."
         ) from None
-    return PrivacyPlan(
-        target_epsilon=float(target_epsilon),
-        delta=float(delta),
-        noise_multiplier=float(sigma),
-        max_grad_norm=float(max_grad_norm),
-        sample_rate=sample_rate,
-        steps_per_round=steps_per_round,
-        planned_rounds=rounds,
-        planned_steps=planned_steps,
-        accountant=accountant,
-        num_examples=num_examples,
-    )
+    return dataclasses.replace(plan, noise_multiplier=float(sigma))

@@ -23,7 +23,7 @@ def _plan(accountant="rdp", **kw):
 
 
 @functools.cache
-def _cached_plan(accountant, kw):
+def _cached_plan(accountant, kw, calibrate=True):
     """Calibration costs seconds on 2 cores; plans are frozen, so tests share them."""
     args = dict(
         org="org-1",
@@ -37,7 +37,7 @@ def _cached_plan(accountant, kw):
         accountant=accountant,
     )
     args.update(kw)
-    return plan_privacy(**args)
+    return plan_privacy(**args, calibrate=calibrate)
 
 
 def _uninterrupted_epsilon(plan, steps):
@@ -181,19 +181,7 @@ def test_data_loader_must_match_the_plan(tmp_path):
 
 
 def _uncalibrated(**kw):
-    args = dict(
-        org="org-1",
-        num_examples=N,
-        batch_size=BATCH,
-        local_epochs=LOCAL_EPOCHS,
-        rounds=ROUNDS,
-        target_epsilon=2.0,
-        delta=1e-3,
-        max_grad_norm=1.0,
-        accountant="rdp",
-    )
-    args.update(kw)
-    return plan_privacy(calibrate=False, **args)
+    return _cached_plan("rdp", tuple(sorted(kw.items())), calibrate=False)
 
 
 def test_later_rounds_reopen_without_calibrating(tmp_path):
