@@ -76,6 +76,8 @@ def main(argv: list[str]) -> dict:
     root = Path(args["out"]) if args["out"] else Path(tempfile.mkdtemp(prefix="fedpriv-audit-bench-"))
     started = time.perf_counter()
     if not (root / "ledgers" / "heads.json").exists():
+        if root.exists() and any(root.iterdir()):
+            raise SystemExit(f"out={root}: not empty and not a finished benchmark run; name a new folder")
         write_run(root, args["orgs"], args["rounds"])
     written = time.perf_counter() - started
     results = {"orgs": args["orgs"], "rounds": args["rounds"], "entries": args["orgs"] * args["rounds"]}

@@ -81,6 +81,7 @@ class OrgAudit:
     claimed_epsilon: float | None = None
     recomputed_epsilon: dict[str, float | None] = field(default_factory=dict)
     within_budget: bool | None = None
+    prv_prefixes_computed: int = 0  # PRV is costly: a PRV ledger's claims are bracketed, not all recomputed
     rounds: list[RoundCheck] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
 
@@ -124,7 +125,7 @@ class AuditResult:
 class LedgerSet:
     """What an audit reads: ledgers per organisation, their keys (and where from), recorded heads."""
 
-    ledgers: dict[str, tuple[Path, list[dict[str, Any]]]]
+    ledgers: dict[str, tuple[Path, list[dict[str, Any]] | None]]  # None: not read yet (see _named_after_its_org)
     keys: dict[str, tuple[Any, str]]
     heads: dict[str, dict[str, Any]]
     copies: dict[str, list[tuple[Path, list[dict[str, Any]]]]]
@@ -196,16 +197,31 @@ def load_ledger_set(paths: list[str | Path], keys_dir: str | Path | None = None)
             "public keys were taken from the audited folder itself (trust on first use): pass --keys with the"
             " organisations' own ledger.pub files to rule out a coordinator that re-signed everything"
         )
-    ledgers: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
+    ledgers: dict[str, tuple[Path, list[dict[str, Any]] | None]] = {}
     copies: dict[str, list[tuple[Path, list[dict[str, Any]]]]] = {}
     for path in files:
-        entries = _read(path)
-        org = _org_of(path, entries)
+        named = _named_after_its_org(path)
+        entries = None if named and named not in ledgers else _read(path)  # None: read where it is audited
+        org = named or _org_of(path, entries)
         if org in ledgers:
             copies.setdefault(org, []).append((path, entries))
         else:
             ledgers[org] = (path, entries)
     return LedgerSet(ledgers, keys, heads, copies, ", ".join(str(p) for p in paths), notes, empirical)
+
+
+def _named_after_its_org(path: Path) -> str | None:
+    """The organisation a ledger file belongs to when its name says so and its first entry agrees (no parsing).
+
+    The coordinator keeps ``ledgers/<org>.jsonl``; reading such a file can wait for the worker that
+    audits it. Any other file is read here, and its organisation is the one most of its entries name.
+    """
+    try:
+        with path.open(encoding="utf-8") as handle:
+            first = json.loads(handle.readline())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return path.stem if isinstance(first, dict) and first.get("org") == path.stem else None
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -399,12 +415,15 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
     events = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["local_steps"])) for e in dp]
     rdp = recompute.rdp_epsilons(events, result.delta)
     prv_all: list[float | None] = [None] * len(dp)
-    if prv and dp:
+    prv_under = [False] * len(dp)
+    if dp and (prv or result.accountant == "prv"):  # a PRV ledger's claims are checked even with --no-prv
         if result.accountant == "prv":
-            prv_all = recompute.epsilons(events, result.delta, "prv")
+            claims = [float(e["epsilon"]) for e in dp]
+            prv_all, prv_under = recompute.prv_check_claims(events, claims, result.delta, RELATIVE_TOLERANCE)
         else:
             prv_all[-1] = recompute.prv_epsilon(events, result.delta)
-    for entry, eps_rdp, eps_prv in zip(dp, rdp, prv_all, strict=True):
+    result.prv_prefixes_computed = sum(value is not None for value in prv_all)
+    for entry, eps_rdp, eps_prv, prv_low in zip(dp, rdp, prv_all, prv_under, strict=True):
         claimed = float(entry["epsilon"])
         check = RoundCheck(
             position=position_of[entry["seq"]],
@@ -418,14 +437,15 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
         )
         result.rounds.append(check)
         same = eps_rdp if entry["accountant"] == "rdp" else eps_prv
-        if same is not None and claimed < same * (1 - RELATIVE_TOLERANCE) - 1e-12:
+        if prv_low or (same is not None and claimed < same * (1 - RELATIVE_TOLERANCE) - 1e-12):
             flag(
                 "epsilon",
                 "under_reported",
                 check.position,
                 check.seq,
                 f"round {check.round} claims epsilon {claimed:.6g}; its recorded parameters give"
-                f" {same:.6g} ({entry['accountant'].upper()})",
+                + (f" {same:.6g}" if same is not None else " more (an earlier round's is already higher)")
+                + f" ({entry['accountant'].upper()})",
             )
     result.claimed_epsilon = float(dp[-1]["epsilon"]) if dp else 0.0
     result.recomputed_epsilon = {"rdp": rdp[-1] if rdp else 0.0, "prv": prv_all[-1] if dp else 0.0}
@@ -453,9 +473,14 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
 PARALLEL_FROM_ENTRIES = 20_000  # below this a process pool costs more than it saves
 
 
+def _estimated_entries(path: Path) -> int:
+    return path.stat().st_size // 500  # a dp_round line is about 600 bytes
+
+
 def _check_org_in_worker(task: tuple) -> OrgAudit:
     """One organisation in a worker process (keys travel as PEM: key objects do not pickle)."""
     org, path, entries, keys_pem, heads, copies, prv = task
+    entries = _read(path) if entries is None else entries
     keys = {name: (load_public_key(pem.encode()), source) for name, (pem, source) in keys_pem.items()}
     ledger_set = LedgerSet({org: (path, entries)}, keys, heads, {org: copies}, "", [])
     return _check_org(org, path, entries, ledger_set, prv)
@@ -467,7 +492,7 @@ def audit(ledger_set: LedgerSet, prv: bool = True, workers: int | None = None) -
 
     started = time.perf_counter()
     items = sorted(ledger_set.ledgers.items())
-    total = sum(len(entries) for _, (_, entries) in items)
+    total = sum(len(entries) if entries is not None else _estimated_entries(path) for _, (path, entries) in items)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if workers > 1 and len(items) > 1 and total >= PARALLEL_FROM_ENTRIES:
         from concurrent.futures import ProcessPoolExecutor
@@ -482,7 +507,10 @@ def audit(ledger_set: LedgerSet, prv: bool = True, workers: int | None = None) -
         with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
             orgs = list(pool.map(_check_org_in_worker, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
     else:
-        orgs = [_check_org(org, path, entries, ledger_set, prv) for org, (path, entries) in items]
+        orgs = [
+            _check_org(org, path, _read(path) if entries is None else entries, ledger_set, prv)
+            for org, (path, entries) in items
+        ]
     for org in sorted(set(ledger_set.heads) - set(ledger_set.ledgers)):
         missing = OrgAudit(org=org, ledger="(missing)", key_source="", key_fingerprint=None)
         missing.findings.append(

@@ -86,8 +86,14 @@ def markdown(result: AuditResult) -> str:
         "",
         "Epsilon is recomputed from each ledger's recorded (noise multiplier, sampling rate, steps) alone: RDP",
         "(Opacus's orders, Balle et al. 2020 conversion) for every entry, PRV (Gopi et al. 2021, upper bound) for",
-        "the last entry, and for every entry of ledgers that claim PRV.",
+        "the last entry. Every claim of a ledger that claims PRV is checked against PRV: a claim at or above a later",
+        "round's PRV epsilon is sound, one below an earlier round's is under-reported, and PRV is computed where",
+        "neither decides.",
     ]
+    bracketed = [org for org in result.orgs if org.accountant == "prv" and org.dp_rounds]
+    if bracketed:
+        computed = ", ".join(f"{org.org}: {org.prv_prefixes_computed} of {org.dp_rounds} rounds" for org in bracketed)
+        lines.append(f"PRV computed for: {computed}.")
     return "\n".join(lines) + "\n"
 
 

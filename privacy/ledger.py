@@ -11,6 +11,7 @@ parameters alone. A line is flushed and fsynced before it is reported.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -21,9 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 from fedpriv.errors import PrivacyError
 
@@ -70,10 +72,21 @@ def sign(body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     return {**unsigned(body), "signature": signature}
 
 
+@functools.lru_cache(maxsize=4096)
+def _verifier(raw_public_key: bytes) -> VerifyKey:
+    return VerifyKey(raw_public_key)
+
+
 def signature_valid(entry: dict[str, Any], key: Ed25519PublicKey) -> bool:
+    """Whether ``entry`` carries ``key``'s signature over its other fields.
+
+    Verified with libsodium (PyNaCl): the same RFC 8032 check as OpenSSL's, stricter about malformed
+    signatures, and about twice as fast, which is what an audit of 100,000 entries spends its time on.
+    """
     try:
-        key.verify(base64.b64decode(str(entry.get("signature", "")), validate=True), canonical(unsigned(entry)))
-    except (InvalidSignature, ValueError, TypeError):
+        signature = base64.b64decode(str(entry.get("signature", "")), validate=True)
+        _verifier(key.public_bytes_raw()).verify(canonical(unsigned(entry)), signature)
+    except (BadSignatureError, ValueError, TypeError):
         return False
     return True
 

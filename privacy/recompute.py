@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import sys
+import types
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,22 +72,124 @@ def rdp_epsilons(events: Sequence[Event], delta: float) -> list[float]:
     return [0.0 if total == 0 else float(value) for value, total in zip(best, totals, strict=True)]
 
 
-def prv_epsilon(events: Sequence[Event], delta: float) -> float:
-    """Epsilon at ``delta`` after all ``events`` with Opacus's PRV accountant (fresh, from the events only)."""
-    from opacus.accountants import PRVAccountant
+class _RDPFromEvents:
+    """What Opacus's PRV domain sizing asks of its RDPAccountant (a history, get_epsilon), served vectorised."""
 
+    def __init__(self) -> None:
+        self.history: list[Event] = []
+
+    def get_epsilon(self, delta: float) -> float:
+        return rdp_epsilons(self.history, delta)[-1]
+
+
+_SHADOW = "fedpriv_opacus_shadow"
+
+
+@functools.cache
+def _prv_analysis():
+    """Opacus's PRV analysis (``opacus.accountants.analysis.prv``) loaded without torch.
+
+    Its modules need numpy and scipy, plus two names from Opacus's accountant modules (which import
+    torch): the RDP analysis (loaded on its own, as above) and ``RDPAccountant`` for the domain size,
+    served here by the vectorised RDP of this module. Importing torch costs seconds in every audit
+    worker; this costs milliseconds.
+    """
+    root = Path(next(iter(importlib.util.find_spec("opacus").submodule_search_locations))) / "accountants"
+    for name in (_SHADOW, f"{_SHADOW}.accountants", f"{_SHADOW}.accountants.analysis"):
+        package = types.ModuleType(name)
+        package.__path__ = []  # a package that finds nothing by itself: every module below is placed by hand
+        sys.modules.setdefault(name, package)
+    sys.modules[f"{_SHADOW}.accountants.analysis.rdp"] = _rdp_analysis()
+    rdp_accountant = types.ModuleType(f"{_SHADOW}.accountants.rdp")
+    rdp_accountant.RDPAccountant = _RDPFromEvents
+    sys.modules[rdp_accountant.__name__] = rdp_accountant
+    folder = root / "analysis" / "prv"
+    spec = importlib.util.spec_from_file_location(
+        f"{_SHADOW}.accountants.analysis.prv", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PRV_EPS_ERROR = 0.01  # Opacus's default for PRVAccountant.get_epsilon, which nodes use
+
+
+def prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_EPS_ERROR) -> float:
+    """Epsilon at ``delta`` after all ``events`` with the PRV accountant (Gopi et al. 2021), from the events only.
+
+    The same computation as Opacus's ``PRVAccountant.get_epsilon`` (its upper bound, ``delta_error =
+    delta / 1000``): a domain sized by Gopi et al.'s remark 5.6, each mechanism discretised once and
+    composed with itself by FFT.
+    """
     merged: dict[tuple[float, float], int] = {}
     for sigma, q, steps in events:  # composing one mechanism k times, in any order: merge identical ones
         if int(steps) > 0:
             merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
-    history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
-    if not history:
+    if not merged:
         return 0.0
-    accountant = PRVAccountant()
-    accountant.history = history
-    with warnings.catch_warnings():
+    prv = _prv_analysis()
+    delta_error = delta / 1000
+    mechanisms = [prv.PoissonSubsampledGaussianPRV(q, sigma) for sigma, q in merged]
+    counts = list(merged.values())
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta=delta))
+        size = prv.compute_safe_domain_size(mechanisms, counts, eps_error=eps_error, delta_error=delta_error)
+        mesh = eps_error / np.sqrt(sum(counts) * np.log(12 / delta_error) / 2)
+        domain = prv.Domain.create_aligned(-size, size, mesh)
+        discrete = [
+            prv.discretize(prv.TruncatedPrivacyRandomVariable(m, domain.t_min, domain.t_max), domain)
+            for m in mechanisms
+        ]
+        composed = prv.compose_heterogeneous(discrete, counts)
+        return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])
+
+
+def prv_check_claims(
+    events: Sequence[Event], claims: Sequence[float], delta: float, tolerance: float
+) -> tuple[list[float | None], list[bool]]:
+    """Which claimed epsilons (one per event, for each prefix) are below the PRV accountant's, computing few prefixes.
+
+    PRV costs a fraction of a second per prefix, so a 1,000-round ledger is not recomputed prefix by
+    prefix: epsilon never falls as events are added, so a claim at or above the PRV of a later prefix
+    (less ``tolerance``) is sound, and one below an earlier prefix's is under-reported; only the claims
+    left undecided between two computed prefixes make the audit compute another one (bisection).
+    Returns the PRV epsilon where it was computed (None elsewhere) and the under-reported flags.
+    """
+    count = len(events)
+    known: dict[int, float] = {}
+
+    def value(index: int) -> float:
+        if index < 0:
+            return 0.0
+        if index not in known:
+            known[index] = prv_epsilon(events[: index + 1], delta)
+        return known[index]
+
+    def below(claim: float, reference: float) -> bool:
+        return claim < reference * (1 - tolerance) - 1e-12
+
+    if not count:
+        return [], []
+    under = [False] * count
+    under[count - 1] = below(claims[count - 1], value(count - 1))
+    intervals = [(-1, count - 1)]  # open intervals whose two ends are computed
+    while intervals:
+        low, high = intervals.pop()
+        undecided = []
+        for index in range(low + 1, high):
+            if not below(claims[index], value(high)):
+                continue  # at or above a later prefix's epsilon: sound
+            if below(claims[index], value(low)):
+                under[index] = True  # below an earlier prefix's epsilon: under-reported
+            else:
+                undecided.append(index)
+        if undecided:
+            middle = undecided[len(undecided) // 2]
+            under[middle] = below(claims[middle], value(middle))
+            intervals += [(low, middle), (middle, high)]
+    return [known.get(index) for index in range(count)], under
 
 
 def epsilons(events: Sequence[Event], delta: float, accountant: str) -> list[float]:
@@ -93,5 +197,5 @@ def epsilons(events: Sequence[Event], delta: float, accountant: str) -> list[flo
     if accountant == "rdp":
         return rdp_epsilons(events, delta)
     if accountant == "prv":
-        return [prv_epsilon(events[: index + 1], delta) for index in range(len(events))]
+        return [prv_epsilon(events[: index + 1], delta) for index in range(len(events))]  # one PRV per prefix
     raise ValueError(f"unknown accountant {accountant!r}; expected rdp or prv")

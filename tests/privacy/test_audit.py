@@ -245,3 +245,21 @@ def test_an_empirical_bound_above_the_ledgers_epsilon_fails_the_audit(run_dir):
     empirical["epsilon_lower_bound"] = claimed / 2
     (run_dir / "empirical_audit.json").write_text(json.dumps(empirical))
     assert audit(load_ledger_set([run_dir]), prv=False).ok
+
+
+def test_a_prv_ledger_is_checked_against_prv_and_an_under_report_is_found_at_its_line(tmp_path):
+    run = tmp_path / "run"
+    key = ensure_signing_key(tmp_path / "nodes" / "org-a.key")
+    ledger = NodeLedger.open(tmp_path / "nodes" / "org-a", "org-a", key)
+    truth = [prv_epsilon([(SIGMA, Q, STEPS)] * r, DELTA) for r in range(1, 6)]
+    for server_round, epsilon in enumerate(truth, start=1):
+        claimed = epsilon * (0.95 if server_round == 3 else 1.0)
+        ledger.append("dp_round", server_round, _dp_fields(claimed, accountant="prv"))
+    (run / "ledgers" / "keys").mkdir(parents=True)
+    shutil.copy(ledger.path, _ledger(run))
+    (run / "ledgers" / "keys" / "org-a.pub").write_text(public_key_text(key.public_key()))
+    result = audit(load_ledger_set([run]), prv=False)  # --no-prv still checks the claims of a PRV ledger
+    assert [(f.problem, f.position) for f in result.orgs[0].findings] == [("under_reported", 3)]
+    assert result.orgs[0].recomputed_epsilon["prv"] == pytest.approx(truth[-1])
+    assert main(["audit", str(run), "--no-prv", "--out", str(tmp_path / "report")]) == 1
+    assert "of 5 rounds" in (tmp_path / "report" / "audit.md").read_text()
