@@ -88,6 +88,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
     if budget is not None:
         budget.record_round(server_round, steps_before, model_digest)
         report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
+        report["clipping_mode"] = result.clipping_mode
         records[protocol.LEDGER] = budget.report(cfg, heads)
     else:
         report = {"org": node.org, "dp_enabled": False}

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from client.tokenized import PadCollator, TokenizedTexts
 from fedpriv.config import TrainingConfig
 from privacy.accountant_state import NodePrivacy
+from privacy.bookkeeping import BookkeepingClipping, choose_clipping_mode
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class TrainResult:
     mean_loss: float
     steps: int
     examples_seen: int
+    clipping_mode: str | None = None  # the per-example clipping used under DP (None: no DP)
 
 
 def _optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -57,7 +59,7 @@ def train_locally(
     pad_token_id: int,
     device: torch.device,
     privacy: NodePrivacy | None,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "auto",
     proximal_mu: float = 0.0,
     seed: int = 0,
 ) -> TrainResult:
@@ -80,7 +82,9 @@ def train_locally(
     )
     optimizer = _optimizer(params, cfg)
     criterion = torch.nn.CrossEntropyLoss()
+    clipping_mode = None
     if privacy is not None:
+        grad_sample_mode = clipping_mode = choose_clipping_mode(model, grad_sample_mode)
         if grad_sample_mode == "ghost":
             model, optimizer, criterion, loader = privacy.make_private(
                 model, optimizer, loader, grad_sample_mode="ghost", criterion=criterion
@@ -114,4 +118,8 @@ def train_locally(
             total_loss += float(loss.detach()) * len(labels)
             examples += len(labels)
     optimizer.zero_grad(set_to_none=True)
-    return TrainResult(mean_loss=total_loss / max(examples, 1), steps=steps, examples_seen=examples)
+    if isinstance(model, BookkeepingClipping):
+        model.remove_hooks()
+    return TrainResult(
+        mean_loss=total_loss / max(examples, 1), steps=steps, examples_seen=examples, clipping_mode=clipping_mode
+    )

@@ -164,7 +164,8 @@ class PrivacyConfig:
     delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
     max_grad_norm: float = field(default=1.0, metadata=_positive())
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    # per-example clipping: auto = book-keeping ("bk") when every trainable layer supports it, else Opacus "hooks"
+    grad_sample_mode: Literal["auto", "bk", "hooks", "ghost"] = "auto"
     # the hard budget: a node refuses any round that would take it past this (null: target_epsilon)
     max_epsilon: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
     orgs: dict[str, OrgPrivacyConfig] = field(default_factory=dict)

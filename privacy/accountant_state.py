@@ -156,7 +156,8 @@ class NodePrivacy:
         """Wrap with Opacus, recording every step into THIS accountant.
 
         Returns (module, optimizer, data_loader), or (module, optimizer, criterion, data_loader)
-        for ``grad_sample_mode="ghost"``, as Opacus does.
+        for ``grad_sample_mode="ghost"``, as Opacus does. ``"bk"`` is this project's book-keeping
+        clipping (privacy/bookkeeping.py): one backward pass, same loader, noise and accounting.
         """
         from opacus import PrivacyEngine
 
@@ -168,6 +169,8 @@ class NodePrivacy:
                 f" (sampling rate {recorded_rate:.4g}) but the privacy plan was calibrated for sampling rate"
                 f" {self.plan.sample_rate:.4g} ({self.plan.num_examples} examples): use the planned batch size"
             )
+        if grad_sample_mode == "bk":
+            return self._make_private_bookkeeping(module, optimizer, data_loader, loss_reduction)
         engine = PrivacyEngine(accountant=self.plan.accountant)
         engine.accountant = self.accountant
         extra = {} if criterion is None else {"criterion": criterion}
@@ -182,6 +185,26 @@ class NodePrivacy:
             loss_reduction=loss_reduction,
             **extra,
         )
+
+    def _make_private_bookkeeping(self, module, optimizer, data_loader, loss_reduction: str):
+        """Book-keeping clipping (privacy/bookkeeping.py) with Opacus's Poisson loader, noise and accounting."""
+        from opacus.data_loader import DPDataLoader
+
+        from privacy.bookkeeping import BookkeepingClipping, bookkeeping_optimizer
+
+        clipping = BookkeepingClipping(module, max_grad_norm=self.plan.max_grad_norm, loss_reduction=loss_reduction)
+        loader = DPDataLoader.from_data_loader(data_loader)
+        sample_rate = 1 / len(loader)
+        dp_optimizer = bookkeeping_optimizer(
+            optimizer,
+            clipping=clipping,
+            noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=self.plan.max_grad_norm,
+            expected_batch_size=int(len(data_loader.dataset) * sample_rate),
+            loss_reduction=loss_reduction,
+        )
+        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        return clipping, dp_optimizer, loader
 
     def save(self) -> None:
         """Persist the accountant history atomically."""

@@ -100,7 +100,7 @@ def _plan(max_grad_norm: float) -> PrivacyPlan:
 
 @pytest.mark.parametrize("clip", ["small", "mixed"])
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
-@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "bk"])
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
 def test_opacus_clipping_matches_per_example_reference(tmp_path, finetuning, grad_sample_mode, loss_reduction, clip):
     from torch.utils.data import DataLoader, TensorDataset
@@ -142,11 +142,16 @@ def test_opacus_clipping_matches_per_example_reference(tmp_path, finetuning, gra
         per_sample = torch.cat([p.grad_sample.reshape(B, -1) for p in params], dim=1).double()
         torch.testing.assert_close(per_sample, ref, rtol=1e-4, atol=1e-7)
         opacus_norms = per_sample.norm(dim=1)
+    elif grad_sample_mode == "bk":
+        assert all(p.grad is None for p in params)  # the backward pass computed no weight gradient
+        opacus_norms = dp_model.per_example_norms().double()
     else:
         opacus_norms = dp_model.get_norm_sample().double()
     torch.testing.assert_close(opacus_norms, ref_norms, rtol=1e-5, atol=1e-7)
     if grad_sample_mode == "ghost":
         coef = dp_model.get_clipping_coef().double()
+    elif grad_sample_mode == "bk":
+        coef = dp_model.clip_factors().double()
     else:
         coef = (C / (opacus_norms + 1e-6)).clamp(max=1.0)  # DPOptimizer.clip_and_accumulate's factor
     # (b) every clipped per-sample gradient has norm <= C

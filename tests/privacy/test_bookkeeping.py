@@ -1,0 +1,135 @@
+"""Book-keeping clipping: both ways of taking a linear layer's norms, what it refuses, and its use in training.
+
+The headline check (every mode against a per-example reference, full fine-tuning and LoRA, both loss
+reductions) is test_clipping.py; this file checks what that one cannot reach.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from privacy.bookkeeping import (
+    BookkeepingClipping,
+    UnsupportedForBookkeeping,
+    choose_clipping_mode,
+    unsupported_reason,
+)
+from tests.privacy.test_clipping import B, _batch, _reference_per_example_grads, _tiny_bert
+
+
+@pytest.mark.parametrize("linear_norms", ["ghost", "per_example"])
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_ghost_norms_and_formed_per_example_gradients_both_match_the_reference(finetuning, linear_norms):
+    model = _tiny_bert(finetuning)
+    ids, mask, labels = _batch()
+    ref = _reference_per_example_grads(copy.deepcopy(model), ids, mask, labels)
+    C = float(ref.norm(dim=1).median())
+    clipping = BookkeepingClipping(model, max_grad_norm=C, loss_reduction="sum", linear_norms=linear_norms)
+    logits = clipping(input_ids=ids, attention_mask=mask).logits
+    nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+    torch.testing.assert_close(clipping.per_example_norms().double(), ref.norm(dim=1), rtol=1e-5, atol=1e-7)
+    assert clipping.write_clipped_sum()
+    factors = (C / (ref.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    summed = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    torch.testing.assert_close(summed, (ref * factors[:, None]).sum(0), rtol=1e-5, atol=1e-6 * C)
+
+
+class _WithConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(-1))
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.layer(self.layer(x))
+
+
+def test_a_trainable_layer_it_does_not_know_is_refused_and_auto_falls_back_to_hooks():
+    model = _WithConv()
+    with pytest.raises(UnsupportedForBookkeeping, match="conv"):
+        BookkeepingClipping(model, max_grad_norm=1.0)
+    assert "Conv1d" in unsupported_reason(model)
+    assert choose_clipping_mode(model, "auto") == "hooks"
+    model.conv.requires_grad_(False)  # a frozen unsupported layer is fine
+    assert unsupported_reason(model) is None and choose_clipping_mode(model, "auto") == "bk"
+    assert choose_clipping_mode(model, "ghost") == "ghost"  # a configured mode is kept
+
+
+def test_shared_weights_are_refused_rather_than_clipped_wrongly():
+    clipping = BookkeepingClipping(_Shared(), max_grad_norm=1.0)
+    with pytest.raises(UnsupportedForBookkeeping, match="twice"):
+        clipping(torch.randn(3, 4))
+
+
+def test_evaluation_without_gradients_is_the_plain_model_and_records_nothing():
+    model = _tiny_bert("full").eval()
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    clipping = BookkeepingClipping(model, max_grad_norm=1.0)
+    with torch.no_grad():
+        assert torch.equal(clipping(input_ids=ids, attention_mask=mask).logits, expected)
+    assert not clipping.write_clipped_sum()  # nothing to clip
+    assert all(p.requires_grad for p in clipping.params)
+
+
+def test_train_locally_uses_bookkeeping_accounts_every_step_and_removes_its_hooks(tmp_path):
+    from client.tokenized import TokenizedTexts
+    from client.training import train_locally
+    from fedpriv.config import TrainingConfig
+    from privacy import NodePrivacy
+    from privacy.calibration import plan_privacy
+
+    model = _tiny_bert("lora")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(3)
+    data = TokenizedTexts(
+        [torch.randint(1, 100, (int(n),), generator=gen) for n in torch.randint(3, 12, (40,), generator=gen)],
+        torch.randint(0, 3, (40,), generator=gen),
+    )
+    plan = plan_privacy(
+        org="org-a", num_examples=40, batch_size=8, local_epochs=1, rounds=2, target_epsilon=8.0, delta=1e-5,
+        max_grad_norm=1.0, accountant="rdp",
+    )  # fmt: skip
+    privacy = NodePrivacy.open(tmp_path, plan)
+    cfg = TrainingConfig(batch_size=8, local_epochs=1, learning_rate=0.01)
+    result = train_locally(
+        model, data, cfg=cfg, pad_token_id=0, device=torch.device("cpu"), privacy=privacy, grad_sample_mode="auto"
+    )
+    assert result.clipping_mode == "bk"
+    assert result.steps == privacy.steps == 5  # every Poisson batch (empty ones too) is one accounted step
+    assert all(not module._forward_hooks for module in model.modules())
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert sorted(changed) == sorted(before)  # noise and clipped gradients moved every trainable tensor
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_accounted_step(tmp_path):
+    from client.training import _noise_only_step
+    from privacy import NodePrivacy
+    from tests.privacy.test_clipping import _plan
+
+    model = _tiny_bert("lora")
+    params = [p for p in model.parameters() if p.requires_grad]
+    plan = _plan(1.0)
+    plan = type(plan)(**{**plan.__dict__, "noise_multiplier": 1.0})
+    node = NodePrivacy.open(tmp_path, plan)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(B, 1)), batch_size=B)
+    _, optimizer, _ = node.make_private(model, torch.optim.SGD(params, lr=1.0), loader, grad_sample_mode="bk")
+    before = [p.detach().clone() for p in params]
+    _noise_only_step(optimizer, params)
+    assert node.steps == 1
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
