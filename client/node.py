@@ -4,7 +4,9 @@ In simulation the node is one partition of a shared corpus (``partition-id`` in
 ``node_config``). In deployment the organisation's kit names its own
 ``node.yaml`` (``node-config`` in ``node_config``): its data file, privacy
 budget, device and state folder, which the coordinator cannot change. Either
-way the result is cached per process, so data is read and tokenised once.
+way the result is cached per process (a simulation process keeps the last 256
+organisations it served), and a deployment node also keeps its tokenised data
+on disk in its state folder, because every message starts a new process.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import torch
 from flwr.app import Context
 
 from client.data_files import load_labelled_file, split_indices
-from client.tokenized import TokenizedTexts, tokenize
+from client.tokenized import TokenizedTexts, tokenize, tokenize_cached
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig, ModelConfig, load_node_config
 from privacy.calibration import PrivacyPlan, plan_privacy
@@ -46,15 +49,22 @@ class LocalNode:
     ledger_key: Path | None  # the kit's Ed25519 ledger key; None in simulation (<state_dir>/ledger.key, made once)
 
 
-_NODES: dict[tuple[str, object], LocalNode] = {}
+TOKEN_CACHE_DIR = "token-cache"
+NODES_KEPT = 256  # a simulation process serves many organisations in turn: keep their tokenised data
+_NODES: OrderedDict[tuple[str, object], LocalNode] = OrderedDict()
 _TEMPLATES: dict[str, tuple[torch.nn.Module, str]] = {}
 
 
 def _cached(cfg: FedPrivConfig, which: object, load) -> LocalNode:
     key = (cfg.to_json(), which)
-    if key not in _NODES:
-        _NODES.clear()  # one run at a time per process
-        _NODES[key] = load()
+    if key in _NODES:
+        _NODES.move_to_end(key)
+        return _NODES[key]
+    if any(kept_cfg != key[0] for kept_cfg, _ in _NODES):
+        _NODES.clear()  # another run's organisations
+    _NODES[key] = load()
+    while len(_NODES) > NODES_KEPT:
+        _NODES.popitem(last=False)
     return _NODES[key]
 
 
@@ -112,11 +122,12 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
         )
     tokenizer = build_tokenizer(cfg.model.name)
     max_length = node.data.max_length
+    cache = Path(node.state_dir) / TOKEN_CACHE_DIR  # every message is a new process: tokenise once per data set
     return LocalNode(
         org=node.org,
         label_names=label_names,
-        train=tokenize(train.texts, train.labels, tokenizer, max_length),
-        test=tokenize(test.texts, test.labels, tokenizer, max_length),
+        train=tokenize_cached(train.texts, train.labels, tokenizer, max_length, cache),
+        test=tokenize_cached(test.texts, test.labels, tokenizer, max_length, cache),
         pad_token_id=tokenizer.pad_token_id,
         target_epsilon=node.privacy.target_epsilon,
         delta=node.privacy.delta,

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+CACHE_FORMAT = "fedpriv-tokens/1"
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,51 @@ def tokenize(texts: list[str], labels: list[int], tokenizer, max_length: int) ->
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
     ids = [torch.tensor(row, dtype=torch.long) for row in encoded["input_ids"]]
     return TokenizedTexts(ids, torch.tensor(list(labels), dtype=torch.long))
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A digest of everything that decides how the tokenizer splits text (its vocabulary and rules)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # its truncation/padding settings change with every call: not part of the identity
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        rules = json.dumps(spec, sort_keys=True)
+    else:
+        rules = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tokenizer).__name__}:{rules}".encode()).hexdigest()
+
+
+def tokenize_cached(
+    texts: list[str], labels: list[int], tokenizer, max_length: int, cache_dir: Path | None
+) -> TokenizedTexts:
+    """``tokenize``, kept on disk under ``cache_dir`` keyed by the texts, labels, tokenizer and length.
+
+    A deployment node starts a new process for every message, so without this it would tokenise its
+    data again every round. Any change to the data (redaction, a new file) or the tokenizer gives a
+    new key; an unreadable cache file is ignored and rewritten.
+    """
+    if cache_dir is None:
+        return tokenize(texts, labels, tokenizer, max_length)
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_FORMAT, tokenizer_identity(tokenizer), max_length, list(labels)]).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+    path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.pt"
+    try:
+        stored = torch.load(path, weights_only=True)
+        if stored["format"] == CACHE_FORMAT and len(stored["lengths"]) == len(texts):
+            ids = list(torch.split(stored["ids"].long(), stored["lengths"].tolist()))
+            return TokenizedTexts(ids, stored["labels"])
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError):
+        pass  # missing or unreadable: tokenise again
+    data = tokenize(texts, labels, tokenizer, max_length)
+    lengths = torch.tensor([len(ids) for ids in data.input_ids], dtype=torch.long)
+    flat = torch.cat(data.input_ids) if data.input_ids else torch.zeros(0, dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save({"format": CACHE_FORMAT, "ids": flat.int(), "lengths": lengths, "labels": data.labels}, tmp)
+    os.replace(tmp, path)
+    return data
 
 
 class PadCollator:

@@ -1,0 +1,59 @@
+"""Tokenised data is cached on disk (deployment: a new process per message) and re-made when anything changes."""
+
+from __future__ import annotations
+
+import torch
+
+from client.tokenized import tokenize, tokenize_cached
+from shared_models.builder import build_tokenizer
+
+TEXTS = ["The central bank held rates.", "A late goal won the cup final for the home side.", "Shares fell 3%."]
+
+
+def test_a_second_process_reads_the_cache_instead_of_tokenising(tmp_path, monkeypatch):
+    tokenizer = build_tokenizer("minilm")
+    first = tokenize_cached(TEXTS, [0, 1, 0], tokenizer, 16, tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr("client.tokenized.tokenize", refuse)
+    again = tokenize_cached(TEXTS, [0, 1, 0], tokenizer, 16, tmp_path)
+    expected = tokenize(TEXTS, [0, 1, 0], tokenizer, 16)
+    assert all(torch.equal(a, b) for a, b in zip(again.input_ids, expected.input_ids, strict=True))
+    assert torch.equal(again.labels, expected.labels) and len(again) == len(first) == 3
+
+
+def test_changed_texts_labels_or_length_make_a_new_entry_and_a_broken_file_is_replaced(tmp_path):
+    tokenizer = build_tokenizer("minilm")
+    tokenize_cached(TEXTS, [0, 1, 0], tokenizer, 16, tmp_path)
+    tokenize_cached([TEXTS[0], "[EMAIL] wrote in.", TEXTS[2]], [0, 1, 0], tokenizer, 16, tmp_path)
+    tokenize_cached(TEXTS, [1, 1, 0], tokenizer, 16, tmp_path)
+    tokenize_cached(TEXTS, [0, 1, 0], tokenizer, 8, tmp_path)
+    files = sorted(tmp_path.glob("*.pt"))
+    assert len(files) == 4
+    for path in files:
+        path.write_bytes(b"garbage")
+    short = tokenize_cached(TEXTS, [0, 1, 0], tokenizer, 8, tmp_path)
+    assert max(len(ids) for ids in short.input_ids) == 8
+    assert sum(1 for p in tmp_path.glob("*.pt") if p.read_bytes() != b"garbage") == 1
+
+
+def test_a_simulation_process_keeps_the_organisations_it_served(monkeypatch):
+    from client import node
+    from fedpriv.config import load_config
+
+    monkeypatch.setattr(node, "_NODES", type(node._NODES)())
+    loads: list[int] = []
+
+    def load(which):
+        return lambda: loads.append(which) or which
+
+    cfg = load_config()
+    for which in [0, 1, 2, 0, 1, 2, 0]:
+        assert node._cached(cfg, which, load(which)) == which
+    assert loads == [0, 1, 2]
+    other = load_config(overrides=["training.rounds=7"])
+    node._cached(other, 0, load(0))  # another run: nothing of the first is kept
+    assert loads == [0, 1, 2, 0] and len(node._NODES) == 1
