@@ -146,6 +146,8 @@ class TrainingConfig:
     learning_rate: float = field(default=5e-4, metadata=_positive())
     weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     device: str = field(default="auto", metadata=_DEVICE)
+    # auto: bf16 autocast on a CUDA device that supports it, fp32 elsewhere (bf16 on CPU is opt-in: slow without AMX)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True)

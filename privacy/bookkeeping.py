@@ -135,6 +135,9 @@ class BookkeepingClipping(nn.Module):
         record = self._records[layer]
         record.reached = True
         a, g = record.inputs, grad_output.detach()
+        if g.dtype in (torch.float16, torch.bfloat16):  # mixed precision: norms and sums in float32
+            g = g.float()
+            a = a.float() if a.is_floating_point() else a
         batch = g.shape[0]
         if self.loss_reduction == "mean":
             g = g * batch

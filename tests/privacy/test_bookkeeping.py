@@ -133,3 +133,20 @@ def test_an_empty_poisson_batch_is_a_noise_only_accounted_step(tmp_path):
     _noise_only_step(optimizer, params)
     assert node.steps == 1
     assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_under_bf16_autocast_norms_and_sums_are_kept_in_float32_and_stay_close_to_the_reference():
+    model = _tiny_bert("full")
+    ids, mask, labels = _batch()
+    ref = _reference_per_example_grads(copy.deepcopy(model), ids, mask, labels)
+    clipping = BookkeepingClipping(model, max_grad_norm=1e-3, loss_reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = clipping(input_ids=ids, attention_mask=mask).logits
+    nn.functional.cross_entropy(logits.float(), labels, reduction="sum").backward()
+    norms = clipping.per_example_norms()
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), ref.norm(dim=1), rtol=0.05, atol=1e-4)
+    clipping.write_clipped_sum()
+    assert all(p.grad.dtype == torch.float32 for p in clipping.params)
+    summed = torch.cat([p.grad.reshape(-1) for p in clipping.params]).double()
+    assert summed.norm() <= B * 1e-3 * 1.001  # each example contributes at most C, whatever the precision
