@@ -1,0 +1,27 @@
+"""Smoke run of benchmarks/dp_throughput.py on the tiny model, so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dp_throughput.py"
+
+
+def test_the_throughput_benchmark_times_and_sizes_each_mode(tmp_path):
+    out = tmp_path / "throughput.json"
+    command = [sys.executable, str(SCRIPT), "model=tiny", "finetuning=lora", "modes=nondp,bk", "steps=1", "repeats=1"]
+    subprocess.run([*command, f"out={out}"], capture_output=True, text=True, check=True)
+    result = json.loads(out.read_text())
+    lora = result["lora"]
+    assert 0 < lora["trainable_parameters"] < 10_000
+    assert lora["modes"]["nondp"]["samples_per_s"] > 0 and lora["modes"]["bk"]["throughput_vs_nondp"] > 0
+    memory = lora["modes"]["bk"]["memory"]
+    assert memory["peak_rss_mb"] >= memory["training_rss_mb"] >= 0 and lora["modes"]["bk"]["peak_rss_vs_nondp"] > 0
+
+
+def test_an_unknown_mode_is_refused_in_one_line():
+    done = subprocess.run([sys.executable, str(SCRIPT), "modes=nondp,fast"], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == "modes: unknown fast; known: nondp, hooks, ghost, bk"
