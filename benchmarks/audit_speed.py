@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark_settings import parse_settings
+
 from privacy.audit import audit, load_ledger_set
 from privacy.ledger import (
     FORMAT,
@@ -67,12 +69,7 @@ def write_run(root: Path, orgs: int, rounds: int) -> Path:
 
 
 def main(argv: list[str]) -> dict:
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, _, value = item.partition("=")
-        if key not in DEFAULTS:
-            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
-        args[key] = value if key == "out" else int(value)
+    args = parse_settings(argv, DEFAULTS)
     root = Path(args["out"]) if args["out"] else Path(tempfile.mkdtemp(prefix="fedpriv-audit-bench-"))
     started = time.perf_counter()
     if not (root / "ledgers" / "heads.json").exists():

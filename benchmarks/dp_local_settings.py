@@ -20,6 +20,7 @@ import time
 import warnings
 
 import torch
+from benchmark_settings import parse_settings
 
 from client.evaluation import evaluate
 from client.tokenized import tokenize
@@ -39,12 +40,7 @@ DEFAULTS = {
 
 def main(argv: list[str]) -> dict:
     warnings.filterwarnings("ignore")
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, _, value = item.partition("=")
-        if key not in DEFAULTS:
-            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
-        args[key] = float(value) if key in ("lr", "epsilon", "sigma") else int(value)
+    args = parse_settings(argv, DEFAULTS, numbers=("sigma",))
     torch.set_num_threads(args["threads"])
     cfg = load_config(
         overrides=[

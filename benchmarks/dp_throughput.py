@@ -32,26 +32,18 @@ import warnings
 from pathlib import Path
 
 import torch
+from benchmark_settings import parse_settings
 
 DEFAULTS = {
     "model": "minilm", "finetuning": "full,lora", "modes": "nondp,hooks,ghost,bk", "batch": 32, "seq": 128,
     "steps": 4, "repeats": 3, "threads": 0, "memory": 1, "device": "cpu", "precision": "fp32", "out": "",
 }  # fmt: skip
-TEXT_KEYS = ("model", "finetuning", "modes", "device", "precision", "out")
 DP_MODES = ("hooks", "ghost", "bk")
 
 
 def parse(argv: list[str]) -> dict:
-    args = dict(DEFAULTS)
-    child = None
-    for item in argv:
-        if item.startswith("_child="):
-            child = item.split("=", 1)[1]
-            continue
-        key, _, value = item.partition("=")
-        if key not in DEFAULTS:
-            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
-        args[key] = value if key in TEXT_KEYS else int(value)
+    child = next((item.split("=", 1)[1] for item in argv if item.startswith("_child=")), None)
+    args = parse_settings([item for item in argv if not item.startswith("_child=")], DEFAULTS)
     unknown = set(args["modes"].split(",")) - {"nondp", *DP_MODES}
     if unknown:
         raise SystemExit(f"modes: unknown {', '.join(sorted(unknown))}; known: nondp, {', '.join(DP_MODES)}")

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import yaml
+from benchmark_settings import parse_settings
 
 DEFAULTS = {
     "nodes": 10, "rounds": 3, "examples": 40, "updates": "lora,full", "model": "minilm",
@@ -37,13 +38,7 @@ MODES = ("secure", "plaintext")
 
 
 def parse(argv: list[str]) -> dict:
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, _, value = item.partition("=")
-        if key not in DEFAULTS:
-            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
-        args[key] = int(value) if isinstance(DEFAULTS[key], int) else value
-    return args
+    return parse_settings(argv, DEFAULTS)
 
 
 def write_federation(root: Path, nodes: int, examples: int) -> Path:
