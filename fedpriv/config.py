@@ -240,9 +240,22 @@ class ClientResources:
     num_gpus: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
 
 
+def _ray_address_ok(value: str) -> bool:
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):([0-9]{1,5})", value)
+    return value == "auto" or (match is not None and 0 < int(match.group(2)) < 65536)
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     client_resources: ClientResources = field(default_factory=ClientResources)
+    # run the virtual organisations on an existing Ray cluster: HOST:PORT of its head (what `ray start --head`
+    # prints) or auto (RAY_ADDRESS, else the cluster `ray start` last started here); null: a private Ray instance
+    ray_address: str | None = field(
+        default=None,
+        metadata=_check(
+            _ray_address_ok, "HOST:PORT of a running Ray cluster's head (`ray start --head` prints it), auto or null"
+        ),
+    )
 
 
 @dataclass(frozen=True)

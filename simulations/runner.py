@@ -38,8 +38,14 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     partitions = plan_partitions(cfg)
     privacy: dict[str, PrivacyPlan] = {}
     if cfg.privacy.enabled:
+        # A plan depends only on the organisation's training-set size and target, never on its name: calibrate
+        # each distinct one once (10,000 IID shares have 2-3 sizes; calibration takes about a second each).
+        calibrated: dict[tuple[int, tuple[float, float]], PrivacyPlan] = {}
         for org in partitions.orgs:
-            privacy[org.name] = org_privacy_plan(cfg, org.name, len(org.train))
+            key = (len(org.train), cfg.privacy.target_for(org.name))
+            if key not in calibrated:
+                calibrated[key] = org_privacy_plan(cfg, org.name, len(org.train))
+            privacy[org.name] = calibrated[key]
     if cfg.secure_aggregation.enabled:
         from server.secure_rounds import secagg_shares
 
@@ -117,8 +123,13 @@ def _quiet_logs(verbose: bool) -> None:
 
 
 def backend_config(cfg: FedPrivConfig, verbose: bool) -> dict[str, Any]:
+    """Flower's Ray backend settings; ``init_args`` go to ``ray.init``.
+
+    ``address``: the existing cluster ``simulation.ray_address`` names, else "local": a private Ray instance,
+    even when RAY_ADDRESS is set or ``ray start`` left a cluster on this machine (which Ray's default joins).
+    """
     resources = cfg.simulation.client_resources
-    init_args: dict[str, Any] = {"include_dashboard": False}
+    init_args: dict[str, Any] = {"address": cfg.simulation.ray_address or "local", "include_dashboard": False}
     if not verbose:
         init_args.update({"logging_level": logging.ERROR, "log_to_driver": True, "configure_logging": True})
     return {

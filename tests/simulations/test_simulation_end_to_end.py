@@ -74,6 +74,7 @@ def test_tiny_simulation_writes_the_documented_summary(tiny_run):
     assert set(summary["privacy"]) == orgs
     for org, p in summary["privacy"].items():
         assert SUMMARY_PRIVACY_FIELDS <= set(p)
+        assert p["clipping_mode"] == "bk"  # auto: the tiny BERT's trainable layers are all book-keeping layers
         # epsilon grows over rounds and ends at (not above) the target
         assert summary["rounds"][0]["epsilon"][org] < summary["rounds"][1]["epsilon"][org] == p["epsilon"]
         assert p["target_epsilon"] * 0.99 <= p["epsilon"] <= p["target_epsilon"]
