@@ -6,6 +6,7 @@ optimizer and data loader are wrapped.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ def _optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
 
 def _noise_only_step(optimizer, params: list[torch.nn.Parameter]) -> None:
     """An empty Poisson batch is still one DP step: zero gradient + noise, and it is accounted."""
+    optimizer.zero_grad(set_to_none=True)  # what the previous batch left (Opacus refuses uncleared gradients)
     for param in params:
         param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
         param.grad = torch.zeros_like(param)  # what ghost clipping's optimizer reads
@@ -79,7 +81,9 @@ def train_locally(
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    generator = torch.Generator().manual_seed(seed)
+    # Under DP the batches are Poisson samples whose secrecy the privacy amplification relies on: drawn from
+    # an unpredictable seed, never from the run's public seed (which the coordinator and every node know).
+    generator = torch.Generator().manual_seed(seed if privacy is None else secrets.randbits(63))
     if privacy is None:
         # Non-private baselines are reproducible (dropout included). Never under DP: Opacus draws its
         # noise from the global generator, and a known seed would make the noise predictable.

@@ -150,3 +150,54 @@ def test_under_bf16_autocast_norms_and_sums_are_kept_in_float32_and_stay_close_t
     assert all(p.grad.dtype == torch.float32 for p in clipping.params)
     summed = torch.cat([p.grad.reshape(-1) for p in clipping.params]).double()
     assert summed.norm() <= B * 1e-3 * 1.001  # each example contributes at most C, whatever the precision
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+def test_an_empty_poisson_batch_after_a_trained_one_is_still_a_noise_only_step(tmp_path, mode):
+    from client.training import _noise_only_step
+    from privacy import NodePrivacy
+    from tests.privacy.test_clipping import _plan
+
+    model = _tiny_bert("lora")
+    params = [p for p in model.parameters() if p.requires_grad]
+    node = NodePrivacy.open(tmp_path, _plan(1.0))
+    ids, mask, labels = _batch()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, mask, labels), batch_size=B)
+    dp_model, optimizer, _ = node.make_private(model, torch.optim.SGD(params, lr=0.1), loader, grad_sample_mode=mode)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(dp_model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+    optimizer.step()
+    _noise_only_step(optimizer, params)  # Opacus used to refuse: the trained batch's gradients were never cleared
+    assert node.steps == 2
+
+
+def test_dp_batches_are_not_drawn_from_the_public_run_seed(tmp_path, monkeypatch):
+    """Poisson sampling's amplification assumes nobody can predict the batches: not the coordinator, not a peer."""
+    from opacus.data_loader import DPDataLoader
+
+    from client.tokenized import TokenizedTexts
+    from client.training import train_locally
+    from fedpriv.config import TrainingConfig
+    from privacy import NodePrivacy
+    from privacy.calibration import plan_privacy
+
+    seeds: list[int] = []
+    original = DPDataLoader.from_data_loader.__func__
+
+    def spy(cls, data_loader, **kwargs):
+        seeds.append(data_loader.generator.initial_seed())
+        return original(cls, data_loader, **kwargs)
+
+    monkeypatch.setattr(DPDataLoader, "from_data_loader", classmethod(spy))
+    data = TokenizedTexts([torch.arange(1, 6)] * 16, torch.zeros(16, dtype=torch.long))
+    plan = plan_privacy(
+        org="org-a", num_examples=16, batch_size=4, local_epochs=1, rounds=4, target_epsilon=8.0, delta=1e-5,
+        max_grad_norm=1.0, accountant="rdp",
+    )  # fmt: skip
+    for round_dir in ("r1", "r2"):
+        privacy = NodePrivacy.open(tmp_path / round_dir, plan)
+        train_locally(
+            _tiny_bert("lora"), data, cfg=TrainingConfig(batch_size=4), pad_token_id=0, device=torch.device("cpu"),
+            privacy=privacy, seed=7,
+        )  # fmt: skip
+    assert len(seeds) == 2 and seeds[0] != seeds[1] and 7 not in seeds
