@@ -359,3 +359,18 @@ def test_unknown_partition_id():
     assert plan.org(3).name == "org-3"
     with pytest.raises(DataError, match="partition-id 4"):
         plan.org(4)
+
+
+@pytest.mark.parametrize(("n", "num_orgs"), [(1000, 7), (6734, 1000), (20, 20)])
+def test_iid_shards_are_flower_datasets_iid_partitions_of_the_shuffled_order(n, num_orgs):
+    import datasets
+    import numpy as np
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from simulations.partitioning import _iid
+
+    order = np.random.default_rng(3).permutation(n).tolist()
+    partitioner = IidPartitioner(num_partitions=num_orgs)
+    partitioner.dataset = datasets.Dataset.from_dict({"row": order})
+    expected = [list(partitioner.load_partition(pid)["row"]) for pid in range(num_orgs)]
+    assert _iid(n, num_orgs, seed=3) == expected
