@@ -32,9 +32,11 @@ from benchmark_settings import parse_settings
 
 DEFAULTS = {
     "nodes": 10, "rounds": 3, "examples": 40, "updates": "lora,full", "model": "minilm",
-    "batch": 16, "max_length": 64, "out": "", "modes": "secure,plaintext",
+    "batch": 16, "max_length": 64, "out": "", "modes": "secure,plaintext", "supernodes": "fedpriv",
 }  # fmt: skip
 MODES = ("secure", "plaintext")
+SUPERNODES = {"fedpriv": "fedpriv-supernode", "flower": "flower-supernode"}  # warm ClientApps / Flower's stock
+COMPUTE_PHASES = ("train", "evaluate")  # the work any framework must do: the DP training loop, the evaluation
 
 
 def parse(argv: list[str]) -> dict:
@@ -72,13 +74,30 @@ def round_times(summary: dict) -> list[float]:
     return [round(b - a, 2) for a, b in zip(elapsed, elapsed[1:], strict=False)]
 
 
+def read_stages(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def node_compute(entries: list[dict], rounds: int) -> list[float]:
+    """Per round: the slowest node's local compute (its training loop + evaluation loop over all its messages)."""
+    per_round: list[float] = []
+    for server_round in range(1, rounds + 1):
+        by_node: dict[int, float] = {}
+        for entry in entries:
+            if str(entry["round"]) == str(server_round):
+                work = sum(entry["phases"].get(name, 0.0) for name in COMPUTE_PHASES)
+                by_node[entry["node_id"]] = by_node.get(entry["node_id"], 0.0) + work
+        per_round.append(round(max(by_node.values(), default=0.0), 2))
+    return per_round
+
+
 def stage_table(path: Path) -> dict[str, dict]:
     """Per message kind: count, median process start-up, median handler time and its phases."""
     by_stage: dict[str, list[dict]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
-            by_stage.setdefault(entry["stage"], []).append(entry)
+    for entry in read_stages(path):
+        by_stage.setdefault(entry["stage"], []).append(entry)
     table = {}
     for stage, entries in sorted(by_stage.items()):
         phases = sorted({name for e in entries for name in e["phases"]})
@@ -91,11 +110,13 @@ def stage_table(path: Path) -> dict[str, dict]:
     return table
 
 
-def run_one(root: Path, federation: Path, args: dict, update: str, mode: str) -> dict:
+def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, supernode: str = "fedpriv") -> dict:
     from fedpriv.local_federation import federation_up
+    from fedpriv.provisioning.kits import SUPERNODE_ENV
 
-    label = f"{update}/{mode}"
-    timings = root / f"stages-{update}-{mode}.jsonl"
+    label = f"{update}/{mode}/{supernode}"
+    tag = f"{update}-{mode}-{supernode}"
+    timings = root / f"stages-{tag}.jsonl"
     overrides = [
         f"model.name={args['model']}",
         f"model.finetuning={update}",
@@ -108,27 +129,35 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str) ->
     if update == "full":
         overrides.append("privacy.grad_sample_mode=ghost")  # per-sample gradients of 22M parameters x 10 nodes
     os.environ["FEDPRIV_STAGE_TIMINGS"] = str(timings)  # inherited by every SuperNode's ClientApp processes
+    os.environ[SUPERNODE_ENV] = SUPERNODES[supernode]  # read by each kit's start-supernode.sh
     started = time.monotonic()
     try:
         result = federation_up(
             federation,
-            root / f"kits-{update}-{mode}",
+            root / f"kits-{tag}",
             rounds=args["rounds"],
             overrides=overrides,
-            out=root / f"run-{update}-{mode}",
+            out=root / f"run-{tag}",
             run_timeout=3600,
             plaintext=mode == "plaintext",
             say=lambda line: print(f"  [{label}] {line}", flush=True),
         )
     finally:
         os.environ.pop("FEDPRIV_STAGE_TIMINGS", None)
+        os.environ.pop(SUPERNODE_ENV, None)
     if result.summary is None or result.returncode != 0:
         raise SystemExit(f"{label}: the run failed (exit {result.returncode}); logs in {result.run_dir / 'logs'}")
     summary = result.summary
     rounds = round_times(summary)
+    compute = node_compute(read_stages(timings), len(rounds))
+    ratios = [round(wall / work, 3) if work else None for wall, work in zip(rounds, compute, strict=True)]
     return {
         "update": update,
         "mode": mode,
+        "supernode": supernode,
+        "slowest_node_compute_s": compute,
+        "round_over_compute": ratios,
+        "median_round_over_compute": statistics.median(r for r in ratios if r) if any(ratios) else None,
         "trainable_parameters": summary["model"]["trainable_parameters"],
         "upload_bytes_per_round": summary["model"]["upload_bytes_per_round"],
         "round_s": rounds,
@@ -146,7 +175,7 @@ def markdown(results: list[dict], args: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for update in dict.fromkeys(r["update"] for r in results):
-        by_mode = {r["mode"]: r for r in results if r["update"] == update}
+        by_mode = {r["mode"]: r for r in results if r["update"] == update and r["supernode"] == "fedpriv"}
         plain, secure = by_mode.get("plaintext"), by_mode.get("secure")
         if not plain or not secure:
             continue
@@ -157,6 +186,16 @@ def markdown(results: list[dict], args: dict) -> str:
         )
     lines += [
         "",
+        "| run | s/round | slowest node's compute s (train + evaluate) | round / compute | median |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['update']}/{r['mode']}/{r['supernode']} | {r['round_s']} | {r['slowest_node_compute_s']}"
+            f" | {r['round_over_compute']} | **{r['median_round_over_compute']}** |"
+        )
+    lines += [
+        "",
         "| run | message | messages | process start-up s | handler s | handler phases s |",
         "|---|---|---|---|---|---|",
     ]
@@ -164,7 +203,7 @@ def markdown(results: list[dict], args: dict) -> str:
         for stage, row in r["stages"].items():
             phases = ", ".join(f"{k} {v}" for k, v in row["phases_s"].items()) or "-"
             lines.append(
-                f"| {r['update']}/{r['mode']} | {stage} | {row['messages']} | {row['startup_s']} | {row['handler_s']}"
+                f"| {r['update']}/{r['mode']}/{r['supernode']} | {stage} | {row['messages']} | {row['startup_s']} | {row['handler_s']}"
                 f" | {phases} |"
             )
     return "\n".join(lines)
@@ -181,7 +220,10 @@ def main(argv: list[str]) -> list[dict]:
         for mode in args["modes"].split(","):
             if mode not in MODES:
                 raise SystemExit(f"modes: {mode!r} is not one of {', '.join(MODES)}")
-            results.append(run_one(out, federation, args, update, mode))
+            for supernode in args["supernodes"].split(","):
+                if supernode not in SUPERNODES:
+                    raise SystemExit(f"supernodes: {supernode!r} is not one of {', '.join(SUPERNODES)}")
+                results.append(run_one(out, federation, args, update, mode, supernode))
             (out / "overhead.json").write_text(json.dumps({"settings": args, "results": results}, indent=2))
     print(markdown(results, args))
     print(f"raw numbers: {out / 'overhead.json'}")

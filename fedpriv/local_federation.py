@@ -34,6 +34,7 @@ from fedpriv.errors import UserError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
 from fedpriv.provisioning.federation import CoordinatorConfig, FederationConfig, load_federation
+from fedpriv.provisioning.kits import SUPERNODE, SUPERNODE_ENV
 
 START_TIMEOUT_S = 60.0
 STOP_WAIT_S = 10.0
@@ -406,7 +407,7 @@ def federation_up(
             kit = kits / org.name
             log = logs / f"{org.name}.log"
             if plaintext:
-                args = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}"]
+                args = [os.environ.get(SUPERNODE_ENV, SUPERNODE), "--insecure", "--superlink", f"127.0.0.1:{port}"]
                 args += ["--node-config", f"{NODE_CONFIG_FILE}='{kit / 'node.yaml'}'"]
             else:
                 args = ["sh", str(kit / "start-supernode.sh")]

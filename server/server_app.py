@@ -22,6 +22,7 @@ from fedpriv.run_config import config_from_context
 from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState
 from server.checkpoints import save_checkpoint
 from server.ledger_store import LedgerStore
+from server.prompt_grid import PromptGrid
 from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_plot, write_summary
 from server.round_tracker import RoundTracker
 from server.secure_rounds import run_secure_rounds, secagg_shares
@@ -204,7 +205,7 @@ def build_server_app(
         cfg = config or config_from_context(context)
         folder = run_dir or run_dir_for(cfg)
         nodes = num_nodes or cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
-        run_federation(grid, context, cfg, Path(folder), nodes)
+        run_federation(PromptGrid(grid), context, cfg, Path(folder), nodes)
 
     return app
 

@@ -174,9 +174,15 @@ def enroll_nodes_sh(cfg: FederationConfig, enrolled: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUPERNODE = "fedpriv-supernode"
+SUPERNODE_ENV = "FEDPRIV_SUPERNODE"
+
+
 def supernode_command(cfg: FederationConfig) -> list[str]:
+    # fedpriv-supernode is flower-supernode (same flags) with warm ClientApp processes and a short idle poll;
+    # FEDPRIV_SUPERNODE=flower-supernode runs Flower's own instead
     return [
-        "flower-supernode",
+        f'"${{{SUPERNODE_ENV}:-{SUPERNODE}}}"',
         f"--superlink {cfg.dial_address}",
         '--root-certificates "$KIT/ca.crt"',
         '--auth-supernode-private-key "$KIT/node.key"',
@@ -191,6 +197,7 @@ def start_supernode_sh(cfg: FederationConfig, org: OrganisationConfig) -> str:
         "# It dials the coordinator over TLS trusting only ca.crt, proves who it is with node.key (the",
         "# coordinator registered node.pub) and reads this organisation's own settings from node.yaml.",
         "# Extra flower-supernode flags may follow, e.g. ./start-supernode.sh --port 9095",
+        f"# {SUPERNODE_ENV}=flower-supernode ./start-supernode.sh runs Flower's stock SuperNode (cold ClientApps).",
         *_kit_prelude("start-supernode.sh"),
         "exec " + " \\\n    ".join(supernode_command(cfg)) + ' \\\n    "$@"',
     ]
@@ -266,7 +273,7 @@ Files
   node.yaml         your own settings: data file, privacy budget (target_epsilon, delta, max_epsilon),
                     device, state folder. Edit data.path to where the data lives on this machine.
   state/            (after the first round) privacy plan, accountant and ledger.jsonl: never delete it
-  start-supernode.sh  starts flower-supernode, dialling the coordinator at {cfg.dial_address}
+  start-supernode.sh  starts fedpriv-supernode (flower-supernode with warm ClientApps), dialling the coordinator at {cfg.dial_address}
 
 Run: ./start-supernode.sh      (the folder can be copied anywhere; paths are relative to the script)
 Check: fedpriv pki inspect .

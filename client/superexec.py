@@ -1,0 +1,167 @@
+"""A SuperExec that forks each ClientApp from a process that already imported torch and friends.
+
+Flower 1.41's SuperExec starts every ClientApp message in a new ``flwr-clientapp``
+process: a SecAgg+ round sends five messages per node, and each one paid the
+interpreter, Flower, torch, transformers, PEFT and Opacus imports again (seconds
+per message on a busy CPU; see BENCHMARKS.md). ``fedpriv-superexec`` is Flower's
+own ``flower-superexec`` (same command line, same task loop, same Runtime API and
+token handling) with one change: the executor forks a child of this warm process
+instead of exec'ing a fresh interpreter. The child runs Flower's own
+``run_clientapp`` with the task's token, exactly as ``flwr-clientapp`` would, so the
+ClientApp still comes from the run's FAB and still runs in its own process (one
+message, one process; a crash or a kill takes only that message down).
+
+Only third-party modules are imported ahead of time; nothing runs in them (no
+torch operation, no CUDA initialisation, no thread pool), so the children start
+as clean as a fresh interpreter would. Tasks are picked up every 0.05 s instead
+of every second (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` still overrides it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+
+POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own variable: seconds between task polls
+DEFAULT_POLL_S = "0.05"
+# What a fedpriv ClientApp imports that costs seconds: imported once here, shared by every forked message.
+PRELOAD = (
+    "numpy",
+    "torch",
+    "transformers",
+    "peft",
+    "opacus",
+    "safetensors.torch",
+    "flwr.supernode.runtime.run_clientapp",
+    "flwr.client.mod",
+)
+
+
+def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
+    """Import ``modules`` (those that exist); returns the ones imported. Never runs torch code."""
+    # torch.cuda.is_available() through NVML: a CUDA context in this process would be unusable in its children.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    loaded = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        loaded.append(name)
+    return loaded
+
+
+def fork_is_safe() -> str | None:
+    """Why forking this process would not be safe (None when it is)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA was initialised in the SuperExec process"
+    return None
+
+
+class ForkExecutor:
+    """Flower's executor interface (``launch``/``reconcile``/``close``...): one forked child per task."""
+
+    def __init__(self) -> None:
+        self.children: set[int] = set()
+
+    def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
+        del insecure, root_certificates_path
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
+        del task_type, fab_hash, insecure, root_certificates_path
+
+    def launch(self, spec):
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP or fork_is_safe() is not None:
+            return SubprocessExecutor().launch(spec)  # anything else: Flower's cold start, unchanged
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the parent's task loop
+            os._exit(run_task(spec))
+        self.children.add(pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished children (no zombies)."""
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
+
+    def close(self) -> None:
+        self.reconcile()
+
+
+def run_task(spec) -> int:
+    """In the forked child: Flower's ``run_clientapp`` for this task's token; returns the exit code."""
+    code = 1
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)  # the parent's handlers would close the parent's connections
+        if spec.suppress_output:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            parent_pid=spec.parent_pid,
+            runtime_dependency_install=spec.runtime_dependency_install,
+        )
+        code = 0
+    except SystemExit as exc:  # flwr_exit ends every ClientApp run this way
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - report and leave with a failure code, never back into the parent's loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+    return code
+
+
+def install() -> None:
+    """Make Flower's SuperExec use ``ForkExecutor`` for its default (subprocess) executor."""
+    from flwr.supercore.constant import ExecutorType
+    from flwr.supercore.superexec import run_superexec as superexec_module
+
+    flower_get_executor = superexec_module.get_executor
+
+    def get_executor(executor_type, executor_config=None, **kwargs):
+        if executor_type == ExecutorType.SUBPROCESS:
+            return ForkExecutor()
+        return flower_get_executor(executor_type, executor_config, **kwargs)
+
+    superexec_module.get_executor = get_executor
+
+
+def main() -> None:
+    """``fedpriv-superexec``: ``flower-superexec`` with warm, forked ClientApp processes."""
+    os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)
+    preload()
+    install()
+    from flwr.supercore.cli import flower_superexec
+
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""``fedpriv-supernode``: Flower's ``flower-supernode`` with warm ClientApps and a short idle poll.
+
+Same command line and behaviour as ``flower-supernode`` (TLS, node
+authentication, node config, isolation modes), with two changes that take the
+waiting out of a round:
+
+- in the default ``--isolation subprocess`` mode the SuperNode starts
+  ``fedpriv-superexec`` (client/superexec.py) where it would start
+  ``flower-superexec``: messages run in processes forked from one that already
+  imported torch, transformers, PEFT and Opacus;
+- when the SuperLink had no message for it, the node asks again after
+  ``FEDPRIV_NODE_POLL_S`` seconds (default 0.25) instead of Flower's fixed 3 s,
+  and it checks for its ClientApp's reply every 0.25 s instead of every 0.5 s. A
+  SecAgg+ round is five message exchanges, so a 3 s idle poll alone cost up to
+  15 s per round. Each node then asks the SuperLink four times a second when idle:
+  raise the value for federations of thousands of nodes.
+
+Both are patched into the module that holds Flower's SuperNode loop
+(``flwr.supernode.start_client_internal``); ``check_patch_points`` fails loudly
+if a Flower release moves them (flwr is pinned to 1.41.x).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+POLL_ENV = "FEDPRIV_NODE_POLL_S"
+DEFAULT_POLL_S = 0.25
+FLOWER_IDLE_WAIT_S = 3  # start_client_internal: ``time.sleep(3)`` when the SuperLink had no message
+FLOWER_SUPEREXEC = "flower-superexec"
+
+
+def poll_interval() -> float:
+    raw = os.environ.get(POLL_ENV, "")
+    if not raw:
+        return DEFAULT_POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.01 <= value <= 60:
+        raise SystemExit(f"fedpriv-supernode: {POLL_ENV}={raw!r}: expected seconds between 0.01 and 60")
+    return value
+
+
+class ShortWaits:
+    """The ``time`` module as the SuperNode loop sees it, its waits capped at ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+class WarmSuperExec:
+    """The ``subprocess`` module as the SuperNode loop sees it: ``flower-superexec`` becomes ``fedpriv-superexec``."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+
+    def Popen(self, args, *rest, **kwargs):  # noqa: N802 - stands in for subprocess.Popen
+        if isinstance(args, list) and args and args[0] == FLOWER_SUPEREXEC:
+            args = [*self.command, *args[1:]]
+        return subprocess.Popen(args, *rest, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+
+def superexec_command() -> list[str]:
+    """How to start ``fedpriv-superexec`` with this interpreter (the console script where installed)."""
+    script = shutil.which(
+        "fedpriv-superexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    )
+    return [script] if script else [sys.executable, "-m", "client.superexec"]
+
+
+def check_patch_points(module) -> None:
+    """Fail loudly when the Flower release no longer has what the patches replace."""
+    import inspect
+
+    source = inspect.getsource(module)
+    for needle in (f"time.sleep({FLOWER_IDLE_WAIT_S})", f'["{FLOWER_SUPEREXEC}"]', "subprocess.Popen(command)"):
+        if needle not in source:
+            raise SystemExit(
+                f"fedpriv-supernode: {module.__name__} has no `{needle}` in this Flower release; "
+                "run flower-supernode instead"
+            )
+
+
+def install(poll_s: float) -> None:
+    from flwr.supernode import start_client_internal
+
+    check_patch_points(start_client_internal)
+    start_client_internal.time = ShortWaits(poll_s)
+    start_client_internal.subprocess = WarmSuperExec(superexec_command())
+
+
+def main() -> None:
+    install(poll_interval())
+    from flwr.supernode.cli import flower_supernode
+
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

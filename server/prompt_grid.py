@@ -1,0 +1,62 @@
+"""The coordinator's Grid, asking for replies every 0.2 s instead of every 3 s.
+
+Flower 1.41's deployment Grid (``HttpGrid``) checks the SuperLink for replies
+every 3 seconds; every exchange of a round (two for FedAvg, five with SecAgg+)
+then waits on average 1.5 s after its last reply arrived. ``PromptGrid`` wraps any
+Grid, delegates everything to it, and only replaces ``send_and_receive``'s wait
+between pulls (the same push, the same pulls, the same timeout semantics).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+PULL_INTERVAL_S = 0.2
+
+
+class PromptGrid(Grid):
+    def __init__(self, grid: Grid, pull_interval: float = PULL_INTERVAL_S) -> None:
+        self.grid = grid
+        self.pull_interval = min(pull_interval, getattr(grid, "pull_interval", pull_interval))  # never slower
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        end = time.time() + (timeout or 0.0)
+        replies: list[Message] = []
+        while timeout is None or time.time() < end:
+            arrived = list(self.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(msg.metadata.reply_to_message_id for msg in arrived)
+            if not pending:
+                break
+            time.sleep(self.pull_interval)
+        return replies
+
+    def __getattr__(self, name: str):  # anything else the wrapped Grid offers (close, ...)
+        return getattr(self.grid, name)

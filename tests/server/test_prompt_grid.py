@@ -1,0 +1,72 @@
+"""PromptGrid: the same pushes and pulls as Flower's Grid, a shorter wait between pulls."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from server import prompt_grid
+from server.prompt_grid import PromptGrid
+
+
+class SlowRepliesGrid:
+    """Replies to message i arrive at pull number ``arrive_at[i]``; records every call."""
+
+    pull_interval = 3.0
+
+    def __init__(self, arrive_at: list[int]) -> None:
+        self.arrive_at = arrive_at
+        self.pulls = 0
+        self.pushed = []
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        return [f"m{i}" for i in range(len(self.pushed))]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        wanted = set(message_ids)
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+            for i, at in enumerate(self.arrive_at)
+            if at == self.pulls and f"m{i}" in wanted
+        ]
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def close(self):
+        return "closed"
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    waited: list[float] = []
+    monkeypatch.setattr(prompt_grid.time, "sleep", waited.append)
+    return waited
+
+
+def test_all_replies_are_collected_with_short_waits(sleeps):
+    inner = SlowRepliesGrid(arrive_at=[1, 3, 4])
+    replies = PromptGrid(inner).send_and_receive(["a", "b", "c"])
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert inner.pushed == ["a", "b", "c"] and inner.pulls == 4
+    assert sleeps == [prompt_grid.PULL_INTERVAL_S] * 3  # Flower's HttpGrid would have waited 3 s each time
+
+
+def test_the_timeout_still_ends_the_wait(sleeps, monkeypatch):
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(prompt_grid.time, "time", lambda: next(clock))
+    inner = SlowRepliesGrid(arrive_at=[1, 99])
+    replies = PromptGrid(inner).send_and_receive(["a", "b"], timeout=25)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # the late reply is left out, as in Flower
+
+
+def test_it_never_polls_slower_than_the_wrapped_grid_and_delegates_the_rest():
+    fast = SlowRepliesGrid([1])
+    fast.pull_interval = 0.05
+    grid = PromptGrid(fast)
+    assert grid.pull_interval == 0.05
+    assert list(grid.get_node_ids()) == [1, 2, 3]
+    assert grid.close() == "closed"
