@@ -13,7 +13,7 @@ message, one process; a crash or a kill takes only that message down).
 
 Only third-party modules are imported ahead of time; nothing runs in them (no
 torch operation, no CUDA initialisation, no thread pool), so the children start
-as clean as a fresh interpreter would. Tasks are picked up every 0.05 s instead
+as clean as a fresh interpreter would. Tasks are picked up every 0.2 s instead
 of every second (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` still overrides it).
 """
 
@@ -25,7 +25,7 @@ import signal
 import sys
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own variable: seconds between task polls
-DEFAULT_POLL_S = "0.05"
+DEFAULT_POLL_S = "0.2"
 # What a fedpriv ClientApp imports that costs seconds: imported once here, shared by every forked message.
 PRELOAD = (
     "numpy",
