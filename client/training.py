@@ -24,6 +24,8 @@ class TrainResult:
     steps: int
     examples_seen: int
     clipping_mode: str | None = None  # the per-example clipping used under DP (None: no DP)
+    micro_batches: int = 0  # forward/backward passes (more than ``steps`` when logical batches are cut)
+    padded_tokens: int = 0  # token positions those passes processed, padding included
 
 
 def _optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -63,6 +65,115 @@ def _proximal_step(params, anchors, lr: float, mu: float) -> None:
     with torch.no_grad():
         for param, anchor in zip(params, anchors, strict=True):
             param.sub_(lr * mu * (param - anchor))
+
+
+def length_buckets(
+    lengths: torch.Tensor, *, max_tokens: int | None, max_examples: int | None, sort: bool = True
+) -> list[torch.Tensor]:
+    """Cut one logical batch into micro-batches: index tensors into the batch, in the order they run.
+
+    Each micro-batch is padded to its own longest example, so at most ``max_tokens`` padded positions
+    (micro-batch size x its longest length; an example longer than that goes alone) and at most
+    ``max_examples`` examples. Sorted longest first, examples of similar length share a micro-batch
+    (little padding), and the largest micro-batch runs first: a budget that does not fit in memory fails
+    on the first batch, not mid-round. ``sort=False`` keeps the sampled order.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True) if sort else torch.arange(len(lengths))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index, length in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        widest = max(longest, length)
+        full = max_examples is not None and len(current) >= max_examples
+        if current and (full or (max_tokens is not None and (len(current) + 1) * widest > max_tokens)):
+            groups.append(current)
+            current, widest = [], length
+        current.append(index)
+        longest = widest
+    if current:
+        groups.append(current)
+    return [torch.tensor(group, dtype=torch.long) for group in groups]
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def micro_batches(batch: Batch, cfg: TrainingConfig) -> list[Batch]:
+    """``batch`` (input_ids, attention_mask, labels; padded on the right) as the micro-batches ``cfg`` asks for,
+    each cut to its own longest example; the batch itself when no limit is set."""
+    if cfg.max_batch_tokens is None and cfg.max_physical_batch_size is None:
+        return [batch]
+    input_ids, attention_mask, labels = batch
+    lengths = attention_mask.sum(1)
+    pieces = []
+    for index in length_buckets(
+        lengths, max_tokens=cfg.max_batch_tokens, max_examples=cfg.max_physical_batch_size, sort=cfg.sort_by_length
+    ):
+        width = int(lengths[index].max())
+        if attention_mask[index, width:].any():
+            raise ValueError("micro-batching needs right-padded batches (attention_mask 1s first)")
+        pieces.append((input_ids[index, :width], attention_mask[index, :width], labels[index]))
+    return pieces
+
+
+@dataclass
+class StepStats:
+    """What one logical batch cost: summed loss, examples, forward/backward passes, padded token positions."""
+
+    loss_sum: float = 0.0
+    examples: int = 0
+    passes: int = 0
+    padded_tokens: int = 0
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion,
+    batch: Batch,
+    *,
+    cfg: TrainingConfig,
+    device: torch.device,
+    private: bool,
+    autocast: bool = False,
+) -> StepStats:
+    """One optimizer step on one non-empty logical batch, run as micro-batches (see :func:`micro_batches`).
+
+    Under DP each micro-batch's per-example-clipped gradients are summed by Opacus's virtual steps
+    (``signal_skip_step``, as its BatchMemoryManager does: hooks add into ``p.summed_grad`` in
+    ``clip_and_accumulate``; ghost and book-keeping in ``accumulate``); the last micro-batch's step adds the
+    noise once, divides by the expected batch size (the loss reduction "mean": every mode first undoes the
+    micro-batch's own mean, so its per-example gradients do not depend on how the batch is cut) and is
+    accounted once. Without DP the micro-batch losses are weighted by their share of the batch, so the
+    summed gradient is the batch mean's, as in one pass.
+    """
+    pieces = micro_batches(batch, cfg)
+    total = len(batch[2])
+    stats = StepStats()
+    optimizer.zero_grad(set_to_none=True)
+    for number, (input_ids, attention_mask, labels) in enumerate(pieces):
+        last = number == len(pieces) - 1
+        if private and not last:
+            optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only: no noise, no step, no accounting
+        input_ids = input_ids.to(device, non_blocking=True)
+        attention_mask = attention_mask.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        loss = criterion(logits.float(), labels)
+        if private or len(pieces) == 1:
+            loss.backward()
+        else:
+            (loss * (len(labels) / total)).backward()  # p.grad sums over micro-batches: the batch mean's gradient
+        if private and not last:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # per-sample state only: the clipped sum is kept
+        stats.loss_sum += float(loss.detach()) * len(labels)
+        stats.examples += len(labels)
+        stats.passes += 1
+        stats.padded_tokens += input_ids.numel()
+    optimizer.step()
+    return stats
 
 
 def train_locally(
@@ -115,31 +226,29 @@ def train_locally(
                 f"data loader sample rate {loader.sample_rate} differs from the calibrated {privacy.plan.sample_rate}"
             )
 
-    total_loss, examples, steps = 0.0, 0, 0
+    total = StepStats()
+    steps = 0
     for _ in range(cfg.local_epochs):
         for batch in loader:
             if batch[0].shape[0] == 0:
                 _noise_only_step(optimizer, params)
                 steps += 1
                 continue
-            input_ids, attention_mask, labels = batch
-            input_ids = input_ids.to(device, non_blocking=True)
-            attention_mask = attention_mask.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            loss = criterion(logits.float(), labels)
-            loss.backward()
-            optimizer.step()
-            if anchors:
+            stats = train_step(
+                model, optimizer, criterion, batch, cfg=cfg, device=device, private=privacy is not None,
+                autocast=autocast,
+            )  # fmt: skip
+            if anchors:  # once per logical batch, after its one optimizer step
                 _proximal_step(params, anchors, cfg.learning_rate, proximal_mu)
             steps += 1
-            total_loss += float(loss.detach()) * len(labels)
-            examples += len(labels)
+            total.loss_sum += stats.loss_sum
+            total.examples += stats.examples
+            total.passes += stats.passes
+            total.padded_tokens += stats.padded_tokens
     optimizer.zero_grad(set_to_none=True)
     if isinstance(model, BookkeepingClipping):
         model.remove_hooks()
     return TrainResult(
-        mean_loss=total_loss / max(examples, 1), steps=steps, examples_seen=examples, clipping_mode=clipping_mode
-    )
+        mean_loss=total.loss_sum / max(total.examples, 1), steps=steps, examples_seen=total.examples,
+        clipping_mode=clipping_mode, micro_batches=total.passes, padded_tokens=total.padded_tokens,
+    )  # fmt: skip

@@ -148,6 +148,13 @@ class TrainingConfig:
     device: str = field(default="auto", metadata=_DEVICE)
     # auto: bf16 autocast on a CUDA device that supports it, fp32 elsewhere (bf16 on CPU is opt-in: slow without AMX)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Micro-batching inside each logical batch (the Poisson sample under DP): examples sorted by length are cut
+    # into micro-batches of at most max_batch_tokens padded tokens and/or max_physical_batch_size examples, their
+    # clipped gradients summed, and ONE optimizer step (one noise draw, one accounted step) taken per logical
+    # batch. null and null: the whole batch in one pass, padded to its longest example.
+    max_batch_tokens: int | None = field(default=None, metadata=_positive("an integer > 0 or null"))
+    max_physical_batch_size: int | None = field(default=None, metadata=_positive("an integer > 0 or null"))
+    sort_by_length: bool = True  # sort each logical batch by length before cutting it (false: cut in sampled order)
 
 
 @dataclass(frozen=True)
@@ -456,6 +463,12 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
                 f"config: {where}.max_epsilon: {budget} is below target_epsilon {target}; the noise is calibrated"
                 " to reach the target, so the budget must be at least that"
             )
+    tokens = cfg.training.max_batch_tokens
+    if tokens is not None and tokens < data.max_length:
+        raise ConfigError(
+            f"config: training.max_batch_tokens: expected >= data.max_length ({data.max_length}) so that the longest"
+            f" example fits in a micro-batch, got {tokens}"
+        )
     if cfg.client_dp.enabled and cfg.secure_aggregation.enabled:
         raise ConfigError(
             "config: client_dp.enabled: the coordinator clips each organisation's update, which SecAgg+ hides;"
