@@ -190,11 +190,13 @@ def final_report(summary: dict[str, Any]) -> str:
         "",
         f"Run {summary.get('status')}: {len(summary.get('rounds', []))} rounds in {summary.get('wall_time_s')} s",
     ]
-    if final:
+    if final and final.get("accuracy") is not None:
         lines.append(
             f"Global model: accuracy {final['accuracy']:.3f}, macro-F1 {final['macro_f1']:.3f},"
             f" loss {final['loss']:.3f} (on the organisations' own test data)"
         )
+    elif final:
+        lines.append("Global model: not evaluated in the last round (no organisation answered; see the errors above)")
     if summary.get("dp_enabled"):
         lines.append("Privacy spent (epsilon at delta; target):")
         for org, p in summary.get("privacy", {}).items():

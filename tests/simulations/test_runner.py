@@ -60,3 +60,14 @@ def test_quiet_flower_logs_still_show_a_node_error_reply():
     assert not keep.filter(record(logging.INFO, "configure_train: Sampled %s nodes (out of %s)"))
     assert not keep.filter(record(logging.WARNING, "DEPRECATED FEATURE: %s", ("The `run_simulation` function ...",)))
     assert keep.filter(record(logging.WARNING, "DEPRECATED FEATURE: %s", ("something else",)))
+
+
+def test_the_final_report_of_a_run_whose_last_round_was_not_evaluated_is_a_sentence_not_a_crash():
+    from simulations.runner import final_report
+
+    summary = {"status": "incomplete", "rounds": [{}], "final": {"accuracy": None, "macro_f1": None, "loss": None}}
+    report = final_report(summary)
+    assert "Run incomplete: 1 rounds" in report
+    assert "not evaluated in the last round" in report
+    summary["final"] = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.0}
+    assert "accuracy 0.500, macro-F1 0.400, loss 1.000" in final_report(summary)

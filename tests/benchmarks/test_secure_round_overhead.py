@@ -1,0 +1,44 @@
+"""Smoke run of benchmarks/secure_round_overhead.py: 3 real SuperNodes (tiny model, TLS + SecAgg+), one round."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "secure_round_overhead.py"
+SECAGG_STAGES = {"secagg:setup", "secagg:share_keys", "secagg:collect_masked_vectors", "secagg:unmask", "evaluate"}
+
+
+def test_the_round_overhead_benchmark_times_a_real_secure_round_and_the_nodes_compute(tmp_path):
+    out = tmp_path / "bench"
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "nodes=3",
+            "rounds=1",
+            "examples=20",
+            "batch=8",
+            "updates=lora",
+            "model=tiny",
+            "modes=secure",
+            "supernodes=fedpriv",
+            f"out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    (result,) = json.loads((out / "overhead.json").read_text())["results"]
+    assert (result["mode"], result["supernode"], result["update"]) == ("secure", "fedpriv", "lora")
+    assert result["trained_orgs_per_round"] == [3]
+    (wall,), (compute,), (ratio,) = result["round_s"], result["slowest_node_compute_s"], result["round_over_compute"]
+    assert 0 < compute < wall and ratio == round(wall / compute, 3) > 1
+    stages = result["stages"]
+    assert set(stages) == SECAGG_STAGES and all(row["messages"] == 3 for row in stages.values())
+    assert stages["secagg:collect_masked_vectors"]["phases_s"]["train"] > 0
+    # every message ran in a process forked from the warm SuperExec: torch was imported before the message came
+    assert stages["secagg:collect_masked_vectors"]["phases_s"]["imports"] < 1.0
