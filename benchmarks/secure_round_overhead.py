@@ -9,7 +9,14 @@ from each run's summary.json; ``FEDPRIV_STAGE_TIMINGS`` makes every ClientApp
 message report how long its process took to start and where the handler's
 time went, which shows what a SecAgg+ round pays for.
 
+It also reports each round's wall time over the slowest node's local compute
+(its DP training loop plus its evaluation loop, from the same timings): what a
+round costs beyond the work no framework can avoid. ``supernodes=fedpriv,flower``
+runs each arm with fedpriv-supernode (warm, forked ClientApps) and with Flower's
+stock flower-supernode (a fresh interpreter per message).
+
     python benchmarks/secure_round_overhead.py                       # 10 nodes, LoRA and full model
+    python benchmarks/secure_round_overhead.py nodes=10 updates=lora modes=secure supernodes=fedpriv,flower
     python benchmarks/secure_round_overhead.py nodes=4 rounds=2 updates=lora model=tiny out=/tmp/overhead
 
 Prints progress, then a Markdown table; writes the raw numbers to OUT/overhead.json.
@@ -157,7 +164,7 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
         "supernode": supernode,
         "slowest_node_compute_s": compute,
         "round_over_compute": ratios,
-        "median_round_over_compute": statistics.median(r for r in ratios if r) if any(ratios) else None,
+        "median_round_over_compute": round(statistics.median(r for r in ratios if r), 3) if any(ratios) else None,
         "trainable_parameters": summary["model"]["trainable_parameters"],
         "upload_bytes_per_round": summary["model"]["upload_bytes_per_round"],
         "round_s": rounds,
