@@ -9,10 +9,17 @@ peak memory is measured in a fresh process per mode (on CPU the whole process's 
 while training, and that peak less the resident set before training, i.e. what training adds; peak
 allocated on CUDA). Prints one JSON line.
 
+Length bucketing (``training.max_batch_tokens``, client/training.py): ``text=sst2`` trains on SST-2
+sentences (``../shared/data/sst2/train.tsv``, a seeded random sample: realistic varied lengths), each batch
+padded to its longest sentence as the training loop's collator does, and ``max_batch_tokens=0,1024`` times
+every mode also with each batch cut into length-sorted micro-batches of at most that many padded tokens
+(0: one pass, the default). Every step is the training loop's own ``train_step``.
+
     python benchmarks/dp_throughput.py                                   # MiniLM-L6, full and LoRA, every mode
     python benchmarks/dp_throughput.py finetuning=full modes=nondp,bk repeats=5
     python benchmarks/dp_throughput.py model=tiny steps=2 repeats=1 memory=0   # smoke setting
     python benchmarks/dp_throughput.py device=cuda batch=32 precision=bf16    # on a GPU
+    python benchmarks/dp_throughput.py finetuning=lora modes=bk text=sst2 max_batch_tokens=0,512   # bucketing
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from pathlib import Path
 import torch
 from benchmark_settings import parse_settings
 
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 DEFAULTS = {
     "model": "minilm", "finetuning": "full,lora", "modes": "nondp,hooks,ghost,bk", "batch": 32, "seq": 128,
     "steps": 4, "repeats": 3, "threads": 0, "memory": 1, "device": "cpu", "precision": "fp32", "out": "",
+    "text": "bbc", "sst2": str(SST2), "max_batch_tokens": "0",
 }  # fmt: skip
 DP_MODES = ("hooks", "ghost", "bk")
 
@@ -49,18 +58,33 @@ def parse(argv: list[str]) -> dict:
         raise SystemExit(f"modes: unknown {', '.join(sorted(unknown))}; known: nondp, {', '.join(DP_MODES)}")
     if args["precision"] not in ("fp32", "bf16"):
         raise SystemExit("precision: fp32 or bf16")
+    if args["text"] not in ("bbc", "sst2"):
+        raise SystemExit("text: bbc or sst2")
+    try:
+        args["budgets"] = [int(item) for item in str(args["max_batch_tokens"]).split(",")]
+    except ValueError:
+        args["budgets"] = [-1]
+    if any(budget != 0 and budget < args["seq"] for budget in args["budgets"]):
+        raise SystemExit(f"max_batch_tokens: 0 (one pass) or integers >= seq ({args['seq']}), comma-separated")
     args["_child"] = child
     return args
 
 
+def entry_name(mode: str, budget: int) -> str:
+    return mode if budget == 0 else f"{mode}/max_batch_tokens={budget}"
+
+
 def batches(args: dict, count: int, num_labels: int = 5) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Fixed full-length batches of real text (BBC News articles are longer than 128 tokens)."""
+    """Fixed batches of real text: full-length BBC News articles (longer than 128 tokens), or SST-2 sentences
+    of varied lengths, each batch padded to its longest as the training loop's collator does."""
     from shared_models.builder import build_tokenizer
     from simulations.corpora import load_bbc_news
 
-    texts, _ = load_bbc_news()
     tokenizer = build_tokenizer("minilm" if args["model"] in ("minilm", "tiny") else args["model"])
     size = args["batch"]
+    if args["text"] == "sst2":
+        return sst2_batches(args, tokenizer, count)
+    texts, _ = load_bbc_news()
     encoded = tokenizer(
         texts[: size * count], truncation=True, max_length=args["seq"], padding="max_length", return_tensors="pt"
     )
@@ -69,6 +93,21 @@ def batches(args: dict, count: int, num_labels: int = 5) -> list[tuple[torch.Ten
         ids = ids % 100  # the tiny test model's vocabulary
     labels = torch.arange(size * count) % num_labels
     return [(ids[i : i + size], mask[i : i + size], labels[i : i + size]) for i in range(0, size * count, size)]
+
+
+def sst2_batches(args: dict, tokenizer, count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    import random
+
+    from client.data_files import read_records
+    from client.tokenized import PadCollator, tokenize
+
+    rows = random.Random(0).sample(read_records(args["sst2"], "tsv"), args["batch"] * count)
+    data = tokenize([r["sentence"] for r in rows], [int(r["label"]) for r in rows], tokenizer, args["seq"])
+    if args["model"] == "tiny":
+        data = type(data)([ids % 100 for ids in data.input_ids], data.labels)
+    collate = PadCollator(tokenizer.pad_token_id % 100 if args["model"] == "tiny" else tokenizer.pad_token_id)
+    size = args["batch"]
+    return [collate([data[i] for i in range(start, start + size)]) for start in range(0, size * count, size)]
 
 
 def build(args: dict, finetuning: str) -> torch.nn.Module:
@@ -82,13 +121,16 @@ def build(args: dict, finetuning: str) -> torch.nn.Module:
 class Trainer:
     """One mode's model, optimizer and loss, stepping on given batches."""
 
-    def __init__(self, mode: str, model: torch.nn.Module, args: dict, device: torch.device):
+    def __init__(self, mode: str, model: torch.nn.Module, args: dict, device: torch.device, budget: int = 0):
         from torch.utils.data import DataLoader, TensorDataset
 
+        from fedpriv.config import TrainingConfig
         from privacy.accountant_state import NodePrivacy, PrivacyPlan
 
         self.mode, self.device = mode, device
         self.autocast = args["precision"] == "bf16"
+        self.cfg = TrainingConfig(max_batch_tokens=budget or None)
+        self.padded_tokens = 0
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -112,13 +154,14 @@ class Trainer:
             self.model, self.optimizer, _ = wrapped
 
     def step(self, batch) -> None:
-        ids, mask, labels = (t.to(self.device, non_blocking=True) for t in batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-        loss = self.criterion(logits.float(), labels)
-        loss.backward()
-        self.optimizer.step()
+        """The training loop's own step (client/training.py), micro-batched when a token budget is set."""
+        from client.training import train_step
+
+        stats = train_step(
+            self.model, self.optimizer, self.criterion, batch, cfg=self.cfg, device=self.device,
+            private=self.mode != "nondp", autocast=self.autocast,
+        )  # fmt: skip
+        self.padded_tokens += stats.padded_tokens
 
     def run(self, data, steps: int) -> float:
         """Seconds for ``steps`` steps (synchronised on CUDA)."""
@@ -132,9 +175,9 @@ class Trainer:
         return time.perf_counter() - started
 
 
-def peak_memory(args: dict, finetuning: str, mode: str) -> dict:
+def peak_memory(args: dict, finetuning: str, mode: str, budget: int = 0) -> dict:
     """Peak memory of one mode in a fresh process (so that no other mode's allocations count)."""
-    command = [sys.executable, __file__, f"_child={finetuning}:{mode}"]
+    command = [sys.executable, __file__, f"_child={finetuning}:{mode}:{budget}"]
     command += [f"{k}={v}" for k, v in args.items() if k in DEFAULTS and k != "out"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -166,7 +209,7 @@ class RssSampler(threading.Thread):
 
 
 def child(args: dict) -> dict:
-    finetuning, mode = args["_child"].split(":")
+    finetuning, mode, budget = args["_child"].split(":")
     device = torch.device(args["device"])
     data = batches(args, 2)
     model = build(args, finetuning)
@@ -176,7 +219,7 @@ def child(args: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     sampler = RssSampler()
     sampler.start()
-    trainer = Trainer(mode, model, args, device)
+    trainer = Trainer(mode, model, args, device, int(budget))
     trainer.run(data, 3)
     peak = sampler.stop()
     result = {"peak_rss_mb": round(peak, 1), "training_rss_mb": round(peak - before, 1)}
@@ -186,34 +229,45 @@ def child(args: dict) -> dict:
 
 
 def measure(args: dict, finetuning: str, modes: list[str], device: torch.device) -> dict:
-    data = batches(args, 4)
+    data = batches(args, max(4, args["steps"]))
     template = build(args, finetuning)
-    trainers = {mode: Trainer(mode, copy.deepcopy(template), args, device) for mode in modes}
+    runs = [(mode, budget) for mode in modes for budget in args["budgets"]]
+    trainers = {run: Trainer(run[0], copy.deepcopy(template), args, device, run[1]) for run in runs}
     trainable = sum(p.numel() for p in template.parameters() if p.requires_grad)
     for trainer in trainers.values():
         trainer.run(data, 1)  # warm-up
-    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    seconds: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
     for _ in range(args["repeats"]):
-        for mode, trainer in trainers.items():
-            seconds[mode].append(trainer.run(data, args["steps"]))
+        for run, trainer in trainers.items():
+            trainer.padded_tokens = 0
+            seconds[run].append(trainer.run(data, args["steps"]))
     samples = args["steps"] * args["batch"]
     result: dict = {"trainable_parameters": trainable, "modes": {}}
-    for mode in modes:
-        entry = {"samples_per_s": round(samples / statistics.median(seconds[mode]), 2)}
-        if "nondp" in modes and mode != "nondp":
-            ratios = [base / own for base, own in zip(seconds["nondp"], seconds[mode], strict=True)]
-            entry["throughput_vs_nondp"] = round(statistics.median(ratios), 3)
-        result["modes"][mode] = entry
+
+    def ratio(base: tuple[str, int], run: tuple[str, int]) -> float:
+        return round(statistics.median(b / own for b, own in zip(seconds[base], seconds[run], strict=True)), 3)
+
+    for mode, budget in runs:
+        entry = {
+            "samples_per_s": round(samples / statistics.median(seconds[mode, budget]), 2),
+            "padded_tokens_per_step": round(trainers[mode, budget].padded_tokens / args["steps"], 1),
+        }
+        if ("nondp", 0) in trainers and mode != "nondp":
+            entry["throughput_vs_nondp"] = ratio(("nondp", 0), (mode, budget))
+        if budget and (mode, 0) in trainers:
+            entry["throughput_vs_one_pass"] = ratio((mode, 0), (mode, budget))
+        result["modes"][entry_name(mode, budget)] = entry
     if args["memory"]:
-        for mode in modes:
-            result["modes"][mode]["memory"] = peak_memory(args, finetuning, mode)
+        for mode, budget in runs:
+            result["modes"][entry_name(mode, budget)]["memory"] = peak_memory(args, finetuning, mode, budget)
         base = result["modes"].get("nondp", {}).get("memory", {})
         keys = ["peak_cuda_allocated_mb"] if device.type == "cuda" else ["peak_rss_mb", "training_rss_mb"]
-        for mode in modes:
-            own = result["modes"][mode]["memory"]
+        for mode, budget in runs:
+            own = result["modes"][entry_name(mode, budget)]["memory"]
             for key in keys:
                 if mode != "nondp" and key in own and base.get(key):
-                    result["modes"][mode][f"{key.removesuffix('_mb')}_vs_nondp"] = round(own[key] / base[key], 3)
+                    ratio_key = f"{key.removesuffix('_mb')}_vs_nondp"
+                    result["modes"][entry_name(mode, budget)][ratio_key] = round(own[key] / base[key], 3)
     return result
 
 

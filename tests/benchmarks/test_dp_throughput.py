@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dp_throughput.py"
 
 
@@ -25,3 +27,23 @@ def test_the_throughput_benchmark_times_and_sizes_each_mode(tmp_path):
 def test_an_unknown_mode_is_refused_in_one_line():
     done = subprocess.run([sys.executable, str(SCRIPT), "modes=nondp,fast"], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip() == "modes: unknown fast; known: nondp, hooks, ghost, bk"
+
+
+def test_length_bucketing_is_timed_against_one_pass_on_sentences_of_varied_length(tmp_path):
+    sst2 = SCRIPT.parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+    if not sst2.is_file():
+        pytest.skip("../shared/data/sst2 is absent (CI and dev machines)")
+    out = tmp_path / "buckets.json"
+    command = [sys.executable, str(SCRIPT), "model=tiny", "finetuning=lora", "modes=bk", "steps=1", "repeats=1"]
+    command += ["memory=0", "batch=16", "text=sst2", "max_batch_tokens=0,128", f"out={out}"]
+    subprocess.run(command, capture_output=True, text=True, check=True)
+    modes = json.loads(out.read_text())["lora"]["modes"]
+    one_pass, bucketed = modes["bk"], modes["bk/max_batch_tokens=128"]
+    assert 0 < bucketed["padded_tokens_per_step"] < one_pass["padded_tokens_per_step"]  # sorted: less padding
+    assert bucketed["samples_per_s"] > 0 and bucketed["throughput_vs_one_pass"] > 0
+
+
+def test_a_token_budget_below_the_sequence_length_is_refused_in_one_line():
+    done = subprocess.run([sys.executable, str(SCRIPT), "max_batch_tokens=0,64"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "max_batch_tokens: 0 (one pass) or integers >= seq (128), comma-separated"
