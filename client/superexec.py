@@ -61,6 +61,18 @@ def fork_is_safe() -> str | None:
     return None
 
 
+CLIENTAPP_NAME = "flwr-clientapp"  # what ps/top show for a forked ClientApp (its command line is the parent's)
+
+
+def name_process(name: str) -> None:
+    """Set this process's name (Linux ``comm``, 15 characters), so operators and tests can tell children apart."""
+    try:
+        with open("/proc/self/comm", "w", encoding="ascii") as handle:
+            handle.write(name[:15])
+    except OSError:
+        pass
+
+
 class ForkExecutor:
     """Flower's executor interface (``launch``/``reconcile``/``close``...): one forked child per task."""
 
@@ -107,6 +119,7 @@ def run_task(spec) -> int:
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)  # the parent's handlers would close the parent's connections
+        name_process(CLIENTAPP_NAME)
         if spec.suppress_output:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)

@@ -41,7 +41,10 @@ def test_a_clientapp_task_runs_flowers_run_clientapp_in_a_forked_child(tmp_path:
     record = tmp_path / "child.txt"
 
     def fake_run_clientapp(**kwargs):  # what the child runs instead of connecting to a SuperNode
-        record.write_text(f"{os.getpid()} {kwargs['token']} {kwargs['runtime_api_address']} {kwargs['insecure']}")
+        name = Path("/proc/self/comm").read_text().strip()
+        record.write_text(
+            f"{os.getpid()} {kwargs['token']} {kwargs['runtime_api_address']} {kwargs['insecure']} {name}"
+        )
         raise SystemExit(0)  # Flower's flwr_exit leaves this way
 
     import flwr.supernode.runtime.run_clientapp as runtime
@@ -52,9 +55,10 @@ def test_a_clientapp_task_runs_flowers_run_clientapp_in_a_forked_child(tmp_path:
     assert result.status == "accepted"
     (child,) = executor.children
     wait_reaped(executor)
-    pid, token, address, insecure = record.read_text().split()
+    pid, token, address, insecure, name = record.read_text().split()
     assert int(pid) == child != os.getpid()
     assert (token, address, insecure) == ("tok-123", "127.0.0.1:9094", "True")
+    assert name == "flwr-clientapp"  # what ps shows, and how tests/deployment find a node's ClientApps
 
 
 def test_a_failing_clientapp_exits_its_child_with_a_failure_code(monkeypatch):

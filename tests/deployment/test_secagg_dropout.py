@@ -32,15 +32,19 @@ RUN_TIMEOUT_S = 420
 
 
 def _clientapps_of(pgid: int) -> list[int]:
-    """Live ``flwr-clientapp`` processes in a SuperNode's process group (one per message it is handling)."""
+    """Live ClientApp processes in a SuperNode's process group (one per message it is handling).
+
+    Flower's stock SuperExec starts ``flwr-clientapp`` commands; fedpriv-superexec forks children named so.
+    """
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             cmdline = (proc / "cmdline").read_bytes()
+            name = (proc / "comm").read_text().strip()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z" and b"flwr-clientapp" in cmdline:
+        if int(fields[2]) == pgid and fields[0] != "Z" and (b"flwr-clientapp" in cmdline or name == "flwr-clientapp"):
             found.append(int(proc.name))
     return found
 
