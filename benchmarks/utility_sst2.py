@@ -39,6 +39,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -186,22 +187,75 @@ def run_arm(args: dict, arm: str, out: Path) -> dict:
         sys.executable, "-m", "fedpriv.cli", "simulate",
         *common_overrides(args), *arm_overrides(args, arm), "--out", str(run_dir),
     ]  # fmt: skip
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()[0]
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         proc = subprocess.Popen(
             command, cwd=out, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
+        clock = TreeCpu(proc.pid)
+        clock.start()
         try:
             proc.wait(timeout=args["timeout"])
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
             _stop_tree(proc, set(tree_pids(proc.pid)) - {proc.pid})
-    wall = round(time.monotonic() - started, 1)
-    result = {"arm": arm, "returncode": proc.returncode, "timed_out": timed_out, "wall_s": wall, "log": str(log_path)}
-    return {**result, **plan_sizes(log_path), **read_summary(run_dir)}
+        finally:
+            clock.stop()
+    result = {
+        "arm": arm,
+        "returncode": proc.returncode,
+        "timed_out": timed_out,
+        "wall_s": round(time.monotonic() - started, 1),
+        "cpu_s": round(clock.seconds, 1),  # user + system CPU of the run's whole process tree (Ray included)
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-minute, at start and end
+        "log": str(log_path),
+    }
+    row = {**result, **plan_sizes(log_path), **read_summary(run_dir)}
+    orgs = len(row["org_train_examples"])
+    row["full_participation"] = bool(orgs) and all(
+        n == orgs for key in ("orgs_trained_per_round", "orgs_evaluated_per_round") for n in row.get(key, [0])
+    )
+    row["complete"] = row.get("status") == "completed" and row["full_participation"]
+    return row
+
+
+class TreeCpu(threading.Thread):
+    """CPU seconds (user + system) of a process and its descendants, sampled from /proc every second.
+
+    On a shared machine the wall time depends on what else runs; the CPU time of the run itself does not
+    (much): CPU seconds / cores estimates the wall time on an idle machine.
+    """
+
+    def __init__(self, root: int, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.per_pid: dict[int, float] = {}
+        self._halt = threading.Event()
+
+    def sample(self) -> None:
+        for pid in tree_pids(self.root):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            self.per_pid[pid] = max(self.per_pid.get(pid, 0.0), seconds)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.per_pid.values())
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -222,6 +276,9 @@ def read_summary(run_dir: Path) -> dict:
         "macro_f1": final.get("macro_f1"),
         "loss": final.get("loss"),
         "accuracy_per_round": [r.get("accuracy") for r in summary.get("rounds", [])],
+        # a node killed (out of memory, a crash) leaves the round to the others: count who really took part
+        "orgs_trained_per_round": [len(r.get("trained_orgs") or []) for r in summary.get("rounds", [])],
+        "orgs_evaluated_per_round": [len(r.get("org_accuracy") or {}) for r in summary.get("rounds", [])],
         "simulation_wall_s": summary.get("wall_time_s"),
     }
     if summary.get("dp_enabled") and privacy:
@@ -271,8 +328,8 @@ def _fmt(value, spec: str = ".3f") -> str:
 def markdown(result: dict) -> str:
     lines = [
         "| arm | organisations | privacy | target epsilon | epsilon spent (max over orgs) | noise multiplier"
-        " | accuracy (872 dev) | macro-F1 | wall |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|",
+        " | accuracy (872 dev) | macro-F1 | wall | CPU time |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for a in result["arms"]:
         sigmas = a.get("noise_multiplier")
@@ -280,7 +337,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {a['arm']} | {a.get('orgs', '-')} | {'DP-SGD' if a.get('dp') else 'off'}"
             f" | {_fmt(a.get('target_epsilon'), 'g')} | {_fmt(a.get('epsilon_spent_max'))} | {sigma}"
-            f" | {_fmt(a.get('accuracy'))} | {_fmt(a.get('macro_f1'))} | {_fmt(a.get('wall_s'), '.0f')} s |"
+            f" | {_fmt(a.get('accuracy'))} | {_fmt(a.get('macro_f1'))} | {_fmt(a.get('wall_s'), '.0f')} s"
+            f" | {_fmt(a.get('cpu_s'), '.0f')} s |"
         )
     g = result["goal"]
     verdict = {True: "met", False: "not met", None: "not measured"}[g["met"]]
@@ -355,7 +413,7 @@ def main(argv: list[str]) -> dict:
         "arms": arms,
         "goal": goal(arms, args["goal_points"]),
         "total_wall_s": round(sum(a["wall_s"] for a in arms), 1),
-        "ok": all(a.get("status") == "completed" for a in arms),
+        "ok": all(a["complete"] for a in arms),  # every organisation trained and evaluated in every round
         "out": str(out),
         "table": str(out / "result.md"),
         "plot": str(out / "accuracy_vs_epsilon.png"),
