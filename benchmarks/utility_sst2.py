@@ -39,12 +39,11 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from benchmark_settings import parse_settings
-from simulation_scale import _stop_tree, tree_pids
+from simulation_scale import TreeSampler, _stop_tree, tree_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -222,7 +221,7 @@ def run_arm(args: dict, arm: str, out: Path) -> dict:
     return row
 
 
-class TreeCpu(threading.Thread):
+class TreeCpu(TreeSampler):
     """CPU seconds (user + system) of a process and its descendants, sampled from /proc every second.
 
     On a shared machine the wall time depends on what else runs; the CPU time of the run itself does not
@@ -230,10 +229,8 @@ class TreeCpu(threading.Thread):
     """
 
     def __init__(self, root: int, interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.root, self.interval = root, interval
+        super().__init__(root, interval)
         self.per_pid: dict[int, float] = {}
-        self._halt = threading.Event()
 
     def sample(self) -> None:
         for pid in tree_pids(self.root):
@@ -243,15 +240,6 @@ class TreeCpu(threading.Thread):
                 continue
             seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             self.per_pid[pid] = max(self.per_pid.get(pid, 0.0), seconds)
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.sample()
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
 
     @property
     def seconds(self) -> float:
