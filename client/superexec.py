@@ -152,9 +152,18 @@ def run_task(spec) -> int:
 
 
 def install() -> None:
-    """Make Flower's SuperExec use ``ForkExecutor`` for its default (subprocess) executor."""
+    """Make Flower's SuperExec use ``ForkExecutor`` for its default (subprocess) executor.
+
+    The children also ask their SuperNode for a message's arrays promptly (fedpriv/object_pulls.py): a forked
+    ClientApp starts before the SuperNode holds them, and Flower's 1-2-4-8 s back-off then cost 7-15 s.
+    """
     from flwr.supercore.constant import ExecutorType
+    from flwr.supercore.inflatable import inflatable_utils
     from flwr.supercore.superexec import run_superexec as superexec_module
+
+    from fedpriv import object_pulls
+
+    object_pulls.install(inflatable_utils)
 
     flower_get_executor = superexec_module.get_executor
 

@@ -4,16 +4,21 @@ Flower 1.41's deployment Grid (``HttpGrid``) checks the SuperLink for replies
 every 3 seconds; every exchange of a round (two for FedAvg, five with SecAgg+)
 then waits on average 1.5 s after its last reply arrived. ``PromptGrid`` wraps any
 Grid, delegates everything to it, and only replaces ``send_and_receive``'s wait
-between pulls (the same push, the same pulls, the same timeout semantics).
+between pulls (the same push, the same pulls, the same timeout semantics). A
+reply's arrays that are not on the SuperLink yet are asked for again within
+0.5 s, not after Flower's 1, 2, 4, 8 s back-off (fedpriv/object_pulls.py).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedpriv import object_pulls
 
 PULL_INTERVAL_S = 0.2
 
@@ -22,6 +27,9 @@ class PromptGrid(Grid):
     def __init__(self, grid: Grid, pull_interval: float = PULL_INTERVAL_S) -> None:
         self.grid = grid
         self.pull_interval = min(pull_interval, getattr(grid, "pull_interval", pull_interval))  # never slower
+        grid_module = sys.modules.get(type(grid).__module__)
+        if callable(getattr(grid_module, "pull_objects", None)):  # HttpGrid pulls reply arrays with back-off
+            object_pulls.install(grid_module)
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from flwr.supercore.constant import ExecutorType, TaskType
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.superexec import run_superexec as superexec_module
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec
@@ -92,7 +93,9 @@ def test_preloading_imports_torch_without_initialising_cuda_or_threads():
 
 def test_install_makes_flowers_superexec_use_the_fork_executor(monkeypatch):
     monkeypatch.setattr(superexec_module, "get_executor", superexec_module.get_executor)  # restored afterwards
+    monkeypatch.setattr(inflatable_utils, "pull_objects", inflatable_utils.pull_objects)
     superexec.install()
+    assert inflatable_utils.pull_objects.fedpriv_prompt  # forked ClientApps ask their SuperNode for arrays promptly
     assert isinstance(superexec_module.get_executor(ExecutorType.SUBPROCESS), superexec.ForkExecutor)
     with pytest.raises(ValueError, match="executor-config"):  # Kubernetes still goes to Flower's own factory
         superexec_module.get_executor(ExecutorType.KUBERNETES)

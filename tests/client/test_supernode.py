@@ -23,7 +23,9 @@ def test_patch_points_that_moved_are_refused():
 def test_install_shortens_the_idle_wait_and_starts_the_warm_superexec(monkeypatch):
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
     monkeypatch.setattr(start_client_internal, "subprocess", start_client_internal.subprocess)
+    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
     supernode.install(0.05)
+    assert start_client_internal.pull_objects.fedpriv_prompt  # a message's arrays, from the SuperLink
 
     started = time.monotonic()
     start_client_internal.time.sleep(3)  # Flower's idle wait

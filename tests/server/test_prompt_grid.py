@@ -70,3 +70,11 @@ def test_it_never_polls_slower_than_the_wrapped_grid_and_delegates_the_rest():
     assert grid.pull_interval == 0.05
     assert list(grid.get_node_ids()) == [1, 2, 3]
     assert grid.close() == "closed"
+
+
+def test_an_http_grid_gets_prompt_pulls_of_reply_arrays(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    PromptGrid(object.__new__(http_grid.HttpGrid))
+    assert http_grid.pull_objects.fedpriv_prompt
