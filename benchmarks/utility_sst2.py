@@ -366,7 +366,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(
         f"SST-2, {s['model']} + LoRA, {s['orgs']} orgs (Dirichlet {s['alpha']:g}), {s['rounds']} rounds", fontsize=9
     )
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
