@@ -40,6 +40,7 @@ from benchmark_settings import parse_settings
 DEFAULTS = {
     "nodes": 10, "rounds": 3, "examples": 40, "updates": "lora,full", "model": "minilm",
     "batch": 16, "max_length": 64, "out": "", "modes": "secure,plaintext", "supernodes": "fedpriv",
+    "max_batch_tokens": 0,  # > 0: training.max_batch_tokens (length-sorted micro-batches: less memory per node)
 }  # fmt: skip
 MODES = ("secure", "plaintext")
 SUPERNODES = {"fedpriv": "fedpriv-supernode", "flower": "flower-supernode"}  # warm ClientApps / Flower's stock
@@ -113,6 +114,7 @@ def stage_table(path: Path) -> dict[str, dict]:
             "startup_s": round(statistics.median(e["started_after_s"] for e in entries), 2),
             "handler_s": round(statistics.median(e["handler_s"] for e in entries), 2),
             "phases_s": {p: round(statistics.median(e["phases"].get(p, 0.0) for e in entries), 2) for p in phases},
+            "peak_rss_mb": max((e.get("peak_rss_mb", 0.0) for e in entries), default=0.0),
         }
     return table
 
@@ -133,6 +135,8 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
         f"secure_aggregation.enabled={'true' if mode == 'secure' else 'false'}",
         "output.export_model=false",
     ]
+    if args["max_batch_tokens"] > 0:
+        overrides.append(f"training.max_batch_tokens={args['max_batch_tokens']}")
     if update == "full":
         overrides.append("privacy.grad_sample_mode=ghost")  # per-sample gradients of 22M parameters x 10 nodes
     os.environ["FEDPRIV_STAGE_TIMINGS"] = str(timings)  # inherited by every SuperNode's ClientApp processes

@@ -6,13 +6,14 @@ pays process start-up five times. With the variable set, each message appends
 one JSON line: the message kind (the SecAgg+ stage for the workflow's
 messages), how long the process had been alive when the handler was entered
 (interpreter, Flower and app imports), how long the handler took, and the named
-phases inside it (``phase("model")``...).
+phases inside it (``phase("model")``...), and the process's peak resident set.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,7 @@ def stage_timings(msg, context, call_next):
     finally:
         entry["handler_s"] = round(time.perf_counter() - started, 3)
         entry["phases"] = {name: round(value, 3) for name, value in _phases.items()}
+        entry["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
         line = json.dumps(entry) + "\n"
         with open(path, "a", encoding="utf-8") as handle:  # one short append per message: lines do not interleave
             handle.write(line)

@@ -60,3 +60,4 @@ def test_each_message_appends_its_stage_startup_and_phases(tmp_path, monkeypatch
     assert first["node_id"] == 7 and first["round"] == "3"
     assert set(first["phases"]) == {"model", "train"} and second["phases"] == {}
     assert 0 < first["started_after_s"] < 36_000 and first["handler_s"] >= 0
+    assert first["peak_rss_mb"] > 50  # the process's peak resident set (a Python process with torch holds more)
