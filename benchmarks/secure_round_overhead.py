@@ -41,6 +41,7 @@ DEFAULTS = {
     "nodes": 10, "rounds": 3, "examples": 40, "updates": "lora,full", "model": "minilm",
     "batch": 16, "max_length": 64, "out": "", "modes": "secure,plaintext", "supernodes": "fedpriv",
     "max_batch_tokens": 0,  # > 0: training.max_batch_tokens (length-sorted micro-batches: less memory per node)
+    "threads": 0,  # torch/OpenMP threads per node (OMP_NUM_THREADS); 0: the machine's CPUs / nodes, at least 1
 }  # fmt: skip
 MODES = ("secure", "plaintext")
 SUPERNODES = {"fedpriv": "fedpriv-supernode", "flower": "flower-supernode"}  # warm ClientApps / Flower's stock
@@ -140,6 +141,9 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
     if update == "full":
         overrides.append("privacy.grad_sample_mode=ghost")  # per-sample gradients of 22M parameters x 10 nodes
     os.environ["FEDPRIV_STAGE_TIMINGS"] = str(timings)  # inherited by every SuperNode's ClientApp processes
+    # N nodes share this machine's cores (each would have its own machine in a real federation): more OpenMP
+    # threads than cores make them spin at every barrier (10 nodes x 2 threads on 2 cores: load 25, 1.7 cores busy)
+    os.environ["OMP_NUM_THREADS"] = str(args["threads"] or max(1, (os.cpu_count() or 1) // args["nodes"]))
     os.environ[SUPERNODE_ENV] = SUPERNODES[supernode]  # read by each kit's start-supernode.sh
     started = time.monotonic()
     try:
