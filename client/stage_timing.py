@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ENV_VAR = "FEDPRIV_STAGE_TIMINGS"
+PULLED_AT_ENV = "FEDPRIV_TASK_INPUT_PULLED_AT"  # client/superexec.py: when the message was in hand (wall clock)
 _phases: dict[str, float] = {}
 
 
@@ -66,7 +67,11 @@ def stage_timings(msg, context, call_next):
         "stage": _stage(msg),
         "pid": os.getpid(),
         "started_after_s": round(process_age_s(), 3),
+        "entered_at": round(time.time(), 3),  # wall clock, to line messages up with the SuperNode's log
     }
+    pulled_at = os.environ.get(PULLED_AT_ENV)  # set by fedpriv-superexec's forked children
+    if pulled_at:  # the message and its arrays were in hand this long after the process started
+        entry["input_pulled_after_s"] = round(entry["started_after_s"] - (entry["entered_at"] - float(pulled_at)), 3)
     _phases.clear()
     started = time.perf_counter()
     try:

@@ -23,6 +23,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own variable: seconds between task polls
 DEFAULT_POLL_S = "0.2"
@@ -95,6 +96,7 @@ class ForkExecutor:
             return SubprocessExecutor().launch(spec)  # anything else: Flower's cold start, unchanged
         pid = os.fork()
         if pid == 0:  # the child: never returns into the parent's task loop
+            forget_app_modules()
             os._exit(run_task(spec))
         self.children.add(pid)
         return LaunchResult.accepted()
@@ -113,6 +115,40 @@ class ForkExecutor:
         self.reconcile()
 
 
+STAGE_TIMINGS_ENV = "FEDPRIV_STAGE_TIMINGS"  # client/stage_timing.py: benchmarks only
+PULLED_AT_ENV = "FEDPRIV_TASK_INPUT_PULLED_AT"
+# This project's top-level packages (pyproject's packages.find): a ClientApp must load them from the run's FAB.
+APP_PACKAGES = ("client", "fedpriv", "server", "privacy", "shared_models", "simulations")
+
+
+def forget_app_modules() -> list[str]:
+    """Drop this project's modules that the warm parent imported (this module, fedpriv.object_pulls...).
+
+    Flower's ``load_app`` imports ``client.client_app`` from the FAB's folder only when ``client`` is not
+    imported yet: without this, a forked ClientApp would run the node's installed code, not the run's FAB.
+    Only ever called in a forked child. Returns the names dropped.
+    """
+    dropped = [name for name in sys.modules if name.partition(".")[0] in APP_PACKAGES]
+    for name in dropped:
+        del sys.modules[name]
+    return dropped
+
+
+def timed_pull(pull_task_input):
+    """Flower's ``pull_task_input``, noting (wall clock) when the message and its arrays were in hand.
+
+    The ClientApp's stage timing reads it back from the environment: it splits a message's start-up into
+    waiting for the message and loading the app.
+    """
+
+    def pull(client):
+        result = pull_task_input(client)
+        os.environ[PULLED_AT_ENV] = f"{time.time():.3f}"
+        return result
+
+    return pull
+
+
 def run_task(spec) -> int:
     """In the forked child: Flower's ``run_clientapp`` for this task's token; returns the exit code."""
     code = 1
@@ -125,7 +161,11 @@ def run_task(spec) -> int:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
         from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime import run_clientapp as clientapp_module
         from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        if os.environ.get(STAGE_TIMINGS_ENV):
+            clientapp_module.pull_task_input = timed_pull(clientapp_module.pull_task_input)
 
         run_clientapp(
             runtime_api_address=spec.runtime_api_address,

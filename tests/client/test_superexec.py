@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def test_a_clientapp_task_runs_flowers_run_clientapp_in_a_forked_child(tmp_path:
 
     def fake_run_clientapp(**kwargs):  # what the child runs instead of connecting to a SuperNode
         name = Path("/proc/self/comm").read_text().strip()
+        app_modules = [m for m in sys.modules if m.partition(".")[0] in superexec.APP_PACKAGES]
         record.write_text(
             f"{os.getpid()} {kwargs['token']} {kwargs['runtime_api_address']} {kwargs['insecure']} {name}"
+            f" {len(app_modules)}"
         )
         raise SystemExit(0)  # Flower's flwr_exit leaves this way
 
@@ -56,7 +59,9 @@ def test_a_clientapp_task_runs_flowers_run_clientapp_in_a_forked_child(tmp_path:
     assert result.status == "accepted"
     (child,) = executor.children
     wait_reaped(executor)
-    pid, token, address, insecure, name = record.read_text().split()
+    assert "client.superexec" in sys.modules  # the parent keeps what it imported ...
+    pid, token, address, insecure, name, app_modules = record.read_text().split()
+    assert app_modules == "0"  # ... the child forgets it: Flower's load_app then imports the app from the FAB
     assert int(pid) == child != os.getpid()
     assert (token, address, insecure) == ("tok-123", "127.0.0.1:9094", "True")
     assert name == "flwr-clientapp"  # what ps shows, and how tests/deployment find a node's ClientApps
