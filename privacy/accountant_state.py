@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.errors import PrivacyError
+from privacy import rdp_steps
 from privacy.calibration import PrivacyPlan
 
 PLAN_FILE = "privacy_plan.json"
 ACCOUNTANT_FILE = "accountant.json"
+RDP_FILE = "rdp_per_step.json"  # a cache of the plan's one-step RDP (privacy/rdp_steps.py)
 
 # Plan fields that define the guarantee; a reopened node must not change them.
 _FIXED_FIELDS = ("target_epsilon", "delta", "accountant", "sample_rate")
@@ -52,6 +54,7 @@ class NodePrivacy:
         self.state_dir = Path(state_dir)
         self.plan = plan
         self.accountant = accountant
+        self._rdp_ready = False
 
     @staticmethod
     def has_plan(state_dir: Path) -> bool:
@@ -119,16 +122,53 @@ class NodePrivacy:
         self.save()
         return True
 
+    def _history_epsilon(self, history: list[tuple[float, float, int]]) -> float:
+        if not history:
+            return 0.0
+        if self.plan.accountant == "rdp":  # Opacus's numbers, one step's RDP computed once (privacy/rdp_steps.py)
+            self._load_rdp_per_step()
+            return rdp_steps.epsilon(history, self.plan.delta)
+        probe = self.accountant
+        if history is not self.accountant.history:
+            from opacus.accountants import create_accountant
+
+            probe = create_accountant(mechanism=self.plan.accountant)
+            probe.history = history
+        return float(probe.get_epsilon(delta=self.plan.delta))
+
+    def _load_rdp_per_step(self) -> None:
+        """Reuse the plan's one-step RDP vector from the state folder, or compute and store it (0.4 s of CPU).
+
+        Its integer orders (a fortieth of the cost) are recomputed on load: a damaged file is recomputed.
+        """
+        if self._rdp_ready:
+            return
+        sigma, q = self.plan.noise_multiplier, self.plan.sample_rate
+        path = self.state_dir / RDP_FILE
+        stored = None
+        if path.exists():
+            try:
+                data = _read_json(path)
+                if (data["noise_multiplier"], data["sample_rate"]) == (sigma, q) and rdp_steps.agrees(
+                    sigma, q, data["orders"], data["rdp"]
+                ):
+                    stored = data["rdp"]
+            except (PrivacyError, TypeError, ValueError, KeyError):
+                stored = None
+        if stored is not None:
+            rdp_steps.remember(sigma, q, stored)
+        else:
+            values = rdp_steps.per_step(sigma, q)
+            data = {"noise_multiplier": sigma, "sample_rate": q, "orders": list(rdp_steps.orders())}
+            _write_json_atomic(path, {**data, "rdp": [float(v) for v in values]})
+        self._rdp_ready = True
+
     def epsilon(self) -> float:
         """Epsilon spent so far (0.0 before the first step)."""
-        if not self.accountant.history:
-            return 0.0
-        return float(self.accountant.get_epsilon(delta=self.plan.delta))
+        return self._history_epsilon(self.accountant.history)
 
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon after ``extra_steps`` more steps at the plan's (sigma, q); the accountant is not touched."""
-        from opacus.accountants import create_accountant
-
         history = [tuple(h) for h in self.accountant.history]
         if extra_steps > 0:
             sigma, q = self.plan.noise_multiplier, self.plan.sample_rate
@@ -137,11 +177,7 @@ class NodePrivacy:
                 history[-1] = (sigma, q, history[-1][2] + int(extra_steps))
             else:
                 history.append((sigma, q, int(extra_steps)))
-        if not history:
-            return 0.0
-        probe = create_accountant(mechanism=self.plan.accountant)
-        probe.history = history
-        return float(probe.get_epsilon(delta=self.plan.delta))
+        return self._history_epsilon(history)
 
     def make_private(
         self,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpriv.errors import PrivacyError
+from privacy import rdp_steps
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -64,6 +65,8 @@ def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, 
 
     if steps <= 0:
         return 0.0
+    if accountant == "rdp":
+        return rdp_steps.epsilon([(noise_multiplier, sample_rate, int(steps))], delta)
     acc = create_accountant(mechanism=accountant)
     acc.history = [(noise_multiplier, sample_rate, int(steps))]
     return float(acc.get_epsilon(delta=delta))
@@ -130,14 +133,26 @@ def plan_privacy(
     if not calibrate:
         return plan
     try:
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=planned_steps,
-            accountant=accountant,
-            epsilon_tolerance=RELATIVE_EPSILON_TOLERANCE * target_epsilon,
-        )
+        if accountant == "rdp":  # Opacus's search, a fifth of the cost; checked with Opacus's full orders
+            sigma = rdp_steps.noise_multiplier_for(
+                target_epsilon=target_epsilon,
+                delta=delta,
+                sample_rate=sample_rate,
+                steps=planned_steps,
+                tolerance=RELATIVE_EPSILON_TOLERANCE * target_epsilon,
+            )
+            spent = rdp_steps.epsilon([(sigma, sample_rate, planned_steps)], delta)
+            if not spent <= target_epsilon:
+                raise RuntimeError(f"calibrated noise {sigma} spends {spent} > {target_epsilon} (a bug: report it)")
+        else:
+            sigma = get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=planned_steps,
+                accountant=accountant,
+                epsilon_tolerance=RELATIVE_EPSILON_TOLERANCE * target_epsilon,
+            )
     except (ValueError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
         raise PrivacyError(
