@@ -190,6 +190,7 @@ def secagg_round(cfg, app, template, digest: str, names: list[str], run_dir: Pat
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
     from flwr.compat.common import recorddict_compat as compat
 
+    from fedpriv.legacy_messages import flat_vector
     from server.secure_rounds import secagg_shares
 
     secure = cfg.secure_aggregation
@@ -222,7 +223,8 @@ def secagg_round(cfg, app, template, digest: str, names: list[str], run_dir: Pat
         for dst, ciphertext in zip(shared[Key.DESTINATION_LIST], shared[Key.CIPHERTEXT_LIST], strict=True):
             forwarded[dst][0].append(ciphertext)
             forwarded[dst][1].append(nid)
-    parameters = ndarrays_to_parameters([tensor.numpy() for tensor in _arrays_in_order(template, names)])
+    # the coordinator's legacy parameters: one flat vector (fedpriv/legacy_messages.py)
+    parameters = ndarrays_to_parameters([flat_vector([t.numpy() for t in _arrays_in_order(template, names)])])
     config = _server_config(run_dir, digest, {})
     ciphertexts, sources = forwarded[measured]
     fit = stage(

@@ -34,15 +34,15 @@ def handle_train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
 
     if is_legacy_fit(msg.content):
         with phase("setup"):
-            names = task.node_trainable_names(cfg, context)
-        content = task.train_content(cfg, legacy_fit_to_content(msg.content, names), context)
+            layout = task.node_trainable_layout(cfg, context)
+        content = task.train_content(cfg, legacy_fit_to_content(msg.content, layout), context)
         if protocol.REFUSAL in content:
             # SecAgg+ has no way to say "no" inside a round: the node drops out of it. Its refusal is in its
             # ledger and reaches the coordinator with its next evaluate reply.
             raise task.NodeSetupError(
                 f"organisation '{content[protocol.REFUSAL]['org']}' refuses to train: {content[protocol.REFUSAL]['reason']}"
             )
-        reply = fit_reply_to_legacy(content, names)
+        reply = fit_reply_to_legacy(content, layout)
     else:
         reply = task.train_content(cfg, msg.content, context)
     return Message(reply, reply_to=msg)
@@ -54,9 +54,9 @@ def handle_evaluate(cfg: FedPrivConfig, msg: Message, context: Context) -> Messa
 
     if is_legacy_evaluate(msg.content):
         with phase("setup"):
-            names = task.node_trainable_names(cfg, context)
+            layout = task.node_trainable_layout(cfg, context)
         reply = evaluate_reply_to_legacy(
-            task.evaluate_content(cfg, legacy_evaluate_to_content(msg.content, names), context)
+            task.evaluate_content(cfg, legacy_evaluate_to_content(msg.content, layout), context)
         )
     else:
         reply = task.evaluate_content(cfg, msg.content, context)

@@ -204,5 +204,10 @@ def fresh_model(model_cfg: ModelConfig, label_names: list[str]) -> tuple[torch.n
 
 def trainable_names(model_cfg: ModelConfig, label_names: list[str]) -> list[str]:
     """The exchanged tensors, in the order legacy (unnamed) messages carry them."""
+    return [name for name, _ in trainable_layout(model_cfg, label_names)]
+
+
+def trainable_layout(model_cfg: ModelConfig, label_names: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """The exchanged tensors' names and shapes, in the order legacy messages carry them (one flat vector)."""
     template, _ = _template(model_cfg, label_names)
-    return [name for name, param in template.named_parameters() if param.requires_grad]
+    return [(name, tuple(param.shape)) for name, param in template.named_parameters() if param.requires_grad]

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from client.budget import NodeBudget, round_steps
 from client.device import resolve_device
 from client.evaluation import evaluate
-from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_names
+from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_layout
 from client.stage_timing import phase
 from client.training import train_locally
 from fedpriv import protocol
@@ -152,5 +152,5 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
     return reply
 
 
-def node_trainable_names(cfg: FedPrivConfig, context: Context) -> list[str]:
-    return trainable_names(cfg.model, local_node(cfg, context).label_names)
+def node_trainable_layout(cfg: FedPrivConfig, context: Context) -> list[tuple[str, tuple[int, ...]]]:
+    return trainable_layout(cfg.model, local_node(cfg, context).label_names)

@@ -10,8 +10,10 @@ paths. See docs/design/secure-aggregation.md.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -39,40 +41,68 @@ def is_legacy_evaluate(content: RecordDict) -> bool:
     return LEGACY_EVALUATE_ARRAYS in content.array_records
 
 
-def _named(ndarrays: list, names: list[str]) -> ArrayRecord:
-    if len(ndarrays) != len(names):
-        raise LegacyMessageError(
-            f"legacy message: {len(ndarrays)} arrays, the model has {len(names)} trainable tensors"
-        )
-    return ArrayRecord(array_dict={name: Array(array) for name, array in zip(names, ndarrays, strict=True)})
+Layout = list[tuple[str, tuple[int, ...]]]  # the model's trainable tensors, in model order: name and shape
+
+
+def flat_vector(ndarrays: list[np.ndarray]) -> np.ndarray:
+    """The trainable tensors as the one vector legacy (SecAgg+) messages carry.
+
+    Flower moves every Array of a message as objects of its own, one request each at every hop
+    (coordinator -> SuperLink -> SuperNode -> ClientApp and back): LoRA's 26 small tensors made a SecAgg+
+    message 35 to 56 objects, and ten nodes' requests queued at the SuperLink for seconds. One vector is
+    a couple of objects; SecAgg+ masks and quantises it element by element all the same.
+    """
+    dtype = np.result_type(*ndarrays)
+    return np.concatenate([np.asarray(array, dtype=dtype).ravel() for array in ndarrays])
+
+
+def split_vector(ndarrays: list[np.ndarray], layout: Layout) -> list[np.ndarray]:
+    """The model's tensors from a legacy message: one flat vector (``flat_vector``), or one array per tensor."""
+    shapes = [tuple(shape) for _, shape in layout]
+    if [tuple(array.shape) for array in ndarrays] == shapes:
+        return list(ndarrays)
+    sizes = [math.prod(shape) for shape in shapes]
+    if len(ndarrays) == 1 and ndarrays[0].ndim == 1 and ndarrays[0].size == sum(sizes):
+        pieces = np.split(ndarrays[0], np.cumsum(sizes)[:-1])
+        return [piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+    got = ", ".join(str(tuple(array.shape)) for array in ndarrays[:4]) + (" ..." if len(ndarrays) > 4 else "")
+    raise LegacyMessageError(
+        f"legacy message: {len(ndarrays)} arrays ({got}), the model has {len(layout)} trainable tensors"
+        f" ({sum(sizes)} values): expected one vector of {sum(sizes)} values or one array per tensor"
+    )
+
+
+def _named(ndarrays: list, layout: Layout) -> ArrayRecord:
+    tensors = split_vector(ndarrays, layout)
+    return ArrayRecord(array_dict={name: Array(t) for (name, _), t in zip(layout, tensors, strict=True)})
 
 
 def _config(config: dict[str, Any]) -> ConfigRecord:
     return ConfigRecord({_LEGACY_KEYS.get(key, key): value for key, value in config.items()})
 
 
-def legacy_fit_to_content(content: RecordDict, names: list[str]) -> RecordDict:
-    """``fitins.*`` -> ``{"arrays", "config"}`` as the train handler expects (array names by model order)."""
+def legacy_fit_to_content(content: RecordDict, layout: Layout) -> RecordDict:
+    """``fitins.*`` -> ``{"arrays", "config"}`` as the train handler expects (named by the model's layout)."""
     ins = compat.recorddict_to_fitins(content, keep_input=True)
-    arrays = _named(parameters_to_ndarrays(ins.parameters), names)
+    arrays = _named(parameters_to_ndarrays(ins.parameters), layout)
     return RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: _config(ins.config)})
 
 
-def legacy_evaluate_to_content(content: RecordDict, names: list[str]) -> RecordDict:
+def legacy_evaluate_to_content(content: RecordDict, layout: Layout) -> RecordDict:
     ins = compat.recorddict_to_evaluateins(content, keep_input=True)
-    arrays = _named(parameters_to_ndarrays(ins.parameters), names)
+    arrays = _named(parameters_to_ndarrays(ins.parameters), layout)
     return RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: _config(ins.config)})
 
 
-def fit_reply_to_legacy(reply: RecordDict, names: list[str]) -> RecordDict:
-    """The train handler's reply -> ``fitres.*``; only the arrays get masked by SecAgg+."""
+def fit_reply_to_legacy(reply: RecordDict, layout: Layout) -> RecordDict:
+    """The train handler's reply -> ``fitres.*`` (one flat vector); only the arrays get masked by SecAgg+."""
     arrays = reply[protocol.ARRAYS]
     metrics: dict[str, Any] = dict(reply[protocol.METRICS])
     metrics.update({PRIVACY_PREFIX + key: value for key, value in reply[protocol.PRIVACY].items()})
     metrics.update(_flat_ledger(reply))
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
-        parameters=ndarrays_to_parameters([arrays[name].numpy() for name in names]),
+        parameters=ndarrays_to_parameters([flat_vector([arrays[name].numpy() for name, _ in layout])]),
         num_examples=int(metrics[protocol.NUM_EXAMPLES]),
         metrics=metrics,
     )

@@ -22,7 +22,13 @@ from flwr.serverapp import Grid
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
-from fedpriv.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
+from fedpriv.legacy_messages import (
+    Layout,
+    flat_vector,
+    legacy_evaluate_metrics_to_content,
+    legacy_fit_metrics_to_content,
+    split_vector,
+)
 from server.budget_gate import BudgetState, gate_legacy_strategy
 from server.round_tracker import RoundTracker
 from server.strategy import select_strategy
@@ -75,11 +81,11 @@ def _legacy_strategy(
     return gate_legacy_strategy(select_strategy(strat, FedAvg, FedProx, FedAdam, **common), budget, threshold)
 
 
-def _named(legacy: ArrayRecord, names: list[str], dtypes: dict[str, Any]) -> ArrayRecord:
-    """The legacy (unnamed, float64 after SecAgg+) parameters as our named trainable tensors."""
-    arrays = [array.numpy() for array in legacy.values()]
+def _named(legacy: ArrayRecord, layout: Layout, dtypes: dict[str, Any]) -> ArrayRecord:
+    """The legacy (one flat vector, float64 after SecAgg+) parameters as our named trainable tensors."""
+    tensors = split_vector([array.numpy() for array in legacy.values()], layout)
     return ArrayRecord(
-        array_dict={name: Array(value.astype(dtypes[name])) for name, value in zip(names, arrays, strict=True)}
+        array_dict={name: Array(t.astype(dtypes[name])) for (name, _), t in zip(layout, tensors, strict=True)}
     )
 
 
@@ -101,9 +107,10 @@ def run_secure_rounds(
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
     from flwr.server.workflow.default_workflows import default_evaluate_workflow
 
-    names = list(initial.keys())
-    dtypes = {name: initial[name].numpy().dtype for name in names}
-    strategy = _legacy_strategy(cfg, tracker, [initial[name].numpy() for name in names], num_nodes, fit_config, budget)
+    tensors = {name: array.numpy() for name, array in initial.items()}
+    layout = [(name, tuple(t.shape)) for name, t in tensors.items()]
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    strategy = _legacy_strategy(cfg, tracker, [flat_vector(list(tensors.values()))], num_nodes, fit_config, budget)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=cfg.training.rounds, round_timeout=cfg.strategy.round_timeout),
@@ -134,8 +141,8 @@ def run_secure_rounds(
 
     def evaluate_then_close(grid_: Grid, ctx: Context) -> None:
         default_evaluate_workflow(grid_, ctx)
-        tracker.end_of_round(current_round(ctx), _named(ctx.state.array_records[MAIN_PARAMS_RECORD], names, dtypes))
+        tracker.end_of_round(current_round(ctx), _named(ctx.state.array_records[MAIN_PARAMS_RECORD], layout, dtypes))
 
     tracker.end_of_round(0, initial)
     DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_then_close)(grid, legacy)
-    return _named(legacy.state.array_records[MAIN_PARAMS_RECORD], names, dtypes)
+    return _named(legacy.state.array_records[MAIN_PARAMS_RECORD], layout, dtypes)

@@ -201,23 +201,25 @@ def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path
     from flwr.compat.common import recorddict_compat as compat
     from flwr.compat.common.typing import FitIns
 
-    from client.node import trainable_names
-    from fedpriv.legacy_messages import legacy_fit_metrics_to_content
+    from client.node import trainable_layout
+    from fedpriv.legacy_messages import flat_vector, legacy_fit_metrics_to_content, split_vector
 
     cfg = load_config(overrides=OVERRIDES)
     labels = plan_partitions(cfg).label_names
     model, digest = fresh_model(cfg.model, labels)
-    names = trainable_names(cfg.model, labels)
+    layout = trainable_layout(cfg.model, labels)
+    names = [name for name, _ in layout]
     state = dict(model.named_parameters())
     ins = FitIns(
-        parameters=ndarrays_to_parameters([state[n].detach().numpy() for n in names]),
+        parameters=ndarrays_to_parameters([flat_vector([state[n].detach().numpy() for n in names])]),
         config={protocol.SERVER_ROUND: 1, protocol.RUN_DIR: str(tmp_path), protocol.BASE_DIGEST: digest},
     )
     msg = Message(
         content=compat.fitins_to_recorddict(ins, keep_input=True), dst_node_id=1, message_type=MessageType.TRAIN
     )
     fitres = compat.recorddict_to_fitres(handle_train(cfg, msg, _context()).content, keep_input=True)
-    updated = parameters_to_ndarrays(fitres.parameters)
+    (vector,) = parameters_to_ndarrays(fitres.parameters)  # one flat vector, as the coordinator sent
+    updated = split_vector([vector], layout)
     assert [u.shape for u in updated] == [tuple(state[n].shape) for n in names]
     assert any(not (u == state[n].detach().numpy()).all() for u, n in zip(updated, names, strict=True))
     report = legacy_fit_metrics_to_content(dict(fitres.metrics))[protocol.PRIVACY]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import types
 
+import httpx
 import pytest
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
@@ -56,6 +57,37 @@ def test_given_waits_are_only_ever_shortened_and_the_rest_is_flowers():
     prompt(["a"], None, initial_backoff=0.01, backoff_cap=5.0, max_time=7.0)
     assert seen == {"initial_backoff": 0.01, "backoff_cap": object_pulls.BACKOFF_CAP_S, "max_time": 7.0}
     assert object_pulls.prompt(prompt) is prompt  # installing twice wraps once
+
+
+def _server_answers(*statuses: int):
+    """A pull_object_fn that answers these HTTP statuses first (httpx raises for 5xx/4xx), then the object."""
+    answers = list(statuses)
+
+    def pull(object_id: str) -> bytes:
+        if answers:
+            status = answers.pop(0)
+            request = httpx.Request("POST", "https://127.0.0.1:9092/v1/fleet/pull-object")
+            httpx.Response(status, request=request).raise_for_status()
+        return object_id.encode()
+
+    return pull
+
+
+def test_a_superlink_500_is_asked_again_not_a_dropped_message():
+    # the SuperLink's SQLite answered "database is locked" (500) to one pull of ten busy nodes
+    got = object_pulls.prompt(inflatable_utils.pull_objects)(["a"], _server_answers(500, 503))
+    assert got == {"a": b"a"}
+
+
+def test_a_client_error_or_a_server_that_keeps_failing_still_fails_the_pull():
+    prompt = object_pulls.prompt(inflatable_utils.pull_objects)
+    with pytest.raises(httpx.HTTPStatusError, match="401"):
+        prompt(["a"], _server_answers(401))  # not transient: Flower's handling, unchanged
+    failing = [500] * (object_pulls.SERVER_ERROR_TRIES + 1)
+    with pytest.raises(inflatable_utils.ObjectPullError):
+        prompt(["a"], _server_answers(*failing), max_time=0.5)  # Flower's own limits still apply
+    with pytest.raises(httpx.HTTPStatusError, match="500"):
+        prompt(["a"], _server_answers(*failing))  # past SERVER_ERROR_TRIES: the server's error, as Flower had it
 
 
 @pytest.mark.parametrize("module", [inflatable_utils, start_client_internal, http_grid])
