@@ -96,6 +96,15 @@ def test_preloading_imports_torch_without_initialising_cuda_or_threads():
     assert superexec.fork_is_safe() is None
 
 
+def test_warm_caches_hand_children_transformers_conversion_mapping_built(monkeypatch):
+    from transformers import conversion_mapping
+
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    assert superexec.warm_caches() == ["transformers.conversion_mapping"]
+    assert conversion_mapping._checkpoint_conversion_mapping_cache  # what PEFT's model wrapping reads
+    assert superexec.fork_is_safe() is None
+
+
 def test_install_makes_flowers_superexec_use_the_fork_executor(monkeypatch):
     monkeypatch.setattr(superexec_module, "get_executor", superexec_module.get_executor)  # restored afterwards
     monkeypatch.setattr(inflatable_utils, "pull_objects", inflatable_utils.pull_objects)
