@@ -39,7 +39,7 @@ PRELOAD = (
     "flwr.client.mod",
     # what transformers/PEFT/the ledger load lazily on a message's first use (MiniLM is a BERT)
     "transformers.models.bert.modeling_bert",
-    "transformers.models.bert.tokenization_bert_fast",
+    "transformers.models.bert.tokenization_bert",
     "peft.utils.transformers_weight_conversion",
     "nacl.signing",
 )
