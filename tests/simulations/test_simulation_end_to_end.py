@@ -175,7 +175,7 @@ def test_minilm_learns_sst2_from_a_few_hundred_sentences(tmp_path):
         "data.max_length=48",
         "partitioning.scheme=iid",
         "partitioning.num_orgs=2",
-        "training.rounds=2",
+        "training.rounds=1",  # measured 0.767 after one round (2026-11-24)
         "privacy.enabled=false",
         "output.export_model=false",
     )
