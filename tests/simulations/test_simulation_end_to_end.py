@@ -190,11 +190,12 @@ def test_minilm_learns_news_topics_under_dp(tmp_path):
         tmp_path,
         "partitioning.num_orgs=2",
         "data.max_examples=840",
-        "training.rounds=3",
+        "training.rounds=2",
         "output.export_model=false",
     )
     summary = json.loads((out / "summary.json").read_text())
-    # 5 topics: chance is about 0.2 (measured 0.772); 0.4 is > 6 standard errors above chance on ~160 articles
+    # 5 topics: chance is about 0.2 (measured 0.738 after 2 rounds, 0.772 after 3); 0.4 is > 6 standard errors
+    # above chance on ~160 articles
     assert summary["final"]["accuracy"] > 0.4, summary["final"]
     for p in summary["privacy"].values():
         assert 0 < p["epsilon"] <= p["target_epsilon"] == 8.0
