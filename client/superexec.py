@@ -25,6 +25,8 @@ import signal
 import sys
 import time
 
+from fedpriv.app_source import APP_PACKAGES
+
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own variable: seconds between task polls
 DEFAULT_POLL_S = "0.2"
 # What a fedpriv ClientApp imports that costs seconds: imported once here, shared by every forked message.
@@ -140,8 +142,6 @@ class ForkExecutor:
 
 STAGE_TIMINGS_ENV = "FEDPRIV_STAGE_TIMINGS"  # client/stage_timing.py: benchmarks only
 PULLED_AT_ENV = "FEDPRIV_TASK_INPUT_PULLED_AT"
-# This project's top-level packages (pyproject's packages.find): a ClientApp must load them from the run's FAB.
-APP_PACKAGES = ("client", "fedpriv", "server", "privacy", "shared_models", "simulations")
 
 
 def forget_app_modules() -> list[str]:

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,7 @@ from fedpriv.provisioning.kits import SUPERNODE, SUPERNODE_ENV
 
 START_TIMEOUT_S = 60.0
 STOP_WAIT_S = 10.0
+ENROL_WORKERS = 4
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _FLOWER_LOG = re.compile(r"^(INFO|DEBUG|WARNING|ERROR)\s*:")
 
@@ -265,13 +267,14 @@ def write_run_config(path: Path, config_path: str | None, overrides: list[str]) 
     return path
 
 
-def app_dir() -> Path:
-    """The Flower app folder (the project root with ``[tool.flwr.app]`` in its pyproject.toml)."""
-    root = Path(__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if not pyproject.exists() or "[tool.flwr.app]" not in pyproject.read_text(encoding="utf-8"):
-        raise FederationUpError(f"{root}: no pyproject.toml with [tool.flwr.app]; run from a checkout of fedpriv")
-    return root
+def app_dir(staging: Path) -> Path:
+    """The Flower app folder for ``flwr run``: this checkout's app, staged in ``staging`` (see fedpriv.app_source)."""
+    from fedpriv.app_source import NotAnAppCheckout, stage_app
+
+    try:
+        return stage_app(staging)
+    except NotAnAppCheckout as err:
+        raise FederationUpError(str(err)) from None
 
 
 def _wait(what: str, ready: Callable[[], bool], procs: dict[str, tuple[subprocess.Popen, Path]], timeout: float):
@@ -401,8 +404,10 @@ def federation_up(
         _wait("waiting for the SuperLink to accept connections", ready, procs, START_TIMEOUT_S)
         say(f"SuperLink up on 127.0.0.1:{port} ({transport}); log {log}")
         if not plaintext:
-            for org in cfg.organisations:
-                say(f"  enrolled {org.name}: {enrol(co_kit, org.name, env)}")
+            names = [org.name for org in cfg.organisations]
+            with ThreadPoolExecutor(max_workers=ENROL_WORKERS) as pool:  # each is a `flwr` CLI start (~1.5 s CPU)
+                for name, outcome in zip(names, pool.map(lambda name: enrol(co_kit, name, env), names), strict=True):
+                    say(f"  enrolled {name}: {outcome}")
         for org in cfg.organisations:
             kit = kits / org.name
             log = logs / f"{org.name}.log"
@@ -423,7 +428,15 @@ def federation_up(
         say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
 
         run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
-        command = ["flwr", "run", str(app_dir()), cfg.federation, "--stream", "--run-config", str(run_config)]
+        command = [
+            "flwr",
+            "run",
+            str(app_dir(homes / "app")),
+            cfg.federation,
+            "--stream",
+            "--run-config",
+            str(run_config),
+        ]
         say(f"$ FLWR_HOME={cli_home} " + shlex.join(command))
         run_log = logs / "flwr-run.log"
         returncode = _stream(command, dict(env, FLWR_HOME=str(cli_home)), run_log, run_timeout, verbose, say)

@@ -7,6 +7,12 @@ Grid, delegates everything to it, and only replaces ``send_and_receive``'s wait
 between pulls (the same push, the same pulls, the same timeout semantics). A
 reply's arrays that are not on the SuperLink yet are asked for again within
 0.5 s, not after Flower's 1, 2, 4, 8 s back-off (fedpriv/object_pulls.py).
+
+It also gives every exchange a deadline: Flower's ``default_evaluate_workflow``
+calls ``send_and_receive`` without a timeout, so a node that died mid-round held
+the evaluation until the SuperLink noticed its missing heartbeats (about 30 s),
+and a node that hangs would hold it for ever. ``default_timeout`` (the run's
+``strategy.round_timeout``) applies wherever the caller gives none.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ PULL_INTERVAL_S = 0.2
 
 
 class PromptGrid(Grid):
-    def __init__(self, grid: Grid, pull_interval: float = PULL_INTERVAL_S) -> None:
+    def __init__(
+        self, grid: Grid, pull_interval: float = PULL_INTERVAL_S, default_timeout: float | None = None
+    ) -> None:
         self.grid = grid
+        self.default_timeout = default_timeout
         self.pull_interval = min(pull_interval, getattr(grid, "pull_interval", pull_interval))  # never slower
         grid_module = sys.modules.get(type(grid).__module__)
         if callable(getattr(grid_module, "pull_objects", None)):  # HttpGrid pulls reply arrays with back-off
@@ -54,6 +63,8 @@ class PromptGrid(Grid):
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        if timeout is None:
+            timeout = self.default_timeout
         pending = set(self.push_messages(messages))
         end = time.time() + (timeout or 0.0)
         replies: list[Message] = []

@@ -205,7 +205,7 @@ def build_server_app(
         cfg = config or config_from_context(context)
         folder = run_dir or run_dir_for(cfg)
         nodes = num_nodes or cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
-        run_federation(PromptGrid(grid), context, cfg, Path(folder), nodes)
+        run_federation(PromptGrid(grid, default_timeout=cfg.strategy.round_timeout), context, cfg, Path(folder), nodes)
 
     return app
 

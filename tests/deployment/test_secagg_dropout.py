@@ -108,7 +108,7 @@ def dropout_run(tmp_path_factory):
                 "training.local_epochs=1",
                 "secure_aggregation.num_shares=4",
                 "secure_aggregation.reconstruction_threshold=3",
-                "strategy.round_timeout=30",  # the dead node's stage-2 reply is waited for at most this long (survivors: < 10 s)
+                "strategy.round_timeout=15",  # the dead node's replies are waited for at most this long (survivors: < 5 s)
             ],
             out=root / "run",
             run_timeout=RUN_TIMEOUT_S,

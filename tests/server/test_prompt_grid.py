@@ -63,6 +63,23 @@ def test_the_timeout_still_ends_the_wait(sleeps, monkeypatch):
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # the late reply is left out, as in Flower
 
 
+def test_an_exchange_without_a_timeout_waits_at_most_the_default(sleeps, monkeypatch):
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(prompt_grid.time, "time", lambda: next(clock))
+    inner = SlowRepliesGrid(arrive_at=[1, 99])  # the second node never answers (dead or hung)
+    replies = PromptGrid(inner, default_timeout=35).send_and_receive(["a", "b"])  # as default_evaluate_workflow
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert inner.pulls == 3  # deadline 0 + 35: pulls at t = 10, 20, 30; at t = 40 it gives up
+
+
+def test_a_timeout_given_by_the_caller_wins_over_the_default(sleeps, monkeypatch):
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(prompt_grid.time, "time", lambda: next(clock))
+    inner = SlowRepliesGrid(arrive_at=[1, 99])
+    PromptGrid(inner, default_timeout=35).send_and_receive(["a", "b"], timeout=15)
+    assert inner.pulls == 1  # deadline 0 + 15: one pull at t = 10, none at t = 20
+
+
 def test_it_never_polls_slower_than_the_wrapped_grid_and_delegates_the_rest():
     fast = SlowRepliesGrid([1])
     fast.pull_interval = 0.05
