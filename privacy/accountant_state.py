@@ -128,12 +128,10 @@ class NodePrivacy:
         if self.plan.accountant == "rdp":  # Opacus's numbers, one step's RDP computed once (privacy/rdp_steps.py)
             self._load_rdp_per_step()
             return rdp_steps.epsilon(history, self.plan.delta)
-        probe = self.accountant
-        if history is not self.accountant.history:
-            from opacus.accountants import create_accountant
+        from opacus.accountants import create_accountant
 
-            probe = create_accountant(mechanism=self.plan.accountant)
-            probe.history = history
+        probe = create_accountant(mechanism=self.plan.accountant)  # Opacus's own search (PRV), on a copy
+        probe.history = list(history)
         return float(probe.get_epsilon(delta=self.plan.delta))
 
     def _load_rdp_per_step(self) -> None:

@@ -19,27 +19,38 @@ accounting too (``plan_privacy`` checks it with the full orders before use).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 MAX_SIGMA = 1e6  # Opacus's get_noise_multiplier gives up at the same noise multiplier
+# Opacus's RDPAccountant.DEFAULT_ALPHAS, written out so that an audit never imports torch (a test compares them)
+ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
 
 
 @functools.cache
-def _analysis():
-    from opacus.accountants.analysis import rdp
+def analysis():
+    """Opacus's RDP analysis of the sampled Gaussian mechanism (``opacus.accountants.analysis.rdp``), loaded alone.
 
-    return rdp
+    The module needs only numpy and scipy; importing it through the ``opacus`` package would import torch
+    (seconds), which an audit of ledgers never needs.
+    """
+    spec = importlib.util.find_spec("opacus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("opacus is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
+    module_spec = importlib.util.spec_from_file_location("fedpriv_opacus_rdp_analysis", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
-@functools.cache
 def orders() -> tuple[float, ...]:
-    """The orders Opacus's RDP accountant minimises over (``RDPAccountant.DEFAULT_ALPHAS``)."""
-    from opacus.accountants import RDPAccountant
-
-    return tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
+    """The orders Opacus's RDP accountant minimises over."""
+    return ORDERS
 
 
 _VECTORS: dict[tuple[float, float], tuple[float, ...]] = {}  # (sigma, q) -> one step's RDP at every order
@@ -49,7 +60,7 @@ def per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """One step's RDP at every order, as Opacus computes it (once per process and mechanism)."""
     key = (float(noise_multiplier), float(sample_rate))
     if key not in _VECTORS:
-        values = _analysis().compute_rdp(q=key[1], noise_multiplier=key[0], steps=1, orders=orders())
+        values = analysis().compute_rdp(q=key[1], noise_multiplier=key[0], steps=1, orders=orders())
         _VECTORS[key] = tuple(float(v) for v in values)
     return np.array(_VECTORS[key])
 
@@ -72,7 +83,7 @@ def agrees(
     if [float(a) for a in stored_orders] != list(orders()) or len(values) != len(orders()):
         return False
     integer = [i for i, a in enumerate(orders()) if a == int(a)]
-    fresh = _analysis().compute_rdp(
+    fresh = analysis().compute_rdp(
         q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=[orders()[i] for i in integer]
     )
     return all(float(values[i]) == float(v) for i, v in zip(integer, fresh, strict=True))
@@ -85,7 +96,7 @@ def epsilon(history: Iterable[tuple[float, float, int]], delta: float) -> float:
         return 0.0
     # Opacus: sum([compute_rdp(q, sigma, n, orders) for ...]) with compute_rdp = vector * n
     total = sum([per_step(sigma, q) * n for sigma, q, n in history])
-    eps, _ = _analysis().get_privacy_spent(orders=list(orders()), rdp=total, delta=delta)
+    eps, _ = analysis().get_privacy_spent(orders=list(orders()), rdp=total, delta=delta)
     return float(eps)
 
 
@@ -95,17 +106,17 @@ def search_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delt
     Never below ``epsilon([(noise_multiplier, sample_rate, steps)], delta)`` (a minimum over a subset of its
     orders), equal to it when the best order is among them; about a fifth of the cost.
     """
-    analysis = _analysis()
+    sgm = analysis()
     coarse = [a for a in orders() if a == int(a)]
-    rdp = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=coarse)
-    eps, best = analysis.get_privacy_spent(orders=coarse, rdp=rdp, delta=delta)
+    rdp = sgm.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=coarse)
+    eps, best = sgm.get_privacy_spent(orders=coarse, rdp=rdp, delta=delta)
     if not math.isfinite(best):
         return float(eps)
     near = [a for a in orders() if a != int(a) and abs(a - best) < 1]
     if not near:
         return float(eps)
-    rdp = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=near)
-    eps_near, _ = analysis.get_privacy_spent(orders=near, rdp=rdp, delta=delta)
+    rdp = sgm.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=near)
+    eps_near, _ = sgm.get_privacy_spent(orders=near, rdp=rdp, delta=delta)
     return float(min(eps, eps_near))
 
 

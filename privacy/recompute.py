@@ -22,30 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from privacy import rdp_steps
+
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
-RDP_ORDERS = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)  # Opacus's alphas
-
-
-@functools.cache
-def _rdp_analysis():
-    """Opacus's RDP analysis of the sampled Gaussian mechanism, loaded on its own.
-
-    The module needs only numpy and scipy; importing it through the ``opacus`` package would import torch
-    (seconds), which an audit of ledgers never needs.
-    """
-    spec = importlib.util.find_spec("opacus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("opacus is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
-    module_spec = importlib.util.spec_from_file_location("fedpriv_opacus_rdp_analysis", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    compute_rdp = _rdp_analysis().compute_rdp
-    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS))
+RDP_ORDERS = np.array(rdp_steps.ORDERS)
 
 
 def rdp_epsilons(events: Sequence[Event], delta: float) -> list[float]:
@@ -57,7 +37,7 @@ def rdp_epsilons(events: Sequence[Event], delta: float) -> list[float]:
     for index, (sigma, q, steps) in enumerate(events):
         key = (float(sigma), float(q))
         if key not in per_step:
-            per_step[key] = _rdp_per_step(*key) if steps else np.zeros(len(RDP_ORDERS))
+            per_step[key] = rdp_steps.per_step(*key) if steps else np.zeros(len(RDP_ORDERS))
         rows[index] = per_step[key] * int(steps)
     cumulative = np.cumsum(rows, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -90,7 +70,7 @@ def _prv_analysis():
     """Opacus's PRV analysis (``opacus.accountants.analysis.prv``) loaded without torch.
 
     Its modules need numpy and scipy, plus two names from Opacus's accountant modules (which import
-    torch): the RDP analysis (loaded on its own, as above) and ``RDPAccountant`` for the domain size,
+    torch): the RDP analysis (loaded on its own, privacy/rdp_steps.py) and ``RDPAccountant`` for the domain size,
     served here by the vectorised RDP of this module. Importing torch costs seconds in every audit
     worker; this costs milliseconds.
     """
@@ -99,7 +79,7 @@ def _prv_analysis():
         package = types.ModuleType(name)
         package.__path__ = []  # a package that finds nothing by itself: every module below is placed by hand
         sys.modules.setdefault(name, package)
-    sys.modules[f"{_SHADOW}.accountants.analysis.rdp"] = _rdp_analysis()
+    sys.modules[f"{_SHADOW}.accountants.analysis.rdp"] = rdp_steps.analysis()
     rdp_accountant = types.ModuleType(f"{_SHADOW}.accountants.rdp")
     rdp_accountant.RDPAccountant = _RDPFromEvents
     sys.modules[rdp_accountant.__name__] = rdp_accountant
