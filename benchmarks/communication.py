@@ -15,9 +15,10 @@ Plain path: the replies to one train and one evaluate message. SecAgg+ path (for
 modes listed in ``secagg``; ``none`` for none): three organisations (``secure_aggregation`` defaults:
 every node holds a share, threshold 2) run Flower's own ``secaggplus_mod`` through the same ClientApp for
 all four stages (setup, share keys, collect masked vectors, unmask), then one legacy evaluate; the
-measured node's five replies are sized. In the collect stage the mod uploads the trainable vector
+measured node's five replies are sized. In the collect stage the mod produces the trainable vector
 quantised and masked as int64 arrays (``ndarray_to_bytes``) inside a ConfigRecord, whatever the modulus
-(the workflow's default 2**32).
+(the workflow's default 2**32); the ClientApp packs them into uint32 before they leave the node
+(fedpriv/masked_vectors.py), and the coordinator widens them back for Flower's workflow.
 
 "Full fp32 model" is every parameter of the base model (what ``model.finetuning=full`` builds, frozen
 embeddings included) x 4 bytes; the same denominator for LoRA and full fine-tuning. LoRA settings (rank,

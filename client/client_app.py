@@ -68,7 +68,12 @@ def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
     if SECAGG_CONFIGS in msg.content.config_records:
         from flwr.client.mod import secaggplus_mod
 
-        return secaggplus_mod(msg, context, call_next)
+        from fedpriv import masked_vectors
+
+        reply = secaggplus_mod(msg, context, call_next)
+        if reply.has_content():
+            masked_vectors.pack(reply.content)  # 32-bit words on the wire: half of Flower's int64 upload
+        return reply
     return call_next(msg, context)
 
 

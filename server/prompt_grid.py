@@ -17,14 +17,17 @@ and a node that hangs would hold it for ever. ``default_timeout`` (the run's
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedpriv import object_pulls
+from fedpriv import masked_vectors, object_pulls
 
 PULL_INTERVAL_S = 0.2
 
@@ -60,7 +63,11 @@ class PromptGrid(Grid):
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            if reply.has_content():
+                _widen_masked_vectors(reply)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         if timeout is None:
@@ -79,3 +86,15 @@ class PromptGrid(Grid):
 
     def __getattr__(self, name: str):  # anything else the wrapped Grid offers (close, ...)
         return getattr(self.grid, name)
+
+
+def _widen_masked_vectors(reply: Message) -> None:
+    """SecAgg+ masked vectors back to Flower's int64 (fedpriv/masked_vectors.py); a malformed one turns the
+    reply into an error reply, so the workflow counts that node as dropped instead of summing garbage."""
+    try:
+        masked_vectors.widen(reply.content)
+    except masked_vectors.MaskedVectorError as err:
+        reason = f"node {reply.metadata.src_node_id}: masked vector refused: {err}"
+        log(logging.WARNING, reason)
+        reply.__dict__["_content"] = None  # flwr Message: content and error are exclusive
+        reply.error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)

@@ -28,7 +28,7 @@ class SlowRepliesGrid:
         self.pulls += 1
         wanted = set(message_ids)
         return [
-            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"), has_content=lambda: False)
             for i, at in enumerate(self.arrive_at)
             if at == self.pulls and f"m{i}" in wanted
         ]
@@ -95,3 +95,32 @@ def test_an_http_grid_gets_prompt_pulls_of_reply_arrays(monkeypatch):
     monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
     PromptGrid(object.__new__(http_grid.HttpGrid))
     assert http_grid.pull_objects.fedpriv_prompt
+
+
+def test_masked_vectors_arrive_widened_and_a_malformed_one_becomes_that_node_s_error(monkeypatch):
+    import numpy as np
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 7), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    from fedpriv.masked_vectors import MASKED, SECAGG_CONFIGS
+
+    def reply(vector, node_id):
+        content = RecordDict({SECAGG_CONFIGS: ConfigRecord({MASKED: [ndarray_to_bytes(vector)]})})
+        msg = Message(content, dst_node_id=node_id, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = node_id  # as a reply pulled from the SuperLink
+        return msg
+
+    class Replies(SlowRepliesGrid):
+        def pull_messages(self, message_ids):
+            return [reply(np.array([7, 2**32 - 1], dtype=np.uint32), 1), reply(np.array([0.5]), 2)]
+
+    good, bad = PromptGrid(Replies([])).pull_messages(["m0", "m1"])
+    vector = bytes_to_ndarray(good.content.config_records[SECAGG_CONFIGS][MASKED][0])
+    assert vector.dtype == np.int64 and vector.tolist() == [7, 2**32 - 1]
+    assert bad.has_error() and not bad.has_content()
+    assert "node 2: masked vector refused" in bad.error.reason
