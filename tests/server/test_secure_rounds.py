@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 # A ClientApp whose chosen nodes crash in their train handler (after SecAgg+ key setup), with the real ServerApp.
 SCRIPT = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from pathlib import Path
 
     from flwr.clientapp import ClientApp
@@ -30,17 +30,18 @@ SCRIPT = textwrap.dedent(
     from server.server_app import build_server_app
     from simulations.runner import backend_config
 
-    out, failing = Path(sys.argv[1]), {int(p) for p in sys.argv[2].split(",") if p}
+    out, failing = Path(sys.argv[1]), {int(r): set(ps) for r, ps in json.loads(sys.argv[2]).items()}
     cfg = load_config(overrides=[
         "model.name=tiny", "partitioning.num_orgs=4", "partitioning.scheme=iid", "data.max_examples=200",
-        "training.batch_size=16", "data.max_length=32", "training.rounds=1", "output.export_model=false",
+        "training.batch_size=16", "data.max_length=32", f"training.rounds={max(failing)}", "output.export_model=false",
         "secure_aggregation.enabled=true", "secure_aggregation.max_weight=64", f"run.out_dir={out}",
     ])
     app = ClientApp()
 
     @app.train(mods=[secagg_when_requested])
     def train(msg, context):
-        if int(context.node_config["partition-id"]) in failing:
+        server_round = int(msg.content.config_records["fitins.config"]["server-round"])
+        if int(context.node_config["partition-id"]) in failing.get(server_round, ()):
             raise RuntimeError("simulated dropout")
         return handle_train(cfg, msg, context)
 
@@ -55,12 +56,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, failing: str) -> tuple[str, dict]:
+def _run(tmp_path: Path, failing: dict[int, list[int]]) -> tuple[str, dict]:
     script = tmp_path / "dropouts.py"
     script.write_text(SCRIPT)
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(script), str(out), failing], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        [sys.executable, str(script), str(out), json.dumps(failing)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads((out / "summary.json").read_text())
@@ -79,18 +84,14 @@ def test_default_shares_and_threshold():
         load_config(overrides=["secure_aggregation.num_shares=4", "secure_aggregation.reconstruction_threshold=4"])
 
 
-def test_one_node_dropping_mid_round_does_not_stop_the_round(tmp_path):
-    _, summary = _run(tmp_path, "3")
-    assert summary["status"] == "completed"
-    assert summary["rounds"][0]["trained_orgs"] == ["org-0", "org-1", "org-2"]
+def test_one_dropout_leaves_the_round_to_the_survivors_and_too_many_halt_the_next(tmp_path):
+    stdout, summary = _run(tmp_path, {1: [3], 2: [2, 3]})  # threshold 3 of 4: round 2 keeps only 2
+    first, second = summary["rounds"]
+    assert first["trained_orgs"] == ["org-0", "org-1", "org-2"]
     assert set(summary["privacy"]) == {"org-0", "org-1", "org-2"}  # org-3 spent nothing it did not report
-
-
-def test_too_many_dropouts_halt_the_round_and_the_run_says_so(tmp_path):
-    stdout, summary = _run(tmp_path, "2,3")  # 2 survivors < threshold 3
     assert "secure aggregation halted" in stdout and "NO organisation trained" in stdout
-    assert summary["status"] == "incomplete" and summary["rounds_without_training"] == [1]
-    assert summary["rounds"][0]["trained_orgs"] == []
+    assert summary["status"] == "incomplete" and summary["rounds_without_training"] == [2]
+    assert second["trained_orgs"] == []
 
 
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam")])
