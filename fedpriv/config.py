@@ -216,6 +216,8 @@ class StrategyConfig:
     proximal_mu: float = field(default=0.01, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     round_timeout: float = field(default=3600.0, metadata=_positive())
+    # reject a node's update whose L2 distance from the round's global weights exceeds this (null: no bound)
+    max_update_norm: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
 
 
 @dataclass(frozen=True)

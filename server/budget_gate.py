@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpriv import protocol
 from server.ledger_store import LedgerStore
+from server.update_checks import Rejection, update_problem
 
 
 class BudgetExhausted(Exception):
@@ -127,10 +128,13 @@ class BudgetGatedStrategy(Strategy):
     coordinator's own organisation-level budget is checked before each round and each release is recorded.
     """
 
-    def __init__(self, inner: Strategy, state: BudgetState, client_dp=None):
+    def __init__(self, inner: Strategy, state: BudgetState, client_dp=None, max_update_norm: float | None = None):
         self.inner = inner
         self.state = state
         self.client_dp = client_dp
+        self.max_update_norm = max_update_norm
+        self.global_arrays: ArrayRecord | None = None  # what this round's train messages carried
+        self.rejections: list[Rejection] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -140,6 +144,7 @@ class BudgetGatedStrategy(Strategy):
             if reason is not None:
                 self.state.stopped_reason = reason
                 raise BudgetExhausted(reason)
+        self.global_arrays = arrays
         messages = list(self.inner.configure_train(server_round, arrays, _with_heads(config, self.state), grid))
         stop_waiting_for_everyone(self.inner)
         allowed = self.state.select([m.metadata.dst_node_id for m in messages], server_round)
@@ -153,9 +158,22 @@ class BudgetGatedStrategy(Strategy):
             if reply.has_error():
                 trained.append(reply)  # the inner strategy counts and logs failures
                 continue
-            self.state.note(reply.metadata.src_node_id, reply.content, server_round)
-            if protocol.REFUSAL not in reply.content:
+            self.state.note(reply.metadata.src_node_id, reply.content, server_round)  # its privacy spent, first
+            if protocol.REFUSAL in reply.content:
+                continue
+            problem = None
+            if self.global_arrays is not None:
+                problem = update_problem(reply.content, self.global_arrays, self.max_update_norm)
+            if problem is None:
                 trained.append(reply)
+                continue
+            node_id = reply.metadata.src_node_id
+            rejection = Rejection(server_round, node_id, self.state.org_of.get(node_id), problem)
+            self.rejections.append(rejection)
+            self.state.say(
+                f"[round {server_round}]  update from {rejection.org or 'an unnamed organisation'} (node {node_id})"
+                f" rejected: {problem}; the round aggregates the others"
+            )
         answered = sum(not reply.has_error() for reply in trained)
         if not answered:
             return None, None  # nobody trained: the global model stays as it is

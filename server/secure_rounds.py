@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 from flwr.common import ndarrays_to_parameters
 from flwr.serverapp import Grid
@@ -138,6 +139,12 @@ def run_secure_rounds(
                 f" {threshold} organisations answered; this round did not change the model. Organisations that"
                 " trained in it still spent privacy: their own accountants hold it, this summary cannot"
             )
+        elif not aggregate_is_finite(ctx.state.array_records[MAIN_PARAMS_RECORD]):
+            ctx.state.array_records[MAIN_PARAMS_RECORD] = before
+            say(
+                f"[round {current_round(ctx)}/{cfg.training.rounds}]  the unmasked aggregate has values that are"
+                " not finite (a node sent NaN/Inf, which SecAgg+ hides until the sum): the model is left unchanged"
+            )
 
     def evaluate_then_close(grid_: Grid, ctx: Context) -> None:
         default_evaluate_workflow(grid_, ctx)
@@ -146,3 +153,8 @@ def run_secure_rounds(
     tracker.end_of_round(0, initial)
     DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_then_close)(grid, legacy)
     return _named(legacy.state.array_records[MAIN_PARAMS_RECORD], layout, dtypes)
+
+
+def aggregate_is_finite(record) -> bool:
+    """Whether every value of an aggregate (an ArrayRecord) is finite: all SecAgg+ lets the coordinator check."""
+    return all(np.isfinite(array.numpy()).all() for array in record.values())

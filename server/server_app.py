@@ -82,6 +82,8 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
 
     def round_end(server_round: int, arrays) -> None:
         latest["arrays"] = arrays
+        if strategy_holder:
+            extra["rejected_updates"] = [r.to_dict() for r in strategy_holder[0].rejections]
         if strategy_holder and strategy_holder[0].client_dp is not None:
             extra["client_dp"] = strategy_holder[0].client_dp.summary()
         _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra)
@@ -104,6 +106,7 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
             "upload_bytes_per_round": initial.count_bytes(),
         },
         "status": "running",
+        "rejected_updates": [],  # plain path: updates that failed server/update_checks.py (SecAgg+: none can be)
     }
     digest = base_model_digest(model)
     if not cfg.privacy.enabled:
@@ -142,6 +145,8 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
         tracker.printer(f"run ended after round {len(tracker.rounds)} of {cfg.training.rounds}: {exc}")
         final = latest["arrays"]
     trained = [record for record in tracker.rounds if record.trained_orgs]
+    if strategy_holder:
+        extra["rejected_updates"] = [r.to_dict() for r in strategy_holder[0].rejections]
     if strategy_holder and strategy_holder[0].client_dp is not None:
         extra["client_dp"] = strategy_holder[0].client_dp.summary()
     if budget.stopped_reason:
@@ -166,7 +171,9 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
 def _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra) -> BudgetGatedStrategy:
     """Flower's strategy, wrapped by Flower's server-side DP when organisation-level DP is on, then the budget gate."""
     if not cfg.client_dp.enabled:
-        return BudgetGatedStrategy(build_strategy(cfg.strategy, tracker, num_nodes), budget)
+        return BudgetGatedStrategy(
+            build_strategy(cfg.strategy, tracker, num_nodes), budget, max_update_norm=cfg.strategy.max_update_norm
+        )
     from server import client_dp
 
     inner = build_strategy(cfg.strategy, tracker, num_nodes, weighted_by_key=protocol.UNIT_WEIGHT)
@@ -179,7 +186,7 @@ def _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra) -> BudgetGa
         f" {cfg.client_dp.delta:g}"
     )
     wrapped = client_dp.wrap(cfg.client_dp, inner, sampled)
-    gated = BudgetGatedStrategy(wrapped, budget, client_dp=account)
+    gated = BudgetGatedStrategy(wrapped, budget, client_dp=account, max_update_norm=cfg.strategy.max_update_norm)
     return gated
 
 

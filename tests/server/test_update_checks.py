@@ -1,0 +1,109 @@
+"""The coordinator's checks of each node's update: every malformed kind is named; a sound update passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedpriv import protocol
+from server.update_checks import update_problem
+
+GLOBAL = {"head.weight": np.zeros((3, 4), dtype=np.float32), "head.bias": np.zeros(3, dtype=np.float32)}
+
+
+def _arrays(tensors: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(value) for name, value in tensors.items()})
+
+
+def _reply(**changes) -> RecordDict:
+    tensors = {name: value + 0.01 for name, value in GLOBAL.items()}
+    for name, value in changes.items():
+        name = name.replace("__", ".")
+        if value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value
+    return RecordDict({protocol.ARRAYS: _arrays(tensors), protocol.METRICS: MetricRecord({"num-examples": 10})})
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (_reply(head__bias=np.array([0.0, np.nan, 0.0], dtype=np.float32)), "head.bias: 1 value(s) not finite"),
+        (_reply(head__weight=np.full((3, 4), np.inf, dtype=np.float32)), "head.weight: 12 value(s) not finite"),
+        (_reply(head__weight=np.zeros((4, 3), dtype=np.float32)), "head.weight: shape (4, 3), expected (3, 4)"),
+        (_reply(head__bias=np.zeros(3, dtype=np.float64)), "head.bias: dtype float64, expected float32"),
+        (_reply(head__bias=None), "missing tensor(s) head.bias"),
+        (_reply(**{"lora__extra": np.zeros(2, dtype=np.float32)}), "unknown tensor(s) lora.extra"),
+        (RecordDict({protocol.METRICS: MetricRecord({"num-examples": 10})}), "no 'arrays' record"),
+    ],
+    ids=["nan", "inf", "shape", "dtype", "missing", "extra", "no-arrays"],
+)
+def test_each_malformed_update_is_refused_with_its_reason(reply, reason):
+    problem = update_problem(reply, _arrays(GLOBAL), max_update_norm=None)
+    assert problem is not None and reason in problem
+
+
+def test_the_norm_bound_measures_the_distance_from_the_global_weights():
+    near = _reply()  # every one of the 15 values moved by 0.01: L2 distance 0.0387
+    assert update_problem(near, _arrays(GLOBAL), max_update_norm=0.04) is None
+    problem = update_problem(near, _arrays(GLOBAL), max_update_norm=0.03)
+    assert problem == "update norm 0.03873 exceeds strategy.max_update_norm 0.03"
+    huge = _reply(head__weight=np.full((3, 4), 1e6, dtype=np.float32))
+    assert "exceeds" in update_problem(huge, _arrays(GLOBAL), max_update_norm=100.0)
+    assert update_problem(huge, _arrays(GLOBAL), max_update_norm=None) is None  # no bound configured
+
+
+def test_bytes_that_do_not_match_the_header_are_refused():
+    reply = _reply()
+    broken = reply.array_records[protocol.ARRAYS]["head.bias"]
+    broken.data = broken.data[:-4]
+    assert "head.bias: unreadable" in update_problem(reply, _arrays(GLOBAL), max_update_norm=None)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_the_gated_strategy_aggregates_only_the_sound_updates_and_records_the_rest(task_identity, tmp_path):
+    from server.budget_gate import BudgetGatedStrategy, BudgetState
+    from server.ledger_store import LedgerStore
+
+    class Inner:
+        def configure_train(self, server_round, arrays, config, grid):
+            return []
+
+        def aggregate_train(self, server_round, replies):
+            self.got = [reply.metadata.src_node_id for reply in replies]
+            return ArrayRecord(), MetricRecord()
+
+    def message(content: RecordDict, node_id: int) -> Message:
+        msg = Message(content, dst_node_id=node_id, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = node_id  # as a reply pulled from the SuperLink
+        return msg
+
+    said: list[str] = []
+    inner = Inner()
+    state = BudgetState(LedgerStore(tmp_path), say=said.append)
+    state.org_of[12] = "clinic-b"
+    gated = BudgetGatedStrategy(inner, state, max_update_norm=10.0)
+    gated.configure_train(3, _arrays(GLOBAL), ConfigRecord(), grid=None)
+    nan = _reply(head__bias=np.array([np.nan, 0, 0], dtype=np.float32))
+    gated.aggregate_train(3, [message(_reply(), 11), message(nan, 12), message(_reply(head__bias=None), 13)])
+    assert inner.got == [11]
+    assert [(r.round, r.node_id, r.org) for r in gated.rejections] == [(3, 12, "clinic-b"), (3, 13, None)]
+    assert said[0].startswith("[round 3]  update from clinic-b (node 12) rejected: tensor head.bias: 1 value(s)")
+    assert gated.rejections[1].to_dict()["reason"] == "missing tensor(s) head.bias"
+
+
+def test_under_secagg_only_the_unmasked_aggregate_s_finiteness_can_be_checked():
+    from server.secure_rounds import aggregate_is_finite
+
+    assert aggregate_is_finite(_arrays({"flat": np.linspace(-8, 8, 50)}))
+    assert not aggregate_is_finite(_arrays({"flat": np.array([0.0, np.inf])}))
+    assert not aggregate_is_finite(_arrays({"a": np.zeros(2), "b": np.array([np.nan])}))
