@@ -7,6 +7,7 @@ under a SuperNode every message is a fresh process.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
@@ -100,9 +101,17 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             protocol.UNIT_WEIGHT: 1,
         }
     )
+    arrays = trainable_arrays(model)
+    diverged = [name for name, array in arrays.items() if not np.isfinite(array.numpy()).all()]
+    if diverged:  # after the ledger entry: the steps were taken and stay recorded; the weights never leave
+        raise NodeSetupError(
+            f"organisation '{node.org}': local training produced values that are not finite (NaN/Inf) in"
+            f" {diverged[0]}{f' and {len(diverged) - 1} more tensor(s)' if len(diverged) > 1 else ''}; the update"
+            " is not sent (lower training.learning_rate)"
+        )
     return RecordDict(
         {
-            protocol.ARRAYS: trainable_arrays(model),
+            protocol.ARRAYS: arrays,
             protocol.METRICS: metrics,
             protocol.PRIVACY: ConfigRecord(report),
             **records,

@@ -103,6 +103,26 @@ def test_node_refuses_a_round_beyond_its_budget_with_a_typed_reply_and_a_ledger_
     assert record[protocol.LEDGER_CAN_TRAIN] is False
 
 
+def test_a_diverged_update_is_never_sent_and_its_privacy_spending_stays_recorded(tmp_path, monkeypatch):
+    import client.training
+    from privacy.ledger import NodeLedger, load_signing_key
+
+    real = client.training.train_locally
+
+    def diverging(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        next(p for p in model.parameters() if p.requires_grad).data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr("client.task.train_locally", diverging)
+    cfg = load_config(overrides=OVERRIDES)
+    with pytest.raises(NodeSetupError, match=r"organisation 'org-0': local training produced values that are not"):
+        handle_train(cfg, _message(cfg, tmp_path, 1), _context())
+    folder = tmp_path / "nodes" / "org-0"
+    ledger = NodeLedger.open(folder, "org-0", load_signing_key(folder / "ledger.key"))
+    assert [(e["kind"], e["round"]) for e in ledger.entries] == [("dp_round", 1)]  # spent, and on record
+
+
 def _stored_plan(folder):
     from privacy.calibration import PrivacyPlan
 
