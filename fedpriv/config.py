@@ -206,7 +206,8 @@ class FedAdamConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    # fedtrimmedavg, fedmedian, krum: robust aggregation of individual updates (plain path only)
+    name: Literal["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian", "krum"] = "fedavg"
     fraction_train: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
     fraction_evaluate: float = field(default=1.0, metadata=_fraction())
     min_train_nodes: int = field(default=2, metadata=_positive("an integer > 0"))
@@ -218,6 +219,13 @@ class StrategyConfig:
     round_timeout: float = field(default=3600.0, metadata=_positive())
     # reject a node's update whose L2 distance from the round's global weights exceeds this (null: no bound)
     max_update_norm: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
+    trim_fraction: float = field(  # fedtrimmedavg: cut this fraction of the values at each end, per coordinate
+        default=0.2, metadata=_check(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)")
+    )
+    num_malicious_nodes: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))  # krum
+
+
+ROBUST_STRATEGIES = ("fedtrimmedavg", "fedmedian", "krum")
 
 
 @dataclass(frozen=True)
@@ -470,6 +478,11 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
         raise ConfigError(
             f"config: training.max_batch_tokens: expected >= data.max_length ({data.max_length}) so that the longest"
             f" example fits in a micro-batch, got {tokens}"
+        )
+    if cfg.strategy.name in ROBUST_STRATEGIES and cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            f"config: strategy.name: {cfg.strategy.name} compares the organisations' individual updates, which"
+            " SecAgg+ hides from the coordinator; use fedavg, fedprox or fedadam with secure_aggregation.enabled"
         )
     if cfg.client_dp.enabled and cfg.secure_aggregation.enabled:
         raise ConfigError(

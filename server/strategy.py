@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from fedpriv import protocol
 from fedpriv.config import StrategyConfig
@@ -14,7 +14,7 @@ from server.round_tracker import RoundTracker
 def build_strategy(
     cfg: StrategyConfig, tracker: RoundTracker, num_nodes: int, weighted_by_key: str = protocol.NUM_EXAMPLES
 ) -> Strategy:
-    """FedAvg, FedProx or FedAdam, waiting for ``num_nodes`` nodes before the first round.
+    """The configured Flower strategy (robust ones included), waiting for ``num_nodes`` nodes before round 1.
 
     ``weighted_by_key=protocol.UNIT_WEIGHT`` averages organisations equally (what organisation-level DP needs).
     """
@@ -28,6 +28,12 @@ def build_strategy(
         train_metrics_aggr_fn=tracker.aggregate_train,
         evaluate_metrics_aggr_fn=tracker.aggregate_evaluate,
     )
+    if cfg.name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=cfg.trim_fraction, **common)
+    if cfg.name == "fedmedian":
+        return FedMedian(**common)
+    if cfg.name == "krum":
+        return Krum(num_malicious_nodes=cfg.num_malicious_nodes, **common)
     return select_strategy(cfg, FedAvg, FedProx, FedAdam, **common)
 
 

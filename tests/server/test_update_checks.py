@@ -107,3 +107,44 @@ def test_under_secagg_only_the_unmasked_aggregate_s_finiteness_can_be_checked():
     assert aggregate_is_finite(_arrays({"flat": np.linspace(-8, 8, 50)}))
     assert not aggregate_is_finite(_arrays({"flat": np.array([0.0, np.inf])}))
     assert not aggregate_is_finite(_arrays({"a": np.zeros(2), "b": np.array([np.nan])}))
+
+
+# trimmed mean of 2, 3, 4; median; Krum picks one honest update (2: closest to its neighbours, first of a tie)
+@pytest.mark.parametrize(("name", "expected"), [("fedtrimmedavg", 3.0), ("fedmedian", 3.0), ("krum", 2.0)])
+def test_robust_strategies_outvote_an_outlier_that_passes_the_checks(task_identity, tmp_path, name, expected):
+    from fedpriv.config import load_config
+    from server.budget_gate import BudgetGatedStrategy, BudgetState
+    from server.ledger_store import LedgerStore
+    from server.round_tracker import RoundTracker
+    from server.strategy import build_strategy
+
+    cfg = load_config(overrides=[f"strategy.name={name}", "strategy.num_malicious_nodes=1"])
+    tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=False)
+    inner = build_strategy(cfg.strategy, tracker, 5)
+    assert type(inner).__name__ == {"fedtrimmedavg": "FedTrimmedAvg", "fedmedian": "FedMedian", "krum": "Krum"}[name]
+    gated = BudgetGatedStrategy(inner, BudgetState(LedgerStore(tmp_path)))
+    gated.global_arrays = _arrays(GLOBAL)
+    replies = []
+    for node_id, level in enumerate([1.0, 2.0, 3.0, 4.0, 1000.0], start=1):  # finite, right shapes: an outlier
+        content = RecordDict(
+            {
+                protocol.ARRAYS: _arrays({k: np.full_like(v, level) for k, v in GLOBAL.items()}),
+                protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10, protocol.TRAIN_LOSS: 0.5}),
+                protocol.PRIVACY: ConfigRecord({"org": f"org-{node_id}", "dp_enabled": False}),
+            }
+        )
+        msg = Message(content, dst_node_id=node_id, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = node_id
+        replies.append(msg)
+    arrays, _ = gated.aggregate_train(1, replies)
+    assert np.allclose(arrays["head.weight"].numpy(), expected) and not gated.rejections
+
+
+def test_robust_strategies_are_refused_with_secure_aggregation():
+    from fedpriv.config import load_config
+    from fedpriv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.name: krum compares the organisations' individual updates"):
+        load_config(overrides=["strategy.name=krum", "secure_aggregation.enabled=true"])
+    with pytest.raises(ConfigError, match=r"strategy.trim_fraction: expected a number in \[0, 0.5\)"):
+        load_config(overrides=["strategy.trim_fraction=0.5"])
