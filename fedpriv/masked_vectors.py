@@ -11,7 +11,7 @@ produced. Nothing is rounded: a value that does not fit 32 bits is refused, neve
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
 SECAGG_CONFIGS = "secaggplus_configs"  # flwr...secaggplus_constants.RECORD_KEY_CONFIGS
@@ -25,29 +25,33 @@ class MaskedVectorError(ValueError):
     """A masked vector that is not what SecAgg+ produces (wrong dtype, or values outside 32 bits)."""
 
 
-def _masked(content: RecordDict) -> tuple[ConfigRecord, list[bytes]] | None:
+def _each_vector(content: RecordDict, convert) -> RecordDict:
+    """Apply ``convert`` (ndarray, blob -> blob) to every masked vector of a reply, in place."""
     record = content.config_records.get(SECAGG_CONFIGS)
-    if record is None or MASKED not in record:
-        return None
-    return record, list(record[MASKED])
+    if record is not None and MASKED in record:
+        record[MASKED] = [convert(bytes_to_ndarray(blob), blob) for blob in record[MASKED]]
+    return content
+
+
+def _packed(vector: np.ndarray, blob: bytes) -> bytes:
+    if vector.dtype.kind not in "iu":
+        raise MaskedVectorError(f"masked vector of dtype {vector.dtype}: SecAgg+ produces integers")
+    if vector.size and (int(vector.min()) < 0 or int(vector.max()) >= WORD):
+        raise MaskedVectorError("masked vector has values outside [0, 2**32): check secure_aggregation's modulus")
+    return ndarray_to_bytes(vector.astype(WIRE_DTYPE))
+
+
+def _widened(vector: np.ndarray, blob: bytes) -> bytes:
+    if vector.dtype == WIRE_DTYPE:
+        return ndarray_to_bytes(vector.astype(WIDE_DTYPE))
+    if vector.dtype == WIDE_DTYPE:
+        return blob
+    raise MaskedVectorError(f"masked vector of dtype {vector.dtype}: expected uint32 (or int64)")
 
 
 def pack(content: RecordDict) -> RecordDict:
     """A node's reply: its masked vectors as uint32 (in place; replies of other stages are left as they are)."""
-    found = _masked(content)
-    if found is None:
-        return content
-    record, blobs = found
-    packed = []
-    for blob in blobs:
-        vector = bytes_to_ndarray(blob)
-        if vector.dtype.kind not in "iu":
-            raise MaskedVectorError(f"masked vector of dtype {vector.dtype}: SecAgg+ produces integers")
-        if vector.size and (int(vector.min()) < 0 or int(vector.max()) >= WORD):
-            raise MaskedVectorError("masked vector has values outside [0, 2**32): check secure_aggregation's modulus")
-        packed.append(ndarray_to_bytes(vector.astype(WIRE_DTYPE)))
-    record[MASKED] = packed
-    return content
+    return _each_vector(content, _packed)
 
 
 def widen(content: RecordDict) -> RecordDict:
@@ -55,18 +59,4 @@ def widen(content: RecordDict) -> RecordDict:
 
     Vectors already int64 (a node of an earlier fedpriv) pass unchanged; any other dtype is refused.
     """
-    found = _masked(content)
-    if found is None:
-        return content
-    record, blobs = found
-    wide = []
-    for blob in blobs:
-        vector = bytes_to_ndarray(blob)
-        if vector.dtype == WIRE_DTYPE:
-            wide.append(ndarray_to_bytes(vector.astype(WIDE_DTYPE)))
-        elif vector.dtype == WIDE_DTYPE:
-            wide.append(blob)
-        else:
-            raise MaskedVectorError(f"masked vector of dtype {vector.dtype}: expected uint32 (or int64)")
-    record[MASKED] = wide
-    return content
+    return _each_vector(content, _widened)
