@@ -19,10 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from unittest import mock
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
-from flwr_datasets.partitioner import natural_id_partitioner as _natural_id_module
 
 from client.data_files import LabelledTexts, load_labelled_file, map_labels, split_indices
 from fedpriv.config import FedPrivConfig, config_from_dict
@@ -149,6 +146,9 @@ def _dirichlet(labels: Sequence[int], cfg: FedPrivConfig) -> list[list[int]]:
     n = len(labels)
     if part.num_orgs > n:
         raise DataError(f"partitioning.num_orgs: {part.num_orgs} organisations but only {n} examples")
+    import datasets  # Flower Datasets and HF datasets: seconds of imports that IID runs never need
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     partitioner = DirichletPartitioner(
         num_partitions=part.num_orgs,
         partition_by="label",
@@ -187,6 +187,10 @@ def _natural(values: Sequence[str], cfg: FedPrivConfig, source: str) -> tuple[li
             " use fewer organisations or another partitioning.column"
         )
     chosen = sorted(counts, key=lambda v: (-counts[v], v))[: part.num_orgs]
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+    from flwr_datasets.partitioner import natural_id_partitioner as _natural_id_module
+
     partitioner = NaturalIdPartitioner(partition_by="group")
     partitioner.dataset = datasets.Dataset.from_dict({"row": list(range(len(values))), "group": list(values)})
     # silence its tqdm progress bar (it would be printed by every process that plans the partitions)
