@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 TINY_PAIR = [
     "model.name=tiny",
     "partitioning.num_orgs=2",
+    "partitioning.scheme=iid",  # the Dirichlet path has its own tests (tests/simulations/test_partitioning.py)
     "data.max_examples=120",
     "training.batch_size=16",
     "data.max_length=32",
@@ -230,7 +231,6 @@ def test_secure_aggregation_gives_the_plain_aggregate_within_quantisation_error(
     common = [
         *TINY_PAIR,
         "partitioning.num_orgs=3",
-        "partitioning.scheme=iid",
         "training.rounds=1",
         "privacy.enabled=false",
     ]
