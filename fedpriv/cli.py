@@ -119,9 +119,11 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
     cfg = _load(ns.args)  # before the heavy imports below: a config mistake is reported in well under a second
+    from shared_models.sources import model_source
     from simulations.partitioning import plan_partitions
 
-    plan_partitions(cfg)  # data files and labels next (memoised for the run): their mistakes too, before torch
+    model_source(cfg.model.name)  # the model folder and the data files next: their mistakes too, before torch
+    plan_partitions(cfg)  # (memoised for the run)
     from simulations.runner import run_simulation_from_config
 
     if ns.out:

