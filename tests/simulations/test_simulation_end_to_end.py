@@ -191,12 +191,13 @@ def test_minilm_learns_news_topics_under_dp(tmp_path):
         tmp_path,
         "partitioning.num_orgs=2",
         "data.max_examples=840",
+        "data.max_length=48",  # headline and lead; a quarter fewer tokens than the default 64
         "training.rounds=2",
         "output.export_model=false",
     )
     summary = json.loads((out / "summary.json").read_text())
-    # 5 topics: chance is about 0.2 (measured 0.738 after 2 rounds, 0.772 after 3); 0.4 is > 6 standard errors
-    # above chance on ~160 articles
+    # 5 topics: chance is about 0.2 (measured 0.679 after 2 rounds at 48 tokens; 0.738 at 64); 0.4 is > 6
+    # standard errors above chance on ~160 articles
     assert summary["final"]["accuracy"] > 0.4, summary["final"]
     for p in summary["privacy"].values():
         assert 0 < p["epsilon"] <= p["target_epsilon"] == 8.0
