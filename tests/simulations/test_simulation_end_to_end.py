@@ -158,7 +158,7 @@ def test_run_files_metrics_plot_checkpoints_and_model(tiny_run):
 
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="../shared/data/sst2 is absent (CI and dev machines)")
 def test_minilm_learns_sst2_from_a_few_hundred_sentences(tmp_path):
-    """The pretrained MiniLM + LoRA pipeline learns real sentiment from about 300 sentences per organisation.
+    """The pretrained MiniLM + LoRA pipeline learns real sentiment from about 200 sentences per organisation.
 
     DP is off here: at epsilon 8 a few hundred SST-2 sentences are too few for DP-SGD to beat chance
     (measured: 0.509 with 1,600 sentences); DP learning is checked on BBC News below.
@@ -172,11 +172,11 @@ def test_minilm_learns_sst2_from_a_few_hundred_sentences(tmp_path):
         f"data.test_path={SHARED_DATA / 'sst2' / 'dev.tsv'}",
         "data.test_text_column=content",
         "data.labels.map={'0': negative, '1': positive}",
-        "data.max_examples=600",
+        "data.max_examples=400",
         "data.max_length=48",
         "partitioning.scheme=iid",
         "partitioning.num_orgs=2",
-        "training.rounds=1",  # measured 0.767 after one round (2026-11-24)
+        "training.rounds=1",  # measured 0.737 after one round on 400 sentences (0.767 on 600; 2026-11-24)
         "privacy.enabled=false",
         "output.export_model=false",
     )
