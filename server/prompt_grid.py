@@ -1,4 +1,4 @@
-"""The coordinator's Grid, asking for replies every 0.2 s instead of every 3 s.
+"""The coordinator's Grid: prompt replies, a deadline on every exchange, SecAgg+ vectors widened on arrival.
 
 Flower 1.41's deployment Grid (``HttpGrid``) checks the SuperLink for replies
 every 3 seconds; every exchange of a round (two for FedAvg, five with SecAgg+)
@@ -13,6 +13,9 @@ calls ``send_and_receive`` without a timeout, so a node that died mid-round held
 the evaluation until the SuperLink noticed its missing heartbeats (about 30 s),
 and a node that hangs would hold it for ever. ``default_timeout`` (the run's
 ``strategy.round_timeout``) applies wherever the caller gives none.
+
+Replies pulled through it have their SecAgg+ masked vectors widened from the
+32-bit words the nodes send back to Flower's int64 (fedpriv/masked_vectors.py).
 """
 
 from __future__ import annotations
