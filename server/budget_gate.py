@@ -122,7 +122,10 @@ def _with_heads(config: ConfigRecord, state: BudgetState) -> ConfigRecord:
 
 
 class BudgetGatedStrategy(Strategy):
-    """A Flower Message-API strategy with the budget gate in front of it.
+    """A Flower Message-API strategy with the budget gate and the update checks in front of it.
+
+    Every reply's ledger entries are taken first (a node that trained spent privacy, whatever happens to its
+    update); refusals and updates that fail ``server.update_checks`` are left out of the aggregate.
 
     With ``client_dp`` (a :class:`server.client_dp.ClientDPAccount`, ``inner`` being Flower's DP wrapper) the
     coordinator's own organisation-level budget is checked before each round and each release is recorded.

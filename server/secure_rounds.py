@@ -143,7 +143,7 @@ def run_secure_rounds(
             ctx.state.array_records[MAIN_PARAMS_RECORD] = before
             say(
                 f"[round {current_round(ctx)}/{cfg.training.rounds}]  the unmasked aggregate has values that are"
-                " not finite (a node sent NaN/Inf, which SecAgg+ hides until the sum): the model is left unchanged"
+                " not finite: the model is left unchanged (SecAgg+ hides which node's update caused it)"
             )
 
     def evaluate_then_close(grid_: Grid, ctx: Context) -> None:
