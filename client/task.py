@@ -7,9 +7,8 @@ under a SuperNode every message is a fresh process.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from client.budget import NodeBudget, round_steps
 from client.device import resolve_device
@@ -20,7 +19,7 @@ from client.training import train_locally
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from privacy.accountant_state import NodePrivacy
-from shared_models.weights import arrays_digest, load_trainable, trainable_arrays
+from shared_models.weights import arrays_digest, load_trainable, trainable_state
 
 
 def prepare(cfg: FedPrivConfig, content: RecordDict, context: Context) -> tuple[LocalNode, torch.nn.Module]:
@@ -101,8 +100,8 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             protocol.UNIT_WEIGHT: 1,
         }
     )
-    arrays = trainable_arrays(model)
-    diverged = [name for name, array in arrays.items() if not np.isfinite(array.numpy()).all()]
+    state = trainable_state(model)  # checked as tensors, then serialised once: no copy back from the bytes
+    diverged = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
     if diverged:  # after the ledger entry: the steps were taken and stay recorded; the weights never leave
         raise NodeSetupError(
             f"organisation '{node.org}': local training produced values that are not finite (NaN/Inf) in"
@@ -111,7 +110,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         )
     return RecordDict(
         {
-            protocol.ARRAYS: arrays,
+            protocol.ARRAYS: ArrayRecord(torch_state_dict=state),
             protocol.METRICS: metrics,
             protocol.PRIVACY: ConfigRecord(report),
             **records,
