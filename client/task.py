@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from client import replay
 from client.budget import NodeBudget, round_steps
 from client.device import resolve_device
 from client.evaluation import evaluate
@@ -46,11 +47,19 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
     server_round = int(server_config[protocol.SERVER_ROUND])
     heads = server_config.get(protocol.LEDGER_HEADS)
     device = resolve_device(node.device)
-    budget = None
+    model_digest = arrays_digest(content[protocol.ARRAYS])
+    budget = attempt = None
     if cfg.privacy.enabled:
         folder = state_dir(node, str(server_config.get(protocol.RUN_DIR, "")))
+        attempt = replay.TrainAttempt(str(server_config.get(protocol.RUN_DIR, "")), server_round, model_digest)
         with phase("privacy"):
             budget = NodeBudget.open(cfg, node, folder)
+            ledger_length = len(budget.ledger.entries)
+            # a round the coordinator lost and asks for again: the same reply, nothing spent (before the budget
+            # check: the round is already paid for)
+            stored = replay.previous_reply(folder, attempt, ledger_length, node.org)
+            if stored is not None:
+                return _replayed(cfg, node, budget, stored, heads)
             # the steps this round will really take, whatever the server asks (more local epochs, more rounds)
             refusal = budget.check(server_round, round_steps(cfg, len(node.train)))
         if refusal is not None:
@@ -71,7 +80,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
                 }
             )
         steps_before = budget.privacy.steps
-    model_digest = arrays_digest(content[protocol.ARRAYS])
+        replay.begin(folder, attempt, ledger_length)
     with phase("train"):
         result = train_locally(
             model,
@@ -92,14 +101,12 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         records[protocol.LEDGER] = budget.report(cfg, heads)
     else:
         report = {"org": node.org, "dp_enabled": False}
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: len(node.train),
-            protocol.TRAIN_LOSS: result.mean_loss,
-            protocol.DP_STEPS: result.steps,
-            protocol.UNIT_WEIGHT: 1,
-        }
-    )
+    metrics = {
+        protocol.NUM_EXAMPLES: len(node.train),
+        protocol.TRAIN_LOSS: result.mean_loss,
+        protocol.DP_STEPS: result.steps,
+        protocol.UNIT_WEIGHT: 1,
+    }
     state = trainable_state(model)  # checked as tensors, then serialised once: no copy back from the bytes
     diverged = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
     if diverged:  # after the ledger entry: the steps were taken and stay recorded; the weights never leave
@@ -108,12 +115,31 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             f" {diverged[0]}{f' and {len(diverged) - 1} more tensor(s)' if len(diverged) > 1 else ''}; the update"
             " is not sent (lower training.learning_rate)"
         )
+    if budget is not None:
+        with phase("privacy"):
+            replay.finish(folder, attempt, ledger_length, state, metrics, result.clipping_mode)
     return RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(torch_state_dict=state),
-            protocol.METRICS: metrics,
+            protocol.METRICS: MetricRecord(metrics),
             protocol.PRIVACY: ConfigRecord(report),
             **records,
+        }
+    )
+
+
+def _replayed(
+    cfg: FedPrivConfig, node: LocalNode, budget: NodeBudget, stored: replay.StoredReply, heads: str | None
+) -> RecordDict:
+    """The stored reply of a round trained before, with today's ledger outlook: no step taken, no entry added."""
+    report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
+    report["clipping_mode"] = stored.clipping_mode
+    return RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord(torch_state_dict=stored.tensors),
+            protocol.METRICS: MetricRecord(stored.metrics),
+            protocol.PRIVACY: ConfigRecord(report),
+            protocol.LEDGER: budget.report(cfg, heads),
         }
     )
 

@@ -2,7 +2,8 @@
 
 ``fedpriv simulate [CONFIG.yaml] [key=value ...] [--out DIR]`` checks everything
 it can before training (config, data, partitions, privacy targets), prints the
-plan, runs Flower's simulation engine and ends with a short summary.
+plan, runs Flower's simulation engine and ends with a short summary;
+``fedpriv simulate --resume RUN_DIR`` continues a run after its last complete round.
 
 ``fedpriv provision FEDERATION.yaml --out kits/`` writes the coordinator's and
 each organisation's kit (CA, TLS certificate, node keys, start scripts);
@@ -43,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     sim.add_argument("--out", help="run folder (default: runs/<timestamp>/)")
     sim.add_argument("--dry-run", action="store_true", help="check config, data and privacy plan; do not train")
+    sim.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run that stopped (its coordinator killed or crashed) after its last complete round,"
+        " with the config it started with",
+    )
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
     show = commands.add_parser("config", help="print the resolved config as YAML")
@@ -85,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--out", help="run folder (default: runs/<timestamp>/)")
     up.add_argument("--timeout", type=float, help="stop the run after this many seconds")
     up.add_argument("--verbose", action="store_true", help="show Flower's own log lines from the run")
+    up.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run whose coordinator stopped, after its last complete round (with its own config)",
+    )
 
     aud = commands.add_parser(
         "audit",
@@ -118,7 +130,22 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
-    cfg = _load(ns.args)  # before the heavy imports below: a config mistake is reported in well under a second
+    resume = None
+    if ns.resume:
+        from fedpriv.config import config_from_dict
+        from fedpriv.errors import ConfigError
+        from server.resume import load_resume_point, resumable
+
+        if ns.args or ns.out:
+            raise ConfigError(
+                "--resume RUN_DIR continues a run with the config and folder it started with: drop"
+                f" {' and '.join(part for part, given in (('CONFIG/key=value', ns.args), ('--out', ns.out)) if given)}"
+                " (every organisation's noise was calibrated for that run's plan)"
+            )
+        resume = resumable(load_resume_point(ns.resume))
+        cfg = config_from_dict(resume.config)
+    else:
+        cfg = _load(ns.args)  # before the heavy imports below: a config mistake is reported in well under a second
     from shared_models.sources import model_source
     from simulations.partitioning import plan_partitions
 
@@ -128,7 +155,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
     if ns.out:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=ns.out))
-    summary = run_simulation_from_config(cfg, dry_run=ns.dry_run, verbose=ns.verbose)
+    summary = run_simulation_from_config(cfg, dry_run=ns.dry_run, verbose=ns.verbose, resume=resume)
     if summary is not None and summary.get("status") != "completed":
         return 1
     return 0
@@ -168,6 +195,7 @@ def cmd_federation(ns: argparse.Namespace) -> int:
         out=ns.out,
         run_timeout=ns.timeout,
         verbose=ns.verbose,
+        resume=ns.resume,
     )
     return result.returncode
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from fedpriv.errors import UserError
+from fedpriv.errors import ConfigError, UserError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
 from fedpriv.provisioning.federation import CoordinatorConfig, FederationConfig, load_federation
@@ -255,12 +255,13 @@ def infer_label_names(cfg: FederationConfig) -> list[str]:
     return sorted(names)
 
 
-def write_run_config(path: Path, config_path: str | None, overrides: list[str]) -> Path:
-    """A TOML file for ``flwr run --run-config FILE`` with the app's two keys (no quoting limits, kept with the run)."""
+def write_run_config(path: Path, config_path: str | None, overrides: list[str], resume: Path | None = None) -> Path:
+    """A TOML file for ``flwr run --run-config FILE`` with the app's keys (no quoting limits, kept with the run)."""
     lines = [
         "# run config of this fedpriv run (flwr run --run-config THIS_FILE)",
         f"config = {json.dumps(str(Path(config_path).resolve()) if config_path else '', ensure_ascii=False)}",
         f"overrides = {json.dumps(shlex.join(overrides), ensure_ascii=False)}",
+        f"resume = {json.dumps(str(resume) if resume else '', ensure_ascii=False)}",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -320,8 +321,12 @@ def federation_up(
     say: Callable[[str], None] = print,
     processes: dict[str, subprocess.Popen] | None = None,
     plaintext: bool = False,
+    resume: str | Path | None = None,
 ) -> UpResult:
     """Provision (if needed), start SuperLink + one SuperNode per organisation, enrol, run, stop everything.
+
+    ``resume`` (a run folder whose coordinator stopped) continues that run after its last complete round, with
+    the config it started with: overrides, rounds, config and out are refused beside it.
 
     ``processes`` (optional) receives every started process by name, for callers that check they were stopped.
     ``plaintext`` is for benchmarks only (no CLI flag): the same processes without TLS and without node
@@ -337,25 +342,41 @@ def federation_up(
     n = len(cfg.organisations)
 
     overrides = list(overrides or [])
+    point = None
+    if resume is not None:
+        from fedpriv.config import config_from_dict
+        from server.resume import load_resume_point, resumable
+
+        given = [name for name, value in (("overrides", overrides), ("--rounds", rounds), ("--config", config_path),
+                                          ("--out", out)) if value]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"--resume {resume}: continues the run with the config and folder it started with; drop"
+                f" {', '.join(given)}"
+            )
+        point = resumable(load_resume_point(resume))
+        run_cfg = config_from_dict(point.config)
+        run_dir = point.run_dir
     if rounds is not None:
         overrides.append(f"training.rounds={rounds}")
     keys = {item.partition("=")[0].strip() for item in overrides}
-    if "data.labels.names" not in keys:
+    if "data.labels.names" not in keys and point is None:
         names = infer_label_names(cfg)
         overrides.append(f"data.labels.names=[{', '.join(json.dumps(name) for name in names)}]")
     if "secure_aggregation.enabled" not in keys and n >= 3:
         overrides.insert(0, "secure_aggregation.enabled=true")  # on by default in deployment (needs 3 or more)
     if "strategy.min_available_nodes" not in keys:
         overrides.append(f"strategy.min_available_nodes={n}")
-    run_dir = Path(out).resolve() if out else (Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-    if (run_dir / "summary.json").exists():
-        raise FederationUpError(f"--out {run_dir}: already holds a run; choose a new folder")
-    overrides.append(f"run.out_dir={json.dumps(str(run_dir))}")
-    run_cfg = load_config(config_path, overrides)  # a config mistake stops here, before any process starts
+    if point is None:
+        run_dir = Path(out).resolve() if out else (Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+        if (run_dir / "summary.json").exists():
+            raise FederationUpError(f"--out {run_dir}: already holds a run; choose a new folder")
+        overrides.append(f"run.out_dir={json.dumps(str(run_dir))}")
+        run_cfg = load_config(config_path, overrides)  # a config mistake stops here, before any process starts
 
     _check_kits_are_local(kits, cfg)
     spent = _spent_state(cfg, kits)
-    if spent and run_cfg.privacy.enabled:
+    if spent and run_cfg.privacy.enabled and point is None:  # a resumed run continues the nodes' own accounting
         raise FederationUpError(
             "privacy state from an earlier run in " + ", ".join(spent) + ": a node never resets its accountant,"
             " so it would refuse to train past its budget. Delete those folders for a fresh try-out"
@@ -427,7 +448,11 @@ def federation_up(
         _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
         say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
 
-        run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
+        if point is not None:
+            run_config = write_run_config(logs / "run-config.resume.toml", None, [], resume=point.run_dir)
+            say(f"resuming {run_dir} after round {point.round} of {run_cfg.training.rounds}")
+        else:
+            run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
         command = [
             "flwr",
             "run",

@@ -1,7 +1,9 @@
 """Read the fedpriv config out of a Flower run config (the ``flwr run`` path).
 
-``pyproject.toml`` declares two run-config keys: ``config`` (a YAML path, empty
-for the packaged default) and ``overrides`` (space-separated ``key=value``).
+``pyproject.toml`` declares three run-config keys: ``config`` (a YAML path, empty
+for the packaged default), ``overrides`` (space-separated ``key=value``) and
+``resume`` (a run folder to continue; it brings its own config, see
+``server/resume.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from functools import lru_cache
 from flwr.app import Context
 
 from fedpriv.config import FedPrivConfig, load_config
+
+RESUME_KEY = "resume"
 
 
 @lru_cache(maxsize=4)

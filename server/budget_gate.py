@@ -129,19 +129,31 @@ class BudgetGatedStrategy(Strategy):
 
     With ``client_dp`` (a :class:`server.client_dp.ClientDPAccount`, ``inner`` being Flower's DP wrapper) the
     coordinator's own organisation-level budget is checked before each round and each release is recorded.
+    With ``round_offset`` (a resumed run) the rounds Flower counts are shifted before anything sees them.
     """
 
-    def __init__(self, inner: Strategy, state: BudgetState, client_dp=None, max_update_norm: float | None = None):
+    def __init__(
+        self,
+        inner: Strategy,
+        state: BudgetState,
+        client_dp=None,
+        max_update_norm: float | None = None,
+        round_offset: int = 0,
+        rejections: Iterable[Rejection] = (),
+    ):
         self.inner = inner
         self.state = state
         self.client_dp = client_dp
         self.max_update_norm = max_update_norm
+        # a resumed run: Flower's ``start`` counts its rounds from 1, the run continues after ``round_offset``
+        self.round_offset = round_offset
         self.global_arrays: ArrayRecord | None = None  # what this round's train messages carried
-        self.rejections: list[Rejection] = []
+        self.rejections: list[Rejection] = list(rejections)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.client_dp is not None:
             reason = self.client_dp.refusal_reason()
             if reason is not None:
@@ -156,6 +168,7 @@ class BudgetGatedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         trained = []
         for reply in replies:
             if reply.has_error():
@@ -188,9 +201,11 @@ class BudgetGatedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         return self.inner.configure_evaluate(server_round, arrays, _with_heads(config, self.state), grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         for reply in replies:
             if not reply.has_error():

@@ -12,17 +12,15 @@ def checkpoint_path(run_dir: Path, server_round: int) -> Path:
     return run_dir / "checkpoints" / f"round-{server_round:04d}.safetensors"
 
 
-def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, keep_last: int = 0) -> Path:
-    """Write this round's weights; with ``keep_last`` > 0, delete older rounds beyond it."""
+def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord) -> Path:
+    """Write this round's weights (old rounds are pruned by ``server.resume.prune_checkpoints``, after the resume
+    point that names this one is written)."""
     path = checkpoint_path(run_dir, server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     state = {name: tensor.contiguous() for name, tensor in arrays.to_torch_state_dict().items()}
     save_file(state, str(tmp), metadata={"round": str(server_round)})
     tmp.replace(path)
-    if keep_last > 0:
-        for old in sorted(path.parent.glob("round-*.safetensors"))[:-keep_last]:
-            old.unlink()
     return path
 
 

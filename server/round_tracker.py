@@ -46,6 +46,11 @@ class RoundRecord:
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RoundRecord:
+        """Inverse of :meth:`to_dict` (a resumed run continues the records of the rounds before)."""
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__ if key in raw})
+
 
 def _weighted_mean(contents: list[RecordDict], key: str, weight_key: str) -> float:
     total = sum(float(c[protocol.METRICS][weight_key]) for c in contents)
@@ -75,6 +80,18 @@ class RoundTracker:
         self.privacy: dict[str, dict[str, Any]] = {}
         self._current: RoundRecord | None = None
         self._started = time.monotonic()
+        self.resumed_after: int | None = None  # set by restore(): the rounds before it came from a resume point
+
+    def restore(self, rounds: list[dict[str, Any]], privacy: dict[str, dict[str, Any]], elapsed_s: float) -> None:
+        """Continue a run: its earlier rounds' records, privacy reports and elapsed time (from its resume point)."""
+        self.rounds = [RoundRecord.from_dict(raw) for raw in rounds]
+        self.privacy = {org: dict(report) for org, report in privacy.items()}
+        self._started = time.monotonic() - elapsed_s
+        self.resumed_after = len(self.rounds)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._started
 
     # -- hooks called by Flower's strategy ---------------------------------------------
 
@@ -131,7 +148,15 @@ class RoundTracker:
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: runs after each round (and once before round 1)."""
         if server_round == 0:
-            self.printer(f"training: {self.num_rounds} round(s); each node loads the model and its data in round 1 ...")
+            if self.resumed_after is not None:
+                self.printer(
+                    f"resuming after round {self.resumed_after} of {self.num_rounds}: rounds"
+                    f" {self.resumed_after + 1}..{self.num_rounds} to go; each node loads the model and its data ..."
+                )
+            else:
+                self.printer(
+                    f"training: {self.num_rounds} round(s); each node loads the model and its data in round 1 ..."
+                )
             return None
         record = self._round()
         record.round = server_round

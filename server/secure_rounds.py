@@ -101,8 +101,13 @@ def run_secure_rounds(
     num_nodes: int,
     budget: BudgetState,
     say: Callable[[str], None] = print,
+    round_offset: int = 0,
+    adopt_strategy: Callable[[Any], None] | None = None,
 ) -> ArrayRecord:
-    """Run every round with SecAgg+; returns the final global trainable weights."""
+    """Run every round with SecAgg+ (those after ``round_offset`` when resuming); returns the final global weights.
+
+    ``adopt_strategy`` receives the legacy strategy before round 1 (to restore or save its state).
+    """
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
@@ -111,10 +116,13 @@ def run_secure_rounds(
     tensors = {name: array.numpy() for name, array in initial.items()}
     layout = [(name, tuple(t.shape)) for name, t in tensors.items()]
     dtypes = {name: t.dtype for name, t in tensors.items()}
+    vector_dtype = flat_vector(list(tensors.values())).dtype
     strategy = _legacy_strategy(cfg, tracker, [flat_vector(list(tensors.values()))], num_nodes, fit_config, budget)
+    if adopt_strategy is not None:
+        adopt_strategy(strategy)
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=cfg.training.rounds, round_timeout=cfg.strategy.round_timeout),
+        config=ServerConfig(num_rounds=cfg.training.rounds - round_offset, round_timeout=cfg.strategy.round_timeout),
         strategy=strategy,
     )
     shares, threshold = secagg_shares(cfg, num_nodes)
@@ -131,6 +139,9 @@ def run_secure_rounds(
         return int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
 
     def fit(grid_: Grid, ctx: Context) -> None:
+        # Flower's loop counts 1..(rounds left); a resumed run continues after round_offset (set here, once per
+        # round: SecAgg+, the strategy's configure_fit and the evaluation all read this value)
+        ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND] = current_round(ctx) + round_offset
         before = ctx.state.array_records[MAIN_PARAMS_RECORD]
         secagg(grid_, ctx)
         if ctx.state.array_records[MAIN_PARAMS_RECORD] is before:
@@ -145,6 +156,10 @@ def run_secure_rounds(
                 f"[round {current_round(ctx)}/{cfg.training.rounds}]  the unmasked aggregate has values that are"
                 " not finite: the model is left unchanged (SecAgg+ hides which node's update caused it)"
             )
+        else:
+            ctx.state.array_records[MAIN_PARAMS_RECORD] = _as_dtype(
+                ctx.state.array_records[MAIN_PARAMS_RECORD], vector_dtype
+            )
 
     def evaluate_then_close(grid_: Grid, ctx: Context) -> None:
         default_evaluate_workflow(grid_, ctx)
@@ -153,6 +168,15 @@ def run_secure_rounds(
     tracker.end_of_round(0, initial)
     DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_then_close)(grid, legacy)
     return _named(legacy.state.array_records[MAIN_PARAMS_RECORD], layout, dtypes)
+
+
+def _as_dtype(record: ArrayRecord, dtype) -> ArrayRecord:
+    """The aggregate in the model's dtype (SecAgg+ hands back float64).
+
+    The nodes load it into parameters of that dtype anyway; sending it so halves the download, and makes the
+    global model a node receives bit-identical to the checkpoint a resumed run starts from (same digest).
+    """
+    return ArrayRecord(array_dict={key: Array(np.asarray(array.numpy(), dtype=dtype)) for key, array in record.items()})
 
 
 def aggregate_is_finite(record) -> bool:

@@ -12,21 +12,32 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv import protocol
-from fedpriv.config import FedPrivConfig
+from fedpriv.config import FedPrivConfig, config_from_dict
 from fedpriv.errors import ConfigError
-from fedpriv.run_config import config_from_context
+from fedpriv.run_config import RESUME_KEY, config_from_context
 from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState
-from server.checkpoints import save_checkpoint
+from server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from server.ledger_store import LedgerStore
 from server.prompt_grid import PromptGrid
 from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_plot, write_summary
+from server.resume import (
+    ResumeError,
+    ResumePoint,
+    load_resume_point,
+    prune_checkpoints,
+    restore_strategy_state,
+    resumable,
+    save_strategy_state,
+    write_resume_point,
+)
 from server.round_tracker import RoundTracker
 from server.secure_rounds import run_secure_rounds, secagg_shares
 from server.strategy import build_strategy
+from server.update_checks import Rejection, update_problem
 from shared_models.builder import build_model, build_tokenizer
 from shared_models.export import export_model
 from shared_models.weights import base_model_digest, count_trainable, load_trainable, trainable_arrays
@@ -69,16 +80,27 @@ def label_names(cfg: FedPrivConfig) -> list[str]:
     return list(plan_partitions(cfg).label_names)
 
 
-def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Path, num_nodes: int) -> dict:
-    """Run all rounds; returns the summary (also written to ``run_dir/summary.json``)."""
-    started = time.monotonic()
+def run_federation(
+    grid: Grid,
+    context: Context,
+    cfg: FedPrivConfig,
+    run_dir: Path,
+    num_nodes: int,
+    resume: ResumePoint | None = None,
+) -> dict:
+    """Run all rounds (after ``resume.round`` when resuming); returns the summary (also in ``run_dir/summary.json``)."""
+    started = time.monotonic() - (resume.elapsed_s if resume else 0.0)
     labels = label_names(cfg)
     model = build_model(cfg.model, labels)
     trainable, total = count_trainable(model)
     initial = trainable_arrays(model)
+    upload_bytes = initial.count_bytes()
+    done = resume.round if resume else 0
+    if resume is not None and resume.checkpoint_path is not None:
+        initial = checkpoint_like(resume.checkpoint_path, initial)
     keep = cfg.output.keep_checkpoints
     latest = {"arrays": initial}
-    strategy_holder: list[BudgetGatedStrategy] = []
+    stateful: list = []  # the strategy whose round-to-round state goes into every resume point
 
     def round_end(server_round: int, arrays) -> None:
         latest["arrays"] = arrays
@@ -86,7 +108,22 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
             extra["rejected_updates"] = [r.to_dict() for r in strategy_holder[0].rejections]
         if strategy_holder and strategy_holder[0].client_dp is not None:
             extra["client_dp"] = strategy_holder[0].client_dp.summary()
-        _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra)
+        _after_round(run_dir, server_round, arrays, tracker, cfg, extra)
+        point = ResumePoint(
+            run_dir=run_dir,
+            round=server_round,
+            config=cfg.to_dict(),
+            rounds=[record.to_dict() for record in tracker.rounds],
+            privacy=tracker.privacy,
+            rejected_updates=extra["rejected_updates"],
+            refusals=budget.refusals,
+            elapsed_s=tracker.elapsed_s,
+            checkpoint=checkpoint_path(run_dir, server_round).name,
+            strategy_state=save_strategy_state(run_dir, server_round, stateful[0]) if stateful else None,
+            resumes=extra["resumes"],
+        )
+        write_resume_point(point)
+        prune_checkpoints(run_dir, point, keep)
 
     tracker = RoundTracker(
         num_rounds=cfg.training.rounds,
@@ -103,11 +140,29 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
             "finetuning": cfg.model.finetuning,
             "trainable_parameters": trainable,
             "total_parameters": total,
-            "upload_bytes_per_round": initial.count_bytes(),
+            "upload_bytes_per_round": upload_bytes,
         },
         "status": "running",
         "rejected_updates": [],  # plain path: updates that failed server/update_checks.py (SecAgg+: none can be)
+        "resumes": [],  # the rounds after which a restarted coordinator resumed the run
     }
+    if resume is None:
+        write_resume_point(
+            ResumePoint(run_dir, 0, cfg.to_dict(), [], {}, [], [], 0.0, checkpoint=None, strategy_state=None)
+        )
+    else:
+        tracker.restore(resume.rounds, resume.privacy, resume.elapsed_s)
+        budget.refusals = list(resume.refusals)
+        extra["rejected_updates"] = list(resume.rejected_updates)
+        extra["resumes"] = [*resume.resumes, done]
+
+    def adopt_strategy(strategy) -> None:
+        """Called by either path with its strategy: restore a resumed run's strategy state, keep it for saving."""
+        if resume is not None and resume.strategy_state_path is not None:
+            restored = restore_strategy_state(strategy, resume.strategy_state_path)
+            tracker.printer(f"strategy state after round {done} restored: {', '.join(restored)}")
+        stateful.append(strategy)
+
     digest = base_model_digest(model)
     if not cfg.privacy.enabled:
         tracker.printer("DP is OFF: this run gives NO differential privacy guarantee (baseline only).")
@@ -116,8 +171,12 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
         tracker.printer(f"secure aggregation (SecAgg+): {shares} shares, rounds need {threshold} organisations")
         extra["secure_aggregation"] = {"num_shares": shares, "reconstruction_threshold": threshold}
     node_config = {protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest}
+    strategy_holder: list[BudgetGatedStrategy] = []
+    remaining = cfg.training.rounds - done
     try:
-        if cfg.secure_aggregation.enabled:
+        if remaining <= 0:
+            final = initial  # the coordinator stopped after the last round, before the run's files were final
+        elif cfg.secure_aggregation.enabled:
             final = run_secure_rounds(
                 grid,
                 context,
@@ -128,18 +187,22 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
                 num_nodes=num_nodes,
                 budget=budget,
                 say=tracker.printer,
+                round_offset=done,
+                adopt_strategy=adopt_strategy,
             )
         else:
-            strategy = _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra)
+            rejections = [Rejection(**raw) for raw in extra["rejected_updates"]]
+            strategy = _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra, done, rejections)
             strategy_holder.append(strategy)
+            adopt_strategy(strategy)
             final = strategy.start(
                 grid=grid,
                 initial_arrays=initial,
-                num_rounds=cfg.training.rounds,
+                num_rounds=remaining,
                 timeout=cfg.strategy.round_timeout,
                 train_config=ConfigRecord(node_config),
                 evaluate_config=ConfigRecord(node_config),
-                evaluate_fn=tracker.end_of_round,
+                evaluate_fn=lambda rnd, arrays: tracker.end_of_round(rnd + done if rnd else 0, arrays),
             ).arrays
     except BudgetExhausted as exc:
         tracker.printer(f"run ended after round {len(tracker.rounds)} of {cfg.training.rounds}: {exc}")
@@ -168,12 +231,22 @@ def run_federation(grid: Grid, context: Context, cfg: FedPrivConfig, run_dir: Pa
     return summary
 
 
-def _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra) -> BudgetGatedStrategy:
+def checkpoint_like(path: Path, model_arrays: ArrayRecord) -> ArrayRecord:
+    """A resume checkpoint's weights, in the model's tensor order; refused unless names and shapes match."""
+    saved = load_checkpoint(path)
+    problem = update_problem(RecordDict({protocol.ARRAYS: saved}), model_arrays, None)
+    if problem is not None:
+        raise ResumeError(f"{path}: does not fit this run's model: {problem}")
+    return ArrayRecord({name: saved[name] for name in model_arrays})
+
+
+def _plain_strategy(
+    cfg, tracker, num_nodes, budget, run_dir, extra, round_offset=0, rejections=()
+) -> BudgetGatedStrategy:
     """Flower's strategy, wrapped by Flower's server-side DP when organisation-level DP is on, then the budget gate."""
+    gate = dict(max_update_norm=cfg.strategy.max_update_norm, round_offset=round_offset, rejections=rejections)
     if not cfg.client_dp.enabled:
-        return BudgetGatedStrategy(
-            build_strategy(cfg.strategy, tracker, num_nodes), budget, max_update_norm=cfg.strategy.max_update_norm
-        )
+        return BudgetGatedStrategy(build_strategy(cfg.strategy, tracker, num_nodes), budget, **gate)
     from server import client_dp
 
     inner = build_strategy(cfg.strategy, tracker, num_nodes, weighted_by_key=protocol.UNIT_WEIGHT)
@@ -186,12 +259,11 @@ def _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra) -> BudgetGa
         f" {cfg.client_dp.delta:g}"
     )
     wrapped = client_dp.wrap(cfg.client_dp, inner, sampled)
-    gated = BudgetGatedStrategy(wrapped, budget, client_dp=account, max_update_norm=cfg.strategy.max_update_norm)
-    return gated
+    return BudgetGatedStrategy(wrapped, budget, client_dp=account, **gate)
 
 
-def _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra) -> None:
-    save_checkpoint(run_dir, server_round, arrays, keep_last=keep)
+def _after_round(run_dir, server_round, arrays, tracker, cfg, extra) -> None:
+    save_checkpoint(run_dir, server_round, arrays)
     write_summary(run_dir, build_summary(tracker, cfg.to_dict(), extra))
     write_metrics_csv(run_dir, tracker)
     # a deployment node reports its own target (its node.yaml); a simulated one the run config's
@@ -202,19 +274,41 @@ def _after_round(run_dir, server_round, arrays, keep, tracker, cfg, extra) -> No
 
 
 def build_server_app(
-    config: FedPrivConfig | None = None, run_dir: Path | None = None, num_nodes: int | None = None
+    config: FedPrivConfig | None = None,
+    run_dir: Path | None = None,
+    num_nodes: int | None = None,
+    resume: ResumePoint | None = None,
 ) -> ServerApp:
-    """The ServerApp; with ``config`` None it is read from the run config (``flwr run``)."""
+    """The ServerApp; with ``config`` None it is read from the run config (``flwr run``), ``resume`` included."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config or config_from_context(context)
-        folder = run_dir or run_dir_for(cfg)
+        point = resume if config is not None else resume_from_run_config(context)
+        if point is not None:
+            cfg, folder = config or config_from_dict(point.config), point.run_dir
+        else:
+            cfg = config or config_from_context(context)
+            folder = run_dir or run_dir_for(cfg)
         nodes = num_nodes or cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
-        run_federation(PromptGrid(grid, default_timeout=cfg.strategy.round_timeout), context, cfg, Path(folder), nodes)
+        grid = PromptGrid(grid, default_timeout=cfg.strategy.round_timeout)
+        run_federation(grid, context, cfg, Path(folder), nodes, resume=point)
 
     return app
+
+
+def resume_from_run_config(context: Context) -> ResumePoint | None:
+    """``resume = "RUN_DIR"`` in the run config: continue that run with its own stored config (no overrides)."""
+    folder = str(context.run_config.get(RESUME_KEY, "") or "")
+    if not folder:
+        return None
+    given = [key for key in ("config", "overrides") if str(context.run_config.get(key, "") or "")]
+    if given:
+        raise ConfigError(
+            f"run config: {RESUME_KEY} continues a run with the config it started with; drop {' and '.join(given)}"
+            " (every node's noise was calibrated for that run's plan)"
+        )
+    return resumable(load_resume_point(folder))
 
 
 app = build_server_app()

@@ -18,6 +18,7 @@ from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
 from fedpriv.quiet import VERBOSE_ENV, quiet_third_party_warnings
 from privacy.calibration import PrivacyPlan
+from server.resume import ResumePoint
 from simulations.partitioning import PartitionPlan, plan_partitions
 
 
@@ -138,17 +139,23 @@ def backend_config(cfg: FedPrivConfig, verbose: bool) -> dict[str, Any]:
     }
 
 
-def run_simulation_from_config(cfg: FedPrivConfig, *, dry_run: bool = False, verbose: bool = False) -> dict | None:
-    """Plan, then run the simulation; returns the summary (None for a dry run)."""
+def run_simulation_from_config(
+    cfg: FedPrivConfig, *, dry_run: bool = False, verbose: bool = False, resume: ResumePoint | None = None
+) -> dict | None:
+    """Plan, then run the simulation (or continue ``resume``'s run); returns the summary (None for a dry run)."""
     if not verbose:
         quiet_third_party_warnings()
     plan = preflight(cfg)
     print(describe_plan(cfg, plan), flush=True)
     if dry_run:
         return None
-    run_dir = resolve_run_dir(cfg)
+    if resume is not None:
+        run_dir = resume.run_dir
+        print(f"run folder: {run_dir} (resumed after round {resume.round} of {cfg.training.rounds})", flush=True)
+    else:
+        run_dir = resolve_run_dir(cfg)
+        print(f"run folder: {run_dir}", flush=True)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir)))
-    print(f"run folder: {run_dir}", flush=True)
 
     from flwr.simulation import run_simulation
 
@@ -159,7 +166,7 @@ def run_simulation_from_config(cfg: FedPrivConfig, *, dry_run: bool = False, ver
     _quiet_logs(verbose)
     num_nodes = len(plan.partitions.orgs)
     run_simulation(
-        server_app=build_server_app(cfg, run_dir, num_nodes),
+        server_app=build_server_app(cfg, run_dir, num_nodes, resume=resume),
         client_app=build_client_app(cfg),
         num_supernodes=num_nodes,
         backend_config=backend_config(cfg, verbose),

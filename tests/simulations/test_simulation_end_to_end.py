@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,19 +50,20 @@ def _simulate(
     return proc, out
 
 
+TINY_THREE = [
+    "model.name=tiny",
+    "training.rounds=2",
+    "partitioning.num_orgs=3",
+    "partitioning.scheme=iid",
+    "data.max_examples=300",
+    "training.batch_size=16",
+    "data.max_length=64",
+]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
-    return _simulate(
-        tmp,
-        "model.name=tiny",
-        "training.rounds=2",
-        "partitioning.num_orgs=3",
-        "partitioning.scheme=iid",
-        "data.max_examples=300",
-        "training.batch_size=16",
-        "data.max_length=64",
-    )
+    return _simulate(tmp_path_factory.mktemp("tiny"), *TINY_THREE)
 
 
 def test_tiny_simulation_writes_the_documented_summary(tiny_run):
@@ -117,6 +122,70 @@ def test_the_runs_ledgers_are_complete_and_audit_clean(tiny_run):
         node_copy = (out / "nodes" / org.org / "ledger.jsonl").read_text()
         assert (out / "ledgers" / f"{org.org}.jsonl").read_text() == node_copy
     assert summary["budget"]["refusals"] == [] and summary["budget"]["stopped_reason"] is None
+
+
+def _ledger(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _kill_mid_round_two(out: Path, cwd: Path) -> list[str]:
+    """Start `fedpriv simulate`, SIGKILL its whole process group once a node has trained round 2; who had."""
+    log = open(cwd / "killed.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", *TINY_THREE, "--out", str(out)],
+        cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            ledgers = sorted((out / "nodes").glob("*/ledger.jsonl")) if (out / "nodes").is_dir() else []
+            trained = [p.parent.name for p in ledgers if any(e["round"] == 2 for e in _ledger(p))]
+            if trained:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return trained
+            time.sleep(0.02)
+        raise AssertionError("the run ended before any node trained round 2: " + (cwd / "killed.log").read_text())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+def test_a_killed_coordinator_resumes_and_ends_where_an_uninterrupted_run_does(tiny_run, tmp_path):
+    """Issue 6: kill -9 mid-round 2 (some nodes trained it), resume: no round lost or paid for twice."""
+    from privacy.audit import audit, load_ledger_set
+
+    _, reference = tiny_run
+    out = tmp_path / "run"
+    trained_before_kill = _kill_mid_round_two(out, tmp_path)
+    point = json.loads((out / "checkpoints" / "resume.json").read_text())
+    assert point["round"] == 1, "killed after round 2 had ended: the kill did not land mid-round"
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", "--resume", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming after round 1 of 2" in proc.stdout and proc.stdout.count("[round ") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    expected = json.loads((reference / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumes"] == [1]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["trained_orgs"] == ["org-0", "org-1", "org-2"] for r in summary["rounds"])
+    for org, report in expected["privacy"].items():
+        assert summary["privacy"][org]["epsilon"] == report["epsilon"], org  # exactly: the same steps, once each
+        assert summary["privacy"][org]["steps"] == report["steps"], org
+        kinds = [(e["kind"], e["round"]) for e in _ledger(out / "nodes" / org / "ledger.jsonl")]
+        assert kinds == [("dp_round", 1), ("dp_round", 2)], (org, kinds)  # the replayed round: no second entry
+    result = audit(load_ledger_set([out]), prv=False)
+    assert result.ok, result.to_dict()["findings"]
+    assert {o.org: o.recomputed_epsilon["rdp"] for o in result.orgs} == pytest.approx(
+        {org: report["epsilon"] for org, report in expected["privacy"].items()}
+    )
+    for org in trained_before_kill:  # their round-2 reply was stored before the kill, and sent again after it
+        stored = json.loads((out / "nodes" / org / "train-reply.json").read_text())
+        assert (stored["round"], stored["status"], stored["run"]) == (2, "done", str(out))
 
 
 def test_organisation_level_dp_is_recorded_audited_and_stops_the_run_at_its_budget(tmp_path):
