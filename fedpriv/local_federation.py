@@ -268,6 +268,20 @@ def write_run_config(path: Path, config_path: str | None, overrides: list[str], 
     return path
 
 
+def _first_run_config(path: Path) -> tuple[str | None, list[str]]:
+    """The ``config`` and ``overrides`` the run was started with (from the run config file written then)."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return (str(raw["config"]) or None), shlex.split(str(raw["overrides"]))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, ValueError) as exc:
+        raise FederationUpError(
+            f"{path}: the run config this run started with cannot be read ({type(exc).__name__}); a run started"
+            " by hand is resumed with `flwr run` and its own run config plus resume=RUN_DIR"
+        ) from None
+
+
 def app_dir(staging: Path) -> Path:
     """The Flower app folder for ``flwr run``: this checkout's app, staged in ``staging`` (see fedpriv.app_source)."""
     from fedpriv.app_source import NotAnAppCheckout, stage_app
@@ -357,6 +371,7 @@ def federation_up(
         point = resumable(load_resume_point(resume))
         run_cfg = config_from_dict(point.config)
         run_dir = point.run_dir
+        first_run = _first_run_config(run_dir / "logs" / "run-config.toml")
     if rounds is not None:
         overrides.append(f"training.rounds={rounds}")
     keys = {item.partition("=")[0].strip() for item in overrides}
@@ -420,6 +435,11 @@ def federation_up(
         else:
             cli_home = co_kit / "flwr-home"
             args = ["sh", str(co_kit / "start-superlink.sh")]
+            if point is not None:
+                # the stopped SuperLink's database still lists the old SuperNodes as online until two of their
+                # heartbeats pass (up to a minute), refusing the same keys meanwhile: start on a fresh one (the
+                # nodes are enrolled below as always; a run's records live in the run folder, not there)
+                args += ["--database", str(homes / "superlink.db")]
             ready, transport = (lambda: tls_ready(port, co_kit / "ca.crt")), "TLS, SuperNode authentication"
         procs["superlink"] = (start_process(args, log, flower_env(homes / "superlink"), cwd=co_kit), log)
         _wait("waiting for the SuperLink to accept connections", ready, procs, START_TIMEOUT_S)
@@ -448,8 +468,8 @@ def federation_up(
         _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
         say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
 
-        if point is not None:
-            run_config = write_run_config(logs / "run-config.resume.toml", None, [], resume=point.run_dir)
+        if point is not None:  # the first run's config and overrides (the ClientApps read them too), plus resume
+            run_config = write_run_config(logs / "run-config.resume.toml", *first_run, resume=point.run_dir)
             say(f"resuming {run_dir} after round {point.round} of {run_cfg.training.rounds}")
         else:
             run_config = write_run_config(logs / "run-config.toml", config_path, overrides)

@@ -258,6 +258,7 @@ class NodePrivacy:
             "noise_multiplier": plan.noise_multiplier,
             "sample_rate": plan.sample_rate,
             "steps": self.steps,
+            "planned_steps": plan.planned_steps,  # what the noise was calibrated for (all rounds, as configured)
             "accountant": plan.accountant,
             "max_grad_norm": plan.max_grad_norm,
         }

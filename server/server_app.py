@@ -284,12 +284,9 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        point = resume if config is not None else resume_from_run_config(context)
-        if point is not None:
-            cfg, folder = config or config_from_dict(point.config), point.run_dir
-        else:
-            cfg = config or config_from_context(context)
-            folder = run_dir or run_dir_for(cfg)
+        cfg = config or config_from_context(context)
+        point = resume if config is not None else resume_from_run_config(context, cfg)
+        folder = point.run_dir if point is not None else (run_dir or run_dir_for(cfg))
         nodes = num_nodes or cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
         grid = PromptGrid(grid, default_timeout=cfg.strategy.round_timeout)
         run_federation(grid, context, cfg, Path(folder), nodes, resume=point)
@@ -297,18 +294,36 @@ def build_server_app(
     return app
 
 
-def resume_from_run_config(context: Context) -> ResumePoint | None:
-    """``resume = "RUN_DIR"`` in the run config: continue that run with its own stored config (no overrides)."""
+def resume_from_run_config(context: Context, cfg: FedPrivConfig) -> ResumePoint | None:
+    """``resume = "RUN_DIR"`` in the run config: continue that run, whose config the run config must still give.
+
+    The ClientApps read their config from the same run config: a resumed run keeps the ``config`` and
+    ``overrides`` it started with (every node's noise was calibrated for that plan) and adds ``resume``.
+    """
     folder = str(context.run_config.get(RESUME_KEY, "") or "")
     if not folder:
         return None
-    given = [key for key in ("config", "overrides") if str(context.run_config.get(key, "") or "")]
-    if given:
+    point = resumable(load_resume_point(folder))
+    stored = config_from_dict(point.config).to_dict()
+    changed = sorted(_changed_keys(stored, cfg.to_dict()))
+    if changed:
         raise ConfigError(
-            f"run config: {RESUME_KEY} continues a run with the config it started with; drop {' and '.join(given)}"
-            " (every node's noise was calibrated for that run's plan)"
+            f"run config: {RESUME_KEY}={folder} continues a run with the config it started with, but this run"
+            f" config changes {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}: give the same"
+            " config and overrides as the first `flwr run`, plus resume"
         )
-    return resumable(load_resume_point(folder))
+    return point
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 app = build_server_app()

@@ -11,8 +11,12 @@ come online, next to an enrolled one that does.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from fedpriv.local_federation import (
     flower_env,
     free_port,
     group_alive,
+    processes_under,
     start_process,
     stop_process,
     supernodes,
@@ -34,6 +39,7 @@ from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import pki
 from fedpriv.provisioning.federation import load_federation
 from fedpriv.provisioning.kits import provision
+from privacy.calibration import compute_epsilon
 from tests.deployment.helpers import processes_after, write_csv
 
 pytestmark = pytest.mark.integration
@@ -59,31 +65,90 @@ def federation(tmp_path_factory):
     return root, path
 
 
+def _round_two_trained(kits: Path) -> list[str]:
+    """Organisations whose node ledger (in its own kit) already holds a round-2 entry."""
+    trained = []
+    for org in TARGETS:
+        ledger = kits / org / "state" / "ledger.jsonl"
+        lines = ledger.read_text().splitlines() if ledger.exists() else []
+        if any(json.loads(line)["round"] == 2 for line in lines if line.strip()):
+            trained.append(org)
+    return trained
+
+
+def _kill_coordinator_mid_round_two(kits: Path, outcome: dict) -> None:
+    """SIGKILL the SuperLink and its ServerApp (every process in the coordinator's kit) once a node trained round 2."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and not outcome.get("done"):
+        trained = _round_two_trained(kits)
+        if trained:
+            outcome["trained"] = trained
+            outcome["killed"] = processes_under(kits / "coordinator")
+            for line in outcome["killed"]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def finished_run(federation):
+    """The run every test below looks at: its coordinator is killed mid-round 2, then the run is resumed.
+
+    What a federation goes through (issue 6): the SuperLink and ServerApp die with SIGKILL while round 2 is
+    under way and at least one organisation has trained it; ``federation up --resume`` starts everything again
+    and continues after round 1. The finished run must be indistinguishable, for every organisation's privacy,
+    from one that was never interrupted.
+    """
     from fedpriv.local_federation import federation_up
 
     root, path = federation
+    kits = root / "kits"
     lines: list[str] = []
+    first_processes: dict[str, subprocess.Popen] = {}
     processes: dict[str, subprocess.Popen] = {}
     started = time.monotonic()
-    result = federation_up(
+    outcome: dict = {}
+    killer = threading.Thread(target=_kill_coordinator_mid_round_two, args=(kits, outcome), daemon=True)
+    killer.start()
+    interrupted = federation_up(
         path,
-        root / "kits",
+        kits,
         rounds=2,
         overrides=["model.name=tiny", "training.batch_size=32", "training.local_epochs=1"],
         out=root / "run",
         run_timeout=RUN_TIMEOUT_S,
         say=lines.append,
-        processes=processes,
+        processes=first_processes,
+    )
+    outcome["done"] = True
+    killer.join()
+    result = federation_up(
+        path, kits, resume=root / "run", run_timeout=RUN_TIMEOUT_S, say=lines.append, processes=processes
     )
     return {
+        "interrupted": interrupted,
+        "outcome": outcome,
         "result": result,
         "lines": lines,
         "processes": processes,
-        "kits": root / "kits",
+        "first_processes": first_processes,
+        "kits": kits,
         "seconds": time.monotonic() - started,
     }
+
+
+def test_the_killed_coordinator_left_a_resumable_run_behind(finished_run):
+    interrupted, outcome = finished_run["interrupted"], finished_run["outcome"]
+    output = "\n".join(finished_run["lines"])
+    assert outcome.get("trained"), "no organisation trained round 2 before the run ended:\n" + output
+    assert any("superlink" in line for line in outcome["killed"]), outcome["killed"]
+    assert interrupted.returncode != 0 and interrupted.summary["status"] == "running"
+    assert [r["round"] for r in interrupted.summary["rounds"]] == [1]  # round 2 was lost with the coordinator
+    assert f"resuming {interrupted.run_dir} after round 1 of 2" in output
+    for org in outcome["trained"]:  # its round-2 update was stored before the kill and sent again after it
+        stored = json.loads((finished_run["kits"] / org / "state" / "train-reply.json").read_text())
+        assert (stored["round"], stored["status"]) == (2, "done")
 
 
 def test_three_organisations_train_over_tls_each_within_its_own_budget(finished_run):
@@ -98,11 +163,20 @@ def test_three_organisations_train_over_tls_each_within_its_own_budget(finished_
     assert all(r["trained_orgs"] == sorted(TARGETS) for r in summary["rounds"])
     assert "[round 2/2]" in output  # progress streamed from the ServerApp through `flwr run --stream`
 
+    assert summary["resumes"] == [1]
     for org, target in TARGETS.items():
         report = summary["privacy"][org]
         assert 0 < report["epsilon"] <= target, (org, report)
         assert report["target_epsilon"] == target  # the node's own node.yaml, not the run config's 8.0
         assert report["epsilon"] > 0.9 * target  # calibrated for the 2 planned rounds, both spent
+        # what an uninterrupted run spends: the planned steps of both rounds, each round paid for once
+        uninterrupted = compute_epsilon(
+            noise_multiplier=report["noise_multiplier"], sample_rate=report["sample_rate"],
+            steps=report["planned_steps"], delta=report["delta"], accountant=report["accountant"],
+        )  # fmt: skip
+        assert report["steps"] == report["planned_steps"] and report["epsilon"] == uninterrupted, org
+        ledger = (finished_run["kits"] / org / "state" / "ledger.jsonl").read_text().splitlines()
+        assert [(json.loads(e)["kind"], json.loads(e)["round"]) for e in ledger] == [("dp_round", 1), ("dp_round", 2)]
     # every node kept its accountant in its own kit, never in the coordinator's run folder
     for org in TARGETS:
         assert (finished_run["kits"] / org / "state" / "accountant.json").exists()
@@ -117,11 +191,11 @@ def test_three_organisations_train_over_tls_each_within_its_own_budget(finished_
 
 
 def test_every_process_is_stopped_afterwards(finished_run):
-    processes = finished_run["processes"]
-    assert sorted(processes) == sorted(["superlink", *TARGETS])
-    for name, proc in processes.items():
-        assert proc.poll() is not None, name
-        assert not group_alive(proc.pid), f"{name}: processes of its group still running"
+    for processes in (finished_run["first_processes"], finished_run["processes"]):
+        assert sorted(processes) == sorted(["superlink", *TARGETS])
+        for name, proc in processes.items():
+            assert proc.poll() is not None, name
+            assert not group_alive(proc.pid), f"{name}: processes of its group still running"
     assert processes_after(finished_run["kits"]) == []
 
 
