@@ -69,8 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     pki_sub = pki_cmd.add_subparsers(dest="pki_command", required=True)
     insp = pki_sub.add_parser(
         "inspect",
-        help="show a kit's certificates and keys and check them (exit 1 when a check fails)",
-        description="Subjects, SANs, validity, key types and fingerprints; checks chains, key pairs, permissions.",
+        help="show a kit's certificates and keys and check them (exit 1 when a check fails, 2 when a file is unreadable)",
+        description="Subjects, SANs, validity, key types and fingerprints; checks chains, validity, key pairs, key"
+        " types and encodings, permissions. Exit code 0 when every check passes; 1 when one fails (expired or not"
+        " yet valid, wrong CA, key mismatch, wrong key type: all are listed); 2 when the kit or a file in it cannot"
+        " be read at all (missing ca.crt, a folder, empty, truncated, not PEM: one error line naming it).",
     )
     insp.add_argument("kit", metavar="KIT", help="a kit folder or one .crt file")
 
@@ -82,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         " enrol them, run `flwr run`, stop everything",
         description="Try the deployment path on one machine: the same kits, TLS, node keys and `flwr run` as a real"
         " federation, with every process on 127.0.0.1 (free ports). Each organisation trains on the data file and"
-        " privacy budget FEDERATION.yaml gives it.",
+        " privacy budget FEDERATION.yaml gives it. Existing kits are checked as `fedpriv provision` checks them"
+        " before any process starts: a bad certificate or key file is one error line and exit code 2.",
     )
     up.add_argument("federation", metavar="FEDERATION.yaml")
     up.add_argument("args", nargs="*", metavar="key=value", help="run config overrides, e.g. model.name=tiny")

@@ -397,9 +397,14 @@ def federation_up(
             " so it would refuse to train past its budget. Delete those folders for a fresh try-out"
             " (never in a real federation), or use another --kits folder"
         )
+    # before any process: provision refuses kits it cannot trust (unreadable, wrong CA, expired CA, mismatched or
+    # wrong-type keys, a SuperLink certificate TLS would refuse) and re-issues an expired SuperLink certificate
     outcome = provision(cfg, kits)
     created = sum(change.action == "created" for change in outcome.changes)
     say(f"kits: {kits} ({'provisioned' if created else 'reused'}; coordinator 127.0.0.1:{cfg.coordinator.port})")
+    for change in outcome.changes:
+        if change.action == "re-issued":
+            say(f"  re-issued {change.path} ({change.reason})")
 
     logs = run_dir / "logs"
     co_kit = kits / "coordinator"

@@ -22,12 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from fedpriv.errors import PrivacyError
+from fedpriv.key_files import describe, key_type
 
 LEDGER_FILE = "ledger.jsonl"
 SIGNING_KEY_FILE = "ledger.key"
@@ -108,20 +110,21 @@ def load_public_key(source: str | Path | bytes) -> Ed25519PublicKey:
     """An Ed25519 public key from PEM bytes/text or a ``.pub`` file."""
     where = ""
     data: bytes
+    expected = "an Ed25519 PEM public key (a ledger.pub, -----BEGIN PUBLIC KEY-----)"
     if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("-----")):
         where = f"{source}: "
         try:
             data = Path(source).read_bytes()
         except OSError as exc:
-            raise LedgerError(f"{where}cannot read the ledger public key ({exc.strerror})") from None
+            raise LedgerError(f"{where}cannot be read ({exc.strerror}); expected {expected}") from None
     else:
         data = source.encode() if isinstance(source, str) else source
     try:
         key = serialization.load_pem_public_key(data)
-    except ValueError:
-        raise LedgerError(f"{where}not a PEM public key (expected an Ed25519 ledger.pub)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise LedgerError(f"{where}expected {expected}; found {describe(data, ('PUBLIC KEY',))}") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise LedgerError(f"{where}not an Ed25519 key (ledger keys are Ed25519)")
+        raise LedgerError(f"{where}expected an Ed25519 public key (ledger keys are Ed25519); found {key_type(key)}")
     return key
 
 
@@ -135,21 +138,24 @@ def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    expected = "the kit's Ed25519 ledger.key, an unencrypted PEM private key (-----BEGIN PRIVATE KEY-----)"
     try:
         data = Path(path).read_bytes()
         mode = stat.S_IMODE(Path(path).stat().st_mode)
     except OSError as exc:
-        raise LedgerError(f"{path}: cannot read the ledger signing key ({exc.strerror})") from None
+        raise LedgerError(f"{path}: cannot be read ({exc.strerror}); expected {expected}") from None
     if mode & 0o077:
         raise LedgerError(f"{path}: the ledger signing key is readable by others (mode {mode:o}); chmod 600 it")
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise LedgerError(
-            f"{path}: not an unencrypted PEM private key (expected the kit's Ed25519 ledger.key)"
-        ) from None
+    except TypeError:
+        raise LedgerError(f"{path}: expected {expected}; found an encrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise LedgerError(f"{path}: expected {expected}; found {describe(data, ('PRIVATE KEY',))}") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise LedgerError(f"{path}: not an Ed25519 key (ledger keys are Ed25519)")
+        raise LedgerError(
+            f"{path}: expected an Ed25519 key (ledger keys are Ed25519); found {key_type(key.public_key())}"
+        )
     return key
 
 

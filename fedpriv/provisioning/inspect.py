@@ -1,7 +1,10 @@
 """``fedpriv pki inspect``: what a kit holds and whether it still fits together, without openssl.
 
-Exit status: 0 all checks pass, 1 a check failed (expired, wrong CA, key
-mismatch, loose permissions), 2 the kit or a file in it cannot be read.
+Exit status: 0 all checks pass; 1 a check failed (expired or not yet valid,
+wrong CA, key mismatch, wrong key type or encoding, loose permissions), and
+every check is listed so that one run shows all that is wrong; 2 the kit or a
+file in it cannot be read at all (missing, a folder, empty, truncated, not PEM):
+one ``error:`` line naming the file, because nothing can be checked about it.
 """
 
 from __future__ import annotations
@@ -11,17 +14,25 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from fedpriv.provisioning import ProvisioningError, pki
+from privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
+from privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
 
-NIST_CURVES = {
-    "secp192r1",
-    "secp224r1",
-    "secp256r1",
-    "secp384r1",
-    "secp521r1",
-}  # what Flower's uses_nist_ec_curve accepts
+NIST_CURVES = pki.NIST_CURVES
+
+# private key, its public half, the encoding its reader needs, the key type it must be
+KEY_PAIRS = (
+    ("ca.key", "ca.crt", "pem", "ec"),
+    ("superlink.key", "superlink.crt", "pem", "ec"),  # uvicorn / gRPC read PEM
+    ("node.key", "node.pub", "openssh", "ec"),  # flower-supernode reads OpenSSH, NIST curves only
+    (LEDGER_KEY, LEDGER_PUB, "pem", "ed25519"),  # privacy.ledger reads PEM Ed25519
+)
+REMEDY = {
+    "ca.crt": "a new CA means new kits for every party (fedpriv provision into an empty --out folder)",
+    "superlink.crt": "re-issue it with fedpriv provision",
+}
 
 
 @dataclass
@@ -49,8 +60,7 @@ class Report:
         return "\n".join(out)
 
 
-def _when(moment) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+_when = pki.when
 
 
 def describe_cert(report: Report, label: str, cert: x509.Certificate) -> None:
@@ -77,7 +87,12 @@ def describe_cert(report: Report, label: str, cert: x509.Certificate) -> None:
             report.lines.append("  CA           yes")
     except x509.ExtensionNotFound:
         pass
-    report.check(end > now, f"{label}: {'not expired' if end > now else 'EXPIRED on ' + _when(end)}")
+    problem = pki.validity_problem(cert, now)
+    if problem is None:
+        report.check(True, f"{label}: valid now")
+    else:
+        remedy = REMEDY.get(Path(label).name, "") if end <= now else ""
+        report.check(False, f"{label}: {problem}{'; ' + remedy if remedy else ''}")
 
 
 def _describe_key(report: Report, label: str, public_key, private: Path | None = None, ssh: bool = True) -> None:
@@ -106,9 +121,15 @@ def inspect_kit(path: str | Path) -> Report:
         raise ProvisioningError(f"{path}: no such kit folder or certificate")
     ca_path = path / "ca.crt"
     if not ca_path.exists():
-        raise ProvisioningError(f"{path}: not a kit (no ca.crt)")
-    kind = "coordinator kit" if (path / "superlink.crt").exists() or (path / "ca.key").exists() else "organisation kit"
-    report.lines.append(f"{path}: {kind}")
+        raise ProvisioningError(f"{ca_path}: missing; expected a kit folder (every kit holds the federation's ca.crt)")
+    coordinator = (path / "superlink.crt").exists() or (path / "ca.key").exists()
+    report.lines.append(f"{path}: {'coordinator kit' if coordinator else 'organisation kit'}")
+    # ca.key may be kept offline, and kits older than the ledger keys lack ledger.key: only these must be there
+    for name in ("superlink.crt", "superlink.key") if coordinator else ("node.key", "node.pub"):
+        if not (path / name).exists():
+            report.check(
+                False, f"{name}: missing ({'a coordinator' if coordinator else 'an organisation'} kit holds it)"
+            )
     ca = pki.load_cert(ca_path)
     describe_cert(report, "ca.crt", ca)
     is_ca = False
@@ -135,12 +156,16 @@ def inspect_kit(path: str | Path) -> Report:
         else:
             report.check(pki.signed_by(cert, ca), f"{cert_path.name}: signed by ca.crt")
 
-    for key_name, public_name in (("ca.key", "ca.crt"), ("superlink.key", "superlink.crt"), ("node.key", "node.pub")):
+    for key_name, public_name, form, kind in KEY_PAIRS:
         key_path = path / key_name
         if not key_path.exists():
             continue
         key = pki.load_private_key(key_path)
         _describe_key(report, key_name, key.public_key(), private=key_path, ssh=key_name == "node.key")
+        _check_key_kind(report, key_name, key.public_key(), kind)
+        found = "OpenSSH" if b"-----BEGIN OPENSSH PRIVATE KEY-----" in key_path.read_bytes() else "PEM"
+        want = "OpenSSH" if form == "openssh" else "PEM"
+        report.check(found == want, f"{key_name}: {want}-encoded" + ("" if found == want else f", found {found}"))
         public_path = path / public_name
         if not public_path.exists():
             report.check(False, f"{key_name}: {public_name} is missing")
@@ -148,7 +173,7 @@ def inspect_kit(path: str | Path) -> Report:
         public = (
             pki.load_cert(public_path).public_key()
             if public_name.endswith(".crt")
-            else pki.load_public_key(public_path)
+            else pki.load_public_key(public_path, form="pem" if kind == "ed25519" else None)
         )
         report.check(pki.same_public_key(key.public_key(), public), f"{key_name}: matches {public_name}")
     if (path / "node.pub").exists():
@@ -159,8 +184,21 @@ def inspect_kit(path: str | Path) -> Report:
         public = pki.load_public_key(pub)
         _describe_key(report, f"nodes/{pub.name}", public)
         report.check(_nist_ec(public), f"nodes/{pub.name}: an EC key on a NIST curve (what Flower accepts)")
+    for pub in sorted((path / "ledger-keys").glob("*.pub")) if (path / "ledger-keys").is_dir() else []:
+        public = pki.load_public_key(pub, form="pem")
+        _describe_key(report, f"ledger-keys/{pub.name}", public, ssh=False)
+        _check_key_kind(report, f"ledger-keys/{pub.name}", public, "ed25519")
     return report
 
 
 def _nist_ec(public_key) -> bool:
-    return isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in NIST_CURVES
+    return pki.is_nist_ec(public_key)
+
+
+def _check_key_kind(report: Report, label: str, public_key, kind: str) -> None:
+    """EC on a NIST curve (TLS and node keys: what Flower accepts) or Ed25519 (ledger keys)."""
+    if kind == "ec":
+        ok, want = _nist_ec(public_key), "an EC key on a NIST curve (what Flower accepts)"
+    else:
+        ok, want = isinstance(public_key, ed25519.Ed25519PublicKey), "an Ed25519 key (what ledgers are signed with)"
+    report.check(ok, f"{label}: {want}" + ("" if ok else f", found {pki.key_type(public_key)}"))

@@ -30,6 +30,7 @@ from fedpriv.provisioning.federation import FederationConfig, OrganisationConfig
 from privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
 from privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
 from privacy.ledger import LedgerError, load_signing_key, public_key_text
+from privacy.ledger import load_public_key as load_ledger_public_key
 
 COORDINATOR = "coordinator"
 PRIVATE = 0o600
@@ -304,14 +305,30 @@ def _check_ca(out: Path, cfg: FederationConfig, org_names: list[str]):
     co = out / COORDINATOR
     key_path, crt_path = co / "ca.key", co / "ca.crt"
     if key_path.exists() and crt_path.exists():
-        key, cert = pki.load_private_key(key_path), pki.load_cert(crt_path)
+        key = pki.require_nist_ec(key_path, pki.load_private_key(key_path, form="pem"))
+        cert = pki.load_cert(crt_path)
         if not pki.same_public_key(key.public_key(), cert.public_key()):
-            raise ProvisioningError(f"{key_path}: does not match {crt_path}; refusing to touch the kits")
+            raise ProvisioningError(
+                f"{key_path}: not the private key of {crt_path} (expected the CA key the kits were made with);"
+                " refusing to touch the kits"
+            )
         issued_for = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
         if issued_for and issued_for[0].value != cfg.federation:
             raise ProvisioningError(
                 f"{crt_path}: the kits in {out} belong to federation {issued_for[0].value!r},"
                 f" not {cfg.federation!r}; use another --out folder"
+            )
+        problem = pki.validity_problem(cert)
+        if problem is not None:  # every certificate it would sign, and every kit, depends on it
+            expired = cert.not_valid_after_utc <= pki.now()
+            raise ProvisioningError(
+                f"{crt_path}: the federation CA's {problem}"
+                + (
+                    "; every kit trusts this CA, so it cannot be renewed in place:"
+                    " provision the federation anew into an empty --out folder"
+                    if expired
+                    else ""
+                )
             )
         return key, cert
     existing = [p for p in (key_path, crt_path, co / "superlink.crt", co / "nodes") if p.exists()]
@@ -335,12 +352,13 @@ def _org_key(out: Path, org: str) -> ec.EllipticCurvePrivateKey | None:
                 f" {enrolled.name}, run `flwr supernode unregister` for the old node, then provision again"
             )
         return None
-    key = pki.load_private_key(key_path)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ProvisioningError(f"{key_path}: expected an EC (P-384) key, got {pki.key_type(key.public_key())}")
+    key = pki.require_nist_ec(key_path, pki.load_private_key(key_path, form="openssh"))
     for pub_path in (out / org / "node.pub", enrolled):
         if pub_path.exists() and not pki.same_public_key(pki.load_public_key(pub_path), key.public_key()):
-            raise ProvisioningError(f"{pub_path}: does not match {key_path}; refusing to touch the kits")
+            raise ProvisioningError(
+                f"{pub_path}: not the public half of {key_path} (expected the key {org} was enrolled with);"
+                " refusing to touch the kits"
+            )
     return key
 
 
@@ -357,11 +375,14 @@ def _ledger_key(out: Path, org: str) -> Ed25519PrivateKey | None:
         return None
     try:
         key = load_signing_key(key_path)
+        for pub_path in (out / org / LEDGER_PUB, out / COORDINATOR / "ledger-keys" / f"{org}.pub"):
+            if pub_path.exists() and not pki.same_public_key(load_ledger_public_key(pub_path), key.public_key()):
+                raise ProvisioningError(
+                    f"{pub_path}: not the public half of {key_path} (expected the key {org}'s ledger is signed with);"
+                    " refusing to touch the kits"
+                )
     except LedgerError as exc:
         raise ProvisioningError(str(exc)) from None
-    for pub_path in (out / org / LEDGER_PUB, out / COORDINATOR / "ledger-keys" / f"{org}.pub"):
-        if pub_path.exists() and pub_path.read_text() != public_key_text(key.public_key()):
-            raise ProvisioningError(f"{pub_path}: does not match {key_path}; refusing to touch the kits")
     return key
 
 
@@ -372,7 +393,12 @@ def _server_reasons(out: Path, cfg: FederationConfig, ca_cert, server_key) -> tu
         return ["new"], False
     cert = pki.load_cert(path)
     if not pki.signed_by(cert, ca_cert):
-        raise ProvisioningError(f"{path}: not signed by {out / COORDINATOR / 'ca.crt'}; refusing to touch the kits")
+        raise ProvisioningError(
+            f"{path}: not signed by {out / COORDINATOR / 'ca.crt'} (expected a certificate issued by this"
+            f" federation's CA); refusing to touch the kits: if ca.crt is right, delete {path.name} to have it re-issued"
+        )
+    if cert.not_valid_before_utc > pki.now():  # a clock problem, or not our certificate: a person should look
+        raise ProvisioningError(f"{path}: {pki.validity_problem(cert)}; or delete {path.name} to have it re-issued")
     reasons, changed = [], False
     have, want = set(pki.san_strings(cert)), {str(parse_address(a)) for a in cfg.san_addresses}
     if have != want:
@@ -386,6 +412,13 @@ def _server_reasons(out: Path, cfg: FederationConfig, ca_cert, server_key) -> tu
         reasons.append("superlink.key does not match it")
     if cert.not_valid_after_utc <= pki.now():
         reasons.append("it expired")
+    if not reasons:  # kept as it is, so it must be what the SuperNodes' TLS accepts (a hand-made one may not be)
+        problems = pki.verify_server(cert, ca_cert, cfg.san_addresses)
+        if problems:
+            raise ProvisioningError(
+                f"{path}: signed by ca.crt, but a TLS client trusting ca.crt would refuse it ({problems[0]});"
+                f" refusing to touch the kits: delete {path.name} to have it re-issued"
+            )
     return reasons, changed
 
 
@@ -407,8 +440,10 @@ def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None
     if ca_cert is not None:
         for name in names:
             org_ca = out / name / "ca.crt"
-            if org_ca.exists() and org_ca.read_bytes() != pki.cert_pem(ca_cert):
-                raise ProvisioningError(f"{org_ca}: not this federation's CA ({co / 'ca.crt'}); refusing to mix kits")
+            if org_ca.exists() and pki.load_cert(org_ca) != ca_cert:
+                raise ProvisioningError(
+                    f"{org_ca}: not this federation's CA (expected a copy of {co / 'ca.crt'}); refusing to mix kits"
+                )
     todo = [cfg.org(add_org)] if add_org is not None else list(cfg.organisations)
     org_keys = {o.name: _org_key(out, o.name) for o in todo}
 
@@ -423,14 +458,18 @@ def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None
     plan.put(co / "ca.crt", ca_pem, PUBLIC)
 
     server_key_path = co / "superlink.key"
-    server_key = pki.load_private_key(server_key_path) if server_key_path.exists() else None
+    server_key = (
+        pki.require_nist_ec(server_key_path, pki.load_private_key(server_key_path, form="pem"))
+        if server_key_path.exists()
+        else None
+    )
     reasons, addresses_changed = _server_reasons(out, cfg, ca_cert, server_key)
     if reasons and add_org is not None and reasons != ["new"]:
         outcome.notes.append(
             f"{co / 'superlink.crt'} left as is with --add-org ({'; '.join(reasons)}); run without --add-org to re-issue it"
         )
     elif reasons:
-        if server_key is None or not isinstance(server_key, ec.EllipticCurvePrivateKey):
+        if server_key is None:
             server_key = pki.new_key()
             plan.put(server_key_path, pki.pem_private(server_key), PRIVATE)
         server_cert = pki.issue_server(

@@ -13,15 +13,18 @@ import base64
 import datetime as dt
 import hashlib
 import ipaddress
+import re
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from fedpriv import key_files
+from fedpriv.key_files import key_type
 from fedpriv.provisioning import ProvisioningError
 from fedpriv.provisioning.federation import parse_address
 
@@ -61,40 +64,110 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, expected: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ProvisioningError(f"{path}: cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+        reason = exc.strerror or exc.__class__.__name__
+        raise ProvisioningError(f"{path}: cannot be read ({reason}); expected {expected}") from None
+
+
+def bad_file(path: Path, expected: str, data: bytes, labels: tuple[str, ...] = ()) -> ProvisioningError:
+    """The one-line error for a file that does not hold what it should: what was expected, what is there."""
+    return ProvisioningError(f"{path}: expected {expected}; found {key_files.describe(data, labels)}")
+
+
+CERT = "a PEM certificate (-----BEGIN CERTIFICATE-----)"
+PRIVATE_FORMS = {
+    None: "an unencrypted PEM or OpenSSH private key",
+    "pem": "an unencrypted PEM private key (-----BEGIN PRIVATE KEY-----)",
+    "openssh": "an unencrypted OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY-----, what flower-supernode reads)",
+}
+PUBLIC_FORMS = {
+    None: "an OpenSSH public key line or a PEM public key",
+    "pem": "a PEM public key (-----BEGIN PUBLIC KEY-----)",
+}
+_PRIVATE_LABELS = ("PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY", "OPENSSH PRIVATE KEY")
 
 
 def load_cert(path: Path) -> x509.Certificate:
+    data = _read(path, CERT)
     try:
-        return x509.load_pem_x509_certificate(_read(path))
+        cert = x509.load_pem_x509_certificate(data)
+        cert.extensions  # noqa: B018  (parsed lazily: a malformed extension is a bad file, reported here)
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise bad_file(path, CERT, data, ("CERTIFICATE",)) from None
+    return cert
+
+
+def load_private_key(path: Path, form: str | None = None):
+    """An unencrypted private key; ``form`` ("pem" / "openssh") insists on the encoding its reader needs."""
+    expected = PRIVATE_FORMS[form]
+    data = _read(path, expected)
+    is_ssh = b"-----BEGIN OPENSSH PRIVATE KEY-----" in data
+    try:
+        key = (
+            serialization.load_ssh_private_key(data, None) if is_ssh else serialization.load_pem_private_key(data, None)
+        )
+    except TypeError:  # a password-protected PEM key
+        raise ProvisioningError(
+            f"{path}: expected {expected}; found an encrypted key (kit keys are unencrypted, kept private by mode 0600)"
+        ) from None
+    except UnsupportedAlgorithm as exc:
+        raise ProvisioningError(f"{path}: expected {expected}; found a key it cannot read ({exc})") from None
     except ValueError:
-        raise ProvisioningError(f"{path}: not a PEM certificate") from None
+        raise bad_file(path, expected, data, _PRIVATE_LABELS) from None
+    if form is not None and (form == "openssh") != is_ssh:
+        raise ProvisioningError(f"{path}: expected {expected}; found {'an OpenSSH' if is_ssh else 'a PEM'} private key")
+    return key
 
 
-def load_private_key(path: Path):
-    """A PEM (PKCS#8 / traditional) or OpenSSH private key, unencrypted."""
-    data = _read(path)
+def load_public_key(path: Path, form: str | None = None):
+    """An OpenSSH public key line (what ``flwr supernode register`` reads) or a PEM public key (``form="pem"``)."""
+    expected = PUBLIC_FORMS[form]
+    data = _read(path, expected)
+    pem = data.lstrip().startswith(b"-----BEGIN")
     try:
-        if b"OPENSSH PRIVATE KEY" in data:
-            return serialization.load_ssh_private_key(data, None)
-        return serialization.load_pem_private_key(data, None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ProvisioningError(f"{path}: not an unencrypted PEM or OpenSSH private key") from None
-
-
-def load_public_key(path: Path):
-    """An OpenSSH public key line (what ``flwr supernode register`` reads) or a PEM public key."""
-    data = _read(path)
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
+        if form == "pem" or pem:
             return serialization.load_pem_public_key(data)
         return serialization.load_ssh_public_key(data.strip())
     except (ValueError, UnsupportedAlgorithm):
-        raise ProvisioningError(f"{path}: not an OpenSSH or PEM public key") from None
+        raise bad_file(path, expected, data, ("PUBLIC KEY", key_files.SSH_LINE)) from None
+
+
+NIST_CURVES = {"secp192r1", "secp224r1", "secp256r1", "secp384r1", "secp521r1"}  # Flower's uses_nist_ec_curve
+
+
+def is_nist_ec(public_key) -> bool:
+    return isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in NIST_CURVES
+
+
+def require_nist_ec(path: Path, key):
+    """``key`` (private or public) if EC on a NIST curve: what fedpriv makes, all Flower's node authentication takes."""
+    public = key.public_key() if hasattr(key, "public_key") else key
+    if not is_nist_ec(public):
+        raise ProvisioningError(
+            f"{path}: expected an EC key on a NIST curve (fedpriv makes P-384); found {key_type(public)}"
+        )
+    return key
+
+
+def when(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def validity_problem(cert: x509.Certificate, at: dt.datetime | None = None) -> str | None:
+    """Why ``cert`` is not valid at ``at`` (default now): expired or not yet valid; None when it is."""
+    at = at or now()
+    if cert.not_valid_after_utc <= at:
+        return f"certificate expired on {when(cert.not_valid_after_utc)} (not valid after)"
+    if cert.not_valid_before_utc > at:
+        return (
+            f"certificate is not yet valid: not valid before {when(cert.not_valid_before_utc)},"
+            f" and this machine's clock says {when(at)} (check the clock)"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- issuing
@@ -237,18 +310,15 @@ def verify_server(
         try:
             verifier.verify(cert, [])
         except VerificationError as exc:
-            problems.append(f"not valid for {address}: {exc}")
+            problems.append(f"not valid for {address}: {_verification_text(exc)}")
     return problems
 
 
-def key_type(public_key) -> str:
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return f"EC {public_key.curve.name} ({public_key.curve.key_size} bits)"
-    if isinstance(public_key, rsa.RSAPublicKey):
-        return f"RSA {public_key.key_size} bits"
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return "Ed25519"
-    return type(public_key).__name__
+def _verification_text(exc: VerificationError) -> str:
+    """The verifier's reason on one line, without the repr of the certificate it was processing."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r" \(encountered processing <Certificate\(.*\)>\)", "", text)
+    return text.removeprefix("validation failed: ").removeprefix("candidates exhausted: ")
 
 
 def fingerprint(data: bytes) -> str:
