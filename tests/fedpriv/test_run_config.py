@@ -21,7 +21,7 @@ def _context(run_config: dict) -> Context:
 def test_pyproject_declares_the_apps_and_their_run_config():
     flwr = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
-    assert flwr["config"] == {"config": "", "overrides": ""}
+    assert flwr["config"] == {"config": "", "overrides": "", "resume": ""}
     from client.client_app import app as client_app
     from server.server_app import app as server_app
 

@@ -115,6 +115,7 @@ def test_simulated_rounds_match_one_go(tmp_path, accountant):
         "noise_multiplier",
         "sample_rate",
         "steps",
+        "planned_steps",
         "accountant",
         "max_grad_norm",
     }
