@@ -272,11 +272,13 @@ def _first_run_config(path: Path) -> tuple[str | None, list[str]]:
     """The ``config`` and ``overrides`` the run was started with (from the run config file written then)."""
     import tomllib
 
+    from server.resume import ResumeError
+
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
         return (str(raw["config"]) or None), shlex.split(str(raw["overrides"]))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, ValueError) as exc:
-        raise FederationUpError(
+        raise ResumeError(
             f"{path}: the run config this run started with cannot be read ({type(exc).__name__}); a run started"
             " by hand is resumed with `flwr run` and its own run config plus resume=RUN_DIR"
         ) from None

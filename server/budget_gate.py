@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -194,6 +195,8 @@ class BudgetGatedStrategy(Strategy):
         if not answered:
             return None, None  # nobody trained: the global model stays as it is
         arrays, metrics = self.inner.aggregate_train(server_round, trained)
+        if arrays is not None and self.global_arrays is not None:
+            arrays = in_dtypes_of(arrays, self.global_arrays)
         if self.client_dp is not None and arrays is not None:
             self.client_dp.record(server_round, answered, arrays, float(self.inner.clipping_norm))
         return arrays, metrics
@@ -214,6 +217,24 @@ class BudgetGatedStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+def in_dtypes_of(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``arrays`` in the dtypes of ``like`` (the model's own): FedAdam and the DP wrappers hand back float64.
+
+    Nodes load the global model into parameters of the model's dtype anyway, so nothing they train on changes;
+    keeping it so makes every round's updates comparable with the global model (server/update_checks.py checks
+    dtypes), the checkpoint a resumed run starts from bit-identical to what the nodes received, and the
+    download half the size.
+    """
+    if all(arrays[name].dtype == like[name].dtype for name in arrays if name in like):
+        return arrays
+    return ArrayRecord(
+        array_dict={
+            name: Array(np.asarray(array.numpy(), dtype=np.dtype(like[name].dtype))) if name in like else array
+            for name, array in arrays.items()
+        }
+    )
 
 
 def gate_legacy_strategy(strategy, state: BudgetState, minimum: int = 1):

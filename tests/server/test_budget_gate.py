@@ -9,12 +9,11 @@ import textwrap
 
 import pytest
 
+from tests.shared_runs import TINY_DP_RUN
+
 pytestmark = pytest.mark.integration
 
-TINY = [
-    "model.name=tiny", "partitioning.num_orgs=3", "partitioning.scheme=iid", "data.max_examples=150",
-    "training.batch_size=16", "data.max_length=32", "training.rounds=2", "output.export_model=false",
-]  # fmt: skip
+TINY = [*TINY_DP_RUN, "output.export_model=false"]  # the shared run's plan: the nodes' stored plans must fit
 
 # `fedpriv simulate` never reuses a run folder (a node's privacy state is never shared by two runs), so the
 # second run is started the way the command does it, on a folder whose nodes/ already hold a finished run's state.
@@ -40,15 +39,9 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def spent_nodes(tmp_path_factory):
-    """Three organisations that trained both planned rounds: their budgets are spent."""
-    tmp = tmp_path_factory.mktemp("spent")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", "simulate", *TINY, "--out", str(tmp / "first")],
-        capture_output=True, text=True, timeout=600, cwd=tmp,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp / "first" / "nodes"
+def spent_nodes(tiny_dp_run):
+    """Three organisations that trained both planned rounds (the session's shared tiny run): budgets spent."""
+    return tiny_dp_run[1] / "nodes"
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["fedavg", "secagg"])

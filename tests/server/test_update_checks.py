@@ -148,3 +148,17 @@ def test_robust_strategies_are_refused_with_secure_aggregation():
         load_config(overrides=["strategy.name=krum", "secure_aggregation.enabled=true"])
     with pytest.raises(ConfigError, match=r"strategy.trim_fraction: expected a number in \[0, 0.5\)"):
         load_config(overrides=["strategy.trim_fraction=0.5"])
+
+
+def test_an_aggregate_in_float64_goes_back_to_the_models_dtype():
+    """FedAdam and Flower's DP wrappers return float64: round 2's updates (float32) must still match it."""
+    from server.budget_gate import in_dtypes_of
+
+    like = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)), "b": Array(np.zeros(2, np.float32))})
+    aggregate = ArrayRecord({"w": Array(np.full((2, 2), 0.1)), "b": Array(np.ones(2, np.float32))})
+    cast = in_dtypes_of(aggregate, like)
+    assert {name: array.dtype for name, array in cast.items()} == {"w": "float32", "b": "float32"}
+    assert np.array_equal(cast["w"].numpy(), np.full((2, 2), 0.1, np.float32))
+    assert in_dtypes_of(cast, like) is cast  # nothing to do: no copy
+    update = RecordDict({protocol.ARRAYS: ArrayRecord({n: Array(a.numpy() + 1) for n, a in cast.items()})})
+    assert update_problem(update, cast, None) is None
