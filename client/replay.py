@@ -10,9 +10,12 @@ repeat is refused with a reason: a different global model for a round already
 trained, or a round whose reply was lost after its privacy was recorded.
 
 Two files in the node's state folder: ``train-reply.json`` (which run, round
-and global model; ``training`` while the round runs, ``done`` once the reply is
-stored, with its metrics and the ledger length before training) and
-``train-reply.safetensors`` (the update). Written before the reply leaves.
+and global model, the ledger's length before training; ``training`` while the
+round runs, ``stored`` once the update and its metrics are written, which is
+before the round's ledger entry, ``done`` after it) and
+``train-reply.safetensors`` (the update). A stored reply whose ledger entry
+was never written is never sent: the round is trained again (nothing was
+recorded, and nothing had left the node).
 """
 
 from __future__ import annotations
@@ -74,23 +77,28 @@ def previous_reply(folder: Path, attempt: TrainAttempt, ledger_length: int, org:
     Raises NodeSetupError (the node leaves this round out; its ledger already holds the spending) when the
     round was trained before and cannot be answered with the same reply.
     """
-    meta = _read_meta(Path(folder))
+    folder = Path(folder)
+    meta = _read_meta(folder)
     if meta is None or meta.get("run") != attempt.run or int(meta.get("round", 0)) < attempt.round:
         return None  # a new round (or another run): train
     trained_round, digest = int(meta["round"]), str(meta.get("global_digest", ""))
     if trained_round == attempt.round and digest == attempt.global_digest:
-        if meta.get("status") == "done" and (Path(folder) / ARRAYS_FILE).exists():
+        recorded = ledger_length > int(meta.get("ledger_length", -1))  # its ledger entry was written
+        status = meta.get("status")
+        if status in ("stored", "done") and (folder / ARRAYS_FILE).exists() and (status == "done" or recorded):
+            if status == "stored":
+                mark_done(folder)  # the node had stopped between its ledger entry and this mark
             return StoredReply(
-                tensors=load_file(str(Path(folder) / ARRAYS_FILE)),
+                tensors=load_file(str(folder / ARRAYS_FILE)),
                 metrics=dict(meta["metrics"]),
                 clipping_mode=meta.get("clipping_mode"),
             )
-        if ledger_length <= int(meta.get("ledger_length", -1)):
-            return None  # it stopped before recording any step: nothing was spent, train
+        if not recorded:
+            return None  # stopped before its ledger entry: nothing recorded, nothing left the node: train
         raise NodeSetupError(
-            f"organisation '{org}': round {attempt.round} was trained and recorded in its ledger but the update"
-            " was not stored (the node stopped, or its update was not finite); it is not trained again, which"
-            " would spend privacy twice: this organisation sits this round out"
+            f"organisation '{org}': round {attempt.round} was trained and recorded in its ledger but its update"
+            " was not stored (it was not finite); it is not trained again, which would spend privacy twice: this"
+            " organisation sits this round out"
         )
     raise NodeSetupError(
         f"organisation '{org}': already trained round {trained_round} of this run (on global model"
@@ -108,7 +116,7 @@ def begin(folder: Path, attempt: TrainAttempt, ledger_length: int) -> None:
     )
 
 
-def finish(
+def store(
     folder: Path,
     attempt: TrainAttempt,
     ledger_length: int,
@@ -116,7 +124,10 @@ def finish(
     metrics: dict[str, Any],
     clipping_mode: str | None,
 ) -> None:
-    """Store the reply (after its ledger entry, before it is sent): update first, then the metadata naming it."""
+    """Store the reply BEFORE its ledger entry (status ``stored``): the update first, then the metadata naming it.
+
+    Until the ledger entry exists the stored reply is never sent (``previous_reply`` checks the ledger's length).
+    """
     path = Path(folder) / ARRAYS_FILE
     tmp = path.with_name(path.name + ".tmp")
     save_file({name: tensor.detach().contiguous() for name, tensor in tensors.items()}, str(tmp))
@@ -126,10 +137,16 @@ def finish(
     _write_json(
         Path(folder) / META_FILE,
         {
-            "status": "done",
+            "status": "stored",
             **attempt.__dict__,
             "ledger_length": ledger_length,
             "metrics": metrics,
             "clipping_mode": clipping_mode,
         },
     )
+
+
+def mark_done(folder: Path) -> None:
+    """After the ledger entry: the stored reply is the round's released update."""
+    meta = _read_meta(Path(folder)) or {}
+    _write_json(Path(folder) / META_FILE, {**meta, "status": "done"})

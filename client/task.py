@@ -93,14 +93,6 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
             seed=cfg.run.seed * 100_003 + server_round,
         )
-    records = {}
-    if budget is not None:
-        budget.record_round(server_round, steps_before, model_digest)
-        report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
-        report["clipping_mode"] = result.clipping_mode
-        records[protocol.LEDGER] = budget.report(cfg, heads)
-    else:
-        report = {"org": node.org, "dp_enabled": False}
     metrics = {
         protocol.NUM_EXAMPLES: len(node.train),
         protocol.TRAIN_LOSS: result.mean_loss,
@@ -109,15 +101,29 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
     }
     state = trainable_state(model)  # checked as tensors, then serialised once: no copy back from the bytes
     diverged = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
-    if diverged:  # after the ledger entry: the steps were taken and stay recorded; the weights never leave
+    if diverged:  # the steps were taken and stay recorded (conservatively: nothing leaves); the weights never leave
+        if budget is not None:
+            budget.record_round(server_round, steps_before, model_digest)
         raise NodeSetupError(
             f"organisation '{node.org}': local training produced values that are not finite (NaN/Inf) in"
             f" {diverged[0]}{f' and {len(diverged) - 1} more tensor(s)' if len(diverged) > 1 else ''}; the update"
             " is not sent (lower training.learning_rate)"
         )
+    records = {}
     if budget is not None:
+        # the reply is stored before its ledger entry, and marked done after it: whatever instant the node or
+        # the coordinator stops at, a repeat of this round is either answered with this reply (its spending is
+        # recorded) or trained afresh (nothing was recorded, and nothing had left the node)
         with phase("privacy"):
-            replay.finish(folder, attempt, ledger_length, state, metrics, result.clipping_mode)
+            replay.store(folder, attempt, ledger_length, state, metrics, result.clipping_mode)
+        budget.record_round(server_round, steps_before, model_digest)
+        with phase("privacy"):
+            replay.mark_done(folder)
+        report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
+        report["clipping_mode"] = result.clipping_mode
+        records[protocol.LEDGER] = budget.report(cfg, heads)
+    else:
+        report = {"org": node.org, "dp_enabled": False}
     return RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(torch_state_dict=state),

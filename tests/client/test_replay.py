@@ -75,6 +75,23 @@ def test_a_round_recorded_but_not_stored_sits_out_and_one_never_recorded_is_trai
     assert [e["round"] for e in _ledger(tmp_path)] == [1, 1]
 
 
+def test_a_reply_stored_before_its_ledger_entry_is_sent_only_once_the_entry_exists(tmp_path):
+    """The update is stored before the ledger entry: a stop in between leaves a reply that was never released."""
+    first = handle_train(CFG, _message(CFG, tmp_path, 1), _context())
+    folder = tmp_path / "nodes" / "org-0"
+    meta = json.loads((folder / replay.META_FILE).read_text())
+    # stopped after its ledger entry, before marking the reply done: the reply is the round's release, sent again
+    (folder / replay.META_FILE).write_text(json.dumps({**meta, "status": "stored"}))
+    again = handle_train(CFG, _message(CFG, tmp_path, 1), _context())
+    assert all(np.array_equal(a, _arrays(again)[name]) for name, a in _arrays(first).items())
+    assert json.loads((folder / replay.META_FILE).read_text())["status"] == "done"
+    assert [e["round"] for e in _ledger(tmp_path)] == [1]
+    # stopped before its ledger entry (the ledger is as long as when it began): never sent, trained afresh
+    (folder / replay.META_FILE).write_text(json.dumps({**meta, "status": "stored", "ledger_length": 1}))
+    handle_train(CFG, _message(CFG, tmp_path, 1), _context())
+    assert [e["round"] for e in _ledger(tmp_path)] == [1, 1]
+
+
 def test_another_run_in_the_same_state_folder_trains_its_own_round_one(tmp_path):
     """Deployment nodes keep one state folder across runs: the stored reply belongs to one run only."""
     handle_train(CFG, _message(CFG, tmp_path, 1), _context())
