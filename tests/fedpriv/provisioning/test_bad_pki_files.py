@@ -242,17 +242,11 @@ PROVISION_REFUSES = [
 # --------------------------------------------------------------------------- fedpriv provision
 
 
-@pytest.mark.parametrize(("file", "how", "expect"), UNREADABLE)
-def test_provision_refuses_an_unreadable_file(world, kits, capsys, file, how, expect):
-    path = damage(kits, file, how, world.forged)
-    before = snapshot(kits)
-    code, out, err = run(capsys, "provision", world.federation, "--out", kits)
-    assert_one_error_line(code, out, err, path, expect)
-    assert snapshot(kits) == before
-
-
-@pytest.mark.parametrize(("file", "how", "expect"), [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in PROVISION_REFUSES])
-def test_provision_refuses_a_wrong_file(world, kits, capsys, file, how, expect):
+@pytest.mark.parametrize(
+    ("file", "how", "expect"),
+    [*UNREADABLE, *(pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in PROVISION_REFUSES)],
+)
+def test_provision_refuses_an_unreadable_or_wrong_file(world, kits, capsys, file, how, expect):
     path = damage(kits, file, how, world.forged)
     before = snapshot(kits)
     code, out, err = run(capsys, "provision", world.federation, "--out", kits)
