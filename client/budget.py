@@ -105,8 +105,11 @@ class NodeBudget:
             },
         )
 
-    def record_round(self, server_round: int, steps_before: int, model_digest: str) -> dict:
-        """Ledger entry for the steps taken since ``steps_before`` (fsynced), then the accountant file."""
+    def record_round(self, server_round: int, steps_before: int, model_digest: str, redaction: dict) -> dict:
+        """Ledger entry for the steps taken since ``steps_before`` (fsynced), then the accountant file.
+
+        ``redaction`` (the node's rule set and counts) is recorded with it: the data these steps saw.
+        """
         plan = self.privacy.plan
         taken = self.privacy.steps - steps_before
         for sigma, q, _ in self.privacy.accountant.history:
@@ -127,6 +130,7 @@ class NodeBudget:
                 "model_digest": model_digest,
                 "target_epsilon": plan.target_epsilon,
                 "max_epsilon": self.node.max_epsilon,
+                "redaction": redaction,
             },
         )
         self.privacy.save()

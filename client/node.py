@@ -22,10 +22,11 @@ import torch
 from flwr.app import Context
 
 from client.data_files import load_labelled_file, split_indices
-from client.tokenized import TokenizedTexts, tokenize, tokenize_cached
+from client.tokenized import TokenizedTexts, prepare_texts, tokenize
 from fedpriv import protocol
-from fedpriv.config import FedPrivConfig, ModelConfig, load_node_config
+from fedpriv.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
 from privacy.calibration import PrivacyPlan, plan_privacy
+from privacy.redaction import DISABLED_SPEC, Redactor, redactor_for
 from shared_models.builder import build_model, build_tokenizer
 from shared_models.weights import base_model_digest
 
@@ -47,6 +48,9 @@ class LocalNode:
     device: str
     state_dir: Path | None  # None in simulation: <run-dir>/nodes/<org>
     ledger_key: Path | None  # the kit's Ed25519 ledger key; None in simulation (<state_dir>/ledger.key, made once)
+    # what redaction did to this organisation's text before tokenisation: its rule set (privacy.redaction's spec)
+    # and "counts" per kind over train + test; {"enabled": False} when off. Reported and recorded, never the values.
+    redaction: dict = dataclasses.field(default_factory=lambda: dict(DISABLED_SPEC))
 
 
 TOKEN_CACHE_DIR = "token-cache"
@@ -76,7 +80,12 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
     tokenizer = build_tokenizer(cfg.model.name)
     max_length = cfg.data.max_length
     target_epsilon, delta = cfg.privacy.target_for(org.name)
-    texts, labels = org.train.texts, org.train.labels
+    redactor = _redactor(cfg.redaction)
+    test = prepare_texts(org.test.texts, org.test.labels, tokenizer, max_length, redactor=redactor)
+    texts, labels, redacted = org.train.texts, org.train.labels, None
+    if redactor is not None:  # before the canaries: they are made-up sentences, the audit must see them as made
+        result = redactor.redact(list(texts))
+        texts, redacted = result.texts, result.counts
     if cfg.canary_audit.enabled:  # the audited organisation also trains on the canaries drawn "in"
         from simulations.canary_audit import with_canaries
 
@@ -85,7 +94,7 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         org=org.name,
         label_names=list(plan.label_names),
         train=tokenize(texts, labels, tokenizer, max_length),
-        test=tokenize(org.test.texts, org.test.labels, tokenizer, max_length),
+        test=test.data,
         pad_token_id=tokenizer.pad_token_id,
         target_epsilon=target_epsilon,
         delta=delta,
@@ -93,6 +102,7 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         device=cfg.training.device,
         state_dir=None,
         ledger_key=None,
+        redaction=redaction_report(redactor, [redacted, test.redacted]),
     )
 
 
@@ -123,11 +133,14 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
     tokenizer = build_tokenizer(cfg.model.name)
     max_length = node.data.max_length
     cache = Path(node.state_dir) / TOKEN_CACHE_DIR  # every message is a new process: tokenise once per data set
+    redactor = _redactor(node.redaction)
+    train_data = prepare_texts(train.texts, train.labels, tokenizer, max_length, cache, redactor)
+    test_data = prepare_texts(test.texts, test.labels, tokenizer, max_length, cache, redactor)
     return LocalNode(
         org=node.org,
         label_names=label_names,
-        train=tokenize_cached(train.texts, train.labels, tokenizer, max_length, cache),
-        test=tokenize_cached(test.texts, test.labels, tokenizer, max_length, cache),
+        train=train_data.data,
+        test=test_data.data,
         pad_token_id=tokenizer.pad_token_id,
         target_epsilon=node.privacy.target_epsilon,
         delta=node.privacy.delta,
@@ -135,7 +148,21 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
         device=node.device,
         state_dir=Path(node.state_dir),
         ledger_key=Path(node.ledger_key),
+        redaction=redaction_report(redactor, [train_data.redacted, test_data.redacted]),
     )
+
+
+def _redactor(cfg: RedactionConfig) -> Redactor | None:
+    """The organisation's redaction rules (built once per process), or None when off."""
+    return redactor_for(cfg) if cfg.enabled else None
+
+
+def redaction_report(redactor: Redactor | None, counts: list[dict[str, int] | None]) -> dict:
+    """What the ledger, the summary and the audit show: the rule set and the matches replaced per kind."""
+    if redactor is None:
+        return dict(DISABLED_SPEC)
+    total = {kind: sum(part[kind] for part in counts if part) for kind in redactor.cfg.kinds}
+    return {**redactor.spec, "counts": total}
 
 
 def local_node(cfg: FedPrivConfig, context: Context) -> LocalNode:

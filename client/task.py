@@ -7,6 +7,8 @@ under a SuperNode every message is a fresh process.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
@@ -103,7 +105,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
     diverged = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
     if diverged:  # the steps were taken and stay recorded (conservatively: nothing leaves); the weights never leave
         if budget is not None:
-            budget.record_round(server_round, steps_before, model_digest)
+            budget.record_round(server_round, steps_before, model_digest, node.redaction)
         raise NodeSetupError(
             f"organisation '{node.org}': local training produced values that are not finite (NaN/Inf) in"
             f" {diverged[0]}{f' and {len(diverged) - 1} more tensor(s)' if len(diverged) > 1 else ''}; the update"
@@ -116,7 +118,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         # recorded) or trained afresh (nothing was recorded, and nothing had left the node)
         with phase("privacy"):
             replay.store(folder, attempt, ledger_length, state, metrics, result.clipping_mode)
-        budget.record_round(server_round, steps_before, model_digest)
+        budget.record_round(server_round, steps_before, model_digest, node.redaction)
         with phase("privacy"):
             replay.mark_done(folder)
         report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
@@ -124,6 +126,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         records[protocol.LEDGER] = budget.report(cfg, heads)
     else:
         report = {"org": node.org, "dp_enabled": False}
+    report[protocol.REDACTION] = json.dumps(node.redaction, sort_keys=True)
     return RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(torch_state_dict=state),
@@ -140,6 +143,7 @@ def _replayed(
     """The stored reply of a round trained before, with today's ledger outlook: no step taken, no entry added."""
     report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
     report["clipping_mode"] = stored.clipping_mode
+    report[protocol.REDACTION] = json.dumps(node.redaction, sort_keys=True)
     return RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(torch_state_dict=stored.tensors),
@@ -185,7 +189,8 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
         values[protocol.class_count_key("tp", index)] = counts.true_positive[index]
         values[protocol.class_count_key("fp", index)] = counts.false_positive[index]
         values[protocol.class_count_key("fn", index)] = counts.false_negative[index]
-    reply = RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: ConfigRecord({"name": node.org})})
+    org = ConfigRecord({"name": node.org, protocol.REDACTION: json.dumps(node.redaction, sort_keys=True)})
+    reply = RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: org})
     ledger = ledger_report(cfg, content, context)
     if ledger is not None:
         reply[protocol.LEDGER] = ledger

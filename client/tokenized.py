@@ -1,4 +1,4 @@
-"""Tokenise an organisation's texts once and batch them with dynamic padding."""
+"""Redact and tokenise an organisation's texts once, and batch them with dynamic padding."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
 
-CACHE_FORMAT = "fedpriv-tokens/1"
+if TYPE_CHECKING:  # the redaction engine (Presidio, spaCy) is imported only when a node redacts
+    from privacy.redaction import Redactor
+
+CACHE_FORMAT = "fedpriv-tokens/2"  # 2: redaction rules in the key, counts stored
 
 
 @dataclass(frozen=True)
@@ -50,19 +54,36 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}:{rules}".encode()).hexdigest()
 
 
-def tokenize_cached(
-    texts: list[str], labels: list[int], tokenizer, max_length: int, cache_dir: Path | None
-) -> TokenizedTexts:
-    """``tokenize``, kept on disk under ``cache_dir`` keyed by the texts, labels, tokenizer and length.
+@dataclass(frozen=True)
+class PreparedTexts:
+    """An organisation's tokenised (and, when on, redacted) texts and what redaction replaced, per kind."""
 
-    A deployment node starts a new process for every message, so without this it would tokenise its
-    data again every round. Any change to the data (redaction, a new file) or the tokenizer gives a
-    new key; an unreadable cache file is ignored and rewritten.
+    data: TokenizedTexts
+    redacted: dict[str, int] | None  # None: redaction off
+
+
+def prepare_texts(
+    texts: list[str],
+    labels: list[int],
+    tokenizer,
+    max_length: int,
+    cache_dir: Path | None = None,
+    redactor: Redactor | None = None,
+) -> PreparedTexts:
+    """Redact (when a redactor is given), then tokenise; kept on disk under ``cache_dir`` when given.
+
+    A deployment node starts a new process for every message, so without the
+    cache it would redact and tokenise its data again every round. The cache
+    holds only what training sees (token ids of the redacted text) and the
+    counts; its key is a digest of the raw texts, labels, tokenizer, length and
+    the redaction rules, so any change to one of them redacts and tokenises
+    again. An unreadable cache file is ignored and rewritten.
     """
     if cache_dir is None:
-        return tokenize(texts, labels, tokenizer, max_length)
+        return _prepare(texts, labels, tokenizer, max_length, redactor)
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_FORMAT, tokenizer_identity(tokenizer), max_length, list(labels)]).encode())
+    rules = redactor.digest if redactor is not None else None
+    digest.update(json.dumps([CACHE_FORMAT, tokenizer_identity(tokenizer), max_length, rules, list(labels)]).encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
     path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.pt"
@@ -70,18 +91,29 @@ def tokenize_cached(
         stored = torch.load(path, weights_only=True)
         if stored["format"] == CACHE_FORMAT and len(stored["lengths"]) == len(texts):
             ids = list(torch.split(stored["ids"].long(), stored["lengths"].tolist()))
-            return TokenizedTexts(ids, stored["labels"])
+            counts = json.loads(stored["redacted"]) if redactor is not None else None
+            return PreparedTexts(TokenizedTexts(ids, stored["labels"]), counts)
     except (OSError, RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError):
-        pass  # missing or unreadable: tokenise again
-    data = tokenize(texts, labels, tokenizer, max_length)
+        pass  # missing or unreadable: redact and tokenise again
+    prepared = _prepare(texts, labels, tokenizer, max_length, redactor)
+    data = prepared.data
     lengths = torch.tensor([len(ids) for ids in data.input_ids], dtype=torch.long)
     flat = torch.cat(data.input_ids) if data.input_ids else torch.zeros(0, dtype=torch.long)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
-    torch.save({"format": CACHE_FORMAT, "ids": flat.int(), "lengths": lengths, "labels": data.labels}, tmp)
+    stored = {"format": CACHE_FORMAT, "ids": flat.int(), "lengths": lengths, "labels": data.labels}
+    stored["redacted"] = json.dumps(prepared.redacted)
+    torch.save(stored, tmp)
     os.replace(tmp, path)
-    return data
+    return prepared
+
+
+def _prepare(texts, labels, tokenizer, max_length: int, redactor: Redactor | None) -> PreparedTexts:
+    if redactor is None:
+        return PreparedTexts(tokenize(texts, labels, tokenizer, max_length), None)
+    redacted = redactor.redact(list(texts))
+    return PreparedTexts(tokenize(redacted.texts, labels, tokenizer, max_length), redacted.counts)
 
 
 class PadCollator:

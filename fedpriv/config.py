@@ -323,6 +323,51 @@ class CanaryAuditConfig:
     seed: int = field(default=0, metadata=_seed())
 
 
+# what a node can redact from its text before tokenisation (privacy/redaction.py maps each to its recognizers)
+REDACTION_KINDS = (
+    "email", "phone", "url", "ip_address", "payment_card", "bank_account", "national_id", "date_of_birth",
+    "handle", "person",
+)  # fmt: skip
+# national ID formats and phone-number regions, per country (privacy/redaction.py)
+REDACTION_LOCALES = ("us", "uk", "ca", "au", "in", "es", "it", "pl", "sg", "fi", "se", "de", "za")
+
+
+def _distinct_within(allowed: tuple[str, ...], what: str):
+    return _check(
+        lambda v: bool(v) and set(v) <= set(allowed) and len(set(v)) == len(v),
+        f"a non-empty list of distinct {what} from: {', '.join(allowed)}",
+    )
+
+
+@dataclass(frozen=True)
+class RedactionConfig:
+    """Personal data a node removes from its text before tokenisation (issue 7; see README "Redaction").
+
+    Each match of a ``kinds`` rule is replaced by its typed placeholder
+    (``[EMAIL]``, ``[PHONE]`` ...); national IDs and phone numbers follow the
+    formats of ``locales``. ``rules`` names the rule set in the ledger, the
+    summary and the exported model. ``extra_names`` is a UTF-8 text file of
+    names the organisation knows (staff, patients), one per line, redacted
+    on top of the packaged name lists. Matches scoring below ``min_score``
+    (the analyzer's confidence) are kept.
+    """
+
+    enabled: bool = False
+    rules: str = field(
+        default="fedpriv-pii",
+        metadata=_check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) is not None,
+                        "a name of letters, digits, '.', '_' or '-' (at most 64)"),
+    )  # fmt: skip
+    kinds: list[str] = field(
+        default_factory=lambda: list(REDACTION_KINDS), metadata=_distinct_within(REDACTION_KINDS, "kinds")
+    )
+    locales: list[str] = field(
+        default_factory=lambda: ["us", "uk"], metadata=_distinct_within(REDACTION_LOCALES, "locales")
+    )
+    min_score: float = field(default=0.4, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
+    extra_names: str | None = None
+
+
 @dataclass(frozen=True)
 class FedPrivConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -337,6 +382,8 @@ class FedPrivConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     canary_audit: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
     client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
+    # simulation: applied to every virtual organisation (deployment: each organisation's node.yaml decides)
+    redaction: RedactionConfig = field(default_factory=RedactionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what ``summary.json`` records as the resolved config)."""
@@ -613,6 +660,11 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path, user: dict[str, Any
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 data[key] = str(base / value)
         raw = dict(raw, data=data)
+    redaction, user_redaction = raw.get("redaction"), user.get("redaction")
+    if isinstance(redaction, dict) and isinstance(user_redaction, dict):
+        value = user_redaction.get("extra_names")
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            raw = dict(raw, redaction=dict(redaction, extra_names=str(base / value)))
     return raw
 
 
@@ -654,6 +706,8 @@ class NodeConfig:
     state_dir: str = "state"
     # the organisation's Ed25519 key that signs its privacy ledger (written by `fedpriv provision`)
     ledger_key: str = "ledger.key"
+    # on by default: an organisation's own text may hold personal data (a simulation of a public corpus: off)
+    redaction: RedactionConfig = field(default_factory=lambda: RedactionConfig(enabled=True))
 
 
 ORG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -672,6 +726,10 @@ def load_node_config(path: str | Path) -> NodeConfig:
             if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])
         raw = dict(raw, data=data)
+    redaction = raw.get("redaction")
+    if isinstance(redaction, dict) and isinstance(redaction.get("extra_names"), str) and redaction["extra_names"]:
+        if not Path(redaction["extra_names"]).is_absolute():
+            raw = dict(raw, redaction=dict(redaction, extra_names=str(base / redaction["extra_names"])))
     for key in ("state_dir", "ledger_key"):
         value = raw.get(key, getattr(NodeConfig, key))
         if isinstance(value, str) and not Path(value).is_absolute():

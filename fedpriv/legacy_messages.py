@@ -25,6 +25,7 @@ LEGACY_FIT_ARRAYS = "fitins.parameters"
 LEGACY_EVALUATE_ARRAYS = "evaluateins.parameters"
 PRIVACY_PREFIX = "privacy."  # per-organisation privacy report, flattened into the (unmasked) fit metrics
 ORG_NAME_KEY = "org.name"
+ORG_REDACTION_KEY = "org.redaction"  # the node's redaction report (JSON), beside its name
 LEDGER_PREFIX = "ledger."  # the node's new signed ledger entries, flattened likewise (never masked)
 _LEGACY_KEYS = {"proximal_mu": protocol.PROXIMAL_MU}  # legacy FedProx spells it with an underscore
 
@@ -113,6 +114,8 @@ def evaluate_reply_to_legacy(reply: RecordDict) -> RecordDict:
     metrics: dict[str, Any] = dict(reply[protocol.METRICS])
     num_examples = int(metrics[protocol.NUM_EXAMPLES])
     metrics[ORG_NAME_KEY] = str(reply[protocol.ORG]["name"])
+    if protocol.REDACTION in reply[protocol.ORG]:
+        metrics[ORG_REDACTION_KEY] = str(reply[protocol.ORG][protocol.REDACTION])
     metrics.update(_flat_ledger(reply))
     loss = float(metrics[protocol.EVAL_LOSS_SUM]) / num_examples if num_examples else 0.0
     evaluateres = EvaluateRes(
@@ -143,6 +146,9 @@ def legacy_fit_metrics_to_content(metrics: dict[str, Any]) -> RecordDict:
 
 def legacy_evaluate_metrics_to_content(metrics: dict[str, Any]) -> RecordDict:
     """Server side: a legacy evaluate result's metrics -> the records ``RoundTracker.aggregate_evaluate`` reads."""
-    plain = {key: value for key, value in metrics.items() if key != ORG_NAME_KEY and not key.startswith(LEDGER_PREFIX)}
+    org_keys = (ORG_NAME_KEY, ORG_REDACTION_KEY)
+    plain = {key: value for key, value in metrics.items() if key not in org_keys and not key.startswith(LEDGER_PREFIX)}
     org = ConfigRecord({"name": str(metrics[ORG_NAME_KEY])})
+    if ORG_REDACTION_KEY in metrics:
+        org[protocol.REDACTION] = str(metrics[ORG_REDACTION_KEY])
     return _with_ledger({protocol.METRICS: MetricRecord(plain), protocol.ORG: org}, metrics)

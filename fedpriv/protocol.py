@@ -7,6 +7,9 @@ METRICS = "metrics"  # MetricRecord in replies (exactly one, as Flower's strateg
 PRIVACY = "privacy"  # ConfigRecord in train replies: the organisation's privacy spent so far
 ORG = "org"  # ConfigRecord in evaluate replies: which organisation answered
 LEDGER = "ledger"  # ConfigRecord in replies: the node's new signed ledger entries and its budget outlook
+# in the train reply's privacy record and the evaluate reply's org record: JSON of what the node's redaction did
+# (its rule set and the matches replaced per kind, never the values; {"enabled": false} when off)
+REDACTION = "redaction"
 REFUSAL = "refusal"  # ConfigRecord in a train reply that declines to train (budget): no arrays, no DP step
 
 # Keys of the server's ConfigRecord

@@ -43,6 +43,8 @@ DP_FIELDS = (
     "local_steps", "sample_rate", "noise_multiplier", "max_grad_norm", "delta", "accountant",
     "epsilon", "num_examples", "model_digest", "target_epsilon", "max_epsilon",
 )  # fmt: skip
+# recorded when given, absent from older entries (the audit reports them, never requires them)
+OPTIONAL_FIELDS = {"dp_round": ("redaction",)}  # what the node's redaction did to the data the steps used
 REFUSAL_FIELDS = ("reason", "requested_steps", "epsilon", "epsilon_if_trained", "max_epsilon", "delta", "accountant")
 
 
@@ -258,6 +260,7 @@ class NodeLedger:
         seq, previous = self.head
         body = {
             **{name: fields[name] for name in required},
+            **{name: fields[name] for name in OPTIONAL_FIELDS.get(kind, ()) if name in fields},
             "format": FORMAT,
             "org": self.org,
             "seq": seq + 1,

@@ -32,6 +32,8 @@ def build_summary(tracker: RoundTracker, config: dict[str, Any], extra: dict[str
         "dp_enabled": tracker.dp_enabled,
         "rounds": rounds,
         "privacy": {org: dict(report) for org, report in sorted(tracker.privacy.items())},
+        # what each organisation's node redacted before tokenisation: rule set and matches per kind (no values)
+        "redaction": {org: dict(report) for org, report in sorted(tracker.redaction.items())},
         "final": final,
         **extra,
     }

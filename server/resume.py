@@ -56,6 +56,7 @@ class ResumePoint:
     checkpoint: str | None  # file name under checkpoints/ (None at round 0)
     strategy_state: str | None  # file name under checkpoints/ (None when the strategy keeps no state)
     resumes: list[int] = field(default_factory=list)  # rounds after which the run was resumed before
+    redaction: dict[str, dict[str, Any]] = field(default_factory=dict)  # RoundTracker's redaction reports
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -78,6 +79,7 @@ class ResumePoint:
             "rejected_updates": self.rejected_updates,
             "refusals": self.refusals,
             "resumes": self.resumes,
+            "redaction": self.redaction,
         }
 
 
@@ -149,6 +151,7 @@ def load_resume_point(run_dir: str | Path) -> ResumePoint:
             checkpoint=raw["checkpoint"],
             strategy_state=raw["strategy_state"],
             resumes=[int(r) for r in raw["resumes"]],
+            redaction={str(k): dict(v) for k, v in raw.get("redaction", {}).items()},  # absent before issue 7
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ResumeError(f"{path}: damaged resume point ({type(exc).__name__}: {exc})") from None

@@ -7,6 +7,7 @@ included) and ``end_of_round`` as their ``evaluate_fn`` after every round.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,14 +79,22 @@ class RoundTracker:
         self.printer = printer
         self.rounds: list[RoundRecord] = []
         self.privacy: dict[str, dict[str, Any]] = {}
+        self.redaction: dict[str, dict[str, Any]] = {}  # each organisation's latest redaction report
         self._current: RoundRecord | None = None
         self._started = time.monotonic()
         self.resumed_after: int | None = None  # set by restore(): the rounds before it came from a resume point
 
-    def restore(self, rounds: list[dict[str, Any]], privacy: dict[str, dict[str, Any]], elapsed_s: float) -> None:
+    def restore(
+        self,
+        rounds: list[dict[str, Any]],
+        privacy: dict[str, dict[str, Any]],
+        elapsed_s: float,
+        redaction: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         """Continue a run: its earlier rounds' records, privacy reports and elapsed time (from its resume point)."""
         self.rounds = [RoundRecord.from_dict(raw) for raw in rounds]
         self.privacy = {org: dict(report) for org, report in privacy.items()}
+        self.redaction = {org: dict(report) for org, report in (redaction or {}).items()}
         self._started = time.monotonic() - elapsed_s
         self.resumed_after = len(self.rounds)
 
@@ -106,6 +115,7 @@ class RoundTracker:
         for content in contents:
             report = dict(content[protocol.PRIVACY])
             org = str(report.pop("org"))
+            self._note_redaction(org, report.pop(protocol.REDACTION, None))
             if not report.get("dp_enabled"):
                 report.update({key: None for key in NO_DP_FIELDS})
             record.trained_orgs.append(org)
@@ -139,11 +149,22 @@ class RoundTracker:
         for content in contents:
             metrics = content[protocol.METRICS]
             org = str(content[protocol.ORG]["name"])
+            self._note_redaction(org, content[protocol.ORG].get(protocol.REDACTION))
             n = int(metrics[weight_key])
             record.org_accuracy[org] = int(metrics[protocol.EVAL_CORRECT]) / n if n else 0.0
         return MetricRecord(
             {"accuracy": record.accuracy, "macro_f1": record.macro_f1, "loss": record.loss, weight_key: total}
         )
+
+    def _note_redaction(self, org: str, report: Any) -> None:
+        """Keep a node's redaction report (JSON); a malformed one is recorded as such, never dropped silently."""
+        if report is None:
+            return
+        try:
+            value = json.loads(str(report))
+        except ValueError:
+            value = None
+        self.redaction[org] = value if isinstance(value, dict) else {"malformed": str(report)[:200]}
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: runs after each round (and once before round 1)."""

@@ -121,6 +121,7 @@ def run_federation(
             checkpoint=checkpoint_path(run_dir, server_round).name,
             strategy_state=save_strategy_state(run_dir, server_round, stateful[0]) if stateful else None,
             resumes=extra["resumes"],
+            redaction=tracker.redaction,
         )
         write_resume_point(point)
         prune_checkpoints(run_dir, point, keep)
@@ -151,7 +152,7 @@ def run_federation(
             ResumePoint(run_dir, 0, cfg.to_dict(), [], {}, [], [], 0.0, checkpoint=None, strategy_state=None)
         )
     else:
-        tracker.restore(resume.rounds, resume.privacy, resume.elapsed_s)
+        tracker.restore(resume.rounds, resume.privacy, resume.elapsed_s, resume.redaction)
         budget.refusals = list(resume.refusals)
         extra["rejected_updates"] = list(resume.rejected_updates)
         extra["resumes"] = [*resume.resumes, done]

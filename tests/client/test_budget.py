@@ -81,7 +81,7 @@ def test_no_schedule_takes_a_node_past_its_budget(tmp_path_factory, schedule, sl
         before = budget.privacy.steps
         taken = _train(budget.privacy, epochs, seed=server_round)
         assert taken == steps == budget.privacy.steps - before  # the gate priced exactly what was spent
-        budget.record_round(server_round, before, "00" * 32)
+        budget.record_round(server_round, before, "00" * 32, {"enabled": False})
     dp = [e for e in budget.ledger.entries if e["kind"] == "dp_round"]
     assert all(e["epsilon"] <= max_epsilon for e in dp)
     events = [(e["noise_multiplier"], e["sample_rate"], e["local_steps"]) for e in dp]
@@ -94,7 +94,7 @@ def test_a_refusal_spends_nothing_and_is_recorded(tmp_path):
     for server_round in (1, 2):
         before = budget.privacy.steps
         _train(budget.privacy, 1, seed=server_round)
-        budget.record_round(server_round, before, "00" * 32)
+        budget.record_round(server_round, before, "00" * 32, {"enabled": False})
     spent = budget.privacy.epsilon()
     refusal = budget.check(3, dp_steps_per_epoch(N, BATCH))
     assert refusal is not None and refusal.epsilon == spent

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from client.tokenized import tokenize, tokenize_cached
+from client.tokenized import prepare_texts, tokenize
+from fedpriv.config import RedactionConfig
+from privacy.redaction import redactor_for
 from shared_models.builder import build_tokenizer
 
 TEXTS = ["The central bank held rates.", "A late goal won the cup final for the home side.", "Shares fell 3%."]
+
+
+def tokenize_cached(texts, labels, tokenizer, max_length, cache_dir):
+    return prepare_texts(texts, labels, tokenizer, max_length, cache_dir).data
 
 
 def test_a_second_process_reads_the_cache_instead_of_tokenising(tmp_path, monkeypatch):
@@ -57,3 +63,33 @@ def test_a_simulation_process_keeps_the_organisations_it_served(monkeypatch):
     other = load_config(overrides=["training.rounds=7"])
     node._cached(other, 0, load(0))  # another run: nothing of the first is kept
     assert loads == [0, 1, 2, 0] and len(node._NODES) == 1
+
+
+PII_TEXTS = ["Write to ruth.okafor@example.org today.", "Call 020 7946 0958 before noon.", "Shares fell 3%."]
+
+
+def test_a_redacting_node_keeps_only_redacted_tokens_and_counts_and_never_redacts_twice(tmp_path, monkeypatch):
+    tokenizer = build_tokenizer("minilm")
+    redactor = redactor_for(RedactionConfig(enabled=True, kinds=["email", "phone"]))
+    first = prepare_texts(PII_TEXTS, [0, 1, 0], tokenizer, 32, tmp_path, redactor)
+    assert first.redacted == {"email": 1, "phone": 1}
+    (path,) = tmp_path.glob("*.pt")
+    stored = torch.load(path, weights_only=True)
+    email_ids = tokenizer("ruth.okafor@example.org", add_special_tokens=False)["input_ids"]
+    flat = stored["ids"].tolist()
+    assert not any(flat[i : i + len(email_ids)] == email_ids for i in range(len(flat)))
+    assert b"okafor" not in path.read_bytes() and b"7946" not in path.read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("redacted again")
+
+    monkeypatch.setattr(type(redactor), "redact", refuse)
+    again = prepare_texts(PII_TEXTS, [0, 1, 0], tokenizer, 32, tmp_path, redactor)
+    assert again.redacted == first.redacted
+    assert all(torch.equal(a, b) for a, b in zip(again.data.input_ids, first.data.input_ids, strict=True))
+    # other rules: another entry (the raw-text digest alone would hand back the other rules' tokens)
+    monkeypatch.undo()
+    other = redactor_for(RedactionConfig(enabled=True, kinds=["email"]))
+    assert prepare_texts(PII_TEXTS, [0, 1, 0], tokenizer, 32, tmp_path, other).redacted == {"email": 1}
+    unredacted = prepare_texts(PII_TEXTS, [0, 1, 0], tokenizer, 32, tmp_path)
+    assert unredacted.redacted is None and len(list(tmp_path.glob("*.pt"))) == 3

@@ -1,0 +1,290 @@
+"""Redact personal data from an organisation's text before it is tokenised.
+
+Built on Presidio's analyzer (its pattern recognizers with their checksum
+validation: Luhn for payment cards, mod-97 for IBANs, the NHS and national ID
+check digits, Google's ``phonenumbers`` for phone numbers), over a blank
+spaCy pipeline so that nothing needs a model download. What Presidio lacks
+offline is added as Presidio recognizers: person names from name lists
+(``privacy/person_names.py``), dates of birth (a date with birth context) and
+@handles. Each match becomes its kind's placeholder (``[EMAIL]``), so the
+model still sees that something was there.
+
+``Redactor.spec`` is the rule set as recorded (ledger, summary, exported
+model): its name, this module's rule version, the engine's version, the kinds
+and locales, and a digest over all of it and the name lists. Change any rule
+here and bump ``RULES_VERSION``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+
+from fedpriv.config import RedactionConfig
+from fedpriv.errors import ConfigError
+
+RULES_VERSION = "1"
+PLACEHOLDERS = {
+    "email": "[EMAIL]",
+    "phone": "[PHONE]",
+    "url": "[URL]",
+    "ip_address": "[IP_ADDRESS]",
+    "payment_card": "[CARD_NUMBER]",
+    "bank_account": "[BANK_ACCOUNT]",
+    "national_id": "[NATIONAL_ID]",
+    "date_of_birth": "[DATE_OF_BIRTH]",
+    "handle": "[HANDLE]",
+    "person": "[PERSON]",
+}
+# Presidio recognizer class names per kind and locale (kinds that hold for every locale under "*")
+NATIONAL_IDS = {
+    "us": ("UsSsnRecognizer", "UsItinRecognizer", "UsMbiRecognizer"),
+    "uk": ("NhsRecognizer", "UkNinoRecognizer"),
+    "ca": ("CaSinRecognizer",),
+    "au": ("AuTfnRecognizer", "AuMedicareRecognizer"),
+    "in": ("InAadhaarRecognizer", "InPanRecognizer"),
+    "es": ("EsNifRecognizer", "EsNieRecognizer"),
+    "it": ("ItFiscalCodeRecognizer",),
+    "pl": ("PlPeselRecognizer",),
+    "sg": ("SgFinRecognizer",),
+    "fi": ("FiPersonalIdentityCodeRecognizer",),
+    "se": ("SePersonnummerRecognizer",),
+    "de": ("DeTaxIdRecognizer", "DeSocialSecurityRecognizer"),
+    "za": ("ZaIdNumberRecognizer",),
+}
+BANK_ACCOUNTS = {"us": ("AbaRoutingRecognizer",)}  # IBANs (checksummed) for every locale
+PHONE_REGIONS = {
+    "us": "US", "uk": "GB", "ca": "CA", "au": "AU", "in": "IN", "es": "ES", "it": "IT", "pl": "PL", "sg": "SG",
+    "fi": "FI", "se": "SE", "de": "DE", "za": "ZA",
+}  # fmt: skip
+_MONTH = (
+    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|"
+    r"Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?"
+)
+_DAY = r"(?:[12][0-9]|3[01]|0?[1-9])(?:st|nd|rd|th)?"
+# birth context within a few words before the date ("born on", "DOB:", "date of birth", "birthday")
+_BIRTH_CONTEXT = re.compile(r"\b(?:born|birth|birthday|dob|d\.o\.b)\b[^.\n]{0,24}$", re.IGNORECASE)
+_HANDLE = r"(?<![\w@./])@[A-Za-z0-9_](?:[A-Za-z0-9_.]{0,28}[A-Za-z0-9_])?(?![\w@])"
+
+
+class RedactionError(ConfigError):
+    """A redaction rule set that cannot be built (bad configuration or a missing package)."""
+
+
+@dataclass
+class RedactedTexts:
+    texts: list[str]
+    counts: dict[str, int]  # matches replaced, per kind (every kind of the rule set, zeros included)
+
+
+def _presidio():
+    try:
+        import presidio_analyzer
+        import spacy
+    except ImportError as exc:
+        raise RedactionError(
+            f"redaction: needs presidio-analyzer and spaCy ({exc.name} is missing): pip install presidio-analyzer"
+        ) from None
+    return presidio_analyzer, spacy
+
+
+@functools.cache
+def _offline_tld_extractor():
+    import tldextract
+
+    # the public suffix list snapshot that ships with tldextract: no download, no cache folder
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+
+def _recognizers(cfg: RedactionConfig, person_lists) -> list:
+    _presidio()  # one clear line when it is not installed
+    from presidio_analyzer import Pattern, PatternRecognizer, RecognizerResult
+    from presidio_analyzer import predefined_recognizers as known
+
+    class OfflineEmailRecognizer(known.EmailRecognizer):
+        """Presidio's email recognizer, its domain check run on the bundled public suffix list."""
+
+        def validate_result(self, pattern_text: str):
+            return _offline_tld_extractor()(pattern_text).fqdn != ""
+
+    class DateOfBirthRecognizer(known.DateRecognizer):
+        """Presidio's date formats (and written months), kept only after birth context: a year alone is kept."""
+
+        WRITTEN = [
+            Pattern("day month year", rf"\b{_DAY}\s+(?:of\s+)?{_MONTH},?\s+(?:19|20)\d\d\b", 0.6),
+            Pattern("month day, year", rf"\b{_MONTH}\s+{_DAY},?\s+(?:19|20)\d\d\b", 0.6),
+        ]
+
+        def __init__(self):
+            super().__init__(
+                patterns=list(known.DateRecognizer.PATTERNS) + self.WRITTEN,
+                supported_entity="DATE_OF_BIRTH",
+                name="DateOfBirthRecognizer",
+            )
+
+        def analyze(self, text, entities, nlp_artifacts=None, regex_flags=None):
+            found = super().analyze(text, entities, nlp_artifacts, regex_flags)
+            return [
+                RecognizerResult(r.entity_type, r.start, r.end, max(r.score, 0.6), r.analysis_explanation)
+                for r in found
+                if _BIRTH_CONTEXT.search(text, max(0, r.start - 40), r.start)
+            ]
+
+    def make(name: str, **kwargs):
+        return getattr(known, name)(supported_language="en", **kwargs)
+
+    kinds, locales = set(cfg.kinds), list(cfg.locales)
+    out = []
+    if "email" in kinds:
+        out.append(OfflineEmailRecognizer())
+    if "phone" in kinds:
+        out.append(known.PhoneRecognizer(supported_regions=[PHONE_REGIONS[loc] for loc in locales]))
+    if "url" in kinds:
+        out.append(make("UrlRecognizer"))
+    if "ip_address" in kinds:
+        out.append(make("IpRecognizer"))
+    if "payment_card" in kinds:
+        out.append(make("CreditCardRecognizer"))
+    if "bank_account" in kinds:
+        out.append(make("IbanRecognizer"))
+        out += [make(name) for loc in locales for name in BANK_ACCOUNTS.get(loc, ())]
+    if "national_id" in kinds:
+        out += [make(name) for loc in locales for name in NATIONAL_IDS[loc]]
+    if "date_of_birth" in kinds:
+        out.append(DateOfBirthRecognizer())
+    if "handle" in kinds:
+        out.append(PatternRecognizer("HANDLE", name="HandleRecognizer", patterns=[Pattern("handle", _HANDLE, 0.6)]))
+    if "person" in kinds:
+        from privacy.person_names import NameListRecognizer
+
+        out.append(NameListRecognizer(*person_lists))
+    return out
+
+
+def _kind_of(entity: str) -> str:
+    """The configured kind a Presidio entity type belongs to."""
+    fixed = {
+        "EMAIL_ADDRESS": "email",
+        "PHONE_NUMBER": "phone",
+        "URL": "url",
+        "IP_ADDRESS": "ip_address",
+        "CREDIT_CARD": "payment_card",
+        "IBAN_CODE": "bank_account",
+        "ABA_ROUTING_NUMBER": "bank_account",
+        "DATE_OF_BIRTH": "date_of_birth",
+        "HANDLE": "handle",
+        "PERSON": "person",
+    }
+    return fixed.get(entity, "national_id")
+
+
+class Redactor:
+    """One organisation's redaction rules, built once; ``redact`` a list of texts."""
+
+    def __init__(self, cfg: RedactionConfig):
+        if not cfg.enabled:
+            raise ValueError("Redactor for a disabled redaction config")
+        self.cfg = cfg
+        presidio, spacy = _presidio()
+        person_lists, name_digests = None, []
+        if "person" in cfg.kinds:
+            from privacy.person_names import census_names, read_extra_names
+
+            first, last, census_digest = census_names()
+            full: frozenset[tuple[str, ...]] = frozenset()
+            name_digests.append(census_digest)
+            if cfg.extra_names:
+                extra_first, extra_last, full, extra_digest = read_extra_names(cfg.extra_names)
+                first, last = first | extra_first, last | extra_last
+                name_digests.append(extra_digest)
+            person_lists = (first, last, full)
+        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+        nlp_engine = presidio.nlp_engine.SpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank:en"}])
+        nlp_engine.nlp = {"en": _blank_pipeline(spacy)}  # tokens only: no model to download
+        registry = presidio.RecognizerRegistry(supported_languages=["en"])
+        for recognizer in _recognizers(cfg, person_lists):
+            registry.add_recognizer(recognizer)
+        self.analyzer = presidio.AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=["en"])
+        self.entities = sorted({e for r in registry.recognizers for e in r.supported_entities})
+        engine = f"presidio-analyzer {metadata.version('presidio-analyzer')}"
+        described = {
+            "rules": cfg.rules,
+            "version": RULES_VERSION,
+            "engine": engine,
+            "kinds": list(cfg.kinds),
+            "locales": list(cfg.locales),
+            "min_score": cfg.min_score,
+            "name_lists": name_digests,
+        }
+        self.digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+        self.spec = {
+            "enabled": True,
+            "rules": cfg.rules,
+            "version": RULES_VERSION,
+            "engine": engine,
+            "kinds": list(cfg.kinds),
+            "locales": list(cfg.locales),
+            "min_score": cfg.min_score,
+            "extra_names": bool(cfg.extra_names),
+            "digest": self.digest,
+        }
+
+    def redact_one(self, text: str, counts: Counter | None = None) -> str:
+        found = self.analyzer.analyze(text, language="en", entities=self.entities, score_threshold=self.cfg.min_score)
+        # overlapping matches: the most confident, then the longest, wins ("jane@x.org" is an email, not a URL)
+        chosen: list = []
+        for result in sorted(found, key=lambda r: (-r.score, -(r.end - r.start), r.start)):
+            if all(result.end <= kept.start or result.start >= kept.end for kept in chosen):
+                chosen.append(result)
+        for result in sorted(chosen, key=lambda r: r.start, reverse=True):
+            kind = _kind_of(result.entity_type)
+            text = text[: result.start] + PLACEHOLDERS[kind] + text[result.end :]
+            if counts is not None:
+                counts[kind] += 1
+        return text
+
+    def redact(self, texts: list[str]) -> RedactedTexts:
+        counts: Counter = Counter({kind: 0 for kind in self.cfg.kinds})
+        redacted = [self.redact_one(text, counts) for text in texts]
+        return RedactedTexts(redacted, {kind: int(counts[kind]) for kind in self.cfg.kinds})
+
+
+def _blank_pipeline(spacy):
+    """spaCy's English tokenizer, with lower-cased words as lemmas (Presidio's context words match on lemmas)."""
+    from spacy.language import Language
+
+    name = "fedpriv_lower_lemmas"
+    if not Language.has_factory(name):
+
+        @Language.component(name)
+        def lower_lemmas(doc):
+            for token in doc:
+                token.lemma_ = token.lower_
+            return doc
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe(name)
+    return nlp
+
+
+DISABLED_SPEC = {"enabled": False}
+
+
+@functools.cache
+def _redactor_for(cfg_json: str) -> Redactor:
+    return Redactor(RedactionConfig(**json.loads(cfg_json)))
+
+
+def redactor_for(cfg: RedactionConfig) -> Redactor | None:
+    """The (per-process cached) redactor for ``cfg``, None when redaction is off."""
+    if not cfg.enabled:
+        return None
+    from dataclasses import asdict
+
+    return _redactor_for(json.dumps(asdict(cfg), sort_keys=True))
