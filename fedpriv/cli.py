@@ -116,6 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--keys", help="folder of the organisations' own <org>.pub ledger keys (else those in the input)")
     aud.add_argument("--out", help="where to write the audit files (default: the run folder, else the current folder)")
     aud.add_argument("--no-prv", action="store_true", help="skip the PRV recomputation (RDP only; much faster)")
+
+    pred = commands.add_parser(
+        "predict",
+        help="classify text with an exported model, redacted first with the rules it was trained under",
+        description="Load a run's model/ folder (merged model, tokenizer, redaction.json), redact each text with the"
+        " rules the organisations applied before training, and print one JSON line per text: label, score, the"
+        " redacted text the model saw and the matches replaced per kind.",
+    )
+    pred.add_argument("model_dir", metavar="MODEL_DIR", help="a run's model/ folder")
+    pred.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: one per line on stdin)")
+    pred.add_argument("--max-length", type=int, default=128, help="tokens kept per text (default 128)")
     return parser
 
 
@@ -220,6 +231,21 @@ def cmd_audit(ns: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_predict(ns: argparse.Namespace) -> int:
+    import json
+    import sys
+    from dataclasses import asdict
+
+    from shared_models.predict import Predictor
+
+    texts = list(ns.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    predictor = Predictor(ns.model_dir, max_length=ns.max_length)
+    for start in range(0, len(texts), 32):
+        for prediction in predictor.predict(texts[start : start + 32]):
+            print(json.dumps(asdict(prediction), ensure_ascii=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns, extra = parser.parse_known_args(argv)
@@ -234,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "pki": cmd_pki,
         "federation": cmd_federation,
         "audit": cmd_audit,
+        "predict": cmd_predict,
     }
     try:
         return handlers[ns.command](ns)

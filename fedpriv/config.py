@@ -751,3 +751,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
             f" {node.privacy.target_epsilon}; the budget must be at least the target"
         )
     return node
+
+
+def redaction_from_dict(raw: Any, where: str) -> RedactionConfig:
+    """A redaction rule set stored as data (an exported model's ``redaction.json``), validated like a config."""
+    try:
+        return _build(RedactionConfig, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {str(exc).removeprefix('config: ')}") from None

@@ -84,6 +84,8 @@ class OrgAudit:
     prv_prefixes_computed: int = 0  # PRV is costly: a PRV ledger's claims are bracketed, not all recomputed
     rounds: list[RoundCheck] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    # what the signed dp_round entries say about redaction of the data the steps used (see redaction_summary)
+    redaction: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -400,6 +402,7 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
     dp = [e for e in chain if e["kind"] in DP_KINDS]
     result.dp_rounds = len(dp)
     result.refusals = sum(e["kind"] == "refusal" for e in chain)
+    result.redaction = redaction_summary([e for e in dp if e["kind"] == "dp_round"])
     accountants = {e["accountant"] for e in chain}
     deltas = {float(e["delta"]) for e in chain}
     budgets = {float(e["max_epsilon"]) for e in chain}
@@ -468,6 +471,37 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
     if any(math.isinf(r.rdp_epsilon) for r in result.rounds):
         flag("epsilon", "unbounded", None, None, "a recorded event has no finite epsilon")
     return result
+
+
+def redaction_summary(dp_rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Redaction as the organisation's signed entries record it: on in how many rounds, which rule sets, counts.
+
+    ``status``: "on" (every round recorded redaction on), "off", "mixed", or "not recorded" (entries written
+    before redaction was recorded). The counts are those of the last round with redaction on.
+    """
+    if not dp_rounds:
+        return None
+    recorded = [e.get("redaction") for e in dp_rounds]
+    known = [r for r in recorded if isinstance(r, dict)]
+    on = [r for r in known if r.get("enabled") is True]
+    if not known:
+        status = "not recorded"
+    elif len(on) == len(recorded):
+        status = "on"
+    elif not on:
+        status = "off"
+    else:
+        status = "mixed"
+    rule_sets = sorted({f"{r.get('rules')} v{r.get('version')} ({str(r.get('digest', ''))[:12]})" for r in on})
+    return {
+        "status": status,
+        "dp_rounds": len(recorded),
+        "rounds_recorded": len(known),
+        "rounds_on": len(on),
+        "rule_sets": rule_sets,
+        "kinds": list(on[-1].get("kinds", [])) if on else [],
+        "counts": dict(on[-1].get("counts", {})) if on else {},
+    }
 
 
 PARALLEL_FROM_ENTRIES = 20_000  # below this a process pool costs more than it saves

@@ -77,6 +77,7 @@ def markdown(result: AuditResult) -> str:
             f" ({e['included']} inserted): epsilon >= **{e['epsilon_lower_bound']:.4f}** with"
             f" {e['confidence']:.0%} confidence, next to the claimed epsilon {claimed}. ({e['method']})",
         ]
+    lines += ["", "## Redaction", "", *_redaction_lines(result)]
     lines += ["", "## Keys", ""]
     for org in result.orgs:
         lines.append(f"- {org.org}: {org.key_fingerprint or 'no key'} ({org.key_source})")
@@ -95,6 +96,44 @@ def markdown(result: AuditResult) -> str:
         computed = ", ".join(f"{org.org}: {org.prv_prefixes_computed} of {org.dp_rounds} rounds" for org in bracketed)
         lines.append(f"PRV computed for: {computed}.")
     return "\n".join(lines) + "\n"
+
+
+REDACTION_HEADER = ["organisation", "redaction", "rounds on", "rule set", "replaced (last round on)"]
+
+
+def _redaction_rows(result: AuditResult) -> list[list[str]]:
+    """Per organisation: what its signed entries say about redaction (the coordinator's ledger has none)."""
+    rows = []
+    for org in result.orgs:
+        summary = org.redaction
+        if summary is None:
+            continue
+        counts = ", ".join(f"{kind} {n}" for kind, n in summary["counts"].items()) or "-"
+        rows.append(
+            [
+                org.org,
+                summary["status"],
+                f"{summary['rounds_on']} of {summary['dp_rounds']}",
+                "; ".join(summary["rule_sets"]) or "-",
+                counts,
+            ]
+        )
+    return rows
+
+
+def _redaction_lines(result: AuditResult) -> list[str]:
+    rows = _redaction_rows(result)
+    if not rows:
+        return ["No DP rounds recorded."]
+    lines = ["| " + " | ".join(REDACTION_HEADER) + " |", "|" + "---|" * len(REDACTION_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [
+        "",
+        "As each organisation's signed dp_round entries record it: the rule set its node applied to its text before",
+        "tokenisation, and how many matches it replaced per kind (never the values). 'not recorded': entries written",
+        "before fedpriv recorded redaction.",
+    ]
+    return lines
 
 
 def plot_png(result: AuditResult) -> bytes | None:
@@ -154,6 +193,10 @@ def html_page(result: AuditResult) -> str:
         f"<li>{html.escape(o.org)}: {html.escape(o.key_fingerprint or 'no key')} ({html.escape(o.key_source)})</li>"
         for o in result.orgs
     )
+    redaction = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in REDACTION_HEADER) + "</tr>"
+    for row in _redaction_rows(result):
+        redaction += "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+    redaction += "</table>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Privacy-budget audit</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse}}
@@ -166,6 +209,7 @@ Verdict: <span class="verdict">{verdict}</span> ({len(result.orgs)} organisation
 <h2>Epsilon per round</h2>{image or "<p>No DP rounds recorded.</p>"}
 {_empirical_html(result)}
 <h2>Findings</h2>{f"<ul>{items}</ul>" if items else "<p>None.</p>"}
+<h2>Redaction</h2>{redaction if _redaction_rows(result) else "<p>No DP rounds recorded.</p>"}
 <h2>Keys</h2><ul>{keys}</ul>
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
 </body></html>

@@ -11,7 +11,7 @@ is a name when it is
   known surname ("John Smith", "Mary Ann Jones");
 - a title and the capitalised words after it ("Dr. Okafor", "Mrs Elena Petrova");
 - a known name right after a word that introduces one ("named Ruth", "patient Hale");
-- a full name from the organisation's own list.
+- a name or name part from the organisation's own list, even alone ("Zebedee was seen").
 
 A known first name alone ("Will", "May", "Grant") is kept: most such words
 are not names. What this misses (lower-case names, unlisted first names
@@ -33,11 +33,15 @@ from fedpriv.errors import ConfigError
 ENTITY = "PERSON"
 TITLES = frozenset("mr mrs ms miss mx dr prof professor sir dame rev reverend".split())
 # lower-case words after which a known name (first or surname) is a name by itself
-INTRODUCERS = frozenset("named called dear hi hello patient client pupil student customer mr mrs ms dr".split())
+INTRODUCERS = frozenset(
+    "named called dear hi hello patient client pupil student customer nurse doctor son daughter wife husband mother"
+    " father brother sister".split()
+)
 _WORD = r"[A-Z][a-z]+(?:['\u2019-][A-Z]?[a-z]+)*"
-# a run of capitalised words, with middle initials ("John F. Kennedy") and titles with a dot ("Dr. Smith")
-_RUN = re.compile(rf"\b{_WORD}\.?(?:\s+(?:[A-Z]\.\s+)?{_WORD}\.?)*")
-_TOKEN = re.compile(rf"{_WORD}|[A-Z]\.")
+# one word of a name: a capitalised word, an initial ("F.") or a title with its dot ("Dr."); a sentence's full stop
+# after any other word ends the run
+_TOKEN = re.compile(rf"(?:Mrs|Mr|Ms|Mx|Dr|Prof|Rev)\.|[A-Z]\.|{_WORD}")
+_RUN = re.compile(rf"\b(?:{_TOKEN.pattern})(?:[ \t]+(?:{_TOKEN.pattern}))*")
 _BEFORE = re.compile(r"([A-Za-z]+)[\s,:]*$")
 CENSUS_FILES = ("dist.male.first", "dist.female.first", "dist.all.last")
 
@@ -58,8 +62,8 @@ def census_names() -> tuple[frozenset[str], frozenset[str], str]:
     return lists[0] | lists[1], lists[2], digest
 
 
-def read_extra_names(path: str) -> tuple[frozenset[str], frozenset[str], frozenset[tuple[str, ...]], str]:
-    """An organisation's own names file: (first names, surnames, full names, digest); one clear line when bad."""
+def read_extra_names(path: str) -> tuple[frozenset[str], frozenset[tuple[str, ...]], str]:
+    """An organisation's own names file: (every name word, full names, digest); one clear line when bad."""
     shown = repr(path) if not str(path).isprintable() else path
     try:
         raw = Path(path).read_bytes()
@@ -73,7 +77,7 @@ def read_extra_names(path: str) -> tuple[frozenset[str], frozenset[str], frozens
         raise ConfigError(
             f"redaction.extra_names: {shown}: not UTF-8 text (byte {exc.start}); expected one name per line"
         ) from None
-    first, last, full = set(), set(), set()
+    words_seen, full = set(), set()
     for number, line in enumerate(text.splitlines(), start=1):
         words = line.split()
         if not words or line.lstrip().startswith("#"):
@@ -83,16 +87,12 @@ def read_extra_names(path: str) -> tuple[frozenset[str], frozenset[str], frozens
                 f"redaction.extra_names: {shown}:{number}: expected a name (letters, ' . -), got {line.strip()[:60]!r}"
             )
         words = [word.title() for word in words]
-        if len(words) == 1:
-            first.add(words[0])
-            last.add(words[0])
-        else:
-            first.add(words[0])
-            last.add(words[-1])
+        words_seen.update(words)
+        if len(words) > 1:
             full.add(tuple(words))
-    if not (first or last):
+    if not words_seen:
         raise ConfigError(f"redaction.extra_names: {shown}: no names in it; expected one name per line")
-    return frozenset(first), frozenset(last), frozenset(full), hashlib.sha256(raw).hexdigest()
+    return frozenset(words_seen), frozenset(full), hashlib.sha256(raw).hexdigest()
 
 
 class NameListRecognizer(EntityRecognizer):
@@ -104,10 +104,12 @@ class NameListRecognizer(EntityRecognizer):
         self,
         first: frozenset[str],
         last: frozenset[str],
+        own: frozenset[str] = frozenset(),
         full: frozenset[tuple[str, ...]] = frozenset(),
         supported_language: str = "en",
     ):
-        self.first, self.last, self.full = first, last, full
+        self.own, self.full = own, full
+        self.first, self.last = first | own, last | own
         super().__init__(supported_entities=[ENTITY], supported_language=supported_language, name="NameList")
 
     def load(self) -> None:  # the lists are given
@@ -139,9 +141,9 @@ class NameListRecognizer(EntityRecognizer):
     def _name_at(self, words: list[str], index: int, previous: str) -> int | None:
         """The index of the last word of a name that starts at ``words[index]``, or None."""
         for size in (4, 3, 2):  # the organisation's own full names first, longest first
-            if tuple(words[index : index + size]) in self.full:
+            if index + size <= len(words) and tuple(words[index : index + size]) in self.full:
                 return index + size - 1
-        word = words[index]
+        word = words[index].rstrip(".")
         if previous in TITLES:  # "Dr. Okafor", "Mrs Elena Petrova": the title itself stays
             last = index
             for i in range(index + 1, min(index + 3, len(words))):
@@ -158,6 +160,6 @@ class NameListRecognizer(EntityRecognizer):
                     break
             if last is not None:
                 return last
-        if previous in INTRODUCERS and (word in self.first or word in self.last):  # "named Ruth", "patient Hale"
-            return index
+        if word in self.own or (previous in INTRODUCERS and (word in self.first or word in self.last)):
+            return index  # the organisation's own names alone; "named Ruth", "patient Hale"
         return None

@@ -197,13 +197,13 @@ class Redactor:
             from privacy.person_names import census_names, read_extra_names
 
             first, last, census_digest = census_names()
+            own: frozenset[str] = frozenset()
             full: frozenset[tuple[str, ...]] = frozenset()
             name_digests.append(census_digest)
             if cfg.extra_names:
-                extra_first, extra_last, full, extra_digest = read_extra_names(cfg.extra_names)
-                first, last = first | extra_first, last | extra_last
+                own, full, extra_digest = read_extra_names(cfg.extra_names)
                 name_digests.append(extra_digest)
-            person_lists = (first, last, full)
+            person_lists = (first, last, own, full)
         logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
         nlp_engine = presidio.nlp_engine.SpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank:en"}])
         nlp_engine.nlp = {"en": _blank_pipeline(spacy)}  # tokens only: no model to download

@@ -225,7 +225,9 @@ def run_federation(
     extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
     if cfg.output.export_model and len(final) > 0:
         load_trainable(model, final)
-        extra["model"]["export"] = export_model(model, build_tokenizer(cfg.model.name), run_dir / "model")
+        extra["model"]["export"] = export_model(
+            model, build_tokenizer(cfg.model.name), run_dir / "model", tracker.redaction
+        )
     extra["wall_time_s"] = round(time.monotonic() - started, 1)
     summary = build_summary(tracker, cfg.to_dict(), extra)
     write_summary(run_dir, summary)
