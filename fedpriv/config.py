@@ -727,9 +727,12 @@ def load_node_config(path: str | Path) -> NodeConfig:
                 data[key] = str(base / data[key])
         raw = dict(raw, data=data)
     redaction = raw.get("redaction")
-    if isinstance(redaction, dict) and isinstance(redaction.get("extra_names"), str) and redaction["extra_names"]:
-        if not Path(redaction["extra_names"]).is_absolute():
-            raw = dict(raw, redaction=dict(redaction, extra_names=str(base / redaction["extra_names"])))
+    if isinstance(redaction, dict):
+        redaction = {"enabled": True, **redaction}  # on in a node.yaml unless it says enabled: false
+        if isinstance(redaction.get("extra_names"), str) and redaction["extra_names"]:
+            if not Path(redaction["extra_names"]).is_absolute():
+                redaction["extra_names"] = str(base / redaction["extra_names"])
+        raw = dict(raw, redaction=redaction)
     for key in ("state_dir", "ledger_key"):
         value = raw.get(key, getattr(NodeConfig, key))
         if isinstance(value, str) and not Path(value).is_absolute():
@@ -745,6 +748,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
         )
     if node.data.source != "file" or not node.data.path:
         raise ConfigError(f"{where}: data.path: required (the organisation's own CSV / TSV / JSONL file)")
+    names = node.redaction.extra_names
+    if node.redaction.enabled and names and not Path(names).is_file():
+        raise ConfigError(f"{where}: redaction.extra_names: {_show(names)} is not a file (one name per line)")
     if node.privacy.budget < node.privacy.target_epsilon:
         raise ConfigError(
             f"{where}: privacy.max_epsilon: {node.privacy.max_epsilon} is below target_epsilon"

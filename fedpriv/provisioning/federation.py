@@ -17,6 +17,7 @@ from fedpriv.config import (
     ORG_NAME,
     DataConfig,
     NodePrivacyConfig,
+    RedactionConfig,
     _build,
     _check,
     _read_yaml,
@@ -81,6 +82,8 @@ class OrganisationConfig:
     privacy: NodePrivacyConfig = field(default_factory=NodePrivacyConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(source="file"))
     state_dir: str = "state"
+    # on in every kit unless the federation file turns it off for this organisation
+    redaction: RedactionConfig = field(default_factory=lambda: RedactionConfig(enabled=True))
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ def _prepare(raw: dict[str, Any]) -> dict[str, Any]:
         for org in orgs:
             if isinstance(org, dict) and isinstance(org.get("data"), dict):
                 org = dict(org, data={"source": "file", **org["data"]})
+            if isinstance(org, dict) and isinstance(org.get("redaction"), dict):
+                org = dict(org, redaction={"enabled": True, **org["redaction"]})  # on unless turned off
             prepared.append(org)
         raw = dict(raw, organisations=prepared)
     return raw

@@ -218,10 +218,13 @@ def node_yaml(cfg: FederationConfig, org: OrganisationConfig) -> str:
         "device": org.device,
         "state_dir": org.state_dir,
         "ledger_key": LEDGER_KEY,
+        "redaction": dataclasses.asdict(org.redaction),
     }
     header = (
-        f"# {org.name}'s own settings in federation {cfg.federation}: its data, privacy budget and device.\n"
-        "# The coordinator cannot override them. Relative paths are relative to this file.\n"
+        f"# {org.name}'s own settings in federation {cfg.federation}: its data, privacy budget, device and the\n"
+        "# redaction of personal data from its text before tokenisation (kinds: email phone url ip_address\n"
+        "# payment_card bank_account national_id date_of_birth handle person; extra_names: a file of your own\n"
+        "# names, one per line). The coordinator cannot override them. Relative paths are relative to this file.\n"
     )
     return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
@@ -272,7 +275,8 @@ Files
   ledger.key        signs this organisation's privacy ledger (Ed25519; keep it private, 0600)
   ledger.pub        its public half; give it to auditors (the coordinator kit has a copy in ledger-keys/)
   node.yaml         your own settings: data file, privacy budget (target_epsilon, delta, max_epsilon),
-                    device, state folder. Edit data.path to where the data lives on this machine.
+                    device, state folder, redaction (on: emails, phone numbers, IDs, names ... become
+                    [EMAIL], [PHONE] ... before tokenisation). Edit data.path to where the data lives here.
   state/            (after the first round) privacy plan, accountant and ledger.jsonl: never delete it
   start-supernode.sh  starts fedpriv-supernode (flower-supernode with warm ClientApps), dialling the coordinator at {cfg.dial_address}
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fedpriv.config import (
     FedPrivConfig,
     OrgPrivacyConfig,
+    RedactionConfig,
     config_from_dict,
     config_from_json,
     default_config_text,
@@ -492,6 +493,26 @@ def test_node_yaml_budget_defaults_to_its_target_and_must_not_be_lower(tmp_path)
     assert node.privacy.budget == 3.0 and node.ledger_key == str(tmp_path / "ledger.key")
     path.write_text("org: lab\ndata: {path: d.csv}\nprivacy: {target_epsilon: 3, max_epsilon: 2}\n")
     with pytest.raises(ConfigError, match=r"node\.yaml.*privacy\.max_epsilon: 2\.0 is below target_epsilon 3"):
+        load_node_config(path)
+
+
+def test_node_yaml_redacts_by_default_and_its_names_file_is_relative_to_it(tmp_path):
+    from fedpriv.config import load_node_config
+
+    (tmp_path / "d.csv").write_text("text,label\na,b\n")
+    path = tmp_path / "node.yaml"
+    path.write_text("org: lab\ndata: {path: d.csv}\n")
+    node = load_node_config(path)
+    assert node.redaction.enabled and node.redaction.kinds == list(RedactionConfig().kinds)
+    assert not load_config().redaction.enabled  # simulations of public corpora: off unless asked for
+    path.write_text("org: lab\ndata: {path: d.csv}\nredaction: {extra_names: staff.txt, locales: [uk]}\n")
+    with pytest.raises(ConfigError, match=r"node\.yaml: redaction\.extra_names: .*staff\.txt is not a file"):
+        load_node_config(path)
+    (tmp_path / "staff.txt").write_text("Ann Lee\n")
+    node = load_node_config(path)
+    assert node.redaction.extra_names == str(tmp_path / "staff.txt") and node.redaction.locales == ["uk"]
+    path.write_text("org: lab\ndata: {path: d.csv}\nredaction: {kinds: [mail]}\n")
+    with pytest.raises(ConfigError, match=r"node\.yaml: redaction\.kinds: expected a non-empty list"):
         load_node_config(path)
 
 
