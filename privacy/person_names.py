@@ -1,4 +1,4 @@
-"""Person names found offline: a name-list recognizer for Presidio.
+"""Person names found offline from name lists (wrapped as a Presidio recognizer in ``privacy/redaction.py``).
 
 Presidio finds names with a statistical NER model, and none of spaCy's
 trained pipelines installs from PyPI (they come from GitHub releases), so a
@@ -26,11 +26,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from presidio_analyzer import EntityRecognizer, RecognizerResult
-
 from fedpriv.errors import ConfigError
 
-ENTITY = "PERSON"
 TITLES = frozenset("mr mrs ms miss mx dr prof professor sir dame rev reverend".split())
 # lower-case words after which a known name (first or surname) is a name by itself
 INTRODUCERS = frozenset(
@@ -95,10 +92,8 @@ def read_extra_names(path: str) -> tuple[frozenset[str], frozenset[tuple[str, ..
     return frozenset(words_seen), frozenset(full), hashlib.sha256(raw).hexdigest()
 
 
-class NameListRecognizer(EntityRecognizer):
-    """Presidio recognizer for PERSON from first-name and surname lists (see the module docstring)."""
-
-    SCORE = 0.85
+class NameFinder:
+    """Names in a text from first-name and surname lists (see the module docstring); no NLP model."""
 
     def __init__(
         self,
@@ -106,16 +101,12 @@ class NameListRecognizer(EntityRecognizer):
         last: frozenset[str],
         own: frozenset[str] = frozenset(),
         full: frozenset[tuple[str, ...]] = frozenset(),
-        supported_language: str = "en",
     ):
         self.own, self.full = own, full
         self.first, self.last = first | own, last | own
-        super().__init__(supported_entities=[ENTITY], supported_language=supported_language, name="NameList")
 
-    def load(self) -> None:  # the lists are given
-        pass
-
-    def analyze(self, text: str, entities, nlp_artifacts=None) -> list[RecognizerResult]:
+    def find(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character spans of the names in ``text``."""
         results = []
         for run in _RUN.finditer(text):
             tokens = [
@@ -123,7 +114,7 @@ class NameListRecognizer(EntityRecognizer):
             ]
             before = _BEFORE.search(text, 0, run.start())
             for first, last in self._spans([word for word, _, _ in tokens], before.group(1) if before else ""):
-                results.append(RecognizerResult(ENTITY, tokens[first][1], tokens[last][2], self.SCORE))
+                results.append((tokens[first][1], tokens[last][2]))
         return results
 
     def _spans(self, words: list[str], word_before: str) -> list[tuple[int, int]]:

@@ -102,7 +102,7 @@ def _offline_tld_extractor():
     return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
 
-def _recognizers(cfg: RedactionConfig, person_lists) -> list:
+def _recognizers(cfg: RedactionConfig, person_finder) -> list:
     _presidio()  # one clear line when it is not installed
     from presidio_analyzer import Pattern, PatternRecognizer, RecognizerResult
     from presidio_analyzer import predefined_recognizers as known
@@ -161,9 +161,22 @@ def _recognizers(cfg: RedactionConfig, person_lists) -> list:
     if "handle" in kinds:
         out.append(PatternRecognizer("HANDLE", name="HandleRecognizer", patterns=[Pattern("handle", _HANDLE, 0.6)]))
     if "person" in kinds:
-        from privacy.person_names import NameListRecognizer
+        from presidio_analyzer import EntityRecognizer
 
-        out.append(NameListRecognizer(*person_lists))
+        class NameListRecognizer(EntityRecognizer):
+            """PERSON from name lists (``privacy/person_names.py``): what spaCy's NER would find, offline."""
+
+            def __init__(self, finder):
+                self.finder = finder
+                super().__init__(supported_entities=["PERSON"], supported_language="en", name="NameListRecognizer")
+
+            def load(self) -> None:  # the lists are given
+                pass
+
+            def analyze(self, text, entities, nlp_artifacts=None):
+                return [RecognizerResult("PERSON", start, end, 0.85) for start, end in self.finder.find(text)]
+
+        out.append(NameListRecognizer(person_finder))
     return out
 
 
@@ -185,16 +198,24 @@ def _kind_of(entity: str) -> str:
 
 
 class Redactor:
-    """One organisation's redaction rules, built once; ``redact`` a list of texts."""
+    """One organisation's redaction rules; ``redact`` a list of texts.
+
+    The rule set's identity (``spec``, ``digest``) is known without building
+    the analyzer: a node whose redacted tokens are cached never imports
+    Presidio or spaCy (each message of a deployment node is a new process).
+    """
 
     def __init__(self, cfg: RedactionConfig):
         if not cfg.enabled:
             raise ValueError("Redactor for a disabled redaction config")
         self.cfg = cfg
-        presidio, spacy = _presidio()
-        person_lists, name_digests = None, []
+        try:
+            engine = f"presidio-analyzer {metadata.version('presidio-analyzer')}"
+        except metadata.PackageNotFoundError:
+            raise RedactionError("redaction: needs presidio-analyzer: pip install presidio-analyzer") from None
+        self.person_finder, name_digests = None, []
         if "person" in cfg.kinds:
-            from privacy.person_names import census_names, read_extra_names
+            from privacy.person_names import NameFinder, census_names, read_extra_names
 
             first, last, census_digest = census_names()
             own: frozenset[str] = frozenset()
@@ -203,16 +224,7 @@ class Redactor:
             if cfg.extra_names:
                 own, full, extra_digest = read_extra_names(cfg.extra_names)
                 name_digests.append(extra_digest)
-            person_lists = (first, last, own, full)
-        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
-        nlp_engine = presidio.nlp_engine.SpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank:en"}])
-        nlp_engine.nlp = {"en": _blank_pipeline(spacy)}  # tokens only: no model to download
-        registry = presidio.RecognizerRegistry(supported_languages=["en"])
-        for recognizer in _recognizers(cfg, person_lists):
-            registry.add_recognizer(recognizer)
-        self.analyzer = presidio.AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=["en"])
-        self.entities = sorted({e for r in registry.recognizers for e in r.supported_entities})
-        engine = f"presidio-analyzer {metadata.version('presidio-analyzer')}"
+            self.person_finder = NameFinder(first, last, own, full)
         described = {
             "rules": cfg.rules,
             "version": RULES_VERSION,
@@ -235,8 +247,22 @@ class Redactor:
             "digest": self.digest,
         }
 
+    @functools.cached_property
+    def analyzer(self):
+        """Presidio's analyzer over a blank spaCy pipeline with this rule set's recognizers (built on first use)."""
+        presidio, spacy = _presidio()
+        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+        nlp_engine = presidio.nlp_engine.SpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank:en"}])
+        nlp_engine.nlp = {"en": _blank_pipeline(spacy)}  # tokens only: no model to download
+        registry = presidio.RecognizerRegistry(supported_languages=["en"])
+        for recognizer in _recognizers(self.cfg, self.person_finder):
+            registry.add_recognizer(recognizer)
+        self.entities = sorted({e for r in registry.recognizers for e in r.supported_entities})
+        return presidio.AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=["en"])
+
     def redact_one(self, text: str, counts: Counter | None = None) -> str:
-        found = self.analyzer.analyze(text, language="en", entities=self.entities, score_threshold=self.cfg.min_score)
+        analyzer = self.analyzer
+        found = analyzer.analyze(text, language="en", entities=self.entities, score_threshold=self.cfg.min_score)
         # overlapping matches: the most confident, then the longest, wins ("jane@x.org" is an email, not a URL)
         chosen: list = []
         for result in sorted(found, key=lambda r: (-r.score, -(r.end - r.start), r.start)):
