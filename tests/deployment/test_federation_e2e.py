@@ -227,6 +227,13 @@ def superlink(federation, finished_run):
             assert proc.poll() is None, tail(log)
             assert time.monotonic() < deadline, tail(log)
             time.sleep(0.5)
+        # the run's own SuperNodes stay "online" in the database until their heartbeat patience runs out when
+        # the SuperLink stopped before they said goodbye (a loaded machine): wait for that, or an enrolled
+        # node below could not activate and a stale entry would pass for one that came online
+        deadline = time.monotonic() + 120
+        while any(n.get("status") == "online" for n in supernodes(kits / "coordinator" / "flwr-home", env)):
+            assert time.monotonic() < deadline, "the finished run's SuperNodes still show online after 120 s"
+            time.sleep(2)
         yield {"port": port, "kits": kits, "env": env, "root": root}
     finally:
         stop_process(proc)
