@@ -233,6 +233,23 @@ def _check_kits_are_local(kits: Path, cfg: FederationConfig) -> None:
             )
 
 
+def _check_node_configs(kits: Path, cfg: FederationConfig) -> None:
+    """Every organisation's node.yaml, and its own names file for redaction, as its node will read them.
+
+    A mistake there would otherwise surface as failed replies once the run is under way.
+    """
+    from fedpriv.config import load_node_config
+    from privacy.person_names import read_extra_names
+
+    for org in cfg.organisations:
+        node = load_node_config(kits / org.name / "node.yaml")
+        if node.redaction.enabled and node.redaction.extra_names:
+            try:
+                read_extra_names(node.redaction.extra_names)
+            except ConfigError as exc:
+                raise ConfigError(f"{kits / org.name / 'node.yaml'}: {exc}") from None
+
+
 def _spent_state(cfg: FederationConfig, kits: Path) -> list[str]:
     """Organisations whose node already holds privacy state from an earlier run (it never resets)."""
     from privacy.accountant_state import ACCOUNTANT_FILE, PLAN_FILE
@@ -407,6 +424,7 @@ def federation_up(
     for change in outcome.changes:
         if change.action == "re-issued":
             say(f"  re-issued {change.path} ({change.reason})")
+    _check_node_configs(kits, cfg)
 
     logs = run_dir / "logs"
     co_kit = kits / "coordinator"

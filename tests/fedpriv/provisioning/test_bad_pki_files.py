@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -412,6 +413,32 @@ def test_federation_up_reissues_an_expired_superlink_certificate_first(world, ki
     assert f"re-issued {kits / CO / 'superlink.crt'} (it expired)" in capsys.readouterr().out
     cert, ca = pki.load_cert(kits / CO / "superlink.crt"), pki.load_cert(kits / CO / "ca.crt")
     assert pki.verify_server(cert, ca, ["127.0.0.1", "localhost"]) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "names", "expect"),
+    [
+        ({"kinds": ["email", "passport"]}, None, "redaction.kinds: expected a non-empty list of distinct kinds"),
+        ({"extra_names": "staff.txt"}, None, "redaction.extra_names: "),
+        ({"extra_names": "staff.txt"}, b"Ann Lee\nroom 101\n", "staff.txt:2: expected a name"),
+    ],
+    ids=["unknown-kind", "missing-names-file", "bad-line-in-names-file"],
+)
+def test_federation_up_refuses_a_bad_redaction_rule_before_any_process(
+    world, kits, capsys, tmp_path, no_processes, setting, names, expect
+):
+    raw = yaml.safe_load(world.federation.read_text(encoding="utf-8"))
+    staff = tmp_path / "staff.txt"
+    if names is not None:
+        staff.write_bytes(names)
+    for org in raw["organisations"]:
+        if org["name"] == ORG:
+            org["redaction"] = {k: str(staff) if k == "extra_names" else v for k, v in setting.items()}
+    federation = write_federation(tmp_path / "FEDERATION.yaml", raw)
+    code, out, err = run(capsys, "federation", "up", federation, "--kits", kits, "--out", tmp_path / "run")
+    named = federation if "kinds" in setting else kits / ORG / "node.yaml"  # what the organisation itself edits
+    assert_one_error_line(code, out, err, named, expect)
+    assert no_processes == []
 
 
 # --------------------------------------------------------------------------- fedpriv audit
