@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -30,7 +32,8 @@ NAMES = ["layer.lora_A.weight", "layer.lora_B.weight", "classifier.bias"]
 ARRAYS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32), np.array([0.5, -0.5], np.float32)]
 LAYOUT = [(name, array.shape) for name, array in zip(NAMES, ARRAYS, strict=True)]
 REPORT = {"org": "hospital-a", "dp_enabled": True, "epsilon": 2.5, "delta": 1e-5, "target_epsilon": 8.0,
-          "noise_multiplier": 0.9, "sample_rate": 0.1, "steps": 10, "accountant": "rdp", "max_grad_norm": 1.0}  # fmt: skip
+          "noise_multiplier": 0.9, "sample_rate": 0.1, "steps": 10, "accountant": "rdp", "max_grad_norm": 1.0,
+          "redaction": '{"enabled": false}'}  # fmt: skip
 
 
 def _legacy_fit_message(ndarrays=None):
@@ -95,6 +98,7 @@ def test_fit_reply_round_trips_to_the_tracker_with_the_privacy_report():
     tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=True, printer=lambda _: None)
     tracker.aggregate_train([content], protocol.NUM_EXAMPLES)
     assert tracker.privacy["hospital-a"]["epsilon"] == 2.5
+    assert tracker.redaction == {"hospital-a": {"enabled": False}} and "redaction" not in tracker.privacy["hospital-a"]
 
 
 def test_evaluate_round_trip_keeps_counts_and_org():
@@ -105,7 +109,9 @@ def test_evaluate_round_trip_keeps_counts_and_org():
     counts = {protocol.NUM_EXAMPLES: 4, protocol.EVAL_LOSS_SUM: 2.0, protocol.EVAL_CORRECT: 3}
     for kind, values in (("tp", [2, 1]), ("fp", [1, 0]), ("fn", [0, 1])):
         counts.update({protocol.class_count_key(kind, i): v for i, v in enumerate(values)})
-    reply = RecordDict({protocol.METRICS: MetricRecord(counts), protocol.ORG: ConfigRecord({"name": "hospital-b"})})
+    redaction = {"enabled": True, "rules": "fedpriv-pii", "counts": {"email": 3, "person": 7}}
+    org = ConfigRecord({"name": "hospital-b", protocol.REDACTION: json.dumps(redaction)})
+    reply = RecordDict({protocol.METRICS: MetricRecord(counts), protocol.ORG: org})
     res = compat.recorddict_to_evaluateres(evaluate_reply_to_legacy(reply))
     assert res.loss == 0.5 and res.num_examples == 4
     content = legacy_evaluate_metrics_to_content(dict(res.metrics))
@@ -113,3 +119,4 @@ def test_evaluate_round_trip_keeps_counts_and_org():
     tracker.aggregate_evaluate([content], protocol.NUM_EXAMPLES)
     tracker.end_of_round(1, ArrayRecord())
     assert tracker.rounds[0].accuracy == 0.75 and tracker.rounds[0].org_accuracy == {"hospital-b": 0.75}
+    assert tracker.redaction == {"hospital-b": redaction}  # the node's redaction report survives the legacy path

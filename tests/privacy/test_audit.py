@@ -263,3 +263,44 @@ def test_a_prv_ledger_is_checked_against_prv_and_an_under_report_is_found_at_its
     assert result.orgs[0].recomputed_epsilon["prv"] == pytest.approx(truth[-1])
     assert main(["audit", str(run), "--no-prv", "--out", str(tmp_path / "report")]) == 1
     assert "of 5 rounds" in (tmp_path / "report" / "audit.md").read_text()
+
+
+REDACTION_ON = {
+    "enabled": True, "rules": "fedpriv-pii", "version": "1", "digest": "cd" * 32, "kinds": ["email", "person"],
+    "counts": {"email": 4, "person": 11},
+}  # fmt: skip
+
+
+def test_the_audit_reports_redaction_as_the_signed_entries_record_it(tmp_path):
+    key = ensure_signing_key(tmp_path / "org-r.key")
+    ledger = NodeLedger.open(tmp_path / "org-r", "org-r", key)
+    truth = rdp_epsilons([(SIGMA, Q, STEPS)] * 3, DELTA)
+    for server_round, redaction in enumerate([REDACTION_ON, REDACTION_ON, {"enabled": False}], start=1):
+        ledger.append("dp_round", server_round, {**_dp_fields(truth[server_round - 1]), "redaction": redaction})
+    assert all("redaction" in entry for entry in read_entries(ledger.path))  # recorded and signed with the round
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "org-r.pub").write_text(public_key_text(key.public_key()))
+    (org,) = audit(load_ledger_set([ledger.path], keys), prv=False).orgs
+    assert org.ok and org.redaction == {
+        "status": "mixed", "dp_rounds": 3, "rounds_recorded": 3, "rounds_on": 2,
+        "rule_sets": ["fedpriv-pii v1 (" + "cd" * 6 + ")"], "kinds": ["email", "person"],
+        "counts": {"email": 4, "person": 11},
+    }  # fmt: skip
+    # the record is part of what is signed: turning redaction "on" after the fact breaks the signature
+    entries = read_entries(ledger.path)
+    entries[2]["redaction"] = REDACTION_ON
+    _rewrite(ledger.path, entries)
+    (org,) = audit(load_ledger_set([ledger.path], keys), prv=False).orgs
+    assert [(f.problem, f.seq) for f in org.findings] == [("edited", 3)]
+
+
+def test_ledgers_from_before_redaction_was_recorded_say_so(run_dir):
+    result = audit(load_ledger_set([run_dir]), prv=False)
+    assert {org.org: org.redaction["status"] for org in result.orgs} == {
+        "org-a": "not recorded",
+        "org-b": "not recorded",
+    }
+    from privacy.audit_report import markdown
+
+    assert "| org-a | not recorded | 0 of 4 | - | - |" in markdown(result)
