@@ -72,6 +72,12 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
         )
     else:
         lines.append("DP is OFF: no differential privacy guarantee (baseline run).")
+    red = cfg.redaction
+    if red.enabled:
+        lines.append(
+            f"Redaction ON before tokenisation (rules {red.rules}: {', '.join(red.kinds)}; locales"
+            f" {', '.join(red.locales)}): each node redacts its text once when it first loads it"
+        )
     width = max(len(org.name) for org in parts.orgs)
     for org in parts.orgs:
         row = f"  {org.name:<{width}}  train {len(org.train):>6}  test {len(org.test):>5}"
@@ -213,6 +219,12 @@ def final_report(summary: dict[str, Any]) -> str:
             )
     else:
         lines.append("DP was OFF: these results carry no privacy guarantee.")
+    redacted = {org: r for org, r in (summary.get("redaction") or {}).items() if r.get("enabled")}
+    if redacted:
+        lines.append("Redacted before tokenisation (matches replaced, train + test):")
+        for org, report in redacted.items():
+            counts = ", ".join(f"{kind} {n}" for kind, n in report.get("counts", {}).items() if n) or "nothing found"
+            lines.append(f"  {org}: {counts}")
     client_dp = summary.get("client_dp")
     if client_dp:
         lines.append(

@@ -100,7 +100,9 @@ def redacted_run(tmp_path_factory):
         "data.max_length=64",
         "redaction.enabled=true",
     ]
-    _, run = simulate(cwd, *overrides)
+    proc, run = simulate(cwd, *overrides)
+    assert "Redaction ON before tokenisation (rules fedpriv-pii" in proc.stdout  # said before training starts
+    assert "Redacted before tokenisation" in proc.stdout and "  hospital: email " in proc.stdout  # and after
     return cwd, run, load_config(overrides=overrides)
 
 
