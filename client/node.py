@@ -22,7 +22,7 @@ import torch
 from flwr.app import Context
 
 from client.data_files import load_labelled_file, split_indices
-from client.tokenized import TokenizedTexts, prepare_texts, tokenize
+from client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
 from privacy.calibration import PrivacyPlan, plan_privacy
@@ -84,8 +84,7 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
     test = prepare_texts(org.test.texts, org.test.labels, tokenizer, max_length, redactor=redactor)
     texts, labels, redacted = org.train.texts, org.train.labels, None
     if redactor is not None:  # before the canaries: they are made-up sentences, the audit must see them as made
-        result = redactor.redact(list(texts))
-        texts, redacted = result.texts, result.counts
+        texts, redacted = redact_visible(texts, tokenizer, max_length, redactor)
     if cfg.canary_audit.enabled:  # the audited organisation also trains on the canaries drawn "in"
         from simulations.canary_audit import with_canaries
 

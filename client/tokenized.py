@@ -112,8 +112,64 @@ def prepare_texts(
 def _prepare(texts, labels, tokenizer, max_length: int, redactor: Redactor | None) -> PreparedTexts:
     if redactor is None:
         return PreparedTexts(tokenize(texts, labels, tokenizer, max_length), None)
-    redacted = redactor.redact(list(texts))
-    return PreparedTexts(tokenize(redacted.texts, labels, tokenizer, max_length), redacted.counts)
+    redacted, counts = redact_visible(texts, tokenizer, max_length, redactor)
+    return PreparedTexts(tokenize(redacted, labels, tokenizer, max_length), counts)
+
+
+# characters redacted past the last one the model sees: an identifier cut where redaction stops lies within them
+VISIBLE_MARGIN = 256
+
+
+def _visible_ends(texts: list[str], tokenizer, max_length: int) -> list[int]:
+    """Where in each text the first ``max_length`` tokens (specials included) end, in characters."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    return [max((end for _, end in offsets), default=0) for offsets in encoded["offset_mapping"]]
+
+
+def redact_visible(
+    texts: list[str], tokenizer, max_length: int, redactor: Redactor
+) -> tuple[list[str], dict[str, int]]:
+    """Redact the part of each text tokenisation keeps (plus ``VISIBLE_MARGIN``), and drop the rest.
+
+    Truncation to ``max_length`` tokens throws most of a long document away;
+    redacting it would be wasted work. Each text is cut at the first space
+    ``VISIBLE_MARGIN`` characters past its last kept token, redacted, and kept
+    only if its tokens still end at least the margin before the cut
+    (placeholders can let more text into the window): else the cut doubles,
+    up to the whole text. The tokens are the same as from redacting the whole
+    text; the counts are those of the redacted part. A tokenizer without
+    offsets (a slow one) gets whole texts redacted.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        result = redactor.redact(list(texts))
+        return result.texts, result.counts
+    out = list(texts)
+    totals = {kind: 0 for kind in redactor.cfg.kinds}
+    pending = list(range(len(out)))
+    # a first guess from the raw text (its start is enough: the check after redaction is what guarantees)
+    guesses = _visible_ends([text[: 16 * max_length] for text in texts], tokenizer, max_length)
+    cuts = dict(zip(pending, (end + VISIBLE_MARGIN for end in guesses), strict=True))
+    while pending:
+        tried = {}
+        for index in pending:
+            text = texts[index]
+            space = text.find(" ", cuts[index])
+            tried[index] = text if cuts[index] >= len(text) or space < 0 else text[:space]
+        redacted = {index: redactor.redact([part]) for index, part in tried.items()}
+        ends = _visible_ends([redacted[i].texts[0] for i in pending], tokenizer, max_length)
+        left = []
+        for index, end in zip(pending, ends, strict=True):
+            text = redacted[index].texts[0]
+            whole = len(tried[index]) == len(texts[index])
+            if whole or end <= len(text) - VISIBLE_MARGIN:
+                out[index] = text
+                for kind, count in redacted[index].counts.items():
+                    totals[kind] += count
+            else:
+                cuts[index] *= 2
+                left.append(index)
+        pending = left
+    return out, totals
 
 
 class PadCollator:

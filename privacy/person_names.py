@@ -112,7 +112,7 @@ class NameFinder:
             tokens = [
                 (m.group(0), run.start() + m.start(), run.start() + m.end()) for m in _TOKEN.finditer(run.group())
             ]
-            before = _BEFORE.search(text, 0, run.start())
+            before = _BEFORE.search(text, max(0, run.start() - 64), run.start())  # the word before the run
             for first, last in self._spans([word for word, _, _ in tokens], before.group(1) if before else ""):
                 results.append((tokens[first][1], tokens[last][2]))
         return results

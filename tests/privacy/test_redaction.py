@@ -30,6 +30,7 @@ PLANTED = [
      ["GB82 WEST 1234 5698 7654 32", "DE89 3704 0044 0532 0130 00"]),
     ("bank_account", "Use routing number 011000015 for the transfer.", ["011000015"]),
     ("national_id", "His social security number is 536-22-8921.", ["536-22-8921"]),
+    ("national_id", "The SSN 536228921 is on file.", ["536228921"]),  # digits alone: found by the context word
     ("national_id", "National Insurance number AB 12 34 56 C and NHS number 943 476 5919 were on the form.",
      ["AB 12 34 56 C", "943 476 5919"]),
     ("date_of_birth", "The patient, born on 14 March 1979, was seen today; DOB: 03/14/1979.",
