@@ -121,9 +121,20 @@ VISIBLE_MARGIN = 256
 
 
 def _visible_ends(texts: list[str], tokenizer, max_length: int) -> list[int]:
-    """Where in each text the first ``max_length`` tokens (specials included) end, in characters."""
-    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
-    return [max((end for _, end in offsets), default=0) for offsets in encoded["offset_mapping"]]
+    """Where in each text the first ``max_length`` tokens (specials included) end, in characters.
+
+    Straight from the Rust tokenizer (transformers' conversion of every encoding cost more than the
+    tokenisation); the wrapper sets truncation and padding again on its next call.
+    """
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    keep = max(0, max_length - tokenizer.num_special_tokens_to_add(pair=False))
+    ends = []
+    for encoding in backend.encode_batch(texts, add_special_tokens=False):
+        offsets = encoding.offsets[:keep]
+        ends.append(max((end for _, end in offsets), default=0))
+    return ends
 
 
 def redact_visible(
@@ -147,7 +158,7 @@ def redact_visible(
     totals = {kind: 0 for kind in redactor.cfg.kinds}
     pending = list(range(len(out)))
     # a first guess from the raw text (its start is enough: the check after redaction is what guarantees)
-    guesses = _visible_ends([text[: 16 * max_length] for text in texts], tokenizer, max_length)
+    guesses = _visible_ends([text[: 6 * max_length] for text in texts], tokenizer, max_length)
     cuts = dict(zip(pending, (end + VISIBLE_MARGIN for end in guesses), strict=True))
     while pending:
         tried = {}
