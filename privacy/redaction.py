@@ -239,27 +239,18 @@ class Redactor:
                 own, full, extra_digest = read_extra_names(cfg.extra_names)
                 name_digests.append(extra_digest)
             self.person_finder = NameFinder(first, last, own, full)
-        described = {
+        rule_set = {
             "rules": cfg.rules,
             "version": RULES_VERSION,
             "engine": engine,
             "kinds": list(cfg.kinds),
             "locales": list(cfg.locales),
             "min_score": cfg.min_score,
-            "name_lists": name_digests,
         }
-        self.digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
-        self.spec = {
-            "enabled": True,
-            "rules": cfg.rules,
-            "version": RULES_VERSION,
-            "engine": engine,
-            "kinds": list(cfg.kinds),
-            "locales": list(cfg.locales),
-            "min_score": cfg.min_score,
-            "extra_names": bool(cfg.extra_names),
-            "digest": self.digest,
-        }
+        # the digest covers the name lists' contents; the spec says only whether the organisation's own was used
+        identity = json.dumps({**rule_set, "name_lists": name_digests}, sort_keys=True)
+        self.digest = hashlib.sha256(identity.encode()).hexdigest()
+        self.spec = {"enabled": True, **rule_set, "extra_names": bool(cfg.extra_names), "digest": self.digest}
 
     @functools.cached_property
     def analyzer(self):
