@@ -221,11 +221,11 @@ def calibrate_peer(orgs: list, args: dict) -> dict:
     plans, cache = {}, {}
     for org in orgs:
         n = len(org.train)
-        if n in cache:
-            plans[org.name] = cache[n]
-            continue
         steps = dp_steps_per_epoch(n, args["batch"]) * args["local_epochs"]
         q = 1 / -(-n // args["batch"])  # DPDataLoader's sample rate: 1 / len(loader)
+        if (q, steps) in cache:  # the sigmas depend on the sample rate and steps only (PRV calibrations take seconds)
+            plans[org.name] = {**cache[q, steps], "train_examples": n}
+            continue
         common = {"target_epsilon": args["epsilon"], "target_delta": args["delta"], "sample_rate": q}
         sigma = get_noise_multiplier(**common, steps=steps, accountant=args["peer_accountant"], epsilon_tolerance=0.01)
         total = steps * args["rounds"]
@@ -242,7 +242,7 @@ def calibrate_peer(orgs: list, args: dict) -> dict:
             "noise_multiplier_needed_all_rounds": needed,
             "noise_multiplier_needed_all_rounds_rdp": needed_rdp,
         }
-        cache[n] = plans[org.name] = plan
+        cache[q, steps] = plans[org.name] = plan
     return plans
 
 

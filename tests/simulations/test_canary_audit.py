@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from fedpriv.cli import main
+from tests.shared_runs import simulate_in_sequence
 
 pytestmark = pytest.mark.integration
 
@@ -20,27 +19,30 @@ COMMON = [
 ]  # fmt: skip
 
 
-def _simulate(tmp_path, *extra: str) -> tuple[dict, str]:
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", "simulate", *COMMON, *extra, "--out", str(out)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Empirical audit (org-0)" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["empirical_audit"] == json.loads((out / "empirical_audit.json").read_text())
-    return summary, proc.stdout
+RUNS = {
+    # the test has power: five local epochs per round without DP memorise the inserted canaries
+    "memorising": ["privacy.enabled=false", "training.local_epochs=5", "training.learning_rate=0.003"],
+    "dp": ["privacy.target_epsilon=2"],
+}
 
 
-def test_a_memorising_non_private_run_shows_a_bound_clearly_above_zero(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{name: (summary, stdout, run folder)} of both runs, made in one process (tests.shared_runs)."""
+    done = simulate_in_sequence(tmp_path_factory.mktemp("canary-runs"), {k: [*COMMON, *v] for k, v in RUNS.items()})
+    results = {}
+    for name, (code, stdout, out) in done.items():
+        assert code == 0, stdout[-3000:]
+        assert "Empirical audit (org-0)" in stdout
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["empirical_audit"] == json.loads((out / "empirical_audit.json").read_text())
+        results[name] = (summary, stdout, out)
+    return results
+
+
+def test_a_memorising_non_private_run_shows_a_bound_clearly_above_zero(runs):
     """The test has power: five local epochs per round without DP memorise the inserted canaries."""
-    summary, stdout = _simulate(
-        tmp_path, "privacy.enabled=false", "training.local_epochs=5", "training.learning_rate=0.003"
-    )
+    summary, stdout, _ = runs["memorising"]
     # a run without DP says so plainly and reports no epsilon
     assert summary["dp_enabled"] is False and all(p["epsilon"] is None for p in summary["privacy"].values())
     assert "DP is OFF" in stdout and "no privacy guarantee" in stdout.lower()
@@ -50,14 +52,14 @@ def test_a_memorising_non_private_run_shows_a_bound_clearly_above_zero(tmp_path)
     assert audit["epsilon_lower_bound"] > 1.0, audit
 
 
-def test_a_dp_run_never_shows_a_bound_above_its_claimed_epsilon(tmp_path, capsys):
-    summary, _ = _simulate(tmp_path, "privacy.target_epsilon=2")
+def test_a_dp_run_never_shows_a_bound_above_its_claimed_epsilon(runs, capsys):
+    summary, _, out = runs["dp"]
     audit = summary["empirical_audit"]
     claimed = summary["privacy"]["org-0"]["epsilon"]
     assert audit["claimed_epsilon"] == claimed and 0 < claimed <= 2.0
     assert audit["epsilon_lower_bound"] <= claimed and audit["consistent"] is True
     # the ledger audit shows the bound next to the claim, and passes
-    assert main(["audit", str(tmp_path / "run"), "--no-prv"]) == 0
-    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert main(["audit", str(out), "--no-prv"]) == 0
+    report = json.loads((out / "audit.json").read_text())
     assert report["empirical_audit"]["epsilon_lower_bound"] == audit["epsilon_lower_bound"]
     assert "Empirical audit (canaries)" in capsys.readouterr().out

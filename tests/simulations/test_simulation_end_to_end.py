@@ -17,7 +17,7 @@ import torch
 
 from fedpriv import protocol
 from privacy.calibration import compute_epsilon
-from tests.shared_runs import TINY_DP_RUN, simulate
+from tests.shared_runs import TINY_DP_RUN, simulate_in_sequence
 
 SUMMARY_ROUND_FIELDS = {"round", "accuracy", "macro_f1", "loss", "epsilon"}
 SUMMARY_PRIVACY_FIELDS = {"epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps"}
@@ -36,7 +36,35 @@ TINY_PAIR = [
 ]
 
 
-_simulate = simulate
+# DP off, 3 IID organisations, one round: reproducible local rounds, for the SecAgg+ aggregate test
+SECAGG_COMMON = [*TINY_PAIR, "partitioning.num_orgs=3", "training.rounds=1", "privacy.enabled=false"]
+# Three whole runs that no other test reads, made in one process (tests.shared_runs.simulate_in_sequence): the
+# imports and the ServerApp's first model build are paid once. Each is read by one test below.
+RUNS = {
+    # organisation-level DP (around FedProx) with a budget that fits 2 of 3 rounds: the run stops with exit code 1
+    "client_dp": [
+        *TINY_PAIR,
+        "training.rounds=3",
+        "client_dp.enabled=true",
+        "strategy.name=fedprox",
+        "client_dp.noise_multiplier=0.8",
+        "client_dp.max_epsilon=10",
+    ],
+    "news": [
+        "partitioning.num_orgs=2",
+        "data.max_examples=840",
+        "data.max_length=32",  # headline and lead: half the default 64 tokens
+        "training.rounds=2",
+        "output.export_model=false",
+    ],
+    "secagg": [*SECAGG_COMMON, "secure_aggregation.enabled=true", "secure_aggregation.max_weight=64"],  # >= 32
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{name: (exit code, stdout, run folder)} of RUNS."""
+    return simulate_in_sequence(tmp_path_factory.mktemp("e2e-runs"), RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +203,14 @@ def test_a_killed_coordinator_resumes_and_ends_where_an_uninterrupted_run_does(t
         assert (stored["round"], stored["status"], stored["run"]) == (2, "done", str(out))
 
 
-def test_organisation_level_dp_is_recorded_audited_and_stops_the_run_at_its_budget(tmp_path):
+def test_organisation_level_dp_is_recorded_audited_and_stops_the_run_at_its_budget(runs):
     """Flower's server-side clipping + noise (around FedProx); the coordinator's ledger; a budget that fits 2 of 3."""
     from privacy.audit import audit, load_ledger_set
     from privacy.recompute import rdp_epsilons
 
-    proc, out = _simulate(tmp_path, *TINY_PAIR, "training.rounds=3", "client_dp.enabled=true", "strategy.name=fedprox",
-                          "client_dp.noise_multiplier=0.8", "client_dp.max_epsilon=10", expect_failure=True)  # fmt: skip
-    assert "strategy fedprox" in proc.stdout  # Flower's FedProx inside Flower's server-side DP wrapper
+    code, stdout, out = runs["client_dp"]
+    assert code == 1, stdout[-3000:]  # stopped at its budget
+    assert "strategy fedprox" in stdout  # Flower's FedProx inside Flower's server-side DP wrapper
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "budget_exhausted" and len(summary["rounds"]) == 2
     # the noised aggregate goes back to the model's dtype: round 2's updates match it and are all aggregated
@@ -216,20 +244,14 @@ def test_run_files_metrics_plot_checkpoints_and_model(tiny_run):
     assert (out / "model" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_minilm_learns_news_topics_under_dp(tmp_path):
+def test_minilm_learns_news_topics_under_dp(runs):
     """Two organisations, DP-SGD at epsilon 8 each, BBC News (shipped in a package, so this runs everywhere).
 
     The suite's one check that the pretrained MiniLM + LoRA pipeline learns real text; SST-2 utility (DP and
     not) is measured by benchmarks/utility_sst2.py (BENCHMARKS.md), whose smoke test runs in the suite.
     """
-    _, out = _simulate(
-        tmp_path,
-        "partitioning.num_orgs=2",
-        "data.max_examples=840",
-        "data.max_length=32",  # headline and lead: half the default 64 tokens
-        "training.rounds=2",
-        "output.export_model=false",
-    )
+    code, stdout, out = runs["news"]
+    assert code == 0, stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     # 5 topics: chance is about 0.2 (measured 0.679 after 2 rounds at 32 and at 48 tokens, 0.738 at 64); 0.4 is > 6
     # standard errors above chance on ~160 articles
@@ -269,7 +291,7 @@ def _plain_fedavg(cfg, run_dir: Path) -> dict:
     return {key: (value / total).to(torch.float32) for key, value in weighted.items()}
 
 
-def test_secure_aggregation_gives_the_plain_aggregate_within_quantisation_error(tmp_path, monkeypatch):
+def test_secure_aggregation_gives_the_plain_aggregate_within_quantisation_error(runs, tmp_path, monkeypatch):
     """Same seed, DP off (reproducible local rounds): SecAgg+ must give plain FedAvg's aggregate."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -278,18 +300,12 @@ def test_secure_aggregation_gives_the_plain_aggregate_within_quantisation_error(
     for name in ("_run_id", "_node_id", "_task_id"):  # what Flower's runtime sets before messages are made
         monkeypatch.setattr(TaskIdentity, name, 1)
 
-    common = [
-        *TINY_PAIR,
-        "partitioning.num_orgs=3",
-        "training.rounds=1",
-        "privacy.enabled=false",
-    ]
-    secagg = ["secure_aggregation.enabled=true", "secure_aggregation.max_weight=64"]  # >= each org's 32 examples
-    proc, secure = _simulate(tmp_path, *common, *secagg)
-    assert "secure aggregation (SecAgg+): 3 shares" in proc.stdout
+    code, stdout, secure = runs["secagg"]  # secure_aggregation.max_weight=64: >= each org's 32 examples
+    assert code == 0, stdout[-3000:]
+    assert "secure aggregation (SecAgg+): 3 shares" in stdout
     summary = json.loads((secure / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"][0]["trained_orgs"] == ["org-0", "org-1", "org-2"]
-    a, b = _plain_fedavg(load_config(overrides=common), tmp_path / "plain"), _final_weights(secure)
+    a, b = _plain_fedavg(load_config(overrides=SECAGG_COMMON), tmp_path / "plain"), _final_weights(secure)
     assert a.keys() == b.keys()
     gap = max(float((a[k] - b[k]).abs().max()) for k in a)
     # one quantisation step, in weight units: 2 x clipping_range / quantization_range x max_weight / n
