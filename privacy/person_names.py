@@ -44,19 +44,28 @@ CENSUS_FILES = ("dist.male.first", "dist.female.first", "dist.all.last")
 
 
 @functools.cache
-def census_names() -> tuple[frozenset[str], frozenset[str], str]:
-    """(first names, surnames, digest) from the US Census 1990 lists in the ``names`` package."""
+def _census_texts() -> tuple[str, ...]:
     try:
         package = resources.files("names")
-        texts = [package.joinpath(name).read_text(encoding="ascii") for name in CENSUS_FILES]
+        return tuple(package.joinpath(name).read_text(encoding="ascii") for name in CENSUS_FILES)
     except (ModuleNotFoundError, OSError) as exc:
         raise ConfigError(
             f"redaction: person names need the US Census name lists of the 'names' package ({exc.__class__.__name__}):"
             " pip install names"
         ) from None
+
+
+def census_digest() -> str:
+    """SHA-256 of the US Census lists (the rule set's identity; cheaper than parsing them)."""
+    return hashlib.sha256("\n".join(_census_texts()).encode()).hexdigest()
+
+
+@functools.cache
+def census_names() -> tuple[frozenset[str], frozenset[str], str]:
+    """(first names, surnames, digest) from the US Census 1990 lists in the ``names`` package."""
+    texts = _census_texts()
     lists = [frozenset(line.split()[0].title() for line in text.splitlines() if line.strip()) for text in texts]
-    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    return lists[0] | lists[1], lists[2], digest
+    return lists[0] | lists[1], lists[2], census_digest()
 
 
 def read_extra_names(path: str) -> tuple[frozenset[str], frozenset[tuple[str, ...]], str]:

@@ -227,18 +227,18 @@ class Redactor:
             engine = f"presidio-analyzer {metadata.version('presidio-analyzer')}"
         except metadata.PackageNotFoundError:
             raise RedactionError("redaction: needs presidio-analyzer: pip install presidio-analyzer") from None
-        self.person_finder, name_digests = None, []
+        # the organisation's own names (read now: a bad file is one line before anything runs); the census lists
+        # are only hashed here and parsed when the analyzer is built
+        self.own_names: tuple[frozenset[str], frozenset[tuple[str, ...]]] = (frozenset(), frozenset())
+        name_digests = []
         if "person" in cfg.kinds:
-            from privacy.person_names import NameFinder, census_names, read_extra_names
+            from privacy.person_names import census_digest, read_extra_names
 
-            first, last, census_digest = census_names()
-            own: frozenset[str] = frozenset()
-            full: frozenset[tuple[str, ...]] = frozenset()
-            name_digests.append(census_digest)
+            name_digests.append(census_digest())
             if cfg.extra_names:
                 own, full, extra_digest = read_extra_names(cfg.extra_names)
+                self.own_names = (own, full)
                 name_digests.append(extra_digest)
-            self.person_finder = NameFinder(first, last, own, full)
         rule_set = {
             "rules": cfg.rules,
             "version": RULES_VERSION,
@@ -258,7 +258,13 @@ class Redactor:
         presidio, _ = _presidio()
         logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
         registry = presidio.RecognizerRegistry(supported_languages=["en"])
-        for recognizer in _recognizers(self.cfg, self.person_finder):
+        person_finder = None
+        if "person" in self.cfg.kinds:
+            from privacy.person_names import NameFinder, census_names
+
+            first, last, _ = census_names()
+            person_finder = NameFinder(first, last, *self.own_names)
+        for recognizer in _recognizers(self.cfg, person_finder):
             registry.add_recognizer(recognizer)
         self.entities = sorted({e for r in registry.recognizers for e in r.supported_entities})
         return presidio.AnalyzerEngine(registry=registry, nlp_engine=_words_engine(), supported_languages=["en"])
