@@ -128,10 +128,17 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``name``: ``minilm`` (packaged pretrained), ``tiny`` (random, for tests) or a local HF directory."""
+    """``name``: ``minilm`` (packaged pretrained), ``tiny`` (random, for tests) or a local HF directory.
+
+    ``pooling``: what the classification head reads. ``mean``: the mean of the token states (what
+    sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained to make a sentence embedding);
+    ``cls``: BERT's pooled [CLS] token (``BertForSequenceClassification``); ``auto``: ``mean`` for a checkpoint
+    whose sentence-transformers pooling is the mean (``1_Pooling/config.json``), else ``cls``.
+    """
 
     name: str = "minilm"
     finetuning: Literal["lora", "full"] = "lora"
+    pooling: Literal["auto", "cls", "mean"] = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_seed: int = field(default=0, metadata=_seed())
 

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from fedpriv.config import ModelConfig  # noqa: E402
 from fedpriv.errors import ConfigError  # noqa: E402
-from shared_models.sources import minilm_dir, model_source  # noqa: E402
+from shared_models.sources import minilm_dir, model_source, resolve_pooling  # noqa: E402
 
 # Embeddings that Opacus cannot give correct per-sample gradients for when
 # transformers creates their index tensors with batch size 1 (see stack facts);
@@ -65,17 +65,23 @@ def _label_maps(label_names: list[str]) -> dict:
 def _base_model(cfg: ModelConfig, label_names: list[str]):
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
+    from shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
+
+    mean = resolve_pooling(cfg.name, cfg.pooling) == "mean"
     source = model_source(cfg.name)
     if source is None:
         tokenizer = build_tokenizer(cfg.name)
-        config = BertConfig(vocab_size=len(tokenizer), **TINY_BERT, **_label_maps(label_names))
-        return BertForSequenceClassification(config)
+        config_class, model_class = (
+            (MeanPooledBertConfig, MeanPooledBertForSequenceClassification)
+            if mean
+            else (BertConfig, BertForSequenceClassification)
+        )
+        return model_class(config_class(vocab_size=len(tokenizer), **TINY_BERT, **_label_maps(label_names)))
     try:
         # A checkpoint with another head (other task, other label count) gets a fresh head, drawn under
         # model.init_seed so that every party builds the same one.
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(source), ignore_mismatched_sizes=True, **_label_maps(label_names)
-        )
+        loader = MeanPooledBertForSequenceClassification if mean else AutoModelForSequenceClassification
+        return loader.from_pretrained(str(source), ignore_mismatched_sizes=True, **_label_maps(label_names))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name: cannot load a sequence classifier from {source}: {exc}") from None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from privacy.redaction import PLACEHOLDERS
+from shared_models.sources import MEAN_POOLED_MODEL_TYPE
 from shared_models.weights import unwrap
 
 
@@ -24,8 +25,8 @@ def export_model(
     """Write ``merged/`` (plain transformers model + tokenizer), for LoRA ``adapter/``, the card and the rules.
 
     ``merged/`` loads with ``AutoModelForSequenceClassification.from_pretrained``
-    and needs neither peft nor fedpriv. ``redaction`` is each organisation's
-    report (summary.json's ``redaction``).
+    and needs neither peft nor fedpriv (a mean-pooled model carries its own class file and needs
+    ``trust_remote_code=True``). ``redaction`` is each organisation's report (summary.json's ``redaction``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,8 @@ def export_model(
     (out / REDACTION_FILE).write_text(json.dumps(rules, indent=2) + "\n", encoding="utf-8")
     paths["redaction"] = str(out / REDACTION_FILE)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    (out / "README.md").write_text(model_card(labels, rules), encoding="utf-8")
+    mean_pooled = model.config.model_type == MEAN_POOLED_MODEL_TYPE
+    (out / "README.md").write_text(model_card(labels, rules, mean_pooled=mean_pooled), encoding="utf-8")
     paths["card"] = str(out / "README.md")
     return paths
 
@@ -77,9 +79,17 @@ def prediction_rules(reports: dict[str, dict]) -> dict:
     return {"format": REDACTION_FORMAT, "prediction": prediction, "organisations": organisations}
 
 
-def model_card(labels: list[str], rules: dict) -> str:
+def model_card(labels: list[str], rules: dict, *, mean_pooled: bool = False) -> str:
     """The exported model's README: what it predicts, how to load it, and the redaction to apply first."""
     prediction = rules["prediction"]
+    merged = (
+        '- `merged/`: `AutoModelForSequenceClassification.from_pretrained("merged", trust_remote_code=True)` with'
+        " its tokenizer: the head reads the mean of the token states (the class is `merged/mean_pooling.py`, torch"
+        " and transformers only; without `trust_remote_code` transformers refuses the model type rather than"
+        " load it as a [CLS] classifier)."
+        if mean_pooled
+        else '- `merged/`: `AutoModelForSequenceClassification.from_pretrained("merged")` with its tokenizer.'
+    )
     lines = [
         "# fedpriv federated text classifier",
         "",
@@ -88,7 +98,7 @@ def model_card(labels: list[str], rules: dict) -> str:
         "",
         f"Labels: {', '.join(f'`{label}`' for label in labels)}.",
         "",
-        '- `merged/`: `AutoModelForSequenceClassification.from_pretrained("merged")` with its tokenizer.',
+        merged,
         "- `adapter/` (LoRA only): the adapter for `peft`.",
         f"- `{REDACTION_FILE}`: the redaction rules below, as data.",
         "",

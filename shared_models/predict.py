@@ -53,6 +53,8 @@ class Predictor:
     def __init__(self, model_dir: str | Path, max_length: int = 128):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        import shared_models.mean_pooling  # noqa: F401  (registers fedpriv's mean-pooled classifier: no remote code)
+
         model_dir = Path(model_dir)
         merged = model_dir / "merged"
         if not (merged / "config.json").is_file():

@@ -23,8 +23,9 @@ from tests.privacy.test_clipping import B, _batch, _reference_per_example_grads,
 
 @pytest.mark.parametrize("linear_norms", ["ghost", "per_example"])
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
-def test_ghost_norms_and_formed_per_example_gradients_both_match_the_reference(finetuning, linear_norms):
-    model = _tiny_bert(finetuning)
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_ghost_norms_and_formed_per_example_gradients_both_match_the_reference(pooling, finetuning, linear_norms):
+    model = _tiny_bert(finetuning, pooling)
     ids, mask, labels = _batch()
     ref = _reference_per_example_grads(copy.deepcopy(model), ids, mask, labels)
     C = float(ref.norm(dim=1).median())

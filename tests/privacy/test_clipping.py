@@ -24,11 +24,19 @@ B, L, NUM_LABELS = 6, 12, 3
 LENGTHS = [12, 9, 5, 12, 3, 7]  # padded positions get attention_mask 0
 
 
-def _tiny_bert(finetuning: str):
+def _tiny_bert(finetuning: str, pooling: str = "cls"):
+    """``pooling`` "cls": BertForSequenceClassification; "mean": the mean-pooled head (shared_models.mean_pooling)."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    from shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
+
+    config_class, model_class = (
+        (MeanPooledBertConfig, MeanPooledBertForSequenceClassification)
+        if pooling == "mean"
+        else (BertConfig, BertForSequenceClassification)
+    )
     torch.manual_seed(0)
-    config = BertConfig(
+    config = config_class(
         vocab_size=100,
         hidden_size=32,
         num_hidden_layers=2,
@@ -40,7 +48,7 @@ def _tiny_bert(finetuning: str):
         classifier_dropout=0.0,
         num_labels=NUM_LABELS,
     )
-    model = BertForSequenceClassification(config)
+    model = model_class(config)
     if finetuning == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -102,10 +110,13 @@ def _plan(max_grad_norm: float) -> PrivacyPlan:
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 @pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "bk"])
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
-def test_opacus_clipping_matches_per_example_reference(tmp_path, finetuning, grad_sample_mode, loss_reduction, clip):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_opacus_clipping_matches_per_example_reference(
+    tmp_path, pooling, finetuning, grad_sample_mode, loss_reduction, clip
+):
     from torch.utils.data import DataLoader, TensorDataset
 
-    model = _tiny_bert(finetuning)
+    model = _tiny_bert(finetuning, pooling)
     reference_model = copy.deepcopy(model)
     ids, mask, labels = _batch()
 
