@@ -7,6 +7,7 @@ under a SuperNode every message is a fresh process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -18,7 +19,7 @@ from client.device import resolve_device
 from client.evaluation import evaluate
 from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_layout
 from client.stage_timing import phase
-from client.training import train_locally
+from client.training import round_learning_rate, train_locally
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from privacy.accountant_state import NodePrivacy
@@ -87,7 +88,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         result = train_locally(
             model,
             node.train,
-            cfg=cfg.training,
+            cfg=dataclasses.replace(cfg.training, learning_rate=round_learning_rate(cfg.training, server_round)),
             pad_token_id=node.pad_token_id,
             device=device,
             privacy=None if budget is None else budget.privacy,

@@ -6,6 +6,7 @@ optimizer and data loader are wrapped.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -26,6 +27,15 @@ class TrainResult:
     clipping_mode: str | None = None  # the per-example clipping used under DP (None: no DP)
     micro_batches: int = 0  # forward/backward passes (more than ``steps`` when logical batches are cut)
     padded_tokens: int = 0  # token positions those passes processed, padding included
+
+
+def round_learning_rate(cfg: TrainingConfig, server_round: int) -> float:
+    """The learning rate of round ``server_round`` (1-based) of ``cfg.rounds`` under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "constant" or cfg.rounds == 1:
+        return cfg.learning_rate
+    progress = min(max(server_round - 1, 0), cfg.rounds - 1) / (cfg.rounds - 1)
+    floor = cfg.min_lr_ratio
+    return cfg.learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def _optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:

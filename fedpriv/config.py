@@ -151,6 +151,11 @@ class TrainingConfig:
     eval_batch_size: int = field(default=64, metadata=_positive("an integer > 0"))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = field(default=5e-4, metadata=_positive())
+    # The learning rate across rounds: constant, or cosine from learning_rate in round 1 down to
+    # learning_rate x min_lr_ratio in the last planned round (a function of the round number only: it reads no
+    # data, so it costs no privacy, and a resumed run gets the same rates).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = field(default=0.1, metadata=_fraction())
     weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     device: str = field(default="auto", metadata=_DEVICE)
     # auto: bf16 autocast on a CUDA device that supports it, fp32 elsewhere (bf16 on CPU is opt-in: slow without AMX)

@@ -245,3 +245,20 @@ def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path
     report = legacy_fit_metrics_to_content(dict(fitres.metrics))[protocol.PRIVACY]
     assert report["org"] == "org-0" and 0 < report["epsilon"] <= report["target_epsilon"]
     assert fitres.num_examples == len(plan_partitions(cfg).org(0).train)
+
+
+def test_each_round_trains_at_its_scheduled_learning_rate(tmp_path, monkeypatch):
+    import client.task
+
+    seen = []
+    real = client.task.train_locally
+
+    def spy(model, data, *, cfg, **kwargs):
+        seen.append(cfg.learning_rate)
+        return real(model, data, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(client.task, "train_locally", spy)
+    cfg = load_config(overrides=[*OVERRIDES, "training.lr_schedule=cosine", "training.learning_rate=0.02"])
+    for server_round in (1, 2):
+        handle_train(cfg, _message(cfg, tmp_path, server_round), _context())
+    assert seen == [pytest.approx(0.02), pytest.approx(0.002)]  # 2 rounds: the first at the rate, the last at its floor

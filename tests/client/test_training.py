@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from client.tokenized import tokenize
-from client.training import _noise_only_step, _proximal_step, train_locally
+from client.training import _noise_only_step, _proximal_step, round_learning_rate, train_locally
 from fedpriv.config import ModelConfig, TrainingConfig
 from privacy.accountant_state import NodePrivacy
 from privacy.calibration import compute_epsilon, plan_privacy
@@ -98,3 +98,15 @@ def test_proximal_step_pulls_towards_the_global_weights():
     anchor = torch.zeros(2)
     _proximal_step([param], [anchor], lr=0.5, mu=1.0)
     assert torch.allclose(param.detach(), torch.tensor([1.0, -1.0]))
+
+
+def test_cosine_schedule_runs_from_the_learning_rate_to_its_floor_and_constant_stays():
+
+    cosine = TrainingConfig(rounds=5, learning_rate=0.01, lr_schedule="cosine", min_lr_ratio=0.1)
+    rates = [round_learning_rate(cosine, r) for r in range(1, 6)]
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert rates[2] == pytest.approx(0.0055)  # half-way: the mean of start and floor
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert round_learning_rate(cosine, 9) == pytest.approx(0.001)  # never below the floor
+    constant = TrainingConfig(rounds=5, learning_rate=0.01)
+    assert {round_learning_rate(constant, r) for r in range(1, 6)} == {0.01}
