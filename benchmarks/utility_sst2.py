@@ -13,9 +13,9 @@ the run's accuracy is correct / total over all 872):
   organisation's noise is calibrated once for all its planned rounds, and the epsilon it really spent is read
   from the run's ``summary.json`` privacy entries.
 
-Model: ``model`` (default all-MiniLM-L6-v2 + LoRA r=8 on query/value, the packaged default). Learning rates:
-``lr`` for the non-private arms, ``dp_lr`` for the DP arms (tuned with the same small sweep each; see
-BENCHMARKS.md). Goal reported: DP at epsilon 8 within ``goal_points`` accuracy points of ``central``.
+Model: ``model`` (default all-MiniLM-L6-v2 + LoRA r=8 on query/value, the packaged default, with ``pooling``
+auto = its mean-pooled sentence embedding under the head). Learning rates: ``lr`` for the non-private arms,
+``dp_lr`` for the DP arms, each on ``lr_schedule`` across the rounds (see BENCHMARKS.md for what was tried). Goal reported: DP at epsilon 8 within ``goal_points`` accuracy points of ``central``.
 
 Two settings: ``setting=cpu`` (default; a subsample sized for about 30 minutes on 2 idle CPU cores) and
 ``setting=gpu`` (all 67,349 sentences, more rounds; for a machine with a CUDA GPU). Any key given on the
@@ -61,12 +61,15 @@ DEFAULTS = {
     "orgs": 8,
     "alpha": 0.5,
     "min_partition_size": 200,  # the Dirichlet split is redrawn until every organisation holds this many rows
-    "rounds": 4,
+    "rounds": 6,
     "local_epochs": 1,
     "batch": 128,  # expected Poisson batch under DP (the same batch size without DP)
     "max_batch_tokens": 512,  # length-sorted micro-batches of at most this many padded tokens; 0 = one pass
     "lr": 0.002,  # non-private arms (AdamW)
-    "dp_lr": 0.005,  # DP arms (AdamW)
+    "dp_lr": 0.01,  # DP arms (AdamW)
+    "lr_schedule": "cosine",  # every arm: from its learning rate in round 1 to min_lr_ratio of it in the last
+    "min_lr_ratio": 0.1,
+    "pooling": "auto",  # model.pooling (auto: mean for all-MiniLM-L6-v2)
     "seed": 42,
     "device": "cpu",
     "client_cpus": 1,  # CPUs per virtual organisation (Ray); the central arm gets central_cpus
@@ -140,6 +143,9 @@ def common_overrides(args: dict) -> list[str]:
         f"training.local_epochs={args['local_epochs']}",
         f"training.batch_size={args['batch']}",
         f"training.device={args['device']}",
+        f"training.lr_schedule={args['lr_schedule']}",
+        f"training.min_lr_ratio={args['min_lr_ratio']}",
+        f"model.pooling={args['pooling']}",
         f"run.seed={args['seed']}",
         "output.export_model=false",
         "output.keep_checkpoints=1",
