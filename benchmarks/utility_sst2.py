@@ -48,6 +48,7 @@ from simulation_scale import TreeSampler, _stop_tree, tree_pids
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 ARMS = ("central", "federated", "dp")
+_DP_ARM = re.compile(r"dp-eps\d+(\.\d+)?")  # one DP arm by name, e.g. arms=dp-eps8,central: arms run in the order given
 _PLAN_LINE = re.compile(r"^\s+(\S+)\s+train\s+(\d+)\s+test\s+(\d+)")
 
 DEFAULTS = {
@@ -105,7 +106,7 @@ def parse_args(argv: list[str]) -> dict:
     for key, value in PRESETS[args["setting"]].items():
         if key not in given:
             args[key] = value
-    unknown = [arm for arm in args["arms"].split(",") if arm not in ARMS]
+    unknown = [arm for arm in args["arms"].split(",") if arm not in ARMS and not _DP_ARM.fullmatch(arm)]
     if unknown or not args["arms"]:
         raise SystemExit(f"arms: unknown {', '.join(map(repr, unknown))}; known: {', '.join(ARMS)}")
     try:
@@ -124,7 +125,7 @@ def arm_names(args: dict) -> list[str]:
     names = []
     for arm in args["arms"].split(","):
         names += [f"dp-eps{e:g}" for e in args["epsilon_list"]] if arm == "dp" else [arm]
-    return names
+    return list(dict.fromkeys(names))  # an arm named twice runs once
 
 
 def common_overrides(args: dict) -> list[str]:
@@ -400,6 +401,12 @@ def main(argv: list[str]) -> dict:
         arms.append(run_arm(args, arm, out))
         print(json.dumps({k: arms[-1].get(k) for k in ("arm", "status", "accuracy", "epsilon_spent_max", "wall_s")}),
               file=sys.stderr, flush=True)  # fmt: skip
+        result = write_result(args, arms, labels, out)  # after every arm: a long run stopped early keeps its table
+    print(json.dumps(result))
+    return result
+
+
+def write_result(args: dict, arms: list[dict], labels: list[int], out: Path) -> dict:
     settings = {k: v for k, v in args.items() if k not in ("out", "epsilon_list")}
     result = {
         "benchmark": "utility_sst2",
@@ -419,7 +426,6 @@ def main(argv: list[str]) -> dict:
     (out / "result.md").write_text(markdown(result), encoding="utf-8")
     plot(result, out / "accuracy_vs_epsilon.png")
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result))
     return result
 
 

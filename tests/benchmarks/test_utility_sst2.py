@@ -20,7 +20,7 @@ def test_the_utility_benchmark_compares_central_and_dp_arms_on_the_whole_dev_set
     out = tmp_path / "bench"
     settings = [
         "model=tiny", "examples=200", "orgs=2", "alpha=100", "min_partition_size=30", "rounds=1", "batch=16",
-        "max_length=32", "arms=central,dp", "epsilons=8", f"out={out}",
+        "max_length=32", "arms=central,dp-eps8", f"out={out}",
     ]  # fmt: skip
     done = subprocess.run([sys.executable, str(SCRIPT), *settings], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -47,9 +47,22 @@ def test_the_utility_benchmark_compares_central_and_dp_arms_on_the_whole_dev_set
 
 def test_the_utility_benchmark_refuses_unknown_settings_arms_and_a_used_folder(tmp_path):
     for setting, message in (("folds=3", "unknown setting"), ("arms=dp,local", "arms: unknown 'local'"),
-                             ("setting=tpu", "setting: unknown 'tpu'")):  # fmt: skip
+                             ("setting=tpu", "setting: unknown 'tpu'"), ("arms=dp-epsx", "arms: unknown 'dp-epsx'")):  # fmt: skip
         done = subprocess.run([sys.executable, str(SCRIPT), setting], capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and message in done.stderr
     (tmp_path / "old.txt").write_text("an earlier run")
     done = subprocess.run([sys.executable, str(SCRIPT), f"out={tmp_path}"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "not empty" in done.stderr
+
+
+def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from utility_sst2 import arm_names, parse_args
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert arm_names(parse_args(["arms=dp-eps8,central,federated,dp-eps1"])) == [
+        "dp-eps8", "central", "federated", "dp-eps1"
+    ]  # fmt: skip
+    assert arm_names(parse_args(["arms=central,dp", "epsilons=3,8"])) == ["central", "dp-eps3", "dp-eps8"]
+    assert arm_names(parse_args(["arms=dp,dp-eps8", "epsilons=8"])) == ["dp-eps8"]
