@@ -20,7 +20,6 @@ Replies pulled through it have their SecAgg+ masked vectors widened from the
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -48,8 +47,6 @@ class PromptGrid(Grid):
         grid_module = sys.modules.get(type(grid).__module__)
         if callable(getattr(grid_module, "pull_objects", None)):  # HttpGrid pulls reply arrays with back-off
             object_pulls.install(grid_module)
-        if callable(getattr(grid_module, "push_objects", None)):  # and pushes each exchange's objects
-            wide_pushes(grid_module, push_workers())
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -98,54 +95,6 @@ class PromptGrid(Grid):
 
     def __getattr__(self, name: str):  # anything else the wrapped Grid offers (close, ...)
         return getattr(self.grid, name)
-
-
-PUSH_WORKERS_ENV = "FEDPRIV_COORDINATOR_PUSHES"
-DEFAULT_PUSH_WORKERS = 8
-
-
-def push_workers() -> int:
-    """Concurrent object pushes from the coordinator to its SuperLink (``FEDPRIV_COORDINATOR_PUSHES``)."""
-    raw = os.environ.get(PUSH_WORKERS_ENV, "")
-    try:
-        value = int(raw) if raw else DEFAULT_PUSH_WORKERS
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 64:
-        raise SystemExit(f"{PUSH_WORKERS_ENV}={raw!r}: expected a number of concurrent pushes from 1 to 64")
-    return value
-
-
-def wide_pushes(module, workers: int) -> None:
-    """Push an exchange's objects with ``workers`` requests in flight, where Flower 1.41 has two (and never
-    more than this machine's CPU count).
-
-    Flower pushes every object of an exchange's messages as its own request; a node's SuperNode starts the
-    message's ClientApp as soon as the message's header is on the SuperLink, and the ClientApp then waits
-    for the objects still being pushed (BENCHMARKS.md, "Round overhead"). The requests spend their time
-    waiting on the SuperLink, not on this process's CPU, so the CPU cap is lifted (for every push and
-    pull in this process: Flower's own defaults ask for two) and the pushes of ``module`` (Flower's HTTP
-    Grid, as it imported ``push_objects``) ask for ``workers``.
-    """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    push_objects = module.push_objects
-    if getattr(push_objects, "fedpriv_workers", None) == workers:
-        return
-    push_objects = getattr(push_objects, "__wrapped__", push_objects)
-
-    @functools.wraps(push_objects)
-    def push(objects, push_object_fn, **options):
-        options["max_concurrent_pushes"] = workers
-        return push_objects(objects, push_object_fn, **options)
-
-    push.fedpriv_workers = workers
-    module.push_objects = push
-    inflatable_utils.get_num_workers = _requested_workers
-
-
-def _requested_workers(max_concurrent: int) -> int:
-    return max(1, int(max_concurrent))
 
 
 EXCHANGE_TIMINGS_ENV = "FEDPRIV_EXCHANGE_TIMINGS"  # benchmarks only: one JSON line per exchange into this file

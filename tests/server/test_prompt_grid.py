@@ -90,53 +90,11 @@ def test_it_never_polls_slower_than_the_wrapped_grid_and_delegates_the_rest():
 
 
 def test_an_http_grid_gets_prompt_pulls_of_reply_arrays(monkeypatch):
-    from flwr.supercore.inflatable import inflatable_utils
     from flwr.superlink.grid import http_grid
 
     monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
-    monkeypatch.setattr(http_grid, "push_objects", http_grid.push_objects)
-    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
     PromptGrid(object.__new__(http_grid.HttpGrid))
     assert http_grid.pull_objects.fedpriv_prompt
-
-
-def test_an_http_grid_pushes_an_exchanges_objects_with_more_requests_in_flight(monkeypatch):
-    import threading
-    import time
-
-    from flwr.supercore.inflatable import inflatable_utils
-    from flwr.superlink.grid import http_grid
-
-    monkeypatch.setattr(http_grid, "push_objects", http_grid.push_objects)
-    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
-    assert inflatable_utils.get_num_workers(8) <= 8  # Flower's: never more than this machine's CPUs
-    monkeypatch.setenv(prompt_grid.PUSH_WORKERS_ENV, "6")
-    PromptGrid(object.__new__(http_grid.HttpGrid))
-    PromptGrid(object.__new__(http_grid.HttpGrid))  # a second Grid wraps nothing twice
-    in_flight, peak, pushed = [0], [0], []
-    lock = threading.Lock()
-
-    def push_object(object_id, content):  # a request that waits on the SuperLink
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.05)
-        with lock:
-            in_flight[0] -= 1
-            pushed.append(object_id)
-
-    objects = {f"o{i}": SimpleNamespace(deflate=lambda: b"bytes") for i in range(18)}
-    http_grid.push_objects(objects, push_object, object_ids_to_push={f"o{i}" for i in range(12)})
-    assert sorted(pushed) == sorted(f"o{i}" for i in range(12))  # only what the SuperLink asked for
-    assert peak[0] == 6
-
-
-def test_the_number_of_concurrent_pushes_is_checked(monkeypatch):
-    monkeypatch.setenv(prompt_grid.PUSH_WORKERS_ENV, "0")
-    with pytest.raises(SystemExit, match="FEDPRIV_COORDINATOR_PUSHES"):
-        prompt_grid.push_workers()
-    monkeypatch.delenv(prompt_grid.PUSH_WORKERS_ENV)
-    assert prompt_grid.push_workers() == prompt_grid.DEFAULT_PUSH_WORKERS
 
 
 def test_masked_vectors_arrive_widened_and_a_malformed_one_becomes_that_node_s_error(monkeypatch):
