@@ -141,6 +141,7 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
     if update == "full":
         overrides.append("privacy.grad_sample_mode=ghost")  # per-sample gradients of 22M parameters x 10 nodes
     os.environ["FEDPRIV_STAGE_TIMINGS"] = str(timings)  # inherited by every SuperNode's ClientApp processes
+    os.environ["FEDPRIV_EXCHANGE_TIMINGS"] = str(root / f"exchanges-{tag}.jsonl")  # and by the ServerApp
     # N nodes share this machine's cores (each would have its own machine in a real federation): more OpenMP
     # threads than cores make them spin at every barrier (10 nodes x 2 threads on 2 cores: load 25, 1.7 cores busy)
     os.environ["OMP_NUM_THREADS"] = str(args["threads"] or max(1, (os.cpu_count() or 1) // args["nodes"]))
@@ -159,6 +160,7 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
         )
     finally:
         os.environ.pop("FEDPRIV_STAGE_TIMINGS", None)
+        os.environ.pop("FEDPRIV_EXCHANGE_TIMINGS", None)
         os.environ.pop(SUPERNODE_ENV, None)
     if result.summary is None or result.returncode != 0:
         raise SystemExit(f"{label}: the run failed (exit {result.returncode}); logs in {result.run_dir / 'logs'}")

@@ -77,6 +77,19 @@ def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def warm_node(context: Context) -> None:
+    """Load what every message of this run needs on this node, ahead of its messages.
+
+    Called by ``fedpriv-superexec``'s warm run process (client/superexec.py) once it knows the run, and
+    again before it forks each message, so every message's process starts with the node's tokenised data
+    and the model template in memory. Only what ``local_node`` and the model template cache hold (a changed
+    file is read again); never privacy state, which every message reads from disk and writes itself.
+    """
+    from client import task
+
+    task.warm_node(config_from_context(context), context)
+
+
 def build_client_app(config: FedPrivConfig | None = None) -> ClientApp:
     """The ClientApp; with ``config`` None it is read from each run's run config."""
     app = ClientApp()

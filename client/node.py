@@ -6,7 +6,12 @@ In simulation the node is one partition of a shared corpus (``partition-id`` in
 budget, device and state folder, which the coordinator cannot change. Either
 way the result is cached per process (a simulation process keeps the last 256
 organisations it served), and a deployment node also keeps its tokenised data
-on disk in its state folder, because every message starts a new process.
+on disk in its state folder, because every message starts a new process. A
+deployment node's cached data is checked against the files it was read from
+(node.yaml, the data files, the redaction names file) whenever it is asked for:
+a changed file is read again, never served stale. Under ``fedpriv-superexec``
+the data and the model template are loaded once per run, in the run's warm
+process (client/superexec.py), and every message's process is forked from it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ from client.data_files import load_labelled_file, split_indices
 from client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
+from fedpriv.file_stamps import file_stamp
 from privacy.calibration import PrivacyPlan, plan_privacy
 from privacy.redaction import DISABLED_SPEC, Redactor, redactor_for
 from shared_models.builder import build_model, build_tokenizer
@@ -51,19 +58,31 @@ class LocalNode:
     # what redaction did to this organisation's text before tokenisation: its rule set (privacy.redaction's spec)
     # and "counts" per kind over train + test; {"enabled": False} when off. Reported and recorded, never the values.
     redaction: dict = dataclasses.field(default_factory=lambda: dict(DISABLED_SPEC))
+    # the files this node was read from, each with its file_stamp() taken BEFORE it was read (a write during the
+    # read then shows as a change); () in simulation, whose corpus is part of the installed code
+    sources: tuple[tuple[str, tuple | None], ...] = ()
 
 
 TOKEN_CACHE_DIR = "token-cache"
 NODES_KEPT = 256  # a simulation process serves many organisations in turn: keep their tokenised data
 _NODES: OrderedDict[tuple[str, object], LocalNode] = OrderedDict()
 _TEMPLATES: dict[str, tuple[torch.nn.Module, str]] = {}
+ONE_MESSAGE_ENV = "FEDPRIV_ONE_MESSAGE_PROCESS"  # set by fedpriv-superexec in a process that serves one message
+_HANDED_OUT: set[str] = set()  # templates given away as the model itself (in a one-message process)
+
+
+def sources_unchanged(node: object) -> bool:
+    """Whether every file ``node`` was read from still has the stamp it had before it was read."""
+    return all(file_stamp(path) == stamp for path, stamp in getattr(node, "sources", ()))
 
 
 def _cached(cfg: FedPrivConfig, which: object, load) -> LocalNode:
     key = (cfg.to_json(), which)
     if key in _NODES:
-        _NODES.move_to_end(key)
-        return _NODES[key]
+        if sources_unchanged(_NODES[key]):
+            _NODES.move_to_end(key)
+            return _NODES[key]
+        del _NODES[key]  # node.yaml or a data file changed since it was read: read it again
     if any(kept_cfg != key[0] for kept_cfg, _ in _NODES):
         _NODES.clear()  # another run's organisations
     _NODES[key] = load()
@@ -107,7 +126,11 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
 
 def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
     """A deployment node: its own file, split into train/test, labelled with the federation's classes."""
+    sources = [(str(node_config_path), file_stamp(node_config_path))]  # stamped before reading
     node = load_node_config(node_config_path)
+    sources += [(str(path), file_stamp(path)) for path in (node.data.path, node.data.test_path) if path]
+    if node.redaction.enabled and node.redaction.extra_names:
+        sources.append((str(node.redaction.extra_names), file_stamp(node.redaction.extra_names)))
     label_names = list(cfg.data.labels.names or [])
     if not label_names:
         raise NodeSetupError(
@@ -148,6 +171,7 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
         state_dir=Path(node.state_dir),
         ledger_key=Path(node.ledger_key),
         redaction=redaction_report(redactor, [train_data.redacted, test_data.redacted]),
+        sources=tuple(sources),
     )
 
 
@@ -212,9 +236,13 @@ def org_privacy_plan(
     )
 
 
+def _template_key(model_cfg: ModelConfig, label_names: list[str]) -> str:
+    return json.dumps([dataclasses.asdict(model_cfg), list(label_names)])
+
+
 def _template(model_cfg: ModelConfig, label_names: list[str]) -> tuple[torch.nn.Module, str]:
     """The shared model, built once per process, and its base digest."""
-    key = json.dumps([dataclasses.asdict(model_cfg), label_names])
+    key = _template_key(model_cfg, label_names)
     if key not in _TEMPLATES:
         _TEMPLATES.clear()
         model = build_model(model_cfg, label_names)
@@ -223,8 +251,22 @@ def _template(model_cfg: ModelConfig, label_names: list[str]) -> tuple[torch.nn.
 
 
 def fresh_model(model_cfg: ModelConfig, label_names: list[str]) -> tuple[torch.nn.Module, str]:
-    """A private copy of the shared model and its base digest."""
+    """A private copy of the shared model and its base digest.
+
+    In a process that serves one message and ends (``FEDPRIV_ONE_MESSAGE_PROCESS``, set by fedpriv-superexec
+    in each forked ClientApp), the first model asked for is the template itself: the process's memory is
+    already its own copy (forked), so copying 90 MB again is only time and memory; its frozen weights stay
+    pages shared with the warm parent. Any later model in that process is a copy, as everywhere else.
+    """
     template, digest = _template(model_cfg, label_names)
+    key = _template_key(model_cfg, label_names)
+    if os.environ.get(ONE_MESSAGE_ENV) and key not in _HANDED_OUT:
+        _HANDED_OUT.add(key)
+        return template, digest
+    if key in _HANDED_OUT:  # the template was given away and may have been trained: build a clean one
+        _TEMPLATES.pop(key, None)
+        _HANDED_OUT.discard(key)
+        template, digest = _template(model_cfg, label_names)
     return copy.deepcopy(template), digest
 
 

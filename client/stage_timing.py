@@ -21,6 +21,8 @@ from pathlib import Path
 
 ENV_VAR = "FEDPRIV_STAGE_TIMINGS"
 PULLED_AT_ENV = "FEDPRIV_TASK_INPUT_PULLED_AT"  # client/superexec.py: when the message was in hand (wall clock)
+WARM_RUN_ENV = "FEDPRIV_WARM_RUN"  # client/superexec.py: forked from the run's warm process
+STEPS_ENV = "FEDPRIV_TASK_STEPS"  # client/superexec.py: when each start-up step ended (wall clock)
 _phases: dict[str, float] = {}
 
 
@@ -69,9 +71,15 @@ def stage_timings(msg, context, call_next):
         "started_after_s": round(process_age_s(), 3),
         "entered_at": round(time.time(), 3),  # wall clock, to line messages up with the SuperNode's log
     }
+    if os.environ.get(WARM_RUN_ENV):  # forked from a run process that held the node's data and model
+        entry["warm_run"] = True
     pulled_at = os.environ.get(PULLED_AT_ENV)  # set by fedpriv-superexec's forked children
     if pulled_at:  # the message and its arrays were in hand this long after the process started
         entry["input_pulled_after_s"] = round(entry["started_after_s"] - (entry["entered_at"] - float(pulled_at)), 3)
+    steps = os.environ.get(STEPS_ENV)
+    if steps:  # start-up steps (connected, pulled, installed, app_loaded), seconds after the process started
+        started = entry["entered_at"] - entry["started_after_s"]
+        entry["steps"] = {name: round(float(at) - started, 3) for name, at in json.loads(steps).items()}
     _phases.clear()
     started = time.perf_counter()
     try:

@@ -200,3 +200,9 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
 
 def node_trainable_layout(cfg: FedPrivConfig, context: Context) -> list[tuple[str, tuple[int, ...]]]:
     return trainable_layout(cfg.model, local_node(cfg, context).label_names)
+
+
+def warm_node(cfg: FedPrivConfig, context: Context) -> None:
+    """Load the node's data and the model template into this process's caches (client/node.py), nothing else."""
+    node = local_node(cfg, context)
+    trainable_layout(cfg.model, node.label_names)

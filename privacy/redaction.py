@@ -29,6 +29,7 @@ from importlib import metadata
 
 from fedpriv.config import RedactionConfig
 from fedpriv.errors import ConfigError
+from fedpriv.file_stamps import file_stamp
 
 RULES_VERSION = "1"
 PLACEHOLDERS = {
@@ -344,15 +345,17 @@ def _words_engine():
 DISABLED_SPEC = {"enabled": False}
 
 
-@functools.cache
-def _redactor_for(cfg_json: str) -> Redactor:
+@functools.lru_cache(maxsize=16)
+def _redactor_for(cfg_json: str, names_stamp: tuple | None) -> Redactor:
+    del names_stamp  # part of the cache key only
     return Redactor(RedactionConfig(**json.loads(cfg_json)))
 
 
 def redactor_for(cfg: RedactionConfig) -> Redactor | None:
-    """The (per-process cached) redactor for ``cfg``, None when redaction is off."""
+    """The (per-process cached) redactor for ``cfg``, None when redaction is off; built again when the
+    organisation's names file changed."""
     if not cfg.enabled:
         return None
     from dataclasses import asdict
 
-    return _redactor_for(json.dumps(asdict(cfg), sort_keys=True))
+    return _redactor_for(json.dumps(asdict(cfg), sort_keys=True), file_stamp(cfg.extra_names))

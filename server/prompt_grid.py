@@ -20,7 +20,9 @@ Replies pulled through it have their SecAgg+ masked vectors widened from the
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -75,7 +77,10 @@ class PromptGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         if timeout is None:
             timeout = self.default_timeout
+        started = time.time()
+        messages = list(messages)
         pending = set(self.push_messages(messages))
+        pushed = time.time()
         end = time.time() + (timeout or 0.0)
         replies: list[Message] = []
         while timeout is None or time.time() < end:
@@ -85,10 +90,31 @@ class PromptGrid(Grid):
             if not pending:
                 break
             time.sleep(self.pull_interval)
+        _note_exchange(messages, started, pushed, time.time())
         return replies
 
     def __getattr__(self, name: str):  # anything else the wrapped Grid offers (close, ...)
         return getattr(self.grid, name)
+
+
+EXCHANGE_TIMINGS_ENV = "FEDPRIV_EXCHANGE_TIMINGS"  # benchmarks only: one JSON line per exchange into this file
+
+
+def _note_exchange(messages: list[Message], started: float, pushed: float, done: float) -> None:
+    """With ``FEDPRIV_EXCHANGE_TIMINGS`` set: when an exchange started, when its messages (and their objects) were
+    on the SuperLink, and when the last reply was in (wall clock); lines up with the nodes' stage timings."""
+    path = os.environ.get(EXCHANGE_TIMINGS_ENV)
+    if not path or not messages:
+        return
+    first = messages[0]
+    configs = first.content.config_records.get("secaggplus_configs") if first.has_content() else None
+    kind = (
+        f"secagg:{configs['stage']}" if configs is not None and "stage" in configs else str(first.metadata.message_type)
+    )
+    entry = {"kind": kind, "round": first.metadata.group_id, "messages": len(messages), "started_at": round(started, 3)}
+    entry.update(pushed_s=round(pushed - started, 3), done_s=round(done - started, 3))
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
 
 
 def _widen_masked_vectors(reply: Message) -> None:

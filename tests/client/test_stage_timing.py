@@ -61,3 +61,17 @@ def test_each_message_appends_its_stage_startup_and_phases(tmp_path, monkeypatch
     assert set(first["phases"]) == {"model", "train"} and second["phases"] == {}
     assert 0 < first["started_after_s"] < 36_000 and first["handler_s"] >= 0
     assert first["peak_rss_mb"] > 50  # the process's peak resident set (a Python process with torch holds more)
+
+
+def test_a_forked_childs_start_up_steps_and_warm_run_are_reported(tmp_path, monkeypatch):
+    import time
+
+    path = tmp_path / "stages.jsonl"
+    monkeypatch.setenv(stage_timing.ENV_VAR, str(path))
+    monkeypatch.setenv(stage_timing.WARM_RUN_ENV, "1")
+    started = time.time() - stage_timing.process_age_s()
+    monkeypatch.setenv(stage_timing.STEPS_ENV, json.dumps({"pulled": started + 0.5, "app_loaded": started + 0.75}))
+    stage_timing.stage_timings(_message(), _context(), lambda msg, ctx: "reply")
+    (entry,) = (json.loads(line) for line in path.read_text().splitlines())
+    assert entry["warm_run"] is True
+    assert entry["steps"] == pytest.approx({"pulled": 0.5, "app_loaded": 0.75}, abs=0.05)  # after the process start

@@ -113,3 +113,117 @@ def test_install_makes_flowers_superexec_use_the_fork_executor(monkeypatch):
     assert isinstance(superexec_module.get_executor(ExecutorType.SUBPROCESS), superexec.ForkExecutor)
     with pytest.raises(ValueError, match="executor-config"):  # Kubernetes still goes to Flower's own factory
         superexec_module.get_executor(ExecutorType.KUBERNETES)
+
+
+def test_the_plugin_tells_the_executor_which_run_each_task_belongs_to(monkeypatch):
+    from flwr.proto.task_pb2 import Task
+
+    monkeypatch.setattr(superexec_module, "AutoExecPlugin", superexec_module.AutoExecPlugin)
+    monkeypatch.setattr(superexec_module, "get_executor", superexec_module.get_executor)
+    monkeypatch.setattr(inflatable_utils, "pull_objects", inflatable_utils.pull_objects)
+    superexec.install()
+    launched = []
+    executor = superexec.ForkExecutor(warm_runs=2)
+    monkeypatch.setattr(executor, "launch", lambda s: launched.append((executor.next_run_id, s.token)) or "ok")
+    plugin = superexec_module.AutoExecPlugin(
+        runtime_api_address="127.0.0.1:9094", insecure=True, root_certificates_path=None, executor=executor
+    )
+    task = Task(task_id=3, type=TaskType.CLIENT_APP.value, run_id=4242, fab_hash="f" * 64)
+    assert plugin.launch_task(token="tok-9", task=task) == "ok"
+    assert launched == [(4242, "tok-9")]
+    assert superexec.run_aware(superexec_module.AutoExecPlugin) is superexec_module.AutoExecPlugin  # wrapped once
+
+
+def test_frames_survive_a_pipe_in_pieces():
+    buffer = bytearray()
+    read_end, write_end = os.pipe()
+    try:
+        payload = superexec.spec_to_bytes(spec(token="tok-frames"))
+        superexec.send_frame(write_end, payload)
+        superexec.send_frame(write_end, b"{}")
+        data = os.read(read_end, 65536)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    buffer += data[:5]
+    assert superexec.take_frames(buffer) == []  # a partial frame waits for the rest
+    buffer += data[5:]
+    first, second = superexec.take_frames(buffer)
+    assert superexec.spec_from_bytes(first) == spec(token="tok-frames") and second == b"{}" and not buffer
+
+
+def test_app_modules_from_another_folder_are_noticed(tmp_path, monkeypatch):
+    import types
+
+    stray = types.ModuleType("client.stray_for_test")
+    stray.__file__ = str(tmp_path / "elsewhere" / "client" / "stray_for_test.py")
+    monkeypatch.setitem(sys.modules, "client.stray_for_test", stray)
+    assert "client.stray_for_test" in superexec.app_modules_outside(tmp_path / "fab")
+    assert "client.stray_for_test" not in superexec.app_modules_outside(tmp_path / "elsewhere")
+
+
+def test_warm_run_settings_are_checked(monkeypatch):
+    monkeypatch.setenv(superexec.WARM_RUNS_ENV, "0")
+    assert superexec.ForkExecutor().warm_runs == 0
+    monkeypatch.setenv(superexec.WARM_RUNS_ENV, "many")
+    with pytest.raises(SystemExit, match="FEDPRIV_WARM_RUNS"):
+        superexec.ForkExecutor()
+
+
+@pytest.fixture(scope="module")
+def warm_runs(tmp_path_factory):
+    """Six messages of two runs through warm run processes (tests/client/warm_run_scenario.py), one run kept."""
+    import json
+    import subprocess
+
+    work = tmp_path_factory.mktemp("warm-runs")
+    steps = [[1, "run1-a"], [1, "run1-b"], ["append-rows", 8], [1, "run1-c"], [2, "run2-a"], [2, "run2-b"]]
+    (work / "plan.json").write_text(json.dumps({"steps": steps, "rows": 40, "warm_runs": 1}))
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.client.warm_run_scenario", str(work)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
+    return {r["token"]: r for r in records}, json.loads((work / "result.json").read_text()), done.stderr
+
+
+def test_a_runs_first_message_is_cold_and_its_later_messages_inherit_data_and_model(warm_runs):
+    records, _, _ = warm_runs
+    first, second = records["run1-a"], records["run1-b"]
+    assert first["parent_comm"] == superexec.RUN_PROCESS_NAME and first["comm"] == superexec.CLIENTAPP_NAME
+    assert first["held_before_load"] == {"nodes": 0, "templates": 0} and not first["warm_env"]
+    assert not first["node_reused"]  # the first message loaded the node's data itself
+    assert second["ppid"] == first["ppid"]  # forked from the same run process ...
+    assert second["warm_env"] and second["held_before_load"] == {"nodes": 1, "templates": 1}
+    assert second["node_reused"]  # ... which had loaded the data and built the template: not loaded again
+    assert second["train_rows"] == first["train_rows"] == 30
+    assert first["fab_unzipped_and_verified"] and not second["fab_unzipped_and_verified"]  # same bytes: checked once
+    for record in records.values():  # the run's own code, from its FAB; the model handed over without a copy
+        assert record["node_module_file"].startswith(record["app_dir"] + os.sep)
+        assert record["task_module_file"].startswith(record["app_dir"] + os.sep)
+        assert record["model_is_template"]
+
+
+def test_a_changed_data_file_is_read_again_before_the_next_message(warm_runs):
+    records, _, _ = warm_runs
+    after = records["run1-c"]
+    assert after["train_rows"] == 36 and records["run1-b"]["train_rows"] == 30  # 48 rows, a quarter held out
+    assert after["ppid"] == records["run1-a"]["ppid"] and after["warm_env"]
+    assert after["node_reused"]  # reloaded by the run process before the fork, not by the message
+
+
+def test_another_run_gets_its_own_process_with_nothing_of_the_first(warm_runs):
+    records, result, _ = warm_runs
+    first, second = records["run2-a"], records["run2-b"]
+    assert first["ppid"] != records["run1-a"]["ppid"]
+    assert first["held_before_load"] == {"nodes": 0, "templates": 0} and not first["warm_env"]
+    assert first["app_dir"] != records["run1-a"]["app_dir"]
+    assert second["ppid"] == first["ppid"] and second["warm_env"] and second["node_reused"]
+    assert first["fab_unzipped_and_verified"] and not second["fab_unzipped_and_verified"]  # its own FAB, checked once
+    assert result["run_pids"] == [first["ppid"]]  # one warm run at a time here: run 1's process gave its place up
+    assert result["left"] == []  # every run process and child reaped after close()
+    for pid in (records["run1-a"]["ppid"], first["ppid"]):
+        assert not Path(f"/proc/{pid}").exists()

@@ -38,3 +38,14 @@ def test_run_config_overrides_and_config_file_reach_the_apps(tmp_path):
     # quoted values with spaces survive (shell-like splitting)
     cfg = config_from_context(_context({"config": "", "overrides": "run.name='two words'"}))
     assert cfg.run.name == "two words"
+
+
+def test_an_edited_config_file_is_read_again(tmp_path):
+    """A process that lives on (a node's warm run process) never serves a config file's old contents."""
+    file = tmp_path / "run.yaml"
+    file.write_text("training:\n  rounds: 7\n")
+    context = _context({"config": str(file), "overrides": ""})
+    assert config_from_context(context).training.rounds == 7
+    assert config_from_context(context) is config_from_context(context)  # unchanged: parsed once
+    file.write_text("training:\n  rounds: 9\n")
+    assert config_from_context(context).training.rounds == 9

@@ -112,6 +112,11 @@ def test_an_organisations_own_names_file_is_used_and_changes_the_digest(tmp_path
         "Zebedee Quarshie handed over to Nkemdirim."
     )  # not in the census lists: only the organisation's own list knows them
     assert own.digest != census_only.digest
+    assert redactor_for(RedactionConfig(enabled=True, kinds=["person"], extra_names=str(names))) is own  # cached
+    names.write_text("# ward staff\nZebedee Quarshie\nNkemdirim\nOlamide\n", encoding="utf-8")
+    edited = redactor_for(RedactionConfig(enabled=True, kinds=["person"], extra_names=str(names)))
+    assert edited is not own and edited.digest != own.digest  # a process that lives on reads the edited file
+    assert edited.redact_one("Olamide handed over.") == "[PERSON] handed over."
 
 
 @pytest.mark.parametrize(

@@ -124,3 +124,23 @@ def test_masked_vectors_arrive_widened_and_a_malformed_one_becomes_that_node_s_e
     assert vector.dtype == np.int64 and vector.tolist() == [7, 2**32 - 1]
     assert bad.has_error() and not bad.has_content()
     assert "node 2: masked vector refused" in bad.error.reason
+
+
+def test_exchange_timings_are_written_only_when_asked(tmp_path, monkeypatch):
+    import json
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    content = RecordDict({"secaggplus_configs": ConfigRecord({"stage": "share_keys"})})
+    messages = [Message(content, dst_node_id=node, message_type="train", group_id="2") for node in (1, 2, 3)]
+    PromptGrid(SlowRepliesGrid(arrive_at=[1, 1, 1])).send_and_receive(messages)  # no file named: nothing written
+    path = tmp_path / "exchanges.jsonl"
+    monkeypatch.setenv(prompt_grid.EXCHANGE_TIMINGS_ENV, str(path))
+    assert not path.exists()
+    PromptGrid(SlowRepliesGrid(arrive_at=[1, 2, 2])).send_and_receive(messages)
+    (entry,) = (json.loads(line) for line in path.read_text().splitlines())
+    assert entry["kind"] == "secagg:share_keys" and entry["round"] == "2" and entry["messages"] == 3
+    assert 0 <= entry["pushed_s"] <= entry["done_s"] < 5

@@ -1,0 +1,70 @@
+"""What a node process keeps between messages: its data (re-read when a file changes) and the model template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from client import node
+from fedpriv.config import load_config
+
+OVERRIDES = ["model.name=tiny", "data.labels.names=[neg, pos]", "training.batch_size=4", "data.max_length=16"]
+
+
+def _write(tmp_path, rows: int, target_epsilon: float = 5.0) -> Context:
+    lines = ["text,label"] + [f"{'good' if i % 2 else 'bad'} item {i},{'pos' if i % 2 else 'neg'}" for i in range(rows)]
+    (tmp_path / "notes.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "node.yaml").write_text(
+        "org: clinic-a\n"
+        "data: {path: notes.csv, test_fraction: 0.25}\n"
+        f"privacy: {{target_epsilon: {target_epsilon}}}\n"
+        "device: cpu\n"
+        "redaction: {enabled: false}\n"
+    )
+    return Context(
+        run_id=1, node_id=7, node_config={"node-config": str(tmp_path / "node.yaml")}, state=RecordDict(), run_config={}
+    )
+
+
+@pytest.fixture
+def fresh_caches(monkeypatch):
+    monkeypatch.setattr(node, "_NODES", type(node._NODES)())
+    monkeypatch.setattr(node, "_TEMPLATES", {})
+    monkeypatch.setattr(node, "_HANDED_OUT", set())
+
+
+def test_a_deployment_nodes_data_is_kept_until_one_of_its_files_changes(tmp_path, fresh_caches):
+    cfg = load_config(overrides=OVERRIDES)
+    context = _write(tmp_path, 40)
+    first = node.local_node(cfg, context)
+    assert node.local_node(cfg, context) is first  # nothing changed: not read again
+    assert [path for path, _ in first.sources] == [str(tmp_path / "node.yaml"), str(tmp_path / "notes.csv")]
+    _write(tmp_path, 48)  # the data file changed (node.yaml rewritten with the same bytes)
+    second = node.local_node(cfg, context)
+    assert second is not first and len(second.train) == 36 and len(first.train) == 30
+    assert node.local_node(cfg, context) is second
+    _write(tmp_path, 48, target_epsilon=3.0)  # only node.yaml's budget changed
+    third = node.local_node(cfg, context)
+    assert third is not second and third.target_epsilon == 3.0
+    (tmp_path / "notes.csv").unlink()  # a file that went away is not served from memory either
+    with pytest.raises(Exception, match="notes.csv"):
+        node.local_node(cfg, context)
+
+
+def test_a_one_message_process_gets_the_template_itself_and_later_models_are_clean_copies(fresh_caches, monkeypatch):
+    cfg = load_config(overrides=OVERRIDES)
+    monkeypatch.setenv(node.ONE_MESSAGE_ENV, "1")
+    template, digest = node._template(cfg.model, ["neg", "pos"])
+    clean = {name: tensor.clone() for name, tensor in template.state_dict().items()}
+    model, model_digest = node.fresh_model(cfg.model, ["neg", "pos"])
+    assert model is template and model_digest == digest  # no copy: the forked process's memory is its own
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)  # what training does to it
+    again, again_digest = node.fresh_model(cfg.model, ["neg", "pos"])
+    assert again is not model and again_digest == digest
+    assert all(torch.equal(again.state_dict()[name], clean[name]) for name in clean)  # rebuilt, not the trained one
+    monkeypatch.delenv(node.ONE_MESSAGE_ENV)
+    copy, _ = node.fresh_model(cfg.model, ["neg", "pos"])
+    assert copy is not node._template(cfg.model, ["neg", "pos"])[0]  # everywhere else: a copy, as before
