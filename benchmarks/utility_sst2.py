@@ -348,6 +348,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -367,6 +368,9 @@ def plot(result: dict, path: Path) -> None:
             ax.axhline(a["accuracy"], color=color, linestyle=line, label=f"{label} ({a['accuracy']:.3f})")
     ax.axhline(result["majority_accuracy"], color="grey", linewidth=0.8, label="majority class")
     ax.set_xscale("log")
+    if dp:  # ticks at the epsilons measured, as plain numbers (not 2 x 10^0)
+        ax.set_xticks([a["epsilon_spent_max"] for a in dp], [f"{a['epsilon_spent_max']:.2g}" for a in dp])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"epsilon spent (max over organisations, delta {result['settings']['delta']:g})")
     ax.set_ylabel("accuracy on SST-2 dev (872 sentences)")
     s = result["settings"]
