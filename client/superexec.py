@@ -56,6 +56,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from client.env_settings import env_number
 from fedpriv.app_source import APP_PACKAGES
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own variable: seconds between task polls
@@ -140,16 +141,7 @@ RUN_RESTARTS = 2  # a run whose warm process died this often gets plain forks fo
 
 
 def _setting(name: str, default: float, low: float, high: float) -> float:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise SystemExit(f"fedpriv-superexec: {name}={raw!r}: expected a number between {low:g} and {high:g}")
-    return value
+    return env_number("fedpriv-superexec", name, default, low, high)
 
 
 def warm_runs_setting() -> int:

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from client.env_settings import env_number
+
 POLL_ENV = "FEDPRIV_NODE_POLL_S"
 DEFAULT_POLL_S = 0.5
 LOCAL_WAIT_S = 0.1  # waits for the node's own ClientApp reply: local lookups, no network
@@ -38,16 +40,7 @@ FLOWER_SUPEREXEC = "flower-superexec"
 
 
 def poll_interval() -> float:
-    raw = os.environ.get(POLL_ENV, "")
-    if not raw:
-        return DEFAULT_POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.01 <= value <= 60:
-        raise SystemExit(f"fedpriv-supernode: {POLL_ENV}={raw!r}: expected seconds between 0.01 and 60")
-    return value
+    return env_number("fedpriv-supernode", POLL_ENV, DEFAULT_POLL_S, 0.01, 60, unit="seconds")
 
 
 class ShortWaits:
