@@ -71,6 +71,8 @@ DEFAULTS = {
     "lr_schedule": "cosine",  # every arm: from its learning rate in round 1 to min_lr_ratio of it in the last
     "min_lr_ratio": 0.1,
     "pooling": "auto",  # model.pooling (auto: mean for all-MiniLM-L6-v2)
+    "freeze_a": False,  # model.lora.freeze_a: train LoRA's B matrices only (FFA-LoRA)
+    "lora_alpha": 16.0,  # model.lora.alpha (the update B·A is scaled by alpha / r)
     "seed": 42,
     "device": "cpu",
     "client_cpus": 1,  # CPUs per virtual organisation (Ray); the central arm gets central_cpus
@@ -147,6 +149,8 @@ def common_overrides(args: dict) -> list[str]:
         f"training.lr_schedule={args['lr_schedule']}",
         f"training.min_lr_ratio={args['min_lr_ratio']}",
         f"model.pooling={args['pooling']}",
+        f"model.lora.freeze_a={str(args['freeze_a']).lower()}",
+        f"model.lora.alpha={args['lora_alpha']}",
         f"run.seed={args['seed']}",
         "output.export_model=false",
         "output.keep_checkpoints=1",

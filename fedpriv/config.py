@@ -120,10 +120,18 @@ class PartitioningConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
+    """``freeze_a``: train only the B matrices (A stays at its seeded random draw, the same on every party).
+
+    FedAvg of A and B separately is not the average of the organisations' updates B·A; with A frozen it
+    is exactly that, DP noise lands on B only (not on a product of two noisy factors), and each upload
+    halves (FFA-LoRA, Sun et al., ICLR 2024).
+    """
+
     r: int = field(default=8, metadata=_positive("an integer > 0"))
     alpha: float = field(default=16.0, metadata=_positive())
     dropout: float = field(default=0.0, metadata=_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"))
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    freeze_a: bool = False
 
 
 @dataclass(frozen=True)

@@ -118,10 +118,15 @@ def _wrap_lora(model, cfg: ModelConfig):
         target_modules=list(cfg.lora.target_modules),
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
             f"model.lora.target_modules: {list(cfg.lora.target_modules)} not found in {cfg.name}"
             f" (linear layers: {', '.join(names)}) [{exc.__class__.__name__}]"
         ) from None
+    if cfg.lora.freeze_a:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return model

@@ -22,7 +22,7 @@ from tests.privacy.test_clipping import B, _batch, _reference_per_example_grads,
 
 
 @pytest.mark.parametrize("linear_norms", ["ghost", "per_example"])
-@pytest.mark.parametrize("finetuning", ["full", "lora"])
+@pytest.mark.parametrize("finetuning", ["full", "lora", "lora-frozen-a"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_ghost_norms_and_formed_per_example_gradients_both_match_the_reference(pooling, finetuning, linear_norms):
     model = _tiny_bert(finetuning, pooling)

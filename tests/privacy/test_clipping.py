@@ -25,7 +25,10 @@ LENGTHS = [12, 9, 5, 12, 3, 7]  # padded positions get attention_mask 0
 
 
 def _tiny_bert(finetuning: str, pooling: str = "cls"):
-    """``pooling`` "cls": BertForSequenceClassification; "mean": the mean-pooled head (shared_models.mean_pooling)."""
+    """``pooling`` "cls": BertForSequenceClassification; "mean": the mean-pooled head (shared_models.mean_pooling).
+
+    ``finetuning`` "lora-frozen-a": LoRA with its A matrices frozen (model.lora.freeze_a).
+    """
     from transformers import BertConfig, BertForSequenceClassification
 
     from shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
@@ -49,7 +52,7 @@ def _tiny_bert(finetuning: str, pooling: str = "cls"):
         num_labels=NUM_LABELS,
     )
     model = model_class(config)
-    if finetuning == "lora":
+    if finetuning.startswith("lora"):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
@@ -59,6 +62,8 @@ def _tiny_bert(finetuning: str, pooling: str = "cls"):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
+                if "lora_A" in name and finetuning == "lora-frozen-a":
+                    p.requires_grad_(False)
         assert any("classifier" in n for n, p in model.named_parameters() if p.requires_grad)
     else:
         # Opacus gives these two embeddings batch-1 per-sample grads (see stack-facts): freeze them.
@@ -109,7 +114,7 @@ def _plan(max_grad_norm: float) -> PrivacyPlan:
 @pytest.mark.parametrize("clip", ["small", "mixed"])
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 @pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "bk"])
-@pytest.mark.parametrize("finetuning", ["full", "lora"])
+@pytest.mark.parametrize("finetuning", ["full", "lora", "lora-frozen-a"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_opacus_clipping_matches_per_example_reference(
     tmp_path, pooling, finetuning, grad_sample_mode, loss_reduction, clip

@@ -98,6 +98,24 @@ def test_lora_rank_and_targets_come_from_config():
         build_model(ModelConfig(name="tiny", lora=LoraConfig(target_modules=["no_such_layer"])), LABELS)
 
 
+def test_freeze_a_trains_and_exchanges_only_lora_b_and_the_head():
+    plain = build_model(ModelConfig(name="tiny"), LABELS)
+    cfg = ModelConfig(name="tiny", lora=LoraConfig(freeze_a=True))
+    frozen_a, again = build_model(cfg, LABELS), build_model(cfg, LABELS)
+    trainable = [n for n, p in frozen_a.named_parameters() if p.requires_grad]
+    assert not any("lora_A" in n for n in trainable)
+    assert any("lora_B" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert set(trainable_state(frozen_a)) == set(trainable) < set(trainable_state(plain))
+    # A is drawn under model.init_seed: the same on every party, and covered by the base-model digest
+    # that every node checks against the server's.
+    a_names = [n for n, _ in frozen_a.named_parameters() if "lora_A" in n]
+    assert a_names and all(torch.equal(frozen_a.get_parameter(n), again.get_parameter(n)) for n in a_names)
+    assert base_model_digest(frozen_a) == base_model_digest(again) != base_model_digest(plain)
+    with torch.no_grad():
+        frozen_a.get_parameter(a_names[0]).add_(1.0)
+    assert base_model_digest(frozen_a) != base_model_digest(again)
+
+
 def test_unknown_model_name_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model.name"):
         build_model(ModelConfig(name=str(tmp_path / "missing")), LABELS)
