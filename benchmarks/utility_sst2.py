@@ -56,6 +56,7 @@ DEFAULTS = {
     "arms": "central,federated,dp",  # dp = one arm per value of epsilons
     "epsilons": "1,3,8",
     "delta": 1e-5,
+    "accountant": "rdp",  # privacy.accountant: rdp | prv (PRV: a tighter epsilon for the same noise)
     "model": "minilm",
     "examples": 8000,  # training sentences (subsample of train.tsv with the run's seed); 0 = all 67,349
     "max_length": 64,  # tokens; SST-2 training phrases average 13, dev sentences 25 (longest 60)
@@ -191,6 +192,7 @@ def arm_overrides(args: dict, arm: str) -> list[str]:
         "privacy.enabled=true",
         f"privacy.target_epsilon={epsilon}",
         f"privacy.delta={args['delta']}",
+        f"privacy.accountant={args['accountant']}",
         f"training.learning_rate={args['dp_lr']}",
     ]
 
