@@ -69,7 +69,8 @@ DEFAULTS = {
     "max_batch_tokens": 512,  # length-sorted micro-batches of at most this many padded tokens; 0 = one pass
     "central_lr": 0.002,  # the central arm (AdamW; 0.01 gave 0.79-0.80: 63 steps a round overshoot)
     "lr": 0.01,  # the federated non-private arm (AdamW; 0.002 gave 0.796, 0.005 0.825, 0.01 0.841)
-    "dp_lr": 0.01,  # DP arms (AdamW)
+    "dp_lr": 0.01,  # DP arms
+    "dp_optimizer": "adamw",  # DP arms: adamw | sgd (the non-private arms use AdamW)
     "lr_schedule": "cosine",  # every arm: from its learning rate in round 1 to min_lr_ratio of it in the last
     "min_lr_ratio": 0.1,
     "pooling": "auto",  # model.pooling (auto: mean for all-MiniLM-L6-v2)
@@ -195,6 +196,7 @@ def arm_overrides(args: dict, arm: str) -> list[str]:
         f"privacy.delta={args['delta']}",
         f"privacy.accountant={args['accountant']}",
         f"training.learning_rate={args['dp_lr']}",
+        f"training.optimizer={args['dp_optimizer']}",
     ]
 
 
