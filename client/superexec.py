@@ -138,8 +138,6 @@ DEFAULT_WARM_IDLE_S = 1800.0
 RUN_PROCESS_NAME = "fedpriv-run"  # what ps/top show for a run's warm process
 WARM_HOOK = "warm_node"  # the ClientApp module's function that loads what every message of a run needs
 RUN_RESTARTS = 2  # a run whose warm process died this often gets plain forks for the rest of its life
-APP_NICE_ENV = "FEDPRIV_APP_NICE"  # niceness of ClientApp work (run processes and message children)
-DEFAULT_APP_NICE = 0
 
 
 def _setting(name: str, default: float, low: float, high: float) -> float:
@@ -152,21 +150,6 @@ def warm_runs_setting() -> int:
 
 def warm_idle_setting() -> float:
     return _setting(WARM_IDLE_ENV, DEFAULT_WARM_IDLE_S, 1, 7 * 24 * 3600)
-
-
-def app_nice_setting() -> int:
-    return int(_setting(APP_NICE_ENV, DEFAULT_APP_NICE, 0, 19))
-
-
-def lower_app_priority(nice: int) -> None:
-    """Run this process's ClientApp work at niceness ``nice`` (never raised back: an absolute value, not a step).
-
-    A node's SuperNode and SuperExec answer the SuperLink between messages while the ClientApp trains;
-    at a higher niceness the training yields the CPU to them, so that pulls, pushes and forks are not
-    queued behind it. Forked children inherit the value.
-    """
-    if nice > os.getpriority(os.PRIO_PROCESS, 0):
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 def send_frame(fd: int, payload: bytes) -> None:
@@ -365,7 +348,6 @@ class RunProcess:
 
     def serve(self) -> int:
         name_process(RUN_PROCESS_NAME)
-        lower_app_priority(app_nice_setting())  # its warm-up too; every message it forks inherits it
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)  # the SuperExec's handlers would close the SuperExec's connections
         forget_app_modules()  # the run's own code comes from its FAB
@@ -645,7 +627,6 @@ def run_task(spec, report_fd: int | None = None) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)  # the parent's handlers would close the parent's connections
         name_process(CLIENTAPP_NAME)
-        lower_app_priority(app_nice_setting())
         os.environ[ONE_MESSAGE_ENV] = "1"
         if spec.suppress_output:
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -67,32 +67,6 @@ def test_a_clientapp_task_runs_flowers_run_clientapp_in_a_forked_child(tmp_path:
     assert name == "flwr-clientapp"  # what ps shows, and how tests/deployment find a node's ClientApps
 
 
-def test_clientapp_work_runs_at_the_configured_niceness_and_the_node_keeps_its_own(tmp_path: Path, monkeypatch):
-    record = tmp_path / "nice.txt"
-
-    def fake_run_clientapp(**kwargs):
-        superexec.lower_app_priority(3)  # a second, smaller value never raises the priority back
-        record.write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
-        raise SystemExit(0)
-
-    import flwr.supernode.runtime.run_clientapp as runtime
-
-    monkeypatch.setattr(runtime, "run_clientapp", fake_run_clientapp)
-    monkeypatch.setenv(superexec.APP_NICE_ENV, "7")
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    executor = superexec.ForkExecutor()
-    executor.launch(spec())
-    wait_reaped(executor)
-    assert int(record.read_text()) == max(7, before)  # the forked ClientApp
-    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the SuperExec itself
-    for bad in ("-1", "20", "low"):
-        monkeypatch.setenv(superexec.APP_NICE_ENV, bad)
-        with pytest.raises(SystemExit, match="FEDPRIV_APP_NICE"):
-            superexec.app_nice_setting()
-    monkeypatch.delenv(superexec.APP_NICE_ENV)
-    assert superexec.app_nice_setting() == superexec.DEFAULT_APP_NICE
-
-
 def test_a_failing_clientapp_exits_its_child_with_a_failure_code(monkeypatch):
     def crash(**kwargs):
         raise RuntimeError("boom")
