@@ -22,12 +22,14 @@ quantised and masked as int64 arrays (``ndarray_to_bytes``) inside a ConfigRecor
 
 "Full fp32 model" is every parameter of the base model (what ``model.finetuning=full`` builds, frozen
 embeddings included) x 4 bytes; the same denominator for LoRA and full fine-tuning. LoRA settings (rank,
-target modules) are the packaged defaults. Round 1 is measured: the coordinator holds none of the node's
+target modules) are the packaged defaults; ``finetuning=lora-frozen-a`` is LoRA with ``model.lora.freeze_a``
+(only the B matrices and the head travel). Round 1 is measured: the coordinator holds none of the node's
 ledger entries, so the train reply carries one entry, as in every later round. One torch thread.
 
     python benchmarks/communication.py                          # minilm and tiny, LoRA and full, with SecAgg+
     python benchmarks/communication.py models=tiny secagg=lora  # the smoke test's setting
     python benchmarks/communication.py models=minilm finetuning=lora out=/tmp/communication.json
+    python benchmarks/communication.py models=minilm finetuning=lora,lora-frozen-a secagg=lora,lora-frozen-a
 
 Prints one JSON line (and writes it to ``out`` when given).
 """
@@ -50,7 +52,7 @@ DEFAULTS = {
     "secagg": "lora,full", "out": "",
 }  # fmt: skip
 MODELS = ("minilm", "tiny")
-MODES = ("lora", "full")
+MODES = ("lora", "full", "lora-frozen-a")  # lora-frozen-a: LoRA with model.lora.freeze_a (B matrices + head)
 GOAL = 0.005  # the issue's target: at most 0.5% of the full fp32 model per node and round
 
 # Identities as a deployment has them: SuperNode and run ids are random 64-bit integers, sessions uuid4 text.
@@ -74,7 +76,8 @@ def settings(model: str, finetuning: str, args: dict, num_orgs: int):
     return load_config(
         overrides=[
             f"model.name={model}",
-            f"model.finetuning={finetuning}",
+            f"model.finetuning={finetuning.removesuffix('-frozen-a')}",
+            f"model.lora.freeze_a={str(finetuning == 'lora-frozen-a').lower()}",
             "partitioning.scheme=iid",
             f"partitioning.num_orgs={num_orgs}",
             f"data.max_examples={args['examples']}",
@@ -317,8 +320,12 @@ def measure(model_name: str, finetuning: str, args: dict, root: Path, plans: dic
     del base
     app = build_client_app(cfg)
     row: dict = {"model": model_name, "finetuning": finetuning}
-    if finetuning == "lora":
-        row["lora"] = {"r": cfg.model.lora.r, "target_modules": list(cfg.model.lora.target_modules)}
+    if cfg.model.finetuning == "lora":
+        row["lora"] = {
+            "r": cfg.model.lora.r,
+            "target_modules": list(cfg.model.lora.target_modules),
+            "freeze_a": cfg.model.lora.freeze_a,
+        }
     full_bytes = 4 * full_params
     run_dir = root / f"{model_name}-{finetuning}"
     _privacy_state(run_dir / "plain", org, plans)

@@ -49,3 +49,18 @@ def test_the_communication_benchmark_sizes_real_replies_of_lora_and_full_updates
 def test_the_communication_benchmark_refuses_unknown_settings():
     done = subprocess.run([sys.executable, str(SCRIPT), "models=bert"], capture_output=True, text=True)
     assert done.returncode == 1 and "models: unknown 'bert'" in done.stderr
+
+
+def test_frozen_a_lora_uploads_the_b_matrices_and_the_head_only(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "models=tiny", "finetuning=lora,lora-frozen-a", "secagg=none"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {row["finetuning"]: row for row in json.loads(done.stdout.strip().splitlines()[-1])["rows"]}
+    lora, frozen_a = rows["lora"], rows["lora-frozen-a"]
+    assert frozen_a["lora"]["freeze_a"] and not lora["lora"]["freeze_a"]
+    # tiny: hidden 64, r 8, query/value in 2 layers: A and B are 512 each per module; the 3-class head 195
+    assert lora["trainable_params"] - frozen_a["trainable_params"] == 2 * 2 * 8 * 64
+    assert frozen_a["round_upload_bytes"] < lora["round_upload_bytes"]
