@@ -52,7 +52,12 @@ DEFAULTS = {
     "secagg": "lora,full", "out": "",
 }  # fmt: skip
 MODELS = ("minilm", "tiny")
-MODES = ("lora", "full", "lora-frozen-a")  # lora-frozen-a: LoRA with model.lora.freeze_a (B matrices + head)
+MODE_OVERRIDES = {  # each update kind measured, as model.* overrides
+    "lora": ["model.finetuning=lora"],
+    "full": ["model.finetuning=full"],
+    "lora-frozen-a": ["model.finetuning=lora", "model.lora.freeze_a=true"],  # B matrices + head travel
+}
+MODES = tuple(MODE_OVERRIDES)
 GOAL = 0.005  # the target: at most 0.5% of the full fp32 model per node and round
 
 # Identities as a deployment has them: SuperNode and run ids are random 64-bit integers, sessions uuid4 text.
@@ -76,8 +81,7 @@ def settings(model: str, finetuning: str, args: dict, num_orgs: int):
     return load_config(
         overrides=[
             f"model.name={model}",
-            f"model.finetuning={finetuning.removesuffix('-frozen-a')}",
-            f"model.lora.freeze_a={str(finetuning == 'lora-frozen-a').lower()}",
+            *MODE_OVERRIDES[finetuning],
             "partitioning.scheme=iid",
             f"partitioning.num_orgs={num_orgs}",
             f"data.max_examples={args['examples']}",

@@ -15,7 +15,9 @@ the run's accuracy is correct / total over all 872):
 
 Model: ``model`` (default all-MiniLM-L6-v2 + LoRA r=8 on query/value, the packaged default, with ``pooling``
 auto = its mean-pooled sentence embedding under the head). Learning rates: ``central_lr`` for the central arm,
-``lr`` for the federated non-private arm, ``dp_lr`` for the DP arms (each arm's best found), each on ``lr_schedule`` across the rounds (see BENCHMARKS.md for what was tried). Goal reported: DP at epsilon 8 within ``goal_points`` accuracy points of ``central``.
+``lr`` for the federated non-private arm, ``dp_lr`` for the DP arms (each arm's best found), each on
+``lr_schedule`` across the rounds (see BENCHMARKS.md for what was tried). Goal reported: DP at epsilon 8 within
+``goal_points`` accuracy points of ``central``.
 
 Two settings: ``setting=cpu`` (default; a subsample sized for about 30 minutes on 2 idle CPU cores) and
 ``setting=gpu`` (all 67,349 sentences, more rounds; for a machine with a CUDA GPU). Any key given on the
