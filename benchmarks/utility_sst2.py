@@ -96,6 +96,7 @@ PRESETS = {
         "rounds": 10,
         "local_epochs": 1,
         "batch": 512,
+        "min_partition_size": 1000,  # alpha 0.5 over all of SST-2 gives one organisation ~200 rows at 200
         "max_batch_tokens": 0,  # one pass per batch: a GPU has the memory
         "device": "auto",
         "client_cpus": 2,

@@ -34,7 +34,7 @@ from pathlib import Path
 from fedpriv.errors import ConfigError, UserError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
-from fedpriv.provisioning.federation import CoordinatorConfig, FederationConfig, load_federation
+from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, CoordinatorConfig, FederationConfig, load_federation
 from fedpriv.provisioning.kits import SUPERNODE, SUPERNODE_ENV
 
 START_TIMEOUT_S = 60.0
@@ -201,7 +201,7 @@ def enrol(coordinator_kit: Path, org: str, env: dict[str, str]) -> str:
 def local_federation(cfg: FederationConfig, port: int) -> FederationConfig:
     """The same organisations, with the coordinator on 127.0.0.1:``port``."""
     coordinator = CoordinatorConfig(
-        addresses=["127.0.0.1", "localhost"], port=port, bind_host="127.0.0.1", database="state/superlink.db"
+        addresses=["127.0.0.1", "localhost"], port=port, bind_host="127.0.0.1", database=IN_MEMORY_DATABASE
     )
     return dataclasses.replace(cfg, coordinator=coordinator)
 
@@ -455,16 +455,11 @@ def federation_up(
         if plaintext:
             cli_home = _plaintext_cli_home(homes / "cli-plaintext", cfg.federation, port)
             args = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
-            args += ["--database", str(homes / "superlink.db")]
+            args += ["--database", IN_MEMORY_DATABASE]
             ready, transport = (lambda: tcp_ready(port)), "PLAINTEXT, no node authentication (benchmark baseline)"
         else:
             cli_home = co_kit / "flwr-home"
             args = ["sh", str(co_kit / "start-superlink.sh")]
-            if point is not None:
-                # the stopped SuperLink's database still lists the old SuperNodes as online until two of their
-                # heartbeats pass (up to a minute), refusing the same keys meanwhile: start on a fresh one (the
-                # nodes are enrolled below as always; a run's records live in the run folder, not there)
-                args += ["--database", str(homes / "superlink.db")]
             ready, transport = (lambda: tls_ready(port, co_kit / "ca.crt")), "TLS, SuperNode authentication"
         procs["superlink"] = (start_process(args, log, flower_env(homes / "superlink"), cwd=co_kit), log)
         _wait("waiting for the SuperLink to accept connections", ready, procs, START_TIMEOUT_S)

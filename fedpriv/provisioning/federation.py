@@ -27,6 +27,7 @@ from fedpriv.errors import ConfigError
 
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 LOOPBACK = ("127.0.0.1", "localhost")
+IN_MEMORY_DATABASE = ":flwr-in-memory:"  # flower-superlink's name for state kept in the process (its default)
 
 
 def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str | None:
@@ -61,7 +62,12 @@ class CoordinatorConfig:
             lambda v: isinstance(parse_address(v), (ipaddress.IPv4Address, ipaddress.IPv6Address)), "an IP address"
         ),
     )
-    database: str = "state/superlink.db"
+    # an SQLite file (relative: inside the coordinator kit), kept across SuperLink restarts with the enrolled
+    # node keys; or IN_MEMORY_DATABASE: faster rounds, but every restart needs ./enroll-nodes.sh again
+    database: str = field(
+        default="state/superlink.db",
+        metadata=_check(lambda v: bool(v.strip()), f"a file path or {IN_MEMORY_DATABASE!r}"),
+    )
     # Flower 1.41 has no separate Control API address (see _cross_checks): the key is accepted only to refuse it clearly
     control_address: str | None = None
 

@@ -26,7 +26,7 @@ from fedpriv.config import DataConfig
 from fedpriv.errors import ConfigError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError, pki
-from fedpriv.provisioning.federation import FederationConfig, OrganisationConfig, parse_address
+from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, FederationConfig, OrganisationConfig, parse_address
 from privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
 from privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
 from privacy.ledger import LedgerError, load_signing_key, public_key_text
@@ -101,6 +101,10 @@ def _kit_prelude(script: str) -> list[str]:
     ]
 
 
+def _database_word(database: str) -> str:
+    return shlex.quote(database) if database == IN_MEMORY_DATABASE else _in_kit(database)
+
+
 def _in_kit(path: str) -> str:
     """A shell word for ``path``: as is when absolute, else inside the kit folder."""
     return shlex.quote(path) if Path(path).is_absolute() else '"$KIT"/' + shlex.quote(path)
@@ -117,12 +121,13 @@ def superlink_command(cfg: FederationConfig) -> list[str]:
         "--enable-supernode-auth",
         f"--host {shlex.quote(co.bind_host)}",
         f"--port {co.port}",
-        f"--database {_in_kit(co.database)}",
+        f"--database {_database_word(co.database)}",
     ]
 
 
 def start_superlink_sh(cfg: FederationConfig) -> str:
-    db_dir = _in_kit(str(Path(cfg.coordinator.database).parent))
+    database = cfg.coordinator.database
+    db_dir = None if database == IN_MEMORY_DATABASE else _in_kit(str(Path(database).parent))
     lines = [
         "#!/bin/sh",
         f"# Starts the SuperLink of federation {cfg.federation} (written by `fedpriv provision`: re-run it, do not edit).",
@@ -130,7 +135,7 @@ def start_superlink_sh(cfg: FederationConfig) -> str:
         "# public key was registered (./enroll-nodes.sh) may connect. Extra flower-superlink flags may follow,",
         "# e.g. ./start-superlink.sh --disable-runtime-dependency-installation",
         *_kit_prelude("start-superlink.sh"),
-        f"mkdir -p {db_dir}",
+        *([f"mkdir -p {db_dir}"] if db_dir else []),
         "exec " + " \\\n    ".join(superlink_command(cfg)) + ' \\\n    "$@"',
     ]
     return "\n".join(lines) + "\n"

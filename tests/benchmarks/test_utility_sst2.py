@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,22 @@ def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
     ]  # fmt: skip
     assert arm_names(parse_args(["arms=central,dp", "epsilons=3,8"])) == ["central", "dp-eps3", "dp-eps8"]
     assert arm_names(parse_args(["arms=dp,dp-eps8", "epsilons=8"])) == ["dp-eps8"]
+
+
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="needs ../shared/data/sst2 (see ../shared/data/README.md)")
+def test_the_gpu_settings_dp_arm_passes_fedpriv_s_own_checks(tmp_path):
+    """The GPU setting (all of SST-2, batch 512) plans: every organisation of the Dirichlet split holds a batch."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import utility_sst2
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    args = utility_sst2.parse_args(["setting=gpu", "model=tiny"])
+    command = [
+        sys.executable, "-m", "fedpriv.cli", "simulate", *utility_sst2.common_overrides(args),
+        *utility_sst2.arm_overrides(args, "dp-eps8"), "--dry-run", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    sizes = [int(m) for m in re.findall(r"org-\d+\s+train\s+(\d+)", done.stdout)]
+    assert len(sizes) == 8 and min(sizes) >= args["batch"] == 512 and sum(sizes) == 67349

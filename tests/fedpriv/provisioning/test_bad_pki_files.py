@@ -404,6 +404,8 @@ def test_federation_up_reaches_the_processes_with_good_kits(world, kits, capsys,
     with pytest.raises(Started):
         _up(capsys, world, kits, tmp_path)
     assert no_processes == [["sh", str(kits / CO / "start-superlink.sh")]]
+    # on one machine the nodes are enrolled at every start, so nothing needs the SuperLink's state on disk
+    assert "--database :flwr-in-memory:" in (kits / CO / "start-superlink.sh").read_text()
 
 
 def test_federation_up_reissues_an_expired_superlink_certificate_first(world, kits, capsys, tmp_path, no_processes):

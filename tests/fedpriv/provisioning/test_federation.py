@@ -80,6 +80,7 @@ BAD = {
     ),
     "bad-device": (lambda r: r["organisations"][0].update(device="tpu"), ("organisations[0].device",)),
     "bad-federation-name": (lambda r: r.update(federation="a b"), ("federation",)),
+    "empty-database": (lambda r: r["coordinator"].update(database=" "), ("coordinator.database", "a file path")),
     "control-address": (
         lambda r: r["coordinator"].update(control_address="127.0.0.1:9093"),
         ("coordinator.control_address", "Control API"),

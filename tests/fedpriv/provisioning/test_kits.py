@@ -135,6 +135,7 @@ def test_superlink_script_has_tls_auth_and_database(kits: Path):
         '--database "$KIT"/state/superlink.db',
     ):
         assert flag in script, flag
+    assert 'mkdir -p "$KIT"/state' in script
     assert "--auth-list-public-keys" not in script  # refused by flower-superlink 1.41
     enroll = (kits / "coordinator" / "enroll-nodes.sh").read_text()
     for org in ORGS:
@@ -272,3 +273,12 @@ def test_kits_of_another_federation_are_refused(tmp_path: Path, kits: Path):
     with pytest.raises(ProvisioningError, match="clinics-2026"):
         provision(cfg, kits)
     assert snapshot(kits) == before
+
+
+def test_superlink_state_in_memory_when_asked(tmp_path: Path):
+    """``database: ":flwr-in-memory:"`` is Flower's name, passed as is: not a file inside the kit, no folder made."""
+    raw = federation_dict(database=":flwr-in-memory:")
+    provision(load_federation(write_federation(tmp_path / "FEDERATION.yaml", raw)), tmp_path / "kits")
+    script = (tmp_path / "kits" / "coordinator" / "start-superlink.sh").read_text()
+    assert "--database :flwr-in-memory: \\\n" in script
+    assert "mkdir" not in script and "flwr-in-memory:\"" not in script
