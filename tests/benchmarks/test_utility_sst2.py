@@ -69,7 +69,9 @@ def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
     assert arm_names(parse_args(["arms=dp,dp-eps8", "epsilons=8"])) == ["dp-eps8"]
 
 
-@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="needs ../shared/data/sst2 (see ../shared/data/README.md)")
+@pytest.mark.skipif(
+    not (SST2 / "train.tsv").is_file(), reason="needs ../shared/data/sst2 (see ../shared/data/README.md)"
+)
 def test_the_gpu_settings_dp_arm_passes_fedpriv_s_own_checks(tmp_path):
     """The GPU setting (all of SST-2, batch 512) plans: every organisation of the Dirichlet split holds a batch."""
     sys.path.insert(0, str(SCRIPT.parent))

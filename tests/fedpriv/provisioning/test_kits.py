@@ -281,4 +281,4 @@ def test_superlink_state_in_memory_when_asked(tmp_path: Path):
     provision(load_federation(write_federation(tmp_path / "FEDERATION.yaml", raw)), tmp_path / "kits")
     script = (tmp_path / "kits" / "coordinator" / "start-superlink.sh").read_text()
     assert "--database :flwr-in-memory: \\\n" in script
-    assert "mkdir" not in script and "flwr-in-memory:\"" not in script
+    assert "mkdir" not in script and 'flwr-in-memory:"' not in script
