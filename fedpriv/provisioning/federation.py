@@ -71,6 +71,10 @@ class CoordinatorConfig:
     # Flower 1.41 has no separate Control API address (see _cross_checks): the key is accepted only to refuse it clearly
     control_address: str | None = None
 
+    @property
+    def database_in_memory(self) -> bool:
+        return self.database == IN_MEMORY_DATABASE
+
 
 @dataclass(frozen=True)
 class ValidityDays:

@@ -26,7 +26,7 @@ from fedpriv.config import DataConfig
 from fedpriv.errors import ConfigError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError, pki
-from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, FederationConfig, OrganisationConfig, parse_address
+from fedpriv.provisioning.federation import FederationConfig, OrganisationConfig, parse_address
 from privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
 from privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
 from privacy.ledger import LedgerError, load_signing_key, public_key_text
@@ -101,10 +101,6 @@ def _kit_prelude(script: str) -> list[str]:
     ]
 
 
-def _database_word(database: str) -> str:
-    return shlex.quote(database) if database == IN_MEMORY_DATABASE else _in_kit(database)
-
-
 def _in_kit(path: str) -> str:
     """A shell word for ``path``: as is when absolute, else inside the kit folder."""
     return shlex.quote(path) if Path(path).is_absolute() else '"$KIT"/' + shlex.quote(path)
@@ -121,13 +117,13 @@ def superlink_command(cfg: FederationConfig) -> list[str]:
         "--enable-supernode-auth",
         f"--host {shlex.quote(co.bind_host)}",
         f"--port {co.port}",
-        f"--database {_database_word(co.database)}",
+        f"--database {shlex.quote(co.database) if co.database_in_memory else _in_kit(co.database)}",
     ]
 
 
 def start_superlink_sh(cfg: FederationConfig) -> str:
-    database = cfg.coordinator.database
-    db_dir = None if database == IN_MEMORY_DATABASE else _in_kit(str(Path(database).parent))
+    co = cfg.coordinator
+    db_dir = None if co.database_in_memory else _in_kit(str(Path(co.database).parent))
     lines = [
         "#!/bin/sh",
         f"# Starts the SuperLink of federation {cfg.federation} (written by `fedpriv provision`: re-run it, do not edit).",

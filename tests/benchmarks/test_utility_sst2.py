@@ -56,12 +56,19 @@ def test_the_utility_benchmark_refuses_unknown_settings_arms_and_a_used_folder(t
     assert done.returncode == 1 and "not empty" in done.stderr
 
 
-def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
+def _benchmark_module():
+    """benchmarks/utility_sst2.py as a module (benchmarks/ is not a package; its scripts import their siblings)."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        from utility_sst2 import arm_names, parse_args
+        import utility_sst2
     finally:
         sys.path.remove(str(SCRIPT.parent))
+    return utility_sst2
+
+
+def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
+    bench = _benchmark_module()
+    arm_names, parse_args = bench.arm_names, bench.parse_args
     assert arm_names(parse_args(["arms=dp-eps8,central,federated,dp-eps1"])) == [
         "dp-eps8", "central", "federated", "dp-eps1"
     ]  # fmt: skip
@@ -74,11 +81,7 @@ def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
 )
 def test_the_gpu_settings_dp_arm_passes_fedpriv_s_own_checks(tmp_path):
     """The GPU setting (all of SST-2, batch 512) plans: every organisation of the Dirichlet split holds a batch."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import utility_sst2
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    utility_sst2 = _benchmark_module()
     args = utility_sst2.parse_args(["setting=gpu", "model=tiny"])
     command = [
         sys.executable, "-m", "fedpriv.cli", "simulate", *utility_sst2.common_overrides(args),
