@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from client.superexec import READY_LINE
 from fedpriv.errors import ConfigError, UserError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
@@ -38,6 +39,7 @@ from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, CoordinatorConfi
 from fedpriv.provisioning.kits import SUPERNODE, SUPERNODE_ENV
 
 START_TIMEOUT_S = 60.0
+WARM_TIMEOUT_S = 300.0  # N nodes' imports on a shared machine: about 9 CPU-seconds each
 STOP_WAIT_S = 10.0
 ENROL_WORKERS = 4
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -165,6 +167,16 @@ def tail(path: Path, chars: int = 3000) -> str:
         return _ANSI.sub("", path.read_text(errors="replace"))[-chars:]
     except OSError:
         return ""
+
+
+def printed_since(path: Path, offset: int, line: str) -> bool:
+    """Whether ``path`` got a line starting with ``line`` after its first ``offset`` bytes."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return any(row.lstrip().startswith(line.encode()) for row in handle)
+    except OSError:
+        return False
 
 
 def supernodes(flwr_home: Path, env: dict[str, str]) -> list[dict]:
@@ -469,6 +481,7 @@ def federation_up(
             with ThreadPoolExecutor(max_workers=ENROL_WORKERS) as pool:  # each is a `flwr` CLI start (~1.5 s CPU)
                 for name, outcome in zip(names, pool.map(lambda name: enrol(co_kit, name, env), names), strict=True):
                     say(f"  enrolled {name}: {outcome}")
+        log_starts: dict[str, int] = {}
         for org in cfg.organisations:
             kit = kits / org.name
             log = logs / f"{org.name}.log"
@@ -478,6 +491,7 @@ def federation_up(
             else:
                 args = ["sh", str(kit / "start-supernode.sh")]
             args += ["--port", str(free_port())]
+            log_starts[org.name] = log.stat().st_size if log.exists() else 0  # logs are appended to across runs
             procs[org.name] = (start_process(args, log, flower_env(homes / org.name), cwd=kit), log)
         if processes is not None:
             processes.update({name: proc for name, (proc, _) in procs.items()})
@@ -487,6 +501,15 @@ def federation_up(
 
         _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
         say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
+        if (os.environ.get(SUPERNODE_ENV) or SUPERNODE) == SUPERNODE:
+            # each node's fedpriv-superexec imports torch & co. and builds its caches once (seconds of CPU per
+            # node, 10 nodes sharing this machine's cores): the run starts once they have, as in a federation
+            # whose nodes were started ahead of it, so that its first round does not pay for their start-up
+            def all_warm() -> bool:
+                return all(printed_since(procs[name][1], start, READY_LINE) for name, start in log_starts.items())
+
+            _wait("waiting for the SuperNodes' fedpriv-superexec to warm up", all_warm, procs, WARM_TIMEOUT_S)
+            say(f"{n} SuperNodes warm (torch, transformers, PEFT, Opacus and the redaction rules loaded)")
 
         if point is not None:  # the first run's config and overrides (the ClientApps read them too), plus resume
             run_config = write_run_config(logs / "run-config.resume.toml", *first_run, resume=point.run_dir)

@@ -343,6 +343,29 @@ def _words_engine():
 
 
 DISABLED_SPEC = {"enabled": False}
+# one sentence with something for most kinds: running it compiles the recognizers' patterns
+WARM_UP_TEXT = (
+    "Jane Smith (jane@example.org, +1 415 555 0100, @jane_s, 192.168.0.1) was born on 3 May 1990;"
+    " card 4111 1111 1111 1111, IBAN GB82 WEST 1234 5698 7654 32, https://example.org"
+)
+
+
+def warm_engine() -> bool:
+    """Build every kind and locale of the packaged rule set and run it on one sentence; False without Presidio.
+
+    Why: a Redactor's first text costs seconds of CPU (Presidio's imports, the census name lists, ~250
+    patterns compiled by ``regex``), paid by every node in its first round. Those imports and compiled
+    patterns live in third-party modules, so a process forked after this call (``fedpriv-superexec``'s run
+    and message processes) starts with them, even though it builds its own Redactor from its run's code.
+    Pure Python: no thread, no torch.
+    """
+    from fedpriv.config import REDACTION_LOCALES
+
+    try:
+        Redactor(RedactionConfig(enabled=True, locales=list(REDACTION_LOCALES))).redact([WARM_UP_TEXT])
+    except RedactionError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=16)

@@ -100,9 +100,20 @@ def test_warm_caches_hand_children_transformers_conversion_mapping_built(monkeyp
     from transformers import conversion_mapping
 
     monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
-    assert superexec.warm_caches() == ["transformers.conversion_mapping"]
+    assert superexec.warm_caches() == ["transformers.conversion_mapping", "presidio.recognizers"]
     assert conversion_mapping._checkpoint_conversion_mapping_cache  # what PEFT's model wrapping reads
-    assert superexec.fork_is_safe() is None
+    assert superexec.fork_is_safe() is None and superexec.extra_threads() is None
+
+
+def test_a_failing_redaction_warm_up_leaves_the_superexec_running(monkeypatch, capsys):
+    from privacy import redaction
+
+    def broken():
+        raise RuntimeError("recognizer registry broke")
+
+    monkeypatch.setattr(redaction, "warm_engine", broken)
+    assert "presidio.recognizers" not in superexec.warm_caches()
+    assert "redaction not warmed (RuntimeError: recognizer registry broke)" in capsys.readouterr().err
 
 
 def test_install_makes_flowers_superexec_use_the_fork_executor(monkeypatch):

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from client.superexec import READY_LINE
 from fedpriv.local_federation import (
     enrol,
     flower_env,
@@ -190,6 +191,15 @@ def test_three_organisations_train_over_tls_each_within_its_own_budget(finished_
     assert any((first[k] != second[k]).any() for k in first), "the global model did not change between rounds"
     assert (result.run_dir / "model" / "merged").is_dir()
     assert json.loads((result.run_dir / "summary.json").read_text())["run_dir"] == str(result.run_dir)
+
+
+def test_each_start_waits_for_its_nodes_to_warm_up_before_the_run(finished_run):
+    """Both starts (the interrupted one and the resume) waited for every node's fedpriv-superexec imports."""
+    output = "\n".join(finished_run["lines"])
+    assert output.count(f"{len(TARGETS)} SuperNodes warm") == 2, output
+    logs = finished_run["result"].run_dir / "logs"
+    for org in TARGETS:  # one line per start, in the log both starts appended to
+        assert (logs / f"{org}.log").read_text().count(READY_LINE) == 2, org
 
 
 def test_every_process_is_stopped_afterwards(finished_run):

@@ -155,3 +155,18 @@ def test_bad_rule_configuration_is_one_clear_line(override, expected):
     with pytest.raises(ConfigError) as caught:
         load_config(overrides=[override])
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_warm_engine_leaves_every_pattern_a_node_uses_compiled_in_regexs_shared_cache():
+    """What ``fedpriv-superexec`` warms before it forks: a run's own Redactor (built from its FAB) compiles nothing."""
+    import regex
+
+    from privacy.redaction import Redactor, warm_engine
+
+    regex.purge()
+    assert warm_engine()
+    cached = {key[0] for key in regex._main._cache}  # (pattern, pattern type, flags, ...)
+    node = Redactor(RedactionConfig(enabled=True, locales=["de", "us"]))  # another rule set than the warm one
+    patterns = {p.regex for r in node.analyzer.registry.recognizers for p in getattr(r, "patterns", [])}
+    assert len(patterns) > 30
+    assert patterns <= cached

@@ -1,0 +1,20 @@
+"""fedpriv/local_federation.py helpers that need no processes (the real federation: tests/deployment)."""
+
+from __future__ import annotations
+
+from client.superexec import READY_LINE
+from fedpriv.local_federation import printed_since
+
+
+def test_a_node_is_warm_only_after_a_ready_line_printed_since_its_start(tmp_path):
+    log = tmp_path / "org-0.log"
+    assert not printed_since(log, 0, READY_LINE)  # no log yet
+    log.write_text(f"INFO : Starting SuperNode\n{READY_LINE} (13 modules preloaded; no cache built)\n")
+    start = log.stat().st_size  # a second start appends to the same log: the first start's line does not count
+    assert printed_since(log, 0, READY_LINE) and not printed_since(log, start, READY_LINE)
+    with log.open("a") as handle:
+        handle.write("INFO : Starting SuperNode\nfedpriv-superexec: warm-ish\n")
+    assert not printed_since(log, start, READY_LINE + " (")
+    with log.open("a") as handle:
+        handle.write(f"   {READY_LINE} (13 modules preloaded; presidio.recognizers built)\n")
+    assert printed_since(log, start, READY_LINE)
