@@ -90,3 +90,18 @@ def test_a_redacting_node_keeps_only_redacted_tokens_and_counts_and_never_redact
     assert prepare_texts(PII_TEXTS, [0, 1, 0], tokenizer, 32, tmp_path, other).redacted == {"email": 1}
     unredacted = prepare_texts(PII_TEXTS, [0, 1, 0], tokenizer, 32, tmp_path)
     assert unredacted.redacted is None and len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_the_tokenizer_identity_is_worked_out_once_per_tokenizer_and_again_after_added_tokens(monkeypatch):
+    import copy
+
+    from client import tokenized
+
+    tokenizer = copy.deepcopy(build_tokenizer("minilm"))  # its own: build_tokenizer's is shared, and tokens get added
+    worked_out = []
+    real = tokenized._identity
+    monkeypatch.setattr(tokenized, "_identity", lambda t: worked_out.append(t) or real(t))
+    first = tokenized.tokenizer_identity(tokenizer)
+    assert tokenized.tokenizer_identity(tokenizer) == first and len(worked_out) == 1
+    tokenizer.add_tokens(["[PATIENT_ID]"])  # a different split from now on: the cache key must change
+    assert tokenized.tokenizer_identity(tokenizer) != first and len(worked_out) == 2
