@@ -353,11 +353,11 @@ WARM_UP_TEXT = (
 def warm_engine() -> bool:
     """Build every kind and locale of the packaged rule set and run it on one sentence; False without Presidio.
 
-    Why: a Redactor's first text costs seconds of CPU (Presidio's imports, the census name lists, ~250
-    patterns compiled by ``regex``), paid by every node in its first round. Those imports and compiled
-    patterns live in third-party modules, so a process forked after this call (``fedpriv-superexec``'s run
-    and message processes) starts with them, even though it builds its own Redactor from its run's code.
-    Pure Python: no thread, no torch.
+    Why: a Redactor's first text costs seconds of CPU (Presidio's imports, ~250 patterns compiled by
+    ``regex``), paid by every node in its first round. Those imports and compiled patterns live in
+    third-party modules, so a process forked after this call (``fedpriv-superexec``'s run and message
+    processes) starts with them, even though it builds its own Redactor from its run's code (which parses
+    the census name lists again: they live in this project's modules). Pure Python: no thread, no torch.
     """
     from fedpriv.config import REDACTION_LOCALES
 
