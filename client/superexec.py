@@ -15,8 +15,9 @@ Only third-party modules are imported ahead of time, and pure-data caches built
 (transformers' checkpoint conversion mapping, Presidio's compiled redaction
 patterns: ``warm_caches``); no torch operation, no CUDA initialisation, no thread
 pool, so the children start as clean as a fresh interpreter would. It then
-prints ``READY_LINE``, which ``fedpriv federation up`` waits for before the run. Tasks are picked up every 0.2 s instead
-of every second (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` still overrides it).
+prints ``READY_LINE``, which ``fedpriv federation up`` waits for before the run.
+Tasks are picked up every 0.2 s instead of every second
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` still overrides it).
 
 A warm process per run (``FEDPRIV_WARM_RUNS``, default 2 runs per node; 0: off).
 Every training and evaluate message used to load the node's data (node.yaml,
