@@ -282,3 +282,27 @@ def test_superlink_state_in_memory_when_asked(tmp_path: Path):
     script = (tmp_path / "kits" / "coordinator" / "start-superlink.sh").read_text()
     assert "--database :flwr-in-memory: \\\n" in script
     assert "mkdir" not in script and 'flwr-in-memory:"' not in script
+
+
+def test_enrolments_run_side_by_side_never_see_a_half_written_flower_config(kits: Path, tmp_path: Path):
+    """`fedpriv federation up` enrols several organisations at once, each `enroll-nodes.sh ORG` writing the
+    coordinator's Flower config first: another one's `flwr` must never read it truncated (it did: "SuperLink
+    connection 'clinics-2026' not found")."""
+    import os
+    import subprocess
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    flwr = fake_bin / "flwr"  # reads the config the way Flower's CLI does: it must name the federation's connection
+    flwr.write_text('#!/bin/sh\ngrep -q \'^\\[superlink."clinics-2026"\\]\' "$FLWR_HOME/config.toml" || exit 3\n')
+    flwr.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
+    script = kits / "coordinator" / "enroll-nodes.sh"
+    for _ in range(10):
+        runs = [
+            subprocess.Popen(["sh", str(script), *ORGS], env=env, stderr=subprocess.PIPE, text=True) for _ in range(12)
+        ]
+        errors = [run.communicate(timeout=60)[1] for run in runs]
+        assert all(run.returncode == 0 for run in runs), errors
+    config = (kits / "coordinator" / "flwr-home" / "config.toml").read_text()
+    assert '[superlink."clinics-2026"]' in config and not list((kits / "coordinator" / "flwr-home").glob("*.tmp*"))
