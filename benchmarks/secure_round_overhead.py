@@ -18,6 +18,7 @@ stock flower-supernode (a fresh interpreter per message).
     python benchmarks/secure_round_overhead.py                       # 10 nodes, LoRA and full model
     python benchmarks/secure_round_overhead.py nodes=10 updates=lora modes=secure supernodes=fedpriv,flower
     python benchmarks/secure_round_overhead.py nodes=4 rounds=2 updates=lora model=tiny out=/tmp/overhead
+    python benchmarks/secure_round_overhead.py ... reruns=1      # and once more on the same kits (cached data)
 
 Prints progress, then a Markdown table; writes the raw numbers to OUT/overhead.json.
 """
@@ -42,6 +43,7 @@ DEFAULTS = {
     "batch": 16, "max_length": 64, "out": "", "modes": "secure,plaintext", "supernodes": "fedpriv",
     "max_batch_tokens": 0,  # > 0: training.max_batch_tokens (length-sorted micro-batches: less memory per node)
     "threads": 0,  # torch/OpenMP threads per node (OMP_NUM_THREADS); 0: the machine's CPUs / nodes, at least 1
+    "reruns": 0,  # more runs of each arm on its kits (privacy state cleared, token caches kept): a later run's rounds
 }  # fmt: skip
 MODES = ("secure", "plaintext")
 SUPERNODES = {"fedpriv": "fedpriv-supernode", "flower": "flower-supernode"}  # warm ClientApps / Flower's stock
@@ -120,12 +122,33 @@ def stage_table(path: Path) -> dict[str, dict]:
     return table
 
 
-def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, supernode: str = "fedpriv") -> dict:
+def clear_privacy_state(kits: Path) -> None:
+    """Every organisation's privacy state (plan, accountant, ledger, stored replies) gone, its token cache kept.
+
+    What a federation's next run on the same data starts from: the node redacted and tokenised its texts in an
+    earlier run and reads them from its cache. Benchmarks only: a real node's spent budget is never deleted.
+    """
+    import shutil
+
+    from client.node import TOKEN_CACHE_DIR
+
+    for state in kits.glob("*/state"):
+        for item in state.iterdir():
+            if item.name != TOKEN_CACHE_DIR:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def run_one(
+    root: Path, federation: Path, args: dict, update: str, mode: str, supernode: str = "fedpriv", rerun: int = 0
+) -> dict:
     from fedpriv.local_federation import federation_up
     from fedpriv.provisioning.kits import SUPERNODE_ENV
 
-    label = f"{update}/{mode}/{supernode}"
-    tag = f"{update}-{mode}-{supernode}"
+    label = f"{update}/{mode}/{supernode}" + (f" run {rerun + 1}" if rerun else "")
+    kits = root / f"kits-{update}-{mode}-{supernode}"
+    tag = f"{update}-{mode}-{supernode}" + (f"-run{rerun + 1}" if rerun else "")
+    if rerun:
+        clear_privacy_state(kits)
     timings = root / f"stages-{tag}.jsonl"
     overrides = [
         f"model.name={args['model']}",
@@ -150,7 +173,7 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
     try:
         result = federation_up(
             federation,
-            root / f"kits-{tag}",
+            kits,
             rounds=args["rounds"],
             overrides=overrides,
             out=root / f"run-{tag}",
@@ -172,6 +195,7 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
         "update": update,
         "mode": mode,
         "supernode": supernode,
+        "run": rerun + 1,  # 1: fresh kits; later: the same kits again (token caches kept)
         "slowest_node_compute_s": compute,
         "round_over_compute": ratios,
         "median_round_over_compute": round(statistics.median(r for r in ratios if r), 3) if any(ratios) else None,
@@ -186,13 +210,20 @@ def run_one(root: Path, federation: Path, args: dict, update: str, mode: str, su
     }
 
 
+def _label(result: dict) -> str:
+    label = f"{result['update']}/{result['mode']}/{result['supernode']}"
+    return label + (f" run {result['run']}" if result["run"] > 1 else "")
+
+
 def markdown(results: list[dict], args: dict) -> str:
     lines = [
         "| update | trainable parameters | plaintext s/round | TLS + SecAgg+ s/round | ratio |",
         "|---|---|---|---|---|",
     ]
     for update in dict.fromkeys(r["update"] for r in results):
-        by_mode = {r["mode"]: r for r in results if r["update"] == update and r["supernode"] == "fedpriv"}
+        by_mode = {
+            r["mode"]: r for r in results if r["update"] == update and r["supernode"] == "fedpriv" and r["run"] == 1
+        }
         plain, secure = by_mode.get("plaintext"), by_mode.get("secure")
         if not plain or not secure:
             continue
@@ -208,7 +239,7 @@ def markdown(results: list[dict], args: dict) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['update']}/{r['mode']}/{r['supernode']} | {r['round_s']} | {r['slowest_node_compute_s']}"
+            f"| {_label(r)} | {r['round_s']} | {r['slowest_node_compute_s']}"
             f" | {r['round_over_compute']} | **{r['median_round_over_compute']}** |"
         )
     lines += [
@@ -220,8 +251,7 @@ def markdown(results: list[dict], args: dict) -> str:
         for stage, row in r["stages"].items():
             phases = ", ".join(f"{k} {v}" for k, v in row["phases_s"].items()) or "-"
             lines.append(
-                f"| {r['update']}/{r['mode']}/{r['supernode']} | {stage} | {row['messages']} | {row['startup_s']} | {row['handler_s']}"
-                f" | {phases} |"
+                f"| {_label(r)} | {stage} | {row['messages']} | {row['startup_s']} | {row['handler_s']} | {phases} |"
             )
     return "\n".join(lines)
 
@@ -240,7 +270,8 @@ def main(argv: list[str]) -> list[dict]:
             for supernode in args["supernodes"].split(","):
                 if supernode not in SUPERNODES:
                     raise SystemExit(f"supernodes: {supernode!r} is not one of {', '.join(SUPERNODES)}")
-                results.append(run_one(out, federation, args, update, mode, supernode))
+                for rerun in range(args["reruns"] + 1):
+                    results.append(run_one(out, federation, args, update, mode, supernode, rerun))
             (out / "overhead.json").write_text(json.dumps({"settings": args, "results": results}, indent=2))
     print(markdown(results, args))
     print(f"raw numbers: {out / 'overhead.json'}")

@@ -25,6 +25,7 @@ def test_the_round_overhead_benchmark_times_a_real_secure_round_and_the_nodes_co
             "model=tiny",
             "modes=secure",
             "supernodes=fedpriv",
+            "reruns=1",
             f"out={out}",
         ],
         capture_output=True,
@@ -32,8 +33,15 @@ def test_the_round_overhead_benchmark_times_a_real_secure_round_and_the_nodes_co
         check=True,
         timeout=600,
     )
-    (result,) = json.loads((out / "overhead.json").read_text())["results"]
-    assert (result["mode"], result["supernode"], result["update"]) == ("secure", "fedpriv", "lora")
+    result, again = json.loads((out / "overhead.json").read_text())["results"]
+    assert (result["mode"], result["supernode"], result["update"], result["run"]) == ("secure", "fedpriv", "lora", 1)
+    # reruns=1: the same kits once more, each node's privacy state cleared and its tokenised data kept
+    assert again["run"] == 2 and again["trained_orgs_per_round"] == [3] and again["median_round_over_compute"] > 1
+    for kit in sorted((out / "kits-lora-secure-fedpriv").glob("org-*")):
+        ledger = (kit / "state" / "ledger.jsonl").read_text().splitlines()
+        assert len(ledger) == 1, kit  # the second run's one round only: the first run's entry was cleared
+        assert list((kit / "state" / "token-cache").glob("*.pt")), kit
+    assert (out / "stages-lora-secure-fedpriv-run2.jsonl").is_file() and (out / "run-lora-secure-fedpriv-run2").is_dir()
     assert result["trained_orgs_per_round"] == [3]
     (wall,), (compute,), (ratio,) = result["round_s"], result["slowest_node_compute_s"], result["round_over_compute"]
     assert 0 < compute < wall and ratio == round(wall / compute, 3) > 1
