@@ -102,8 +102,8 @@ def warm_caches() -> list[str]:
     PEFT asks transformers for its checkpoint conversion mapping whenever it wraps a model: built lazily
     (about 880 regular expressions, 0.25 s of CPU) and cached at module level, so a forked child inherits it.
     A node that redacts its data (node.yaml ``redaction``, on by default) builds Presidio's recognizers in
-    its run's first message: Presidio's imports and ~250 compiled patterns (1.5 s of CPU per node, measured
-    in BENCHMARKS.md) are made here once instead. Pure data: no threads, no torch operation.
+    its run's first message: Presidio's imports and ~250 compiled patterns (the largest part of a first
+    ``warm_node``; BENCHMARKS.md, round overhead) are made here once instead. Pure data: no threads, no torch.
     """
     filled = []
     try:

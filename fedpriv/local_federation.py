@@ -39,7 +39,7 @@ from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, CoordinatorConfi
 from fedpriv.provisioning.kits import SUPERNODE, SUPERNODE_ENV
 
 START_TIMEOUT_S = 60.0
-WARM_TIMEOUT_S = 300.0  # N nodes' imports on one machine: ~5 CPU-s each (ten nodes took 27 s on 2 cores)
+WARM_TIMEOUT_S = 300.0  # N nodes' imports on one machine: seconds of CPU each, all nodes sharing its cores
 STOP_WAIT_S = 10.0
 ENROL_WORKERS = 4
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
