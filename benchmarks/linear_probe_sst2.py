@@ -27,7 +27,7 @@ import time
 
 from benchmark_settings import parse_settings
 from utility_sst2 import DEFAULTS as UTILITY_DEFAULTS
-from utility_sst2 import arm_overrides, common_overrides, dev_labels, prepare
+from utility_sst2 import arm_overrides, common_overrides, prepare
 
 DEFAULTS = {
     "model": "minilm",
@@ -117,7 +117,6 @@ def main(argv: list[str]) -> dict:
     weight, bias = fit_probe(x_train, y_train, len(plan.label_names), args["l2"], args["max_iter"])
     predicted = (x_test @ weight.T + bias).argmax(dim=1)
     train_accuracy = ((x_train @ weight.T + bias).argmax(dim=1) == y_train).float().mean().item()
-    labels = dev_labels(args["dev"])
     result = {
         "benchmark": "linear_probe_sst2",
         "date": time.strftime("%Y-%m-%d"),
@@ -127,7 +126,7 @@ def main(argv: list[str]) -> dict:
         "feature_dim": int(x_train.shape[1]),
         "train_examples": len(org.train.texts),
         "test_examples": len(org.test.texts),
-        "majority_accuracy": round(max(labels.count(0), labels.count(1)) / len(labels), 4),
+        "majority_accuracy": round(torch.bincount(y_test).max().item() / len(y_test), 4),
         "train_accuracy": round(train_accuracy, 4),
         "accuracy": round((predicted == y_test).float().mean().item(), 4),
         "wall_s": round(time.monotonic() - started, 1),

@@ -144,7 +144,7 @@ def run_one(
     from fedpriv.local_federation import federation_up
     from fedpriv.provisioning.kits import SUPERNODE_ENV
 
-    label = f"{update}/{mode}/{supernode}" + (f" run {rerun + 1}" if rerun else "")
+    label = _label({"update": update, "mode": mode, "supernode": supernode, "run": rerun + 1})
     kits = root / f"kits-{update}-{mode}-{supernode}"
     tag = f"{update}-{mode}-{supernode}" + (f"-run{rerun + 1}" if rerun else "")
     if rerun:
