@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
@@ -43,6 +44,9 @@ class PromptGrid(Grid):
     ) -> None:
         self.grid = grid
         self.default_timeout = default_timeout
+        # called with (exchange kind, error reply) for every node that answered with an error (the SecAgg+ path
+        # sets it: Flower's SecAgg+ and legacy evaluate workflows drop such replies without saying why)
+        self.on_failure: Callable[[str, Message], None] | None = None
         self.pull_interval = min(pull_interval, getattr(grid, "pull_interval", pull_interval))  # never slower
         grid_module = sys.modules.get(type(grid).__module__)
         if callable(getattr(grid_module, "pull_objects", None)):  # HttpGrid pulls reply arrays with back-off
@@ -91,6 +95,10 @@ class PromptGrid(Grid):
                 break
             time.sleep(self.pull_interval)
         _note_exchange(messages, started, pushed, time.time())
+        if self.on_failure is not None and messages:
+            for reply in replies:
+                if reply.has_error():
+                    self.on_failure(exchange_kind(messages[0]), reply)
         return replies
 
     def __getattr__(self, name: str):  # anything else the wrapped Grid offers (close, ...)
@@ -100,6 +108,37 @@ class PromptGrid(Grid):
 EXCHANGE_TIMINGS_ENV = "FEDPRIV_EXCHANGE_TIMINGS"  # benchmarks only: one JSON line per exchange into this file
 
 
+def exchange_kind(message: Message) -> str:
+    """``secagg:<stage>`` for a SecAgg+ stage's message, else its message type (``train``, ``evaluate``)."""
+    configs = message.content.config_records.get("secaggplus_configs") if message.has_content() else None
+    if configs is not None and "stage" in configs:
+        return f"secagg:{configs['stage']}"
+    return str(message.metadata.message_type)
+
+
+_FLOWER_REASON = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+_RAISED = re.compile(r"^\s*(?:[\w.]*\.)?(\w*(?:Error|Exception|Exit|Interrupt)): (.+)$", re.MULTILINE)
+_WRAPPERS = {"ClientAppException", "RayTaskError"}  # simulation wraps the ClientApp's exception in these
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_reason(reply: Message) -> str:
+    """A node's error reply as one line, ``Error: text``.
+
+    Flower's ClientApp process sends ``<class 'pkg.Error'>:<'text'>``; in simulation the text is a Ray traceback,
+    whose last ``SomeError: text`` line is the ClientApp's own exception.
+    """
+    reason = _ANSI.sub("", str(reply.error.reason or "")).strip()
+    raised = [m for m in _RAISED.finditer(reason) if m.group(1) not in _WRAPPERS]
+    match = _FLOWER_REASON.fullmatch(reason)
+    if raised:
+        reason = f"{raised[-1].group(1)}: {raised[-1].group(2)}"
+    elif match:
+        reason = f"{match.group(1)}: {match.group(2)}"
+    reason = " ".join(reason.split()) or f"error code {reply.error.code}"
+    return reason if len(reason) <= 500 else reason[:497] + "..."
+
+
 def _note_exchange(messages: list[Message], started: float, pushed: float, done: float) -> None:
     """With ``FEDPRIV_EXCHANGE_TIMINGS`` set: when an exchange started, when its messages (and their objects) were
     on the SuperLink, and when the last reply was in (wall clock); lines up with the nodes' stage timings."""
@@ -107,11 +146,12 @@ def _note_exchange(messages: list[Message], started: float, pushed: float, done:
     if not path or not messages:
         return
     first = messages[0]
-    configs = first.content.config_records.get("secaggplus_configs") if first.has_content() else None
-    kind = (
-        f"secagg:{configs['stage']}" if configs is not None and "stage" in configs else str(first.metadata.message_type)
-    )
-    entry = {"kind": kind, "round": first.metadata.group_id, "messages": len(messages), "started_at": round(started, 3)}
+    entry = {
+        "kind": exchange_kind(first),
+        "round": first.metadata.group_id,
+        "messages": len(messages),
+        "started_at": round(started, 3),
+    }
     entry.update(pushed_s=round(pushed - started, 3), done_s=round(done - started, 3))
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")

@@ -31,6 +31,7 @@ from fedpriv.legacy_messages import (
     split_vector,
 )
 from server.budget_gate import BudgetState, gate_legacy_strategy
+from server.prompt_grid import PromptGrid, failure_reason
 from server.round_tracker import RoundTracker
 from server.strategy import select_strategy
 
@@ -137,6 +138,16 @@ def run_secure_rounds(
 
     def current_round(ctx: Context) -> int:
         return int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+
+    if isinstance(grid, PromptGrid):  # Flower's SecAgg+ and evaluate workflows drop error replies silently
+
+        def report_failure(kind: str, reply) -> None:
+            say(
+                f"[round {current_round(legacy)}/{cfg.training.rounds}]  node {reply.metadata.src_node_id} failed"
+                f" in {kind}: {failure_reason(reply)}"
+            )
+
+        grid.on_failure = report_failure
 
     def fit(grid_: Grid, ctx: Context) -> None:
         # Flower's loop counts 1..(rounds left); a resumed run continues after round_offset (set here, once per

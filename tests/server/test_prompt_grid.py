@@ -144,3 +144,45 @@ def test_exchange_timings_are_written_only_when_asked(tmp_path, monkeypatch):
     (entry,) = (json.loads(line) for line in path.read_text().splitlines())
     assert entry["kind"] == "secagg:share_keys" and entry["round"] == "2" and entry["messages"] == 3
     assert 0 <= entry["pushed_s"] <= entry["done_s"] < 5
+
+
+def test_error_replies_go_to_the_failure_listener_as_one_line(monkeypatch):
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    content = RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})})
+    messages = [Message(content, dst_node_id=node, message_type="train") for node in (1, 2)]
+    # Flower's reply for an exception raised in a ClientApp (flwr/supernode/runtime/run_clientapp.py)
+    reason = "<class 'client.node.NodeSetupError'>:<'organisation 'org-0': 16 training examples\nin a.csv'>"
+    failed = Message(Error(code=0, reason=reason), reply_to=messages[1])
+    failed.metadata.__dict__["_src_node_id"] = 2
+    ok = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"), has_content=lambda: False,
+                         has_error=lambda: False)  # fmt: skip
+
+    class OneFails(SlowRepliesGrid):
+        def push_messages(self, messages):
+            return ["m0", failed.metadata.reply_to_message_id]
+
+        def pull_messages(self, message_ids):
+            return [ok, failed]
+
+    grid = PromptGrid(OneFails([]))
+    assert len(grid.send_and_receive(messages)) == 2  # no listener: replies returned, nothing else
+    heard = []
+    grid.on_failure = lambda kind, reply: heard.append(
+        (kind, reply.metadata.src_node_id, prompt_grid.failure_reason(reply))
+    )
+    grid.send_and_receive(messages)
+    assert heard == [("secagg:setup", 2, "NodeSetupError: organisation 'org-0': 16 training examples in a.csv")]
+    bare = Message(Error(code=3, reason=""), reply_to=messages[0])
+    assert prompt_grid.failure_reason(bare) == "error code 3"
+    # in simulation: a Ray traceback wrapping the ClientApp's exception (flwr 1.41, Ray 2.x)
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m"
+        ' (pid=1)\n  File "app.py", line 25, in train\n    raise RuntimeError("simulated dropout")\n'
+        "RuntimeError: simulated dropout\n\nException ClientAppException occurred. Message: simulated dropout'>"
+    )
+    wrapped = Message(Error(code=0, reason=ray), reply_to=messages[0])
+    assert prompt_grid.failure_reason(wrapped) == "RuntimeError: simulated dropout"
