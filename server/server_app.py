@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig, config_from_dict
 from fedpriv.errors import ConfigError
+from fedpriv.quiet import quiet_third_party_warnings
 from fedpriv.run_config import RESUME_KEY, config_from_context
 from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState
 from server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
@@ -329,4 +330,5 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+quiet_third_party_warnings()  # the deployment ServerApp process builds the model too (PEFT's deprecated call)
 app = build_server_app()
