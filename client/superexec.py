@@ -16,8 +16,10 @@ Only third-party modules are imported ahead of time, and pure-data caches built
 patterns: ``warm_caches``); no torch operation, no CUDA initialisation, no thread
 pool, so the children start as clean as a fresh interpreter would. It then
 prints ``READY_LINE``, which ``fedpriv federation up`` waits for before the run.
-Tasks are picked up every 0.2 s instead of every second
-(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` still overrides it).
+Tasks are picked up every 0.2 s instead of every second; under
+``fedpriv-supernode``, whose ``AcquireTask`` itself waits for a task (a long
+poll, client/node_wakeups.py), as soon as they are stored
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` still overrides both).
 
 A warm process per run (``FEDPRIV_WARM_RUNS``, default 2 runs per node; 0: off).
 Every training and evaluate message used to load the node's data (node.yaml,
@@ -60,10 +62,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from client.env_settings import env_number
+from client.node_wakeups import LONG_POLL_ENV
 from fedpriv.app_source import APP_PACKAGES
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own variable: seconds between task polls
 DEFAULT_POLL_S = "0.2"
+LONG_POLL_INTERVAL_S = "0.01"
 # What a fedpriv ClientApp imports that costs seconds: imported once here, shared by every forked message.
 PRELOAD = (
     "numpy",
@@ -726,7 +730,9 @@ READY_LINE = "fedpriv-superexec: warm"  # printed once imports and caches are in
 
 def main() -> None:
     """``fedpriv-superexec``: ``flower-superexec`` with warm, forked ClientApp processes."""
-    os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)
+    # started by fedpriv-supernode, whose AcquireTask waits for a task itself (client/node_wakeups.py): ask again
+    # at once; from any other SuperNode, every 0.2 s
+    os.environ.setdefault(POLL_ENV, LONG_POLL_INTERVAL_S if os.environ.get(LONG_POLL_ENV) else DEFAULT_POLL_S)
     loaded = preload()
     filled = warm_caches()
     print(f"{READY_LINE} ({len(loaded)} modules preloaded; {', '.join(filled) or 'no cache'} built)", file=sys.stderr)

@@ -9,17 +9,21 @@ waiting out of a round:
   ``flower-superexec``: messages run in processes forked from one that already
   imported torch, transformers, PEFT and Opacus;
 - when the SuperLink had no message for it, the node asks again after
-  ``FEDPRIV_NODE_POLL_S`` seconds (default 0.5) instead of Flower's fixed 3 s,
-  and it checks for its ClientApp's reply (a local lookup) every 0.1 s instead of
-  every 0.5 s. A SecAgg+ round is five message exchanges, so a 3 s idle poll alone
-  cost up to 15 s per round. Each node then asks the SuperLink twice a second when
+  ``FEDPRIV_NODE_POLL_S`` seconds (default 0.5) instead of Flower's fixed 3 s.
+  A SecAgg+ round is five message exchanges, so a 3 s idle poll alone cost up
+  to 15 s per round. Each node then asks the SuperLink twice a second when
   idle: raise the value for federations of thousands of nodes;
+- its local waits end when something arrives instead of at the next poll
+  (client/node_wakeups.py): the SuperExec's request for a task is held until
+  a message is stored (a long poll), and the loop's wait for its ClientApp's
+  reply ends when the reply is pushed;
 - a message's arrays not yet on the SuperLink are asked for again within
   0.05-0.5 s instead of after Flower's 1, 2, 4, 8 s back-off (fedpriv/object_pulls.py).
 
-Both are patched into the module that holds Flower's SuperNode loop
-(``flwr.supernode.start_client_internal``); ``check_patch_points`` fails loudly
-if a Flower release moves them (flwr is pinned to 1.41.x).
+They are patched into the module that holds Flower's SuperNode loop
+(``flwr.supernode.start_client_internal``) and its Runtime API handlers;
+``check_patch_points`` fails loudly if a Flower release moves them (flwr is
+pinned to 1.41.x).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ import subprocess
 import sys
 import time
 
+from client import node_wakeups
 from client.env_settings import env_number
+from client.node_wakeups import LocalWaits
 
 POLL_ENV = "FEDPRIV_NODE_POLL_S"
 DEFAULT_POLL_S = 0.5
-LOCAL_WAIT_S = 0.1  # waits for the node's own ClientApp reply: local lookups, no network
+LOCAL_WAIT_S = 0.5  # the longest local wait (its ClientApp's reply, that reply's objects); arrivals end it sooner
 FLOWER_IDLE_WAIT_S = 3  # start_client_internal: ``time.sleep(3)`` when the SuperLink had no message
 FLOWER_SUPEREXEC = "flower-superexec"
 
@@ -44,13 +50,18 @@ def poll_interval() -> float:
 
 
 class ShortWaits:
-    """The ``time`` module as the SuperNode loop sees it: the idle wait is ``idle_s``, local waits 0.1 s."""
+    """The ``time`` module as the SuperNode loop sees it: the idle wait is ``idle_s``; a local wait ends when its
+    ClientApp pushes something back (client/node_wakeups.py), after 0.5 s at most as in Flower."""
 
-    def __init__(self, idle_s: float) -> None:
+    def __init__(self, idle_s: float, local: LocalWaits | None = None) -> None:
         self.idle_s = idle_s
+        self.local = local or LocalWaits(LOCAL_WAIT_S)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.idle_s if seconds >= FLOWER_IDLE_WAIT_S else min(seconds, LOCAL_WAIT_S))
+        if seconds >= FLOWER_IDLE_WAIT_S:
+            time.sleep(self.idle_s)
+        else:
+            self.local.sleep(seconds)
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -94,13 +105,16 @@ def check_patch_points(module) -> None:
 
 def install(poll_s: float) -> None:
     from flwr.supernode import start_client_internal
+    from flwr.supernode.servicer.runtime import runtime_handlers
 
     from fedpriv import object_pulls
 
     check_patch_points(start_client_internal)
     object_pulls.install(start_client_internal)  # the arrays of a message, from the SuperLink
+    node_wakeups.install(runtime_handlers, start_client_internal)  # waits that end when something arrives
     start_client_internal.time = ShortWaits(poll_s)
     start_client_internal.subprocess = WarmSuperExec(superexec_command())
+    os.environ[node_wakeups.LONG_POLL_ENV] = "1"  # inherited by the SuperExec it starts: ask again at once
 
 
 def main() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import threading
 import time
 
 import pytest
 from flwr.supernode import start_client_internal
 
-from client import supernode
+from client import node_wakeups, supernode
 
 
 def test_the_patch_points_exist_in_this_flower_release():
@@ -24,12 +26,30 @@ def test_install_shortens_the_idle_wait_and_starts_the_warm_superexec(monkeypatc
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
     monkeypatch.setattr(start_client_internal, "subprocess", start_client_internal.subprocess)
     monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
+    pull = start_client_internal._pull_and_store_message
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", pull)
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    for name in (*node_wakeups.ARRIVALS, "acquire_task"):
+        monkeypatch.setattr(runtime_handlers, name, getattr(runtime_handlers, name))
+    monkeypatch.delenv(node_wakeups.LONG_POLL_ENV, raising=False)
     supernode.install(0.05)
     assert start_client_internal.pull_objects.fedpriv_prompt  # a message's arrays, from the SuperLink
+    assert runtime_handlers.acquire_task.fedpriv_long_poll and start_client_internal._pull_and_store_message is not pull
+    assert os.environ[node_wakeups.LONG_POLL_ENV] == "1"  # the SuperExec it starts asks again at once
 
     started = time.monotonic()
     start_client_internal.time.sleep(3)  # Flower's idle wait
     assert time.monotonic() - started < 1.0
+    # the loop's local waits (Flower: 0.5 s polls for its ClientApp's reply) end when the reply arrives
+    start_client_internal.time.sleep(0.01)  # whatever arrived before
+    threading.Timer(0.15, node_wakeups.WAKEUPS.note).start()
+    started = time.monotonic()
+    start_client_internal.time.sleep(0.5)
+    assert 0.1 < time.monotonic() - started < 0.4
+    started = time.monotonic()
+    start_client_internal.time.sleep(0.5)  # nothing arrives: no extra polls in between
+    assert time.monotonic() - started > 0.45
     assert start_client_internal.time.monotonic() > 0  # everything else is the real time module
 
     launched = []

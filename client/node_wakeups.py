@@ -1,0 +1,130 @@
+"""Waits inside ``fedpriv-supernode`` that end when something arrives, not at the next poll.
+
+A SuperNode in subprocess isolation talks to its SuperExec and its ClientApp
+processes over its local Runtime API (HTTP), and each side polled the other:
+the SuperExec asked for a task every 0.2 s (``AcquireTask``), and the SuperNode
+loop looked for its ClientApp's reply every 0.1 s. In a SecAgg+ round (five
+exchanges) each poll added up to one interval to every exchange, and ten
+SuperExecs polling five times a second kept a core's worth of HTTP handling busy
+on a shared machine.
+
+Here the SuperNode process notes every arrival (a message stored for its
+ClientApps, a reply or an object pushed back by one) in a ``Wakeups`` counter:
+
+- ``AcquireTask`` with nothing pending holds the request up to
+  ``LONG_POLL_S`` and answers as soon as a task is created (a long poll); the
+  SuperExec that ``fedpriv-supernode`` starts is told so (``LONG_POLL_ENV``)
+  and asks again at once instead of sleeping;
+- the SuperNode loop's short local waits end at the next arrival.
+
+Every wait still has its old upper bound, so a missed wake-up costs what the
+poll cost before, never a hang.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+LONG_POLL_S = 1.0  # the longest an AcquireTask with nothing to hand out is held
+LONG_POLL_ENV = "FEDPRIV_TASK_LONG_POLL"  # set for the SuperExec that fedpriv-supernode starts
+# Runtime API handlers after which something may be waiting: a reply, an object of it, a message to send
+ARRIVALS = ("push_task_output", "push_messages", "push_object")
+
+
+class Wakeups:
+    """A counter of arrivals that threads can wait on (``wait_past``)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.count = 0
+
+    def note(self) -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    def wait_past(self, seen: int, timeout: float) -> int:
+        """Wait until the count is past ``seen`` or ``timeout`` seconds passed; returns the count."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.count != seen, timeout=max(timeout, 0.0))
+            return self.count
+
+
+WAKEUPS = Wakeups()
+
+
+def noting(func: Callable, wakeups: Wakeups = WAKEUPS, when: Callable[[object], bool] | None = None) -> Callable:
+    """``func``, then an arrival noted when ``when(result)`` holds (always when it raised: a partial store may
+    be what someone waits for)."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            result = func(*args, **kwargs)
+        except BaseException:
+            wakeups.note()
+            raise
+        if when is None or when(result):
+            wakeups.note()
+        return result
+
+    wrapper.fedpriv_noting = True
+    wrapper.__wrapped__ = func
+    return wrapper
+
+
+def long_polling(acquire_task: Callable, wakeups: Wakeups = WAKEUPS, hold_s: float = LONG_POLL_S) -> Callable:
+    """Flower's ``acquire_task`` handler, holding an empty answer until a task arrives or ``hold_s`` passed."""
+
+    def acquire(request, state):
+        deadline = time.monotonic() + hold_s
+        while True:
+            seen = wakeups.count  # read before looking: an arrival after this wakes the wait below
+            response = acquire_task(request, state)
+            left = deadline - time.monotonic()
+            if response.HasField("task") or left <= 0 or not request.supported_task_types:
+                return response
+            wakeups.wait_past(seen, left)
+
+    acquire.fedpriv_long_poll = True
+    acquire.__wrapped__ = acquire_task
+    return acquire
+
+
+class LocalWaits:
+    """The SuperNode loop's local waits (its ClientApp's reply, that reply's objects): over at the next arrival.
+
+    The loop checks, then sleeps; an arrival since the previous wait ended (during the check) ends this one at
+    once, so none is missed between a check and its sleep.
+    """
+
+    def __init__(self, longest_s: float, wakeups: Wakeups = WAKEUPS) -> None:
+        self.longest_s = longest_s
+        self.wakeups = wakeups
+        self.seen = wakeups.count
+
+    def sleep(self, seconds: float) -> None:
+        self.seen = self.wakeups.wait_past(self.seen, min(seconds, self.longest_s))
+
+
+def install(runtime_handlers, start_client_internal, wakeups: Wakeups = WAKEUPS) -> None:
+    """Note arrivals in the SuperNode's Runtime API handlers and its message store; long-poll ``acquire_task``."""
+    for module, name in [(runtime_handlers, n) for n in (*ARRIVALS, "acquire_task")] + [
+        (start_client_internal, "_pull_and_store_message")
+    ]:
+        if not callable(getattr(module, name, None)):
+            raise SystemExit(
+                f"fedpriv-supernode: {module.__name__} has no `{name}` in this Flower release; run flower-supernode"
+                " instead"
+            )
+    for name in ARRIVALS:
+        handler = getattr(runtime_handlers, name)
+        if not getattr(handler, "fedpriv_noting", False):
+            setattr(runtime_handlers, name, noting(handler, wakeups))
+    if not getattr(runtime_handlers.acquire_task, "fedpriv_long_poll", False):
+        runtime_handlers.acquire_task = long_polling(runtime_handlers.acquire_task, wakeups)
+    # a message pulled from the SuperLink and stored (its task created): the SuperExec's long poll answers
+    pull = start_client_internal._pull_and_store_message
+    if not getattr(pull, "fedpriv_noting", False):  # it returns the message's run id, None when there was none
+        start_client_internal._pull_and_store_message = noting(pull, wakeups, when=lambda run_id: run_id is not None)
