@@ -142,9 +142,11 @@ def run_secure_rounds(
     if isinstance(grid, PromptGrid):  # Flower's SecAgg+ and evaluate workflows drop error replies silently
 
         def report_failure(kind: str, reply) -> None:
+            node_id = reply.metadata.src_node_id
+            org = budget.org_of.get(node_id)  # known once the node reported its ledger
             say(
-                f"[round {current_round(legacy)}/{cfg.training.rounds}]  node {reply.metadata.src_node_id} failed"
-                f" in {kind}: {failure_reason(reply)}"
+                f"[round {current_round(legacy)}/{cfg.training.rounds}]  node {node_id}{f' ({org})' if org else ''}"
+                f" failed in {kind}: {failure_reason(reply)}"
             )
 
         grid.on_failure = report_failure

@@ -92,6 +92,8 @@ def test_one_dropout_leaves_the_round_to_the_survivors_and_too_many_halt_the_nex
     assert "secure aggregation halted" in stdout and "NO organisation trained" in stdout
     # why, from each failing node's own error reply (Flower's SecAgg+ workflow drops it without a word)
     assert stdout.count("failed in secagg:collect_masked_vectors: RuntimeError: simulated dropout") == 3
+    # named once known: org-2 and org-3 failed in round 2; org-2 had reported its ledger in round 1, org-3 never
+    assert "(org-2) failed in secagg:collect_masked_vectors" in stdout and "(org-3)" not in stdout
     assert summary["status"] == "incomplete" and summary["rounds_without_training"] == [2]
     assert second["trained_orgs"] == []
 
