@@ -47,6 +47,7 @@ DEFAULTS = {
 }  # fmt: skip
 MODES = ("secure", "plaintext")
 SUPERNODES = {"fedpriv": "fedpriv-supernode", "flower": "flower-supernode"}  # warm ClientApps / Flower's stock
+SUPERLINKS = {"fedpriv": "fedpriv-superlink", "flower": "flower-superlink"}  # messages handed out at once / stock
 COMPUTE_PHASES = ("train", "evaluate")  # the work any framework must do: the DP training loop, the evaluation
 
 
@@ -142,7 +143,7 @@ def run_one(
     root: Path, federation: Path, args: dict, update: str, mode: str, supernode: str = "fedpriv", rerun: int = 0
 ) -> dict:
     from fedpriv.local_federation import federation_up
-    from fedpriv.provisioning.kits import SUPERNODE_ENV
+    from fedpriv.provisioning.kits import SUPERLINK_ENV, SUPERNODE_ENV
 
     label = _label({"update": update, "mode": mode, "supernode": supernode, "run": rerun + 1})
     kits = root / f"kits-{update}-{mode}-{supernode}"
@@ -169,6 +170,7 @@ def run_one(
     # threads than cores make them spin at every barrier (10 nodes x 2 threads on 2 cores: load 25, 1.7 cores busy)
     os.environ["OMP_NUM_THREADS"] = str(args["threads"] or max(1, (os.cpu_count() or 1) // args["nodes"]))
     os.environ[SUPERNODE_ENV] = SUPERNODES[supernode]  # read by each kit's start-supernode.sh
+    os.environ[SUPERLINK_ENV] = SUPERLINKS[supernode]  # and start-superlink.sh: Flower's stock arm is stock throughout
     started = time.monotonic()
     try:
         result = federation_up(
@@ -185,6 +187,7 @@ def run_one(
         os.environ.pop("FEDPRIV_STAGE_TIMINGS", None)
         os.environ.pop("FEDPRIV_EXCHANGE_TIMINGS", None)
         os.environ.pop(SUPERNODE_ENV, None)
+        os.environ.pop(SUPERLINK_ENV, None)
     if result.summary is None or result.returncode != 0:
         raise SystemExit(f"{label}: the run failed (exit {result.returncode}); logs in {result.run_dir / 'logs'}")
     summary = result.summary

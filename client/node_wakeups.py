@@ -23,9 +23,10 @@ poll cost before, never a hang.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+
+from fedpriv.wakeups import Wakeups, held, noting
 
 LONG_POLL_S = 1.0  # the longest an AcquireTask with nothing to hand out is held
 LONG_POLL_ENV = "FEDPRIV_TASK_LONG_POLL"  # set for the SuperExec that fedpriv-supernode starts
@@ -33,62 +34,20 @@ LONG_POLL_ENV = "FEDPRIV_TASK_LONG_POLL"  # set for the SuperExec that fedpriv-s
 ARRIVALS = ("push_task_output", "push_messages", "push_object")
 
 
-class Wakeups:
-    """A counter of arrivals that threads can wait on (``wait_past``)."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self.count = 0
-
-    def note(self) -> None:
-        with self._changed:
-            self.count += 1
-            self._changed.notify_all()
-
-    def wait_past(self, seen: int, timeout: float) -> int:
-        """Wait until the count is past ``seen`` or ``timeout`` seconds passed; returns the count."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.count != seen, timeout=max(timeout, 0.0))
-            return self.count
-
-
 WAKEUPS = Wakeups()
 
 
-def noting(func: Callable, wakeups: Wakeups = WAKEUPS, when: Callable[[object], bool] | None = None) -> Callable:
-    """``func``, then an arrival noted when ``when(result)`` holds (always when it raised: a partial store may
-    be what someone waits for)."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            result = func(*args, **kwargs)
-        except BaseException:
-            wakeups.note()
-            raise
-        if when is None or when(result):
-            wakeups.note()
-        return result
-
-    wrapper.fedpriv_noting = True
-    wrapper.__wrapped__ = func
-    return wrapper
-
-
 def long_polling(acquire_task: Callable, wakeups: Wakeups = WAKEUPS, hold_s: float = LONG_POLL_S) -> Callable:
-    """Flower's ``acquire_task`` handler, holding an empty answer until a task arrives or ``hold_s`` passed."""
-
-    def acquire(request, state):
-        deadline = time.monotonic() + hold_s
-        while True:
-            seen = wakeups.count  # read before looking: an arrival after this wakes the wait below
-            response = acquire_task(request, state)
-            left = deadline - time.monotonic()
-            if response.HasField("task") or left <= 0 or not request.supported_task_types:
-                return response
-            wakeups.wait_past(seen, left)
-
+    """Flower's ``acquire_task`` handler, holding an empty answer until a task arrives or ``hold_s`` passed
+    (not when the SuperExec asks for no task type: it has no room for one)."""
+    acquire = held(
+        acquire_task,
+        wakeups,
+        hold_s=hold_s,
+        empty=lambda response: not response.HasField("task"),
+        may_hold=lambda request: bool(request.supported_task_types),
+    )
     acquire.fedpriv_long_poll = True
-    acquire.__wrapped__ = acquire_task
     return acquire
 
 
@@ -108,7 +67,30 @@ class LocalWaits:
         self.seen = self.wakeups.wait_past(self.seen, min(seconds, self.longest_s))
 
 
-def install(runtime_handlers, start_client_internal, wakeups: Wakeups = WAKEUPS) -> None:
+class PullClock:
+    """How long the SuperNode loop's last pull from the SuperLink took: a SuperLink that held it (fedpriv-superlink,
+    server/superlink.py) already waited for the node, so its idle wait is that much shorter."""
+
+    def __init__(self) -> None:
+        self.last_s = 0.0
+
+    def timed(self, pull: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            started = time.monotonic()
+            try:
+                return pull(*args, **kwargs)
+            finally:
+                self.last_s = time.monotonic() - started
+
+        wrapper.fedpriv_timed = True
+        wrapper.__wrapped__ = pull
+        return wrapper
+
+
+PULL_CLOCK = PullClock()
+
+
+def install(runtime_handlers, start_client_internal, wakeups: Wakeups = WAKEUPS, clock: PullClock = PULL_CLOCK) -> None:
     """Note arrivals in the SuperNode's Runtime API handlers and its message store; long-poll ``acquire_task``."""
     for module, name in [(runtime_handlers, n) for n in (*ARRIVALS, "acquire_task")] + [
         (start_client_internal, "_pull_and_store_message")
@@ -127,4 +109,5 @@ def install(runtime_handlers, start_client_internal, wakeups: Wakeups = WAKEUPS)
     # a message pulled from the SuperLink and stored (its task created): the SuperExec's long poll answers
     pull = start_client_internal._pull_and_store_message
     if not getattr(pull, "fedpriv_noting", False):  # it returns the message's run id, None when there was none
-        start_client_internal._pull_and_store_message = noting(pull, wakeups, when=lambda run_id: run_id is not None)
+        pull = noting(clock.timed(pull), wakeups, when=lambda run_id: run_id is not None)
+        start_client_internal._pull_and_store_message = pull

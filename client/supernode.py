@@ -36,7 +36,7 @@ import time
 
 from client import node_wakeups
 from client.env_settings import env_number
-from client.node_wakeups import LocalWaits
+from client.node_wakeups import PULL_CLOCK, LocalWaits, PullClock
 
 POLL_ENV = "FEDPRIV_NODE_POLL_S"
 DEFAULT_POLL_S = 0.5
@@ -53,13 +53,14 @@ class ShortWaits:
     """The ``time`` module as the SuperNode loop sees it: the idle wait is ``idle_s``; a local wait ends when its
     ClientApp pushes something back (client/node_wakeups.py), after 0.5 s at most as in Flower."""
 
-    def __init__(self, idle_s: float, local: LocalWaits | None = None) -> None:
+    def __init__(self, idle_s: float, local: LocalWaits | None = None, clock: PullClock | None = None) -> None:
         self.idle_s = idle_s
         self.local = local or LocalWaits(LOCAL_WAIT_S)
+        self.clock = clock or PULL_CLOCK
 
     def sleep(self, seconds: float) -> None:
-        if seconds >= FLOWER_IDLE_WAIT_S:
-            time.sleep(self.idle_s)
+        if seconds >= FLOWER_IDLE_WAIT_S:  # after an empty pull: less what the SuperLink held it (a long poll)
+            time.sleep(max(self.idle_s - self.clock.last_s, 0.0))
         else:
             self.local.sleep(seconds)
 

@@ -36,7 +36,7 @@ from fedpriv.errors import ConfigError, UserError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
 from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, CoordinatorConfig, FederationConfig, load_federation
-from fedpriv.provisioning.kits import SUPERNODE, SUPERNODE_ENV
+from fedpriv.provisioning.kits import SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
 
 START_TIMEOUT_S = 60.0
 WARM_TIMEOUT_S = 300.0  # N nodes' imports on one machine: seconds of CPU each, all nodes sharing its cores
@@ -466,7 +466,8 @@ def federation_up(
         log = logs / "superlink.log"
         if plaintext:
             cli_home = _plaintext_cli_home(homes / "cli-plaintext", cfg.federation, port)
-            args = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+            superlink = os.environ.get(SUPERLINK_ENV) or SUPERLINK  # the same SuperLink as the kits' script
+            args = [superlink, "--insecure", "--host", "127.0.0.1", "--port", str(port)]
             args += ["--database", IN_MEMORY_DATABASE]
             ready, transport = (lambda: tcp_ready(port)), "PLAINTEXT, no node authentication (benchmark baseline)"
         else:

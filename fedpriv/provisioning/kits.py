@@ -106,11 +106,19 @@ def _in_kit(path: str) -> str:
     return shlex.quote(path) if Path(path).is_absolute() else '"$KIT"/' + shlex.quote(path)
 
 
+SUPERLINK = "fedpriv-superlink"
+SUPERLINK_ENV = "FEDPRIV_SUPERLINK"
+
+
 def superlink_command(cfg: FederationConfig) -> list[str]:
-    """The flower-superlink arguments (shell words, ``$KIT`` = the coordinator kit)."""
+    """The SuperLink's command (shell words, ``$KIT`` = the coordinator kit).
+
+    fedpriv-superlink is flower-superlink (same flags) whose nodes hear of a message as soon as it is sent
+    (server/superlink.py); FEDPRIV_SUPERLINK=flower-superlink runs Flower's own instead.
+    """
     co = cfg.coordinator
     return [
-        "flower-superlink",
+        f'"${{{SUPERLINK_ENV}:-{SUPERLINK}}}"',
         '--ssl-ca-certfile "$KIT/ca.crt"',
         '--ssl-certfile "$KIT/superlink.crt"',
         '--ssl-keyfile "$KIT/superlink.key"',
@@ -130,6 +138,7 @@ def start_superlink_sh(cfg: FederationConfig) -> str:
         "# TLS on the one port that serves Flower's Fleet, Control and Runtime APIs; only SuperNodes whose",
         "# public key was registered (./enroll-nodes.sh) may connect. Extra flower-superlink flags may follow,",
         "# e.g. ./start-superlink.sh --disable-runtime-dependency-installation",
+        f"# {SUPERLINK_ENV}=flower-superlink ./start-superlink.sh runs Flower's stock SuperLink (nodes poll for messages).",
         *_kit_prelude("start-superlink.sh"),
         *([f"mkdir -p {db_dir}"] if db_dir else []),
         "exec " + " \\\n    ".join(superlink_command(cfg)) + ' \\\n    "$@"',
@@ -243,7 +252,7 @@ Files
   superlink.crt/.key  the SuperLink's TLS certificate (SANs: {", ".join(cfg.san_addresses)}) and key
   nodes/ORG.pub     each enrolled organisation's SuperNode public key (OpenSSH, EC P-384)
   ledger-keys/ORG.pub  each organisation's privacy-ledger key: `fedpriv audit RUN_DIR --keys ledger-keys/`
-  start-superlink.sh  starts flower-superlink with TLS and SuperNode authentication on port {co.port}
+  start-superlink.sh  starts fedpriv-superlink (flower-superlink that hands nodes their messages at once) with TLS and SuperNode authentication on port {co.port}
   enroll-nodes.sh   registers nodes/*.pub with the running SuperLink (flwr supernode register)
 
 Steps

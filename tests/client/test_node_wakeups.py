@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from client import node_wakeups
-from client.node_wakeups import LocalWaits, Wakeups, long_polling, noting
+from client.node_wakeups import LocalWaits, PullClock, long_polling
+from fedpriv.wakeups import Wakeups, noting
 
 
 class Response:
@@ -103,18 +104,23 @@ def test_local_waits_end_at_an_arrival_and_never_outlast_their_bound():
     assert 0.19 < time.monotonic() - started < 1.5
 
 
-def test_noting_counts_what_arrived_and_what_failed_but_not_an_empty_pull():
-    wakeups = Wakeups()
-    pull = noting(lambda found: found, wakeups, when=lambda run_id: run_id is not None)
-    assert pull(None) is None and wakeups.count == 0  # the SuperLink had no message
-    assert pull(42) == 42 and wakeups.count == 1
+def test_the_idle_wait_after_a_pull_the_superlink_held_is_shortened_by_the_hold():
+    from client.supernode import ShortWaits
 
-    def broken():
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        noting(broken, wakeups)()
-    assert wakeups.count == 2
+    clock = PullClock()
+    waits = ShortWaits(0.5, clock=clock)
+    clock.timed(lambda: time.sleep(0.2))()  # a SuperLink that held the pull 0.2 s
+    started = time.monotonic()
+    waits.sleep(3)  # Flower's idle wait
+    assert 0.2 < time.monotonic() - started < 0.45
+    clock.timed(lambda: time.sleep(0.6))()  # held longer than the idle wait (fedpriv-superlink): ask again at once
+    started = time.monotonic()
+    waits.sleep(3)
+    assert time.monotonic() - started < 0.1
+    clock.timed(lambda: None)()  # Flower's SuperLink answers at once: the full idle wait
+    started = time.monotonic()
+    waits.sleep(3)
+    assert time.monotonic() - started > 0.45
 
 
 def test_install_wraps_each_handler_once_and_refuses_a_flower_without_them():
@@ -123,9 +129,9 @@ def test_install_wraps_each_handler_once_and_refuses_a_flower_without_them():
     for name in node_wakeups.ARRIVALS:
         setattr(handlers, name, lambda *a, _n=name: calls.append(_n))
     loop = SimpleNamespace(__name__="loop", _pull_and_store_message=lambda **kw: 7)
-    wakeups = Wakeups()
-    node_wakeups.install(handlers, loop, wakeups)
-    node_wakeups.install(handlers, loop, wakeups)  # a second install wraps nothing twice
+    wakeups, clock = Wakeups(), PullClock()
+    node_wakeups.install(handlers, loop, wakeups, clock)
+    node_wakeups.install(handlers, loop, wakeups, clock)  # a second install wraps nothing twice
     handlers.push_messages()
     assert calls == ["push_messages"] and wakeups.count == 1
     assert loop._pull_and_store_message() == 7 and wakeups.count == 2
