@@ -13,7 +13,9 @@ It also reports each round's wall time over the slowest node's local compute
 (its DP training loop plus its evaluation loop, from the same timings): what a
 round costs beyond the work no framework can avoid. ``supernodes=fedpriv,flower``
 runs each arm with fedpriv-supernode (warm, forked ClientApps) and with Flower's
-stock flower-supernode (a fresh interpreter per message).
+stock flower-supernode (a fresh interpreter per message); ``superlinks=fedpriv,flower``
+with fedpriv-superlink (a node's empty pull held until a message is sent) and
+with Flower's stock flower-superlink.
 
     python benchmarks/secure_round_overhead.py                       # 10 nodes, LoRA and full model
     python benchmarks/secure_round_overhead.py nodes=10 updates=lora modes=secure supernodes=fedpriv,flower
@@ -44,10 +46,11 @@ DEFAULTS = {
     "max_batch_tokens": 0,  # > 0: training.max_batch_tokens (length-sorted micro-batches: less memory per node)
     "threads": 0,  # torch/OpenMP threads per node (OMP_NUM_THREADS); 0: the machine's CPUs / nodes, at least 1
     "reruns": 0,  # more runs of each arm on its kits (privacy state cleared, token caches kept): a later run's rounds
+    "superlinks": "fedpriv",
 }  # fmt: skip
 MODES = ("secure", "plaintext")
 SUPERNODES = {"fedpriv": "fedpriv-supernode", "flower": "flower-supernode"}  # warm ClientApps / Flower's stock
-SUPERLINKS = {"fedpriv": "fedpriv-superlink", "flower": "flower-superlink"}  # messages handed out at once / stock
+SUPERLINKS = {"fedpriv": "fedpriv-superlink", "flower": "flower-superlink"}  # held pulls / Flower's stock
 COMPUTE_PHASES = ("train", "evaluate")  # the work any framework must do: the DP training loop, the evaluation
 
 
@@ -140,14 +143,23 @@ def clear_privacy_state(kits: Path) -> None:
 
 
 def run_one(
-    root: Path, federation: Path, args: dict, update: str, mode: str, supernode: str = "fedpriv", rerun: int = 0
+    root: Path,
+    federation: Path,
+    args: dict,
+    update: str,
+    mode: str,
+    supernode: str = "fedpriv",
+    rerun: int = 0,
+    superlink: str = "fedpriv",
 ) -> dict:
     from fedpriv.local_federation import federation_up
     from fedpriv.provisioning.kits import SUPERLINK_ENV, SUPERNODE_ENV
 
-    label = _label({"update": update, "mode": mode, "supernode": supernode, "run": rerun + 1})
-    kits = root / f"kits-{update}-{mode}-{supernode}"
-    tag = f"{update}-{mode}-{supernode}" + (f"-run{rerun + 1}" if rerun else "")
+    arm = {"update": update, "mode": mode, "supernode": supernode, "superlink": superlink, "run": rerun + 1}
+    label = _label(arm)
+    link = "" if superlink == "fedpriv" else f"-{superlink}-link"
+    kits = root / f"kits-{update}-{mode}-{supernode}{link}"
+    tag = f"{update}-{mode}-{supernode}{link}" + (f"-run{rerun + 1}" if rerun else "")
     if rerun:
         clear_privacy_state(kits)
     timings = root / f"stages-{tag}.jsonl"
@@ -170,7 +182,7 @@ def run_one(
     # threads than cores make them spin at every barrier (10 nodes x 2 threads on 2 cores: load 25, 1.7 cores busy)
     os.environ["OMP_NUM_THREADS"] = str(args["threads"] or max(1, (os.cpu_count() or 1) // args["nodes"]))
     os.environ[SUPERNODE_ENV] = SUPERNODES[supernode]  # read by each kit's start-supernode.sh
-    os.environ[SUPERLINK_ENV] = SUPERLINKS[supernode]  # and start-superlink.sh: Flower's stock arm is stock throughout
+    os.environ[SUPERLINK_ENV] = SUPERLINKS[superlink]  # read by start-superlink.sh
     started = time.monotonic()
     try:
         result = federation_up(
@@ -198,6 +210,7 @@ def run_one(
         "update": update,
         "mode": mode,
         "supernode": supernode,
+        "superlink": superlink,
         "run": rerun + 1,  # 1: fresh kits; later: the same kits again (token caches kept)
         "slowest_node_compute_s": compute,
         "round_over_compute": ratios,
@@ -215,6 +228,7 @@ def run_one(
 
 def _label(result: dict) -> str:
     label = f"{result['update']}/{result['mode']}/{result['supernode']}"
+    label += "" if result.get("superlink", "fedpriv") == "fedpriv" else f" + {result['superlink']}-superlink"
     return label + (f" run {result['run']}" if result["run"] > 1 else "")
 
 
@@ -273,8 +287,11 @@ def main(argv: list[str]) -> list[dict]:
             for supernode in args["supernodes"].split(","):
                 if supernode not in SUPERNODES:
                     raise SystemExit(f"supernodes: {supernode!r} is not one of {', '.join(SUPERNODES)}")
-                for rerun in range(args["reruns"] + 1):
-                    results.append(run_one(out, federation, args, update, mode, supernode, rerun))
+                for superlink in args["superlinks"].split(","):
+                    if superlink not in SUPERLINKS:
+                        raise SystemExit(f"superlinks: {superlink!r} is not one of {', '.join(SUPERLINKS)}")
+                    for rerun in range(args["reruns"] + 1):
+                        results.append(run_one(out, federation, args, update, mode, supernode, rerun, superlink))
             (out / "overhead.json").write_text(json.dumps({"settings": args, "results": results}, indent=2))
     print(markdown(results, args))
     print(f"raw numbers: {out / 'overhead.json'}")
