@@ -4,9 +4,8 @@ A SuperNode in subprocess isolation talks to its SuperExec and its ClientApp
 processes over its local Runtime API (HTTP), and each side polled the other:
 the SuperExec asked for a task every 0.2 s (``AcquireTask``), and the SuperNode
 loop looked for its ClientApp's reply every 0.1 s. In a SecAgg+ round (five
-exchanges) each poll added up to one interval to every exchange, and ten
-SuperExecs polling five times a second kept a core's worth of HTTP handling busy
-on a shared machine.
+exchanges) each poll added up to one interval to every exchange, and the polls
+themselves (HTTP requests both ways) took CPU from training on a shared machine.
 
 Here the SuperNode process notes every arrival (a message stored for its
 ClientApps, a reply or an object pushed back by one) in a ``Wakeups`` counter:
@@ -15,10 +14,13 @@ ClientApps, a reply or an object pushed back by one) in a ``Wakeups`` counter:
   ``LONG_POLL_S`` and answers as soon as a task is created (a long poll); the
   SuperExec that ``fedpriv-supernode`` starts is told so (``LONG_POLL_ENV``)
   and asks again at once instead of sleeping;
-- the SuperNode loop's short local waits end at the next arrival.
+- the SuperNode loop's short local waits end at the next arrival;
+- after a pull that its SuperLink held (``fedpriv-superlink``, server/superlink.py)
+  the loop asks again at once (``PullClock``).
 
-Every wait still has its old upper bound, so a missed wake-up costs what the
-poll cost before, never a hang.
+Every wait keeps an upper bound (1 s for the long poll, Flower's own 0.5 s for
+the local waits), so a missed wake-up costs at most what Flower's poll did,
+never a hang.
 """
 
 from __future__ import annotations
