@@ -35,6 +35,31 @@ from server.prompt_grid import PromptGrid, failure_reason
 from server.round_tracker import RoundTracker
 from server.strategy import select_strategy
 
+MAX_FAILURES_SAID = 10  # per round and exchange: the nodes whose failure is printed with its reason
+
+
+class FailureReports:
+    """``PromptGrid.on_failure`` on the SecAgg+ path: a line per failing node with its own reason, at most
+    ``MAX_FAILURES_SAID`` per round and exchange (then one line that more failed)."""
+
+    def __init__(
+        self, say: Callable[[str], None], num_rounds: int, org_of: dict[int, str], current_round: Callable[[], int]
+    ) -> None:
+        self.say, self.num_rounds, self.org_of, self.current_round = say, num_rounds, org_of, current_round
+        self.counts: dict[tuple[int, str], int] = {}
+
+    def __call__(self, kind: str, reply) -> None:
+        server_round = self.current_round()
+        count = self.counts[server_round, kind] = self.counts.get((server_round, kind), 0) + 1
+        where = f"[round {server_round}/{self.num_rounds}]"
+        if count > MAX_FAILURES_SAID:  # a federation of many nodes failing alike: the first ones say why
+            if count == MAX_FAILURES_SAID + 1:
+                self.say(f"{where}  more nodes failed in {kind}: their own logs say why")
+            return
+        node_id = reply.metadata.src_node_id
+        org = self.org_of.get(node_id)  # known once the node reported its ledger
+        self.say(f"{where}  node {node_id}{f' ({org})' if org else ''} failed in {kind}: {failure_reason(reply)}")
+
 
 def secagg_shares(cfg: FedPrivConfig, num_nodes: int) -> tuple[int, int]:
     """(num_shares, reconstruction_threshold): by default every node, and two thirds of them (fewer than all)."""
@@ -140,16 +165,7 @@ def run_secure_rounds(
         return int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
 
     if isinstance(grid, PromptGrid):  # Flower's SecAgg+ and evaluate workflows drop error replies silently
-
-        def report_failure(kind: str, reply) -> None:
-            node_id = reply.metadata.src_node_id
-            org = budget.org_of.get(node_id)  # known once the node reported its ledger
-            say(
-                f"[round {current_round(legacy)}/{cfg.training.rounds}]  node {node_id}{f' ({org})' if org else ''}"
-                f" failed in {kind}: {failure_reason(reply)}"
-            )
-
-        grid.on_failure = report_failure
+        grid.on_failure = FailureReports(say, cfg.training.rounds, budget.org_of, lambda: current_round(legacy))
 
     def fit(grid_: Grid, ctx: Context) -> None:
         # Flower's loop counts 1..(rounds left); a resumed run continues after round_offset (set here, once per

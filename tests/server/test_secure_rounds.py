@@ -115,3 +115,32 @@ def test_both_paths_pick_the_configured_flower_strategy(name, cls, tmp_path):
     legacy = _legacy_strategy(cfg, tracker, [np.zeros(2)], 4, {"base-digest": "x"}, budget)
     assert (type(plain).__name__, type(legacy).__name__) == (cls, cls)
     assert type(plain).__module__.startswith("flwr.serverapp.") and type(legacy).__module__.startswith("flwr.server.")
+
+
+def test_failure_lines_name_the_org_once_known_and_stop_after_ten_per_round_and_exchange():
+    from types import SimpleNamespace
+
+    from server.secure_rounds import MAX_FAILURES_SAID, FailureReports
+
+    lines, server_round = [], [1]
+    reports = FailureReports(lines.append, 3, {7: "org-7"}, lambda: server_round[0])
+
+    def failed(node_id):
+        error = SimpleNamespace(reason="<class 'RuntimeError'>:<'disk full'>", code=0)
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node_id), error=error)
+
+    for node_id in range(7, 7 + MAX_FAILURES_SAID + 5):
+        reports("secagg:setup", failed(node_id))
+    assert lines[0] == "[round 1/3]  node 7 (org-7) failed in secagg:setup: RuntimeError: disk full"
+    assert lines[1].startswith("[round 1/3]  node 8 failed")
+    assert (
+        len(lines) == MAX_FAILURES_SAID + 1
+        and lines[-1] == "[round 1/3]  more nodes failed in secagg:setup: their own logs say why"
+    )
+    reports("secagg:unmask", failed(30))  # another exchange, and another round, start counting again
+    server_round[0] = 2
+    reports("secagg:setup", failed(31))
+    assert lines[-2:] == [
+        "[round 1/3]  node 30 failed in secagg:unmask: RuntimeError: disk full",
+        "[round 2/3]  node 31 failed in secagg:setup: RuntimeError: disk full",
+    ]
