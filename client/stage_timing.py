@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedpriv.protocol import message_round
+
 ENV_VAR = "FEDPRIV_STAGE_TIMINGS"
 PULLED_AT_ENV = "FEDPRIV_TASK_INPUT_PULLED_AT"  # client/superexec.py: when the message was in hand (wall clock)
 WARM_RUN_ENV = "FEDPRIV_WARM_RUN"  # client/superexec.py: forked from the run's warm process
@@ -65,7 +67,7 @@ def stage_timings(msg, context, call_next):
     entry = {
         "node_id": int(context.node_id),
         "node_config": {key: str(value) for key, value in context.node_config.items()},
-        "round": msg.metadata.group_id,
+        "round": message_round(msg),
         "stage": _stage(msg),
         "pid": os.getpid(),
         "started_after_s": round(process_age_s(), 3),

@@ -45,3 +45,15 @@ def class_count_key(kind: str, label_index: int) -> str:
 # node_config keys (simulation sets partition-id / num-partitions itself)
 NODE_PARTITION_ID = "partition-id"
 NODE_CONFIG_FILE = "node-config"  # deployment: path of the organisation's node.yaml
+
+
+def message_round(message) -> str:
+    """The server round a message belongs to: its group id (the legacy and SecAgg+ workflows set it), else the
+    ``server-round`` of its config record (Flower's message-API strategies); "" when it carries neither."""
+    if message.metadata.group_id:
+        return str(message.metadata.group_id)
+    if message.has_content():
+        for record in message.content.config_records.values():
+            if SERVER_ROUND in record:
+                return str(record[SERVER_ROUND])
+    return ""

@@ -34,6 +34,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedpriv import masked_vectors, object_pulls
+from fedpriv.protocol import message_round
 
 PULL_INTERVAL_S = 0.2
 
@@ -148,7 +149,7 @@ def _note_exchange(messages: list[Message], started: float, pushed: float, done:
     first = messages[0]
     entry = {
         "kind": exchange_kind(first),
-        "round": first.metadata.group_id,
+        "round": message_round(first),
         "messages": len(messages),
         "started_at": round(started, 3),
     }

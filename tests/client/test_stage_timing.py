@@ -58,6 +58,12 @@ def test_each_message_appends_its_stage_startup_and_phases(tmp_path, monkeypatch
     first, second = (json.loads(line) for line in path.read_text().splitlines())
     assert first["stage"] == "secagg:share_keys" and second["stage"] == "train"
     assert first["node_id"] == 7 and first["round"] == "3"
+    # Flower's message-API strategies (the plain path) set no group id: the round is their config's server-round
+    plain = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 2, "lr": 0.1})}), dst_node_id=7, message_type="train"
+    )
+    stage_timing.stage_timings(plain, _context(), lambda msg, ctx: "reply")
+    assert json.loads(path.read_text().splitlines()[-1])["round"] == "2"
     assert set(first["phases"]) == {"model", "train"} and second["phases"] == {}
     assert 0 < first["started_after_s"] < 36_000 and first["handler_s"] >= 0
     assert first["peak_rss_mb"] > 50  # the process's peak resident set (a Python process with torch holds more)
