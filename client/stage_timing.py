@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedpriv.protocol import message_round
+from fedpriv.protocol import message_round, message_stage
 
 ENV_VAR = "FEDPRIV_STAGE_TIMINGS"
 PULLED_AT_ENV = "FEDPRIV_TASK_INPUT_PULLED_AT"  # client/superexec.py: when the message was in hand (wall clock)
@@ -52,13 +52,6 @@ def phase(name: str) -> Iterator[None]:
         _phases[name] = _phases.get(name, 0.0) + time.perf_counter() - started
 
 
-def _stage(msg) -> str:
-    configs = msg.content.config_records.get("secaggplus_configs")
-    if configs is not None and "stage" in configs:
-        return f"secagg:{configs['stage']}"
-    return str(msg.metadata.message_type)
-
-
 def stage_timings(msg, context, call_next):
     """ClientApp mod: one JSON line per message into the file ``FEDPRIV_STAGE_TIMINGS`` names."""
     path = os.environ.get(ENV_VAR)
@@ -68,7 +61,7 @@ def stage_timings(msg, context, call_next):
         "node_id": int(context.node_id),
         "node_config": {key: str(value) for key, value in context.node_config.items()},
         "round": message_round(msg),
-        "stage": _stage(msg),
+        "stage": message_stage(msg),
         "pid": os.getpid(),
         "started_after_s": round(process_age_s(), 3),
         "entered_at": round(time.time(), 3),  # wall clock, to line messages up with the SuperNode's log

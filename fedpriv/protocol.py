@@ -57,3 +57,11 @@ def message_round(message) -> str:
             if SERVER_ROUND in record:
                 return str(record[SERVER_ROUND])
     return ""
+
+
+def message_stage(message) -> str:
+    """``secagg:<stage>`` for a SecAgg+ stage's message, else its message type (``train``, ``evaluate``)."""
+    configs = message.content.config_records.get("secaggplus_configs") if message.has_content() else None
+    if configs is not None and "stage" in configs:
+        return f"secagg:{configs['stage']}"
+    return str(message.metadata.message_type)

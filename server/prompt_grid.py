@@ -34,7 +34,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedpriv import masked_vectors, object_pulls
-from fedpriv.protocol import message_round
+from fedpriv.protocol import message_round, message_stage
 
 PULL_INTERVAL_S = 0.2
 
@@ -99,7 +99,7 @@ class PromptGrid(Grid):
         if self.on_failure is not None and messages:
             for reply in replies:
                 if reply.has_error():
-                    self.on_failure(exchange_kind(messages[0]), reply)
+                    self.on_failure(message_stage(messages[0]), reply)
         return replies
 
     def __getattr__(self, name: str):  # anything else the wrapped Grid offers (close, ...)
@@ -107,14 +107,6 @@ class PromptGrid(Grid):
 
 
 EXCHANGE_TIMINGS_ENV = "FEDPRIV_EXCHANGE_TIMINGS"  # benchmarks only: one JSON line per exchange into this file
-
-
-def exchange_kind(message: Message) -> str:
-    """``secagg:<stage>`` for a SecAgg+ stage's message, else its message type (``train``, ``evaluate``)."""
-    configs = message.content.config_records.get("secaggplus_configs") if message.has_content() else None
-    if configs is not None and "stage" in configs:
-        return f"secagg:{configs['stage']}"
-    return str(message.metadata.message_type)
 
 
 _FLOWER_REASON = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
@@ -148,7 +140,7 @@ def _note_exchange(messages: list[Message], started: float, pushed: float, done:
         return
     first = messages[0]
     entry = {
-        "kind": exchange_kind(first),
+        "kind": message_stage(first),
         "round": message_round(first),
         "messages": len(messages),
         "started_at": round(started, 3),
