@@ -11,7 +11,11 @@ time went, which shows what a SecAgg+ round pays for.
 
 It also reports each round's wall time over the slowest node's local compute
 (its DP training loop plus its evaluation loop, from the same timings): what a
-round costs beyond the work no framework can avoid. ``supernodes=fedpriv,flower``
+round costs beyond the work no framework can avoid. Round 1 starts when the
+coordinator's pre-flight ended (server/preflight.py: every node loads its data
+and model and calibrates its noise before round 1); its time is reported
+apart (``preflight_s``), and with it the whole run's wall time over the nodes'
+compute (``run_over_compute``); ``preflight=never`` leaves that work in round 1. ``supernodes=fedpriv,flower``
 runs each arm with fedpriv-supernode (warm, forked ClientApps) and with Flower's
 stock flower-supernode (a fresh interpreter per message); ``superlinks=fedpriv,flower``
 with fedpriv-superlink (a node's empty pull held until a message is sent) and
@@ -47,6 +51,7 @@ DEFAULTS = {
     "threads": 0,  # torch/OpenMP threads per node (OMP_NUM_THREADS); 0: the machine's CPUs / nodes, at least 1
     "reruns": 0,  # more runs of each arm on its kits (privacy state cleared, token caches kept): a later run's rounds
     "superlinks": "fedpriv",
+    "preflight": "auto",  # strategy.preflight: auto (deployment: on) or never (each node loads its data in round 1)
 }  # fmt: skip
 MODES = ("secure", "plaintext")
 SUPERNODES = {"fedpriv": "fedpriv-supernode", "flower": "flower-supernode"}  # warm ClientApps / Flower's stock
@@ -85,7 +90,9 @@ def write_federation(root: Path, nodes: int, examples: int) -> Path:
 
 
 def round_times(summary: dict) -> list[float]:
-    elapsed = [0.0] + [float(r["elapsed_s"]) for r in summary["rounds"]]
+    """Each round's wall time; round 1 starts when the pre-flight ended (at the run's start without one)."""
+    elapsed = [float(summary.get("preflight", {}).get("elapsed_s", 0.0))]
+    elapsed += [float(r["elapsed_s"]) for r in summary["rounds"]]
     return [round(b - a, 2) for a, b in zip(elapsed, elapsed[1:], strict=False)]
 
 
@@ -157,7 +164,9 @@ def run_one(
 
     arm = {"update": update, "mode": mode, "supernode": supernode, "superlink": superlink, "run": rerun + 1}
     label = _label(arm)
-    link = "" if superlink == "fedpriv" else f"-{superlink}-link"
+    link = ("" if superlink == "fedpriv" else f"-{superlink}-link") + (
+        "" if args["preflight"] == "auto" else f"-preflight-{args['preflight']}"
+    )
     kits = root / f"kits-{update}-{mode}-{supernode}{link}"
     tag = f"{update}-{mode}-{supernode}{link}" + (f"-run{rerun + 1}" if rerun else "")
     if rerun:
@@ -171,6 +180,7 @@ def run_one(
         f"data.max_length={args['max_length']}",
         f"secure_aggregation.enabled={'true' if mode == 'secure' else 'false'}",
         "output.export_model=false",
+        f"strategy.preflight={args['preflight']}",
     ]
     if args["max_batch_tokens"] > 0:
         overrides.append(f"training.max_batch_tokens={args['max_batch_tokens']}")
@@ -211,6 +221,7 @@ def run_one(
         "mode": mode,
         "supernode": supernode,
         "superlink": superlink,
+        "preflight": args["preflight"],
         "run": rerun + 1,  # 1: fresh kits; later: the same kits again (token caches kept)
         "slowest_node_compute_s": compute,
         "round_over_compute": ratios,
@@ -218,6 +229,10 @@ def run_one(
         "trainable_parameters": summary["model"]["trainable_parameters"],
         "upload_bytes_per_round": summary["model"]["upload_bytes_per_round"],
         "round_s": rounds,
+        # the nodes' one-time work before round 1 (data, model, noise calibration); None: no pre-flight
+        "preflight_s": summary.get("preflight", {}).get("wall_s"),
+        "run_s": summary["wall_time_s"],  # the whole run: pre-flight and every round
+        "run_over_compute": round(summary["wall_time_s"] / sum(compute), 3) if sum(compute) else None,
         "median_round_s": round(statistics.median(rounds), 2),
         "total_s": round(time.monotonic() - started, 1),
         "final_accuracy": summary["final"]["accuracy"],
@@ -251,13 +266,15 @@ def markdown(results: list[dict], args: dict) -> str:
         )
     lines += [
         "",
-        "| run | s/round | slowest node's compute s (train + evaluate) | round / compute | median |",
-        "|---|---|---|---|---|",
+        "| run | pre-flight s | s/round | slowest node's compute s (train + evaluate) | round / compute | median |"
+        " run / compute |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {_label(r)} | {r['round_s']} | {r['slowest_node_compute_s']}"
-            f" | {r['round_over_compute']} | **{r['median_round_over_compute']}** |"
+            f"| {_label(r)} | {r['preflight_s'] if r['preflight_s'] is not None else '-'} | {r['round_s']}"
+            f" | {r['slowest_node_compute_s']} | {r['round_over_compute']} | **{r['median_round_over_compute']}**"
+            f" | {r['run_over_compute']} |"
         )
     lines += [
         "",

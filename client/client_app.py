@@ -1,4 +1,4 @@
-"""The organisation's Flower ClientApp: DP local training and local evaluation.
+"""The organisation's Flower ClientApp: DP local training, local evaluation and the pre-flight before round 1.
 
 One ClientApp for simulation and deployment. ``fedpriv simulate`` builds it
 with the resolved config (``build_client_app(cfg)``); under ``flwr run`` the
@@ -77,6 +77,14 @@ def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def handle_query(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
+    """The coordinator's pre-flight before round 1 (server/preflight.py): get ready and say how."""
+    with phase("imports"):
+        from client import task
+
+    return Message(task.ready_content(cfg, msg.content, context), reply_to=msg)
+
+
 def warm_node(context: Context) -> None:
     """Load what every message of this run needs on this node, ahead of its messages.
 
@@ -101,6 +109,10 @@ def build_client_app(config: FedPrivConfig | None = None) -> ClientApp:
     @app.evaluate(mods=[stage_timings])
     def evaluate_(msg: Message, context: Context) -> Message:
         return handle_evaluate(config or config_from_context(context), msg, context)
+
+    @app.query(mods=[stage_timings])
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(config or config_from_context(context), msg, context)
 
     return app
 

@@ -198,6 +198,41 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
     return reply
 
 
+def ready_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> RecordDict:
+    """The pre-flight reply: load the node's data and model, open (or calibrate) its privacy plan, report them.
+
+    Everything a run's first round would otherwise do before training (redacting and tokenising the data,
+    the model template, the noise calibration) happens here, once per run, and the coordinator learns each
+    node's data sizes, plan and spending before round 1 (server/preflight.py). Nothing is spent, and no ledger
+    entry travels: whether a node trains is still its own decision in each round (a resumed round it already
+    paid for is answered again, whatever its budget now says).
+    """
+    with phase("data"):
+        node = local_node(cfg, context)
+    with phase("model"):
+        trainable_layout(cfg.model, node.label_names)
+    ready: dict[str, int | float | str] = {
+        protocol.READY_ORG: node.org,
+        protocol.READY_TRAIN: len(node.train),
+        protocol.READY_TEST: len(node.test),
+    }
+    if cfg.privacy.enabled:
+        folder = state_dir(node, str(content[protocol.CONFIG].get(protocol.RUN_DIR, "")))
+        with phase("privacy"):
+            budget = NodeBudget.open(cfg, node, folder)  # calibrates the noise if no plan is stored yet
+        plan = budget.privacy.plan
+        ready |= {
+            protocol.READY_NOISE: plan.noise_multiplier,
+            protocol.READY_SAMPLE_RATE: plan.sample_rate,
+            protocol.READY_PLANNED_STEPS: plan.planned_steps,
+            protocol.READY_TARGET_EPSILON: plan.target_epsilon,
+            protocol.READY_DELTA: plan.delta,
+            protocol.READY_EPSILON: budget.privacy.epsilon(),
+            protocol.READY_MAX_EPSILON: node.max_epsilon,
+        }
+    return RecordDict({protocol.READY: ConfigRecord(ready)})
+
+
 def node_trainable_layout(cfg: FedPrivConfig, context: Context) -> list[tuple[str, tuple[int, ...]]]:
     return trainable_layout(cfg.model, local_node(cfg, context).label_names)
 

@@ -237,6 +237,9 @@ class StrategyConfig:
     proximal_mu: float = field(default=0.01, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     round_timeout: float = field(default=3600.0, metadata=_positive())
+    # ask every node to load its data and model and plan its noise before round 1 (server/preflight.py);
+    # auto: in deployment only (a simulation plans every organisation itself)
+    preflight: Literal["auto", "always", "never"] = "auto"
     # reject a node's update whose L2 distance from the round's global weights exceeds this (null: no bound)
     max_update_norm: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
     trim_fraction: float = field(  # fedtrimmedavg: cut this fraction of the values at each end, per coordinate

@@ -11,6 +11,7 @@ LEDGER = "ledger"  # ConfigRecord in replies: the node's new signed ledger entri
 # (its rule set and the matches replaced per kind, never the values; {"enabled": false} when off)
 REDACTION = "redaction"
 REFUSAL = "refusal"  # ConfigRecord in a train reply that declines to train (budget): no arrays, no DP step
+READY = "ready"  # ConfigRecord in a pre-flight (query) reply: the node's data sizes and privacy plan
 
 # Keys of the server's ConfigRecord
 SERVER_ROUND = "server-round"  # set by Flower's strategies
@@ -27,6 +28,18 @@ LEDGER_EPSILON = "epsilon"  # spent so far (the node's accountant)
 LEDGER_EPSILON_NEXT = "epsilon-next"  # after one more round as configured
 LEDGER_MAX_EPSILON = "max-epsilon"  # the organisation's hard budget
 LEDGER_CAN_TRAIN = "can-train"  # whether one more round fits in the budget
+
+# Keys of the READY record (the pre-flight reply; privacy keys only when DP is on)
+READY_ORG = "org"
+READY_TRAIN = "train-examples"
+READY_TEST = "test-examples"
+READY_NOISE = "noise-multiplier"
+READY_SAMPLE_RATE = "sample-rate"
+READY_PLANNED_STEPS = "planned-steps"  # DP steps the whole run as configured takes
+READY_TARGET_EPSILON = "target-epsilon"
+READY_DELTA = "delta"
+READY_EPSILON = "epsilon"  # spent so far (the node's accountant)
+READY_MAX_EPSILON = "max-epsilon"  # the organisation's hard budget
 
 # Keys of reply MetricRecords
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key

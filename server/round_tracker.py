@@ -83,6 +83,7 @@ class RoundTracker:
         self._current: RoundRecord | None = None
         self._started = time.monotonic()
         self.resumed_after: int | None = None  # set by restore(): the rounds before it came from a resume point
+        self.nodes_prepared = False  # set after the pre-flight (server/preflight.py): data and models loaded
 
     def restore(
         self,
@@ -169,7 +170,10 @@ class RoundTracker:
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: runs after each round (and once before round 1)."""
         if server_round == 0:
-            if self.resumed_after is not None:
+            if self.nodes_prepared:
+                first = self.resumed_after + 1 if self.resumed_after is not None else 1
+                self.printer(f"training: rounds {first}..{self.num_rounds} ...")
+            elif self.resumed_after is not None:
                 self.printer(
                     f"resuming after round {self.resumed_after} of {self.num_rounds}: rounds"
                     f" {self.resumed_after + 1}..{self.num_rounds} to go; each node loads the model and its data ..."

@@ -23,6 +23,7 @@ from fedpriv.run_config import RESUME_KEY, config_from_context
 from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState
 from server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from server.ledger_store import LedgerStore
+from server.preflight import preflight_wanted, run_preflight
 from server.prompt_grid import PromptGrid
 from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_plot, write_summary
 from server.resume import (
@@ -173,6 +174,17 @@ def run_federation(
         tracker.printer(f"secure aggregation (SecAgg+): {shares} shares, rounds need {threshold} organisations")
         extra["secure_aggregation"] = {"num_shares": shares, "reconstruction_threshold": threshold}
     node_config = {protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest}
+    if cfg.training.rounds - done > 0 and preflight_wanted(cfg, grid):
+        extra["preflight"] = run_preflight(
+            grid,
+            cfg,
+            node_config=node_config,
+            num_nodes=num_nodes,
+            budget=budget,
+            say=tracker.printer,
+            elapsed=lambda: tracker.elapsed_s,
+        )
+        tracker.nodes_prepared = bool(extra["preflight"]["ready"])
     strategy_holder: list[BudgetGatedStrategy] = []
     remaining = cfg.training.rounds - done
     try:

@@ -7,7 +7,7 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.client_app import handle_evaluate, handle_train
+from client.client_app import handle_evaluate, handle_query, handle_train
 from client.node import NodeSetupError, fresh_model
 from fedpriv import protocol
 from fedpriv.config import load_config
@@ -262,3 +262,39 @@ def test_each_round_trains_at_its_scheduled_learning_rate(tmp_path, monkeypatch)
     for server_round in (1, 2):
         handle_train(cfg, _message(cfg, tmp_path, server_round), _context())
     assert seen == [pytest.approx(0.02), pytest.approx(0.002)]  # 2 rounds: the first at the rate, the last at its floor
+
+
+def test_the_preflight_reply_loads_the_node_plans_its_noise_once_and_spends_nothing(tmp_path):
+    cfg = load_config(overrides=OVERRIDES)
+    query = lambda: Message(  # noqa: E731 - what server/preflight.py sends: the run's config, no weights
+        RecordDict({protocol.CONFIG: ConfigRecord({protocol.RUN_DIR: str(tmp_path)})}),
+        dst_node_id=1,
+        message_type=MessageType.QUERY,
+    )
+    ready = handle_query(cfg, query(), _context()).content[protocol.READY]
+    folder = tmp_path / "nodes" / "org-0"
+    plan = _stored_plan(folder)  # calibrated and stored by the pre-flight, before any training message
+    assert ready[protocol.READY_ORG] == "org-0"
+    assert ready[protocol.READY_TRAIN] == len(plan_partitions(cfg).org(0).train) == plan.num_examples
+    assert ready[protocol.READY_TEST] == len(plan_partitions(cfg).org(0).test)
+    assert ready[protocol.READY_NOISE] == plan.noise_multiplier and ready[protocol.READY_SAMPLE_RATE] == plan.sample_rate
+    assert ready[protocol.READY_PLANNED_STEPS] == plan.planned_steps and ready[protocol.READY_TARGET_EPSILON] == 8.0
+    assert not (folder / "ledger.jsonl").exists() or not (folder / "ledger.jsonl").read_text().strip()
+    reply = handle_train(cfg, _message(cfg, tmp_path, 1), _context())  # round 1 trains on the pre-flight's plan
+    assert reply.content[protocol.PRIVACY]["noise_multiplier"] == plan.noise_multiplier
+    assert ready[protocol.READY_EPSILON] == 0.0 and ready[protocol.READY_MAX_EPSILON] == 8.0
+    again = handle_query(cfg, query(), _context()).content[protocol.READY]  # e.g. a resumed run: the stored plan
+    assert again[protocol.READY_NOISE] == plan.noise_multiplier
+    assert again[protocol.READY_EPSILON] == reply.content[protocol.PRIVACY]["epsilon"] > 0
+
+
+def test_without_dp_the_preflight_reports_the_data_only(tmp_path):
+    cfg = load_config(overrides=[*OVERRIDES, "privacy.enabled=false"])
+    message = Message(RecordDict({protocol.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.QUERY)
+    content = handle_query(cfg, message, _context(1)).content
+    assert dict(content[protocol.READY]) == {
+        protocol.READY_ORG: "org-1",
+        protocol.READY_TRAIN: len(plan_partitions(cfg).org(1).train),
+        protocol.READY_TEST: len(plan_partitions(cfg).org(1).test),
+    }
+    assert list(content) == [protocol.READY] and not (tmp_path / "nodes").exists()

@@ -181,6 +181,16 @@ def test_three_organisations_train_over_tls_each_within_its_own_budget(finished_
         assert report["steps"] == report["planned_steps"] and report["epsilon"] == uninterrupted, org
         ledger = (finished_run["kits"] / org / "state" / "ledger.jsonl").read_text().splitlines()
         assert [(json.loads(e)["kind"], json.loads(e)["round"]) for e in ledger] == [("dp_round", 1), ("dp_round", 2)]
+    # before round 1 of both starts every node loaded its data and model and had its plan (server/preflight.py):
+    # calibrated at the first start, read from its state at the resume; the rounds trained on that plan
+    assert output.count(f"pre-flight: {len(TARGETS)} of {len(TARGETS)} connected node(s) ready") == 2, output
+    ready = {row["org"]: row for row in summary["preflight"]["ready"]}
+    assert sorted(ready) == sorted(TARGETS) and summary["preflight"]["failed"] == []
+    for org, target in TARGETS.items():
+        plan = {k: summary["privacy"][org][k] for k in ("noise_multiplier", "sample_rate", "planned_steps")}
+        assert ready[org]["target_epsilon"] == target and {k: ready[org][k] for k in plan} == plan, org
+        assert 0 < ready[org]["epsilon"] <= summary["privacy"][org]["epsilon"]  # the resume's: spent before
+    assert summary["preflight"]["elapsed_s"] < summary["rounds"][-1]["elapsed_s"]
     # every node kept its accountant in its own kit, never in the coordinator's run folder
     for org in TARGETS:
         assert (finished_run["kits"] / org / "state" / "accountant.json").exists()
