@@ -140,7 +140,7 @@ def run_preflight(
     return {
         "nodes_asked": len(nodes),
         "wall_s": round(wall, 2),
-        "elapsed_s": round(elapsed(), 2),  # on the rounds' clock (summary rounds[].elapsed_s): the next round starts here
+        "elapsed_s": round(elapsed(), 2),  # on the clock of rounds[].elapsed_s: the next round starts here
         "ready": ready,
         "failed": failed,
     }

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "secure_round_overhead.py"
-SECAGG_STAGES = {"query", "secagg:setup", "secagg:share_keys", "secagg:collect_masked_vectors", "secagg:unmask", "evaluate"}
+SECAGG_STAGES = {
+    "query",
+    "secagg:setup",
+    "secagg:share_keys",
+    "secagg:collect_masked_vectors",
+    "secagg:unmask",
+    "evaluate",
+}
 
 
 def test_the_round_overhead_benchmark_times_a_real_secure_round_and_the_nodes_compute(tmp_path):

@@ -277,7 +277,9 @@ def test_the_preflight_reply_loads_the_node_plans_its_noise_once_and_spends_noth
     assert ready[protocol.READY_ORG] == "org-0"
     assert ready[protocol.READY_TRAIN] == len(plan_partitions(cfg).org(0).train) == plan.num_examples
     assert ready[protocol.READY_TEST] == len(plan_partitions(cfg).org(0).test)
-    assert ready[protocol.READY_NOISE] == plan.noise_multiplier and ready[protocol.READY_SAMPLE_RATE] == plan.sample_rate
+    assert (
+        ready[protocol.READY_NOISE] == plan.noise_multiplier and ready[protocol.READY_SAMPLE_RATE] == plan.sample_rate
+    )
     assert ready[protocol.READY_PLANNED_STEPS] == plan.planned_steps and ready[protocol.READY_TARGET_EPSILON] == 8.0
     assert not (folder / "ledger.jsonl").exists() or not (folder / "ledger.jsonl").read_text().strip()
     reply = handle_train(cfg, _message(cfg, tmp_path, 1), _context())  # round 1 trains on the pre-flight's plan
