@@ -30,7 +30,10 @@ message's child, once it has the task (run config, node config, FAB), tells the
 run process, which imports the run's ClientApp from its FAB and calls the
 app's ``warm_node(context)`` hook (client/client_app.py: the node's data and the
 model template, nothing else). Every later message of the run is forked from
-it and inherits them copy-on-write. What stays per message: the ClientApp runs
+it and inherits them copy-on-write. The first message itself, forked before, waits for the run process
+when it needs the node's data too (a pre-flight query, a plain training or evaluate message: not a SecAgg+
+key exchange) and then reads them from the node's token cache, instead of redacting and tokenising the same
+texts at the same moment. What stays per message: the ClientApp runs
 the same code as without it (same handlers, simulation included); it reads
 and writes the node's privacy state (plan, accountant, ledger, replay) from
 disk in every message, as before: the run process never opens it. Before each
@@ -64,6 +67,7 @@ from pathlib import Path
 from client.env_settings import env_number
 from client.node_wakeups import LONG_POLL_ENV
 from fedpriv.app_source import APP_PACKAGES
+from fedpriv.protocol import message_stage
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own variable: seconds between task polls
 DEFAULT_POLL_S = "0.2"
@@ -356,6 +360,8 @@ class RunProcess:
         self.commands = commands
         self.selector = selectors.DefaultSelector()
         self.reports: dict[int, bytearray] = {}  # read ends of children's report pipes
+        # a reporting child's report read end -> the write end of its "warm" pipe, closed once warming is over
+        self.warm_signals: dict[int, int] = {}
         self.children: set[int] = set()
         self.context = None
         self.hook = None
@@ -394,16 +400,19 @@ class RunProcess:
             self.refresh()
         report = self.hook is None and not self.failed
         read_end, write_end = os.pipe() if report else (None, None)
+        warm_read, warm_write = os.pipe() if report else (None, None)
         gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.close(self.commands)
-                for fd in self.reports:
+                for fd in [*self.reports, *self.warm_signals.values()]:
                     os.close(fd)
                 if read_end is not None:
                     os.close(read_end)
+                    os.close(warm_write)
+                    _task["warm_fd"] = warm_read
                 torch = sys.modules.get("torch")
                 if torch is not None and self.threads:
                     torch.set_num_threads(self.threads)
@@ -414,6 +423,8 @@ class RunProcess:
                 os._exit(code)
         if report:
             os.close(write_end)
+            os.close(warm_read)
+            self.warm_signals[read_end] = warm_write
             self.reports[read_end] = bytearray()
             self.selector.register(read_end, selectors.EVENT_READ)
         self.children.add(pid)
@@ -429,6 +440,10 @@ class RunProcess:
         frames = take_frames(self.reports.pop(fd))
         if frames and self.hook is None and not self.failed:
             self.warm_up(json.loads(frames[0]))
+        # tell the waiting children that warming is over (done, failed, or this child never said its task)
+        done = self.hook is not None or self.failed
+        for report_fd in list(self.warm_signals) if done else [fd]:
+            os.close(self.warm_signals.pop(report_fd))
 
     def warm_up(self, task: dict) -> bool:
         """Import the run's ClientApp from its FAB and load what its messages need (``warm_node``)."""
@@ -550,7 +565,8 @@ def noted_pull(pull_task_input):
     def pull(client):
         note_step("connected")
         message, context, run, fab = result = pull_task_input(client)
-        _task.update(context=context, run=run, fab_hash=fab.hash_str)
+        stage = message_stage(message) if message is not None else ""
+        _task.update(context=context, run=run, fab_hash=fab.hash_str, stage=stage)
         note_step("pulled")
         if os.environ.get(STAGE_TIMINGS_ENV):
             os.environ[PULLED_AT_ENV] = f"{time.time():.3f}"
@@ -603,11 +619,42 @@ def checked_loader(get_load_client_app_fn, report_fd: int | None):
             note_step("app_loaded")
             if report_fd is not None:
                 report_task(report_fd, fab_id, fab_version, fab_hash)
+                wait_for_warm_run()
             return app
 
         return load_checked
 
     return get_load
+
+
+WARM_WAIT_S = 600.0  # the longest a run's first message waits for its run process to load the node's data
+
+
+def needs_node_data(stage: str) -> bool:
+    """Whether a message of this stage loads the node's data (fedpriv.protocol.message_stage's names)."""
+    return not stage.startswith("secagg:") or stage == "secagg:collect_masked_vectors"
+
+
+def wait_for_warm_run(timeout: float = WARM_WAIT_S) -> bool:
+    """In a run's first message: wait until the run process has loaded the node's data, when this message needs
+    them too. Both would otherwise redact and tokenise the same texts at once; after the wait this message
+    reads them from the node's token cache (client/tokenized.py). Returns whether it waited.
+    """
+    fd = _task.pop("warm_fd", None)
+    if fd is None:
+        return False
+    try:
+        if not needs_node_data(_task.get("stage", "")):
+            return False
+        waiting = selectors.DefaultSelector()
+        waiting.register(fd, selectors.EVENT_READ)
+        waiting.select(timeout=timeout)  # the run process closes its end when warming is over (or it ends)
+        waiting.close()
+        _task["waited"] = True
+        note_step("run_warm")
+        return True
+    finally:
+        os.close(fd)
 
 
 def report_task(fd: int, fab_id: str, fab_version: str, fab_hash: str) -> None:

@@ -188,7 +188,8 @@ def warm_runs(tmp_path_factory):
     import subprocess
 
     work = tmp_path_factory.mktemp("warm-runs")
-    steps = [[1, "run1-a"], [1, "run1-b"], ["append-rows", 8], [1, "run1-c"], [2, "run2-a"], [2, "run2-b"]]
+    steps = [[1, "run1-a/query"], [1, "run1-b"], ["append-rows", 8], [1, "run1-c"], [2, "run2-a/secagg:setup"]]
+    steps.append([2, "run2-b"])
     (work / "plan.json").write_text(json.dumps({"steps": steps, "rows": 40, "warm_runs": 1}))
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
@@ -206,7 +207,10 @@ def test_a_runs_first_message_is_cold_and_its_later_messages_inherit_data_and_mo
     first, second = records["run1-a"], records["run1-b"]
     assert first["parent_comm"] == superexec.RUN_PROCESS_NAME and first["comm"] == superexec.CLIENTAPP_NAME
     assert first["held_before_load"] == {"nodes": 0, "templates": 0} and not first["warm_env"]
-    assert not first["node_reused"]  # the first message loaded the node's data itself
+    assert not first["node_reused"]  # the first message loaded the node's data itself ...
+    # ... from the token cache the run process had just written: it waited for it instead of tokenising the same
+    # texts at the same moment (a pre-flight query needs the data; server/preflight.py)
+    assert first["waited_for_run_process"] and first["token_cache_before_load"]
     assert second["ppid"] == first["ppid"]  # forked from the same run process ...
     assert second["warm_env"] and second["held_before_load"] == {"nodes": 1, "templates": 1}
     assert second["node_reused"]  # ... which had loaded the data and built the template: not loaded again
@@ -231,6 +235,7 @@ def test_another_run_gets_its_own_process_with_nothing_of_the_first(warm_runs):
     first, second = records["run2-a"], records["run2-b"]
     assert first["ppid"] != records["run1-a"]["ppid"]
     assert first["held_before_load"] == {"nodes": 0, "templates": 0} and not first["warm_env"]
+    assert not first["waited_for_run_process"]  # a SecAgg+ key exchange needs no data: it never waits
     assert first["app_dir"] != records["run1-a"]["app_dir"]
     assert second["ppid"] == first["ppid"] and second["warm_env"] and second["node_reused"]
     assert first["fab_unzipped_and_verified"] and not second["fab_unzipped_and_verified"]  # its own FAB, checked once

@@ -7,8 +7,9 @@ replaced by what it does up to the handler: pull the task (a made-up context per
 from the run's FAB (this checkout staged where Flower installs FABs), then, instead of a message handler,
 record what the process holds and what the node's data and model calls return.
 
-WORKDIR holds ``plan.json``: ``{"steps": [[run_id, token] or ["append-rows", n]...], ...}``; each message's
-record is one JSON line in ``WORKDIR/records.jsonl``.
+WORKDIR holds ``plan.json``: ``{"steps": [[run_id, token] or ["append-rows", n]...], ...}``; a token
+``name/stage`` pulls a message of that stage (``query``, ``secagg:setup``...; plain ``train`` without one).
+Each message's record is one JSON line in ``WORKDIR/records.jsonl``, under the token's name.
 """
 
 from __future__ import annotations
@@ -63,8 +64,15 @@ def main(work: Path) -> None:
 
     def pull_task_input(client):
         del client
-        token = os.environ["SCENARIO_TOKEN"]
+        token, _, stage = os.environ["SCENARIO_TOKEN"].partition("/")
         run_id = int(token.split("-")[0].removeprefix("run"))
+        kind, _, secagg = (stage or "train").partition(":")
+        configs = {"secaggplus_configs": {"stage": secagg}} if secagg else {}
+        message = SimpleNamespace(  # what fedpriv.protocol.message_stage reads
+            metadata=SimpleNamespace(message_type="train" if secagg else kind),
+            content=SimpleNamespace(config_records=configs),
+            has_content=lambda: True,
+        )
         context = Context(
             run_id=run_id,
             node_id=7,
@@ -73,7 +81,8 @@ def main(work: Path) -> None:
             run_config={"config": "", "overrides": OVERRIDES, "resume": ""},
         )
         run = SimpleNamespace(run_id=run_id, fab_id=FAB_ID, fab_version=FAB_VERSION)
-        return None, context, run, SimpleNamespace(hash_str=FAB_HASHES[run_id], content=f"fab {run_id}".encode())
+        fab = SimpleNamespace(hash_str=FAB_HASHES[run_id], content=f"fab {run_id}".encode())
+        return message, context, run, fab
 
     def install_from_fab(fab_file, install_dir=None, skip_prompt=False):  # Flower's unzip-and-verify, noted
         os.environ["SCENARIO_INSTALLED"] = "1"
@@ -91,7 +100,8 @@ def main(work: Path) -> None:
         runtime.install_from_fab(fab.content, skip_prompt=True)
         runtime.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
             run.fab_id, run.fab_version, fab.hash_str
-        )
+        )  # a run's first message waits here for its run process when it needs the node's data
+        cache = list((work / "state" / "token-cache").glob("*.pt"))
         from client import node, task
         from fedpriv.run_config import config_from_context
 
@@ -101,7 +111,9 @@ def main(work: Path) -> None:
         model, _ = node.fresh_model(cfg.model, local.label_names)
         template, _ = node._template(cfg.model, local.label_names)
         record = {
-            "token": kwargs["token"],
+            "token": kwargs["token"].partition("/")[0],
+            "waited_for_run_process": "waited" in superexec._task,
+            "token_cache_before_load": bool(cache),
             "pid": os.getpid(),
             "ppid": os.getppid(),
             "comm": Path("/proc/self/comm").read_text().strip(),
