@@ -199,18 +199,18 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
 
 
 def ready_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> RecordDict:
-    """The pre-flight reply: load the node's data and model, open (or calibrate) its privacy plan, report them.
+    """The pre-flight reply: load the node's data, open (or calibrate) its privacy plan, report them.
 
-    Everything a run's first round would otherwise do before training (redacting and tokenising the data,
-    the model template, the noise calibration) happens here, once per run, and the coordinator learns each
-    node's data sizes, plan and spending before round 1 (server/preflight.py). Nothing is spent, and no ledger
+    What a run's first round would otherwise do before training (redacting and tokenising the data, cached in
+    the node's state; the noise calibration, stored with its plan) happens here, once per run; under
+    fedpriv-supernode the node's run process loads the data and builds the model template meanwhile
+    (client/superexec.py), which this message does not repeat. The coordinator learns each node's data
+    sizes, plan and spending before round 1 (server/preflight.py). Nothing is spent, and no ledger
     entry travels: whether a node trains is still its own decision in each round (a resumed round it already
     paid for is answered again, whatever its budget now says).
     """
     with phase("data"):
         node = local_node(cfg, context)
-    with phase("model"):
-        trainable_layout(cfg.model, node.label_names)
     ready: dict[str, int | float | str] = {
         protocol.READY_ORG: node.org,
         protocol.READY_TRAIN: len(node.train),

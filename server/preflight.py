@@ -6,7 +6,8 @@ With ten nodes that work held the first round's SecAgg+ key exchanges back
 (BENCHMARKS.md, round overhead), and a node whose data could not be read was
 found only when round 1 failed. The pre-flight sends every connected node one
 ``query`` message before round 1; the node does that work (client/task.py,
-``ready_content``) and answers with its data sizes, its privacy plan and what
+``ready_content``; the model template is built by the node's warm run process
+meanwhile, client/superexec.py) and answers with its data sizes, its privacy plan and what
 it has spent. The coordinator prints one line per organisation, as ``fedpriv
 simulate`` prints its plan, and records them in ``summary.json``
 (``preflight``). Nothing is trained and no privacy is spent; a node that fails
@@ -125,7 +126,7 @@ def run_preflight(
     wall = time.monotonic() - started
     say(
         f"pre-flight: {len(ready)} of {len(nodes)} connected node(s) ready in {wall:.1f} s"
-        f" (the run waits for {num_nodes}); data loaded, model built"
+        f" (the run waits for {num_nodes}); data loaded"
         + (", noise calibrated" if cfg.privacy.enabled else "")
     )
     width = max((len(row["org"]) for row in ready), default=0)

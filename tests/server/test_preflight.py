@@ -108,7 +108,7 @@ def test_every_node_gets_ready_and_the_coordinator_learns_its_plan_and_budget_be
         {"node_id": 14, "reason": "no reply in time"},
     ]
     assert said[0].startswith("pre-flight: 2 of 4 connected node(s) ready in ")
-    assert "data loaded, model built, noise calibrated" in said[0]
+    assert "data loaded, noise calibrated" in said[0]
     assert said[1].startswith("  org-0  train ") and "sigma " in said[1] and said[1].endswith("spent 0.000 of max 8")
     assert f"spent {rows['org-1']['epsilon']:.3f} of max 8" in said[2]
     assert "pre-flight: node 13 is not ready: NodeSetupError: data.path: no such file" in said
@@ -123,7 +123,7 @@ def test_the_preflight_waits_for_the_nodes_the_run_waits_for(tmp_path, monkeypat
     block, _ = _run(cfg, grid, tmp_path, said := [])
     assert block["nodes_asked"] == 4 and [row["org"] for row in block["ready"]] == ["org-0", "org-1"]
     assert "rate" not in json.dumps(block["ready"])  # no privacy plan without DP
-    assert said[0].endswith("data loaded, model built") and said[1].startswith("  org-0  train ")
+    assert said[0].endswith("data loaded") and said[1].startswith("  org-0  train ")
     assert "sigma" not in said[1] and "spent" not in said[1]
 
 
