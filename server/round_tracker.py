@@ -83,7 +83,7 @@ class RoundTracker:
         self._current: RoundRecord | None = None
         self._started = time.monotonic()
         self.resumed_after: int | None = None  # set by restore(): the rounds before it came from a resume point
-        self.nodes_prepared = False  # set after the pre-flight (server/preflight.py): data and models loaded
+        self.nodes_prepared = False  # set after a pre-flight (server/preflight.py): data loaded, noise planned
 
     def restore(
         self,
