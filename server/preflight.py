@@ -117,7 +117,11 @@ def run_preflight(
             reason = failure_reason(reply) if reply.has_error() else "the reply has no ready record"
             failed.append({"node_id": node_id, "reason": reason})
             continue
-        row = ready_row(node_id, reply.content[protocol.READY])
+        try:
+            row = ready_row(node_id, reply.content[protocol.READY])
+        except (KeyError, TypeError, ValueError) as exc:  # a node's bug or a hostile node: said, never raised
+            failed.append({"node_id": node_id, "reason": f"malformed ready record ({exc.__class__.__name__}: {exc})"})
+            continue
         budget.org_of[node_id] = row["org"]  # failure lines in round 1 name the organisation
         ready.append(row)
     answered = {reply.metadata.src_node_id for reply in replies}
@@ -126,8 +130,7 @@ def run_preflight(
     wall = time.monotonic() - started
     say(
         f"pre-flight: {len(ready)} of {len(nodes)} connected node(s) ready in {wall:.1f} s"
-        f" (the run waits for {num_nodes}); data loaded"
-        + (", noise calibrated" if cfg.privacy.enabled else "")
+        f" (the run waits for {num_nodes}); data loaded" + (", noise calibrated" if cfg.privacy.enabled else "")
     )
     width = max((len(row["org"]) for row in ready), default=0)
     for row in ready[:MAX_LINES]:

@@ -44,9 +44,10 @@ def _context(partition_id: int) -> Context:
 
 
 class NodesGrid:
-    """Nodes 11 and 12 are organisations 0 and 1 (the real ClientApp handler answers); 13 fails, 14 never answers."""
+    """Nodes 11 and 12 are organisations 0 and 1 (the real ClientApp handler answers); 13 fails, 14 never answers,
+    15 answers with a ready record that lacks its sizes."""
 
-    def __init__(self, cfg, connected=(11, 12, 13, 14)):
+    def __init__(self, cfg, connected=(11, 12, 13, 14, 15)):
         self.cfg, self.connected, self.sent = cfg, list(connected), []
 
     def get_node_ids(self):
@@ -63,6 +64,9 @@ class NodesGrid:
             elif node_id == 13:
                 error = Error(code=0, reason="<class 'client.node.NodeSetupError'>:<'data.path: no such file'>")
                 replies.append(Message(error, reply_to=message))
+            elif node_id == 15:
+                content = RecordDict({protocol.READY: ConfigRecord({protocol.READY_ORG: "org-x"})})
+                replies.append(Message(content, reply_to=message))
         return replies
 
 
@@ -72,7 +76,7 @@ def _run(cfg, grid, run_dir, said):
         grid,
         cfg,
         node_config={protocol.RUN_DIR: str(run_dir)},
-        num_nodes=4,
+        num_nodes=5,
         budget=budget,
         say=said.append,
         elapsed=lambda: 12.5,
@@ -90,9 +94,9 @@ def test_every_node_gets_ready_and_the_coordinator_learns_its_plan_and_budget_be
     said: list[str] = []
     grid = NodesGrid(cfg)
     block, budget = _run(cfg, grid, tmp_path, said)
-    assert [m.metadata.message_type for m in grid.sent] == ["query"] * 4
+    assert [m.metadata.message_type for m in grid.sent] == ["query"] * 5
     assert all(protocol.ARRAYS not in m.content for m in grid.sent)  # no weights: nothing to train on
-    assert block["nodes_asked"] == 4 and block["elapsed_s"] == 12.5 and block["wall_s"] >= 0
+    assert block["nodes_asked"] == 5 and block["elapsed_s"] == 12.5 and block["wall_s"] >= 0
     rows = {row["org"]: row for row in block["ready"]}
     assert sorted(rows) == ["org-0", "org-1"] and rows["org-0"]["node_id"] == 11
     plan = json.loads((tmp_path / "nodes" / "org-0" / "privacy_plan.json").read_text())  # stored by the pre-flight
@@ -105,9 +109,10 @@ def test_every_node_gets_ready_and_the_coordinator_learns_its_plan_and_budget_be
     assert budget.heads() == "{}" and budget.outlook == {}  # no ledger entry travelled
     assert block["failed"] == [
         {"node_id": 13, "reason": "NodeSetupError: data.path: no such file"},
+        {"node_id": 15, "reason": "malformed ready record (KeyError: 'train-examples')"},
         {"node_id": 14, "reason": "no reply in time"},
     ]
-    assert said[0].startswith("pre-flight: 2 of 4 connected node(s) ready in ")
+    assert said[0].startswith("pre-flight: 2 of 5 connected node(s) ready in ")
     assert "data loaded, noise calibrated" in said[0]
     assert said[1].startswith("  org-0  train ") and "sigma " in said[1] and said[1].endswith("spent 0.000 of max 8")
     assert f"spent {rows['org-1']['epsilon']:.3f} of max 8" in said[2]
@@ -118,10 +123,10 @@ def test_every_node_gets_ready_and_the_coordinator_learns_its_plan_and_budget_be
 def test_the_preflight_waits_for_the_nodes_the_run_waits_for(tmp_path, monkeypatch):
     cfg = load_config(overrides=[*OVERRIDES, "privacy.enabled=false", "strategy.round_timeout=5"])
     grid = NodesGrid(cfg, connected=[])
-    joins = iter([[11], [11, 12], [11, 12, 13, 14]])
+    joins = iter([[11], [11, 12], [11, 12, 13, 14, 15]])
     monkeypatch.setattr(preflight.time, "sleep", lambda s: setattr(grid, "connected", next(joins)))
     block, _ = _run(cfg, grid, tmp_path, said := [])
-    assert block["nodes_asked"] == 4 and [row["org"] for row in block["ready"]] == ["org-0", "org-1"]
+    assert block["nodes_asked"] == 5 and [row["org"] for row in block["ready"]] == ["org-0", "org-1"]
     assert "rate" not in json.dumps(block["ready"])  # no privacy plan without DP
     assert said[0].endswith("data loaded") and said[1].startswith("  org-0  train ")
     assert "sigma" not in said[1] and "spent" not in said[1]
