@@ -11,3 +11,12 @@ from tests.shared_runs import TINY_DP_RUN, simulate
 def tiny_dp_run(tmp_path_factory):
     """(process, run folder) of a finished tiny DP simulation (tests.shared_runs.TINY_DP_RUN); read it, never edit it."""
     return simulate(tmp_path_factory.mktemp("tiny-dp-run"), *TINY_DP_RUN)
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch):
+    """The run, node and task ids Flower's runtime sets in a process before messages are created."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)

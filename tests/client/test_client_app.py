@@ -14,53 +14,14 @@ from fedpriv.config import load_config
 from privacy.calibration import compute_epsilon
 from shared_models.weights import trainable_arrays
 from simulations.partitioning import plan_partitions
+from tests.handler_messages import HANDLER_RUN, node_message, partition_context
 
-OVERRIDES = [
-    "model.name=tiny",
-    "training.rounds=2",
-    "partitioning.num_orgs=2",
-    "partitioning.scheme=iid",
-    "data.max_examples=120",
-    "training.batch_size=16",
-    "data.max_length=32",
-]
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a process before messages are created."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def _message(cfg, run_dir, server_round, message_type=MessageType.TRAIN, digest=None):
-    model, base_digest = fresh_model(cfg.model, plan_partitions(cfg).label_names)
-    config = ConfigRecord(
-        {
-            protocol.SERVER_ROUND: server_round,
-            protocol.RUN_DIR: str(run_dir),
-            protocol.BASE_DIGEST: digest or base_digest,
-        }
-    )
-    content = RecordDict({protocol.ARRAYS: trainable_arrays(model), protocol.CONFIG: config})
-    return Message(content=content, dst_node_id=1, message_type=message_type)
-
-
-def _context(partition_id=0):
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": partition_id, "num-partitions": 2},
-        state=RecordDict(),
-        run_config={},
-    )
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def test_train_reply_carries_weights_metrics_and_the_privacy_spent(tmp_path):
-    cfg = load_config(overrides=OVERRIDES)
-    reply = handle_train(cfg, _message(cfg, tmp_path, 1), _context())
+    cfg = load_config(overrides=HANDLER_RUN)
+    reply = handle_train(cfg, node_message(cfg, tmp_path, 1), partition_context())
     content = reply.content
     assert len(content.array_records) == 1 and len(content.metric_records) == 1  # what Flower's strategies require
     metrics = content[protocol.METRICS]
@@ -83,13 +44,13 @@ def test_node_refuses_a_round_beyond_its_budget_with_a_typed_reply_and_a_ledger_
     from privacy.accountant_state import NodePrivacy
     from privacy.ledger import NodeLedger, load_signing_key
 
-    cfg = load_config(overrides=OVERRIDES)
+    cfg = load_config(overrides=HANDLER_RUN)
     for server_round in (1, 2):  # the planned participation
-        reply = handle_train(cfg, _message(cfg, tmp_path, server_round), _context())
+        reply = handle_train(cfg, node_message(cfg, tmp_path, server_round), partition_context())
         assert protocol.ARRAYS in reply.content and protocol.REFUSAL not in reply.content
     folder = tmp_path / "nodes" / "org-0"
     steps_before = NodePrivacy.open(folder, _stored_plan(folder)).steps
-    reply = handle_train(cfg, _message(cfg, tmp_path, 3), _context())
+    reply = handle_train(cfg, node_message(cfg, tmp_path, 3), partition_context())
     refusal = reply.content[protocol.REFUSAL]
     assert protocol.ARRAYS not in reply.content
     assert refusal["org"] == "org-0" and refusal["epsilon-if-trained"] > refusal["max-epsilon"] == 8.0
@@ -115,9 +76,9 @@ def test_a_diverged_update_is_never_sent_and_its_privacy_spending_stays_recorded
         return result
 
     monkeypatch.setattr("client.task.train_locally", diverging)
-    cfg = load_config(overrides=OVERRIDES)
+    cfg = load_config(overrides=HANDLER_RUN)
     with pytest.raises(NodeSetupError, match=r"organisation 'org-0': local training produced values that are not"):
-        handle_train(cfg, _message(cfg, tmp_path, 1), _context())
+        handle_train(cfg, node_message(cfg, tmp_path, 1), partition_context())
     folder = tmp_path / "nodes" / "org-0"
     ledger = NodeLedger.open(folder, "org-0", load_signing_key(folder / "ledger.key"))
     assert [(e["kind"], e["round"]) for e in ledger.entries] == [("dp_round", 1)]  # spent, and on record
@@ -130,14 +91,16 @@ def _stored_plan(folder):
 
 
 def test_a_different_base_model_is_refused(tmp_path):
-    cfg = load_config(overrides=OVERRIDES)
+    cfg = load_config(overrides=HANDLER_RUN)
     with pytest.raises(NodeSetupError, match="base model differs"):
-        handle_train(cfg, _message(cfg, tmp_path, 1, digest="0" * 64), _context())
+        handle_train(cfg, node_message(cfg, tmp_path, 1, digest="0" * 64), partition_context())
 
 
 def test_evaluate_reply_has_counts_for_exact_global_metrics(tmp_path):
-    cfg = load_config(overrides=OVERRIDES)
-    reply = handle_evaluate(cfg, _message(cfg, tmp_path, 1, MessageType.EVALUATE), _context(partition_id=1))
+    cfg = load_config(overrides=HANDLER_RUN)
+    reply = handle_evaluate(
+        cfg, node_message(cfg, tmp_path, 1, MessageType.EVALUATE), partition_context(partition_id=1)
+    )
     metrics = reply.content[protocol.METRICS]
     n = metrics[protocol.NUM_EXAMPLES]
     assert n == len(plan_partitions(cfg).org(1).test)
@@ -197,15 +160,15 @@ def test_deployment_node_uses_its_own_data_budget_and_state_folder(tmp_path):
 def test_deployment_needs_the_federation_class_names(tmp_path):
     cfg = load_config(overrides=["model.name=tiny", "training.batch_size=16"])
     with pytest.raises(NodeSetupError, match="data.labels.names"):
-        handle_train(cfg, _message(load_config(overrides=OVERRIDES), tmp_path, 1), _own_data_node(tmp_path))
+        handle_train(cfg, node_message(load_config(overrides=HANDLER_RUN), tmp_path, 1), _own_data_node(tmp_path))
 
 
 def test_more_local_epochs_than_planned_cannot_overspend(tmp_path):
     """A later run config asking for 3 local epochs on the same node state: the node refuses round 2."""
-    cfg = load_config(overrides=OVERRIDES)
-    handle_train(cfg, _message(cfg, tmp_path, 1), _context())
-    greedy = load_config(overrides=[*OVERRIDES, "training.local_epochs=3"])
-    reply = handle_train(greedy, _message(greedy, tmp_path, 2), _context())
+    cfg = load_config(overrides=HANDLER_RUN)
+    handle_train(cfg, node_message(cfg, tmp_path, 1), partition_context())
+    greedy = load_config(overrides=[*HANDLER_RUN, "training.local_epochs=3"])
+    reply = handle_train(greedy, node_message(greedy, tmp_path, 2), partition_context())
     assert protocol.ARRAYS not in reply.content
     refusal = reply.content[protocol.REFUSAL]
     assert refusal["epsilon-if-trained"] > refusal["max-epsilon"]
@@ -224,7 +187,7 @@ def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path
     from client.node import trainable_layout
     from fedpriv.legacy_messages import flat_vector, legacy_fit_metrics_to_content, split_vector
 
-    cfg = load_config(overrides=OVERRIDES)
+    cfg = load_config(overrides=HANDLER_RUN)
     labels = plan_partitions(cfg).label_names
     model, digest = fresh_model(cfg.model, labels)
     layout = trainable_layout(cfg.model, labels)
@@ -237,7 +200,7 @@ def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path
     msg = Message(
         content=compat.fitins_to_recorddict(ins, keep_input=True), dst_node_id=1, message_type=MessageType.TRAIN
     )
-    fitres = compat.recorddict_to_fitres(handle_train(cfg, msg, _context()).content, keep_input=True)
+    fitres = compat.recorddict_to_fitres(handle_train(cfg, msg, partition_context()).content, keep_input=True)
     (vector,) = parameters_to_ndarrays(fitres.parameters)  # one flat vector, as the coordinator sent
     updated = split_vector([vector], layout)
     assert [u.shape for u in updated] == [tuple(state[n].shape) for n in names]
@@ -258,20 +221,20 @@ def test_each_round_trains_at_its_scheduled_learning_rate(tmp_path, monkeypatch)
         return real(model, data, cfg=cfg, **kwargs)
 
     monkeypatch.setattr(client.task, "train_locally", spy)
-    cfg = load_config(overrides=[*OVERRIDES, "training.lr_schedule=cosine", "training.learning_rate=0.02"])
+    cfg = load_config(overrides=[*HANDLER_RUN, "training.lr_schedule=cosine", "training.learning_rate=0.02"])
     for server_round in (1, 2):
-        handle_train(cfg, _message(cfg, tmp_path, server_round), _context())
+        handle_train(cfg, node_message(cfg, tmp_path, server_round), partition_context())
     assert seen == [pytest.approx(0.02), pytest.approx(0.002)]  # 2 rounds: the first at the rate, the last at its floor
 
 
 def test_the_preflight_reply_loads_the_node_plans_its_noise_once_and_spends_nothing(tmp_path):
-    cfg = load_config(overrides=OVERRIDES)
+    cfg = load_config(overrides=HANDLER_RUN)
     query = lambda: Message(  # noqa: E731 - what server/preflight.py sends: the run's config, no weights
         RecordDict({protocol.CONFIG: ConfigRecord({protocol.RUN_DIR: str(tmp_path)})}),
         dst_node_id=1,
         message_type=MessageType.QUERY,
     )
-    ready = handle_query(cfg, query(), _context()).content[protocol.READY]
+    ready = handle_query(cfg, query(), partition_context()).content[protocol.READY]
     folder = tmp_path / "nodes" / "org-0"
     plan = _stored_plan(folder)  # calibrated and stored by the pre-flight, before any training message
     assert ready[protocol.READY_ORG] == "org-0"
@@ -282,18 +245,22 @@ def test_the_preflight_reply_loads_the_node_plans_its_noise_once_and_spends_noth
     )
     assert ready[protocol.READY_PLANNED_STEPS] == plan.planned_steps and ready[protocol.READY_TARGET_EPSILON] == 8.0
     assert not (folder / "ledger.jsonl").exists() or not (folder / "ledger.jsonl").read_text().strip()
-    reply = handle_train(cfg, _message(cfg, tmp_path, 1), _context())  # round 1 trains on the pre-flight's plan
+    reply = handle_train(
+        cfg, node_message(cfg, tmp_path, 1), partition_context()
+    )  # round 1 trains on the pre-flight's plan
     assert reply.content[protocol.PRIVACY]["noise_multiplier"] == plan.noise_multiplier
     assert ready[protocol.READY_EPSILON] == 0.0 and ready[protocol.READY_MAX_EPSILON] == 8.0
-    again = handle_query(cfg, query(), _context()).content[protocol.READY]  # e.g. a resumed run: the stored plan
+    again = handle_query(cfg, query(), partition_context()).content[
+        protocol.READY
+    ]  # e.g. a resumed run: the stored plan
     assert again[protocol.READY_NOISE] == plan.noise_multiplier
     assert again[protocol.READY_EPSILON] == reply.content[protocol.PRIVACY]["epsilon"] > 0
 
 
 def test_without_dp_the_preflight_reports_the_data_only(tmp_path):
-    cfg = load_config(overrides=[*OVERRIDES, "privacy.enabled=false"])
+    cfg = load_config(overrides=[*HANDLER_RUN, "privacy.enabled=false"])
     message = Message(RecordDict({protocol.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.QUERY)
-    content = handle_query(cfg, message, _context(1)).content
+    content = handle_query(cfg, message, partition_context(1)).content
     assert dict(content[protocol.READY]) == {
         protocol.READY_ORG: "org-1",
         protocol.READY_TRAIN: len(plan_partitions(cfg).org(1).train),

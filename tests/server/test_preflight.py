@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from client.client_app import handle_query, handle_train
-from client.node import fresh_model
 from fedpriv import protocol
 from fedpriv.config import load_config
 from server import preflight
@@ -16,31 +15,10 @@ from server.budget_gate import BudgetState
 from server.ledger_store import LedgerStore
 from server.preflight import preflight_wanted, run_preflight
 from server.prompt_grid import PromptGrid
-from shared_models.weights import trainable_arrays
 from simulations.partitioning import plan_partitions
+from tests.handler_messages import HANDLER_RUN, node_message, partition_context
 
-OVERRIDES = [
-    "model.name=tiny",
-    "training.rounds=2",
-    "partitioning.num_orgs=2",
-    "partitioning.scheme=iid",
-    "data.max_examples=120",
-    "training.batch_size=16",
-    "data.max_length=32",
-]
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def _context(partition_id: int) -> Context:
-    node_config = {"partition-id": partition_id, "num-partitions": 2}
-    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class NodesGrid:
@@ -59,7 +37,7 @@ class NodesGrid:
             self.sent.append(message)
             node_id = message.metadata.dst_node_id
             if node_id in (11, 12):
-                content = handle_query(self.cfg, message, _context(node_id - 11)).content
+                content = handle_query(self.cfg, message, partition_context(node_id - 11)).content
                 replies.append(Message(content, reply_to=message))
             elif node_id == 13:
                 error = Error(code=0, reason="<class 'client.node.NodeSetupError'>:<'data.path: no such file'>")
@@ -85,12 +63,9 @@ def _run(cfg, grid, run_dir, said):
 
 
 def test_every_node_gets_ready_and_the_coordinator_learns_its_plan_and_budget_before_round_1(tmp_path):
-    cfg = load_config(overrides=OVERRIDES)
+    cfg = load_config(overrides=HANDLER_RUN)
     for server_round in (1, 2):  # org-1 already spent its planned rounds in an earlier run on the same state
-        model, digest = fresh_model(cfg.model, plan_partitions(cfg).label_names)
-        config = {protocol.SERVER_ROUND: server_round, protocol.RUN_DIR: str(tmp_path), protocol.BASE_DIGEST: digest}
-        content = RecordDict({protocol.ARRAYS: trainable_arrays(model), protocol.CONFIG: ConfigRecord(config)})
-        handle_train(cfg, Message(content, dst_node_id=1, message_type="train"), _context(1))
+        handle_train(cfg, node_message(cfg, tmp_path, server_round), partition_context(1))
     said: list[str] = []
     grid = NodesGrid(cfg)
     block, budget = _run(cfg, grid, tmp_path, said)
@@ -121,7 +96,7 @@ def test_every_node_gets_ready_and_the_coordinator_learns_its_plan_and_budget_be
 
 
 def test_the_preflight_waits_for_the_nodes_the_run_waits_for(tmp_path, monkeypatch):
-    cfg = load_config(overrides=[*OVERRIDES, "privacy.enabled=false", "strategy.round_timeout=5"])
+    cfg = load_config(overrides=[*HANDLER_RUN, "privacy.enabled=false", "strategy.round_timeout=5"])
     grid = NodesGrid(cfg, connected=[])
     joins = iter([[11], [11, 12], [11, 12, 13, 14, 15]])
     monkeypatch.setattr(preflight.time, "sleep", lambda s: setattr(grid, "connected", next(joins)))

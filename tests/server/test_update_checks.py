@@ -62,15 +62,7 @@ def test_bytes_that_do_not_match_the_header_are_refused():
     assert "head.bias: unreadable" in update_problem(reply, _arrays(GLOBAL), max_update_norm=None)
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def test_the_gated_strategy_aggregates_only_the_sound_updates_and_records_the_rest(task_identity, tmp_path):
+def test_the_gated_strategy_aggregates_only_the_sound_updates_and_records_the_rest(flower_task_identity, tmp_path):
     from server.budget_gate import BudgetGatedStrategy, BudgetState
     from server.ledger_store import LedgerStore
 
@@ -111,7 +103,7 @@ def test_under_secagg_only_the_unmasked_aggregate_s_finiteness_can_be_checked():
 
 # trimmed mean of 2, 3, 4; median; Krum picks one honest update (2: closest to its neighbours, first of a tie)
 @pytest.mark.parametrize(("name", "expected"), [("fedtrimmedavg", 3.0), ("fedmedian", 3.0), ("krum", 2.0)])
-def test_robust_strategies_outvote_an_outlier_that_passes_the_checks(task_identity, tmp_path, name, expected):
+def test_robust_strategies_outvote_an_outlier_that_passes_the_checks(flower_task_identity, tmp_path, name, expected):
     from fedpriv.config import load_config
     from server.budget_gate import BudgetGatedStrategy, BudgetState
     from server.ledger_store import LedgerStore
