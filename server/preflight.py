@@ -80,13 +80,17 @@ def ready_row(node_id: int, record: ConfigRecord) -> dict[str, Any]:
 
 
 def describe_row(row: dict[str, Any], width: int) -> str:
+    """One organisation's line: its data sizes, its noise plan with DP, what it spent when known.
+
+    The same line ``fedpriv simulate`` prints for each planned organisation (simulations/runner.py)."""
     line = f"  {row['org']:<{width}}  train {row['train_examples']:>6}  test {row['test_examples']:>5}"
     if "noise_multiplier" in row:
         line += (
             f"  target eps {row['target_epsilon']:g} delta {row['delta']:g}  sigma {row['noise_multiplier']:.3f}"
             f"  q {row['sample_rate']:.4f}  steps {row['planned_steps']}"
-            f"  spent {row['epsilon']:.3f} of max {row['max_epsilon']:g}"
         )
+    if "epsilon" in row:
+        line += f"  spent {row['epsilon']:.3f} of max {row['max_epsilon']:g}"
     return line
 
 

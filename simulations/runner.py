@@ -78,16 +78,21 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
             f"Redaction ON before tokenisation (rules {red.rules}: {', '.join(red.kinds)}; locales"
             f" {', '.join(red.locales)}): each node redacts its text once when it first loads it"
         )
+    from server.preflight import describe_row
+
     width = max(len(org.name) for org in parts.orgs)
     for org in parts.orgs:
-        row = f"  {org.name:<{width}}  train {len(org.train):>6}  test {len(org.test):>5}"
+        row: dict[str, Any] = {"org": org.name, "train_examples": len(org.train), "test_examples": len(org.test)}
         p = plan.privacy.get(org.name)
         if p is not None:
-            row += (
-                f"  target eps {p.target_epsilon:g} delta {p.delta:g}  sigma {p.noise_multiplier:.3f}"
-                f"  q {p.sample_rate:.4f}  steps {p.planned_steps}"
-            )
-        lines.append(row)
+            row |= {
+                "target_epsilon": p.target_epsilon,
+                "delta": p.delta,
+                "noise_multiplier": p.noise_multiplier,
+                "sample_rate": p.sample_rate,
+                "planned_steps": p.planned_steps,
+            }
+        lines.append(describe_row(row, width))
     return "\n".join(lines)
 
 
