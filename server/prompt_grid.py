@@ -4,7 +4,9 @@ Flower 1.41's deployment Grid (``HttpGrid``) checks the SuperLink for replies
 every 3 seconds; every exchange of a round (two for FedAvg, five with SecAgg+)
 then waits on average 1.5 s after its last reply arrived. ``PromptGrid`` wraps any
 Grid, delegates everything to it, and only replaces ``send_and_receive``'s wait
-between pulls (the same push, the same pulls, the same timeout semantics). A
+between pulls (the same push, the same pulls, the same timeout semantics): 0.2 s
+after an empty answer, none after a pull that brought replies or that the
+SuperLink held until one arrived (fedpriv-superlink, server/superlink.py). A
 reply's arrays that are not on the SuperLink yet are asked for again within
 0.5 s, not after Flower's 1, 2, 4, 8 s back-off (fedpriv/object_pulls.py).
 
@@ -89,12 +91,16 @@ class PromptGrid(Grid):
         end = time.time() + (timeout or 0.0)
         replies: list[Message] = []
         while timeout is None or time.time() < end:
+            asked = time.monotonic()
             arrived = list(self.pull_messages(pending))
             replies.extend(arrived)
             pending.difference_update(msg.metadata.reply_to_message_id for msg in arrived)
             if not pending:
                 break
-            time.sleep(self.pull_interval)
+            if not arrived and time.monotonic() - asked < self.pull_interval:
+                # answered empty at once: a SuperLink that does not hold the pull until a reply arrives
+                # (fedpriv-superlink does: then, and after replies arrived, ask again at once)
+                time.sleep(self.pull_interval)
         _note_exchange(messages, started, pushed, time.time())
         if self.on_failure is not None and messages:
             for reply in replies:

@@ -1,4 +1,4 @@
-"""Run files people and programs read: summary.json, metrics.csv and a progress plot."""
+"""Run files people and programs read: summary.json and metrics.csv (the plot: server/progress_plot.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from server.round_tracker import RoundTracker
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
-PLOT_FILE = "progress.png"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -67,40 +66,4 @@ def write_metrics_csv(run_dir: Path, tracker: RoundTracker) -> Path:
                 + [record.epsilon.get(org) for org in orgs]
             )
     tmp.replace(path)
-    return path
-
-
-def write_plot(run_dir: Path, tracker: RoundTracker, targets: dict[str, float] | None = None) -> Path:
-    """Accuracy / macro-F1 per round, and epsilon spent per organisation per round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [r.round for r in tracker.rounds]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(rounds, [r.accuracy for r in tracker.rounds], marker="o", label="accuracy")
-    left.plot(rounds, [r.macro_f1 for r in tracker.rounds], marker="s", label="macro-F1")
-    left.set(xlabel="round", ylabel="score", title="Global model on the organisations' test data", ylim=(0, 1))
-    left.set_xticks(rounds)
-    left.grid(alpha=0.3)
-    left.legend()
-    if tracker.dp_enabled:
-        orgs = sorted({org for r in tracker.rounds for org in r.epsilon})
-        for org in orgs:
-            right.plot(rounds, [r.epsilon.get(org) for r in tracker.rounds], marker="o", label=org)
-        for value in sorted(set((targets or {}).values())):
-            right.axhline(value, linestyle="--", color="grey", linewidth=1)
-        right.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per organisation (dashed: target)")
-        right.set_xticks(rounds)
-        right.set_ylim(bottom=0)
-        right.legend(fontsize="small")
-    else:
-        right.text(0.5, 0.5, "DP OFF\nno privacy guarantee", ha="center", va="center", fontsize=16)
-        right.set_axis_off()
-    right.grid(alpha=0.3)
-    fig.tight_layout()
-    path = run_dir / PLOT_FILE
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -24,8 +24,9 @@ from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState
 from server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from server.ledger_store import LedgerStore
 from server.preflight import preflight_wanted, run_preflight
+from server.progress_plot import ProgressPlots
 from server.prompt_grid import PromptGrid
-from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_plot, write_summary
+from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_summary
 from server.resume import (
     ResumeError,
     ResumePoint,
@@ -91,6 +92,22 @@ def run_federation(
     resume: ResumePoint | None = None,
 ) -> dict:
     """Run all rounds (after ``resume.round`` when resuming); returns the summary (also in ``run_dir/summary.json``)."""
+    plots = ProgressPlots(run_dir)  # progress.png, drawn beside the rounds
+    try:
+        return _run_federation(grid, context, cfg, run_dir, num_nodes, resume, plots)
+    finally:
+        plots.close()
+
+
+def _run_federation(
+    grid: Grid,
+    context: Context,
+    cfg: FedPrivConfig,
+    run_dir: Path,
+    num_nodes: int,
+    resume: ResumePoint | None,
+    plots: ProgressPlots,
+) -> dict:
     started = time.monotonic() - (resume.elapsed_s if resume else 0.0)
     labels = label_names(cfg)
     model = build_model(cfg.model, labels)
@@ -110,7 +127,7 @@ def run_federation(
             extra["rejected_updates"] = [r.to_dict() for r in strategy_holder[0].rejections]
         if strategy_holder and strategy_holder[0].client_dp is not None:
             extra["client_dp"] = strategy_holder[0].client_dp.summary()
-        _after_round(run_dir, server_round, arrays, tracker, cfg, extra)
+        _after_round(run_dir, server_round, arrays, tracker, cfg, extra, plots)
         point = ResumePoint(
             run_dir=run_dir,
             round=server_round,
@@ -278,7 +295,7 @@ def _plain_strategy(
     return BudgetGatedStrategy(wrapped, budget, client_dp=account, **gate)
 
 
-def _after_round(run_dir, server_round, arrays, tracker, cfg, extra) -> None:
+def _after_round(run_dir, server_round, arrays, tracker, cfg, extra, plots: ProgressPlots) -> None:
     save_checkpoint(run_dir, server_round, arrays)
     write_summary(run_dir, build_summary(tracker, cfg.to_dict(), extra))
     write_metrics_csv(run_dir, tracker)
@@ -286,7 +303,7 @@ def _after_round(run_dir, server_round, arrays, tracker, cfg, extra) -> None:
     targets = {
         org: report.get("target_epsilon") or cfg.privacy.target_for(org)[0] for org, report in tracker.privacy.items()
     }
-    write_plot(run_dir, tracker, targets)
+    plots.submit(tracker, targets)
 
 
 def build_server_app(

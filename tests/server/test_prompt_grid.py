@@ -52,7 +52,36 @@ def test_all_replies_are_collected_with_short_waits(sleeps):
     replies = PromptGrid(inner).send_and_receive(["a", "b", "c"])
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
     assert inner.pushed == ["a", "b", "c"] and inner.pulls == 4
-    assert sleeps == [prompt_grid.PULL_INTERVAL_S] * 3  # Flower's HttpGrid would have waited 3 s each time
+    # a pull that brought a reply is followed by another at once; only the empty pull 2 waits (Flower's HttpGrid
+    # would have waited 3 s after each of the first three)
+    assert sleeps == [prompt_grid.PULL_INTERVAL_S]
+
+
+class HeldPullsGrid(SlowRepliesGrid):
+    """Behind fedpriv-superlink: an empty pull comes back after the SuperLink held it (``held_s`` of the clock)."""
+
+    def __init__(self, arrive_at: list[int], clock: list[float], held_s: float) -> None:
+        super().__init__(arrive_at)
+        self.clock, self.held_s = clock, held_s
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        if not replies:
+            self.clock[0] += self.held_s
+        return replies
+
+
+def test_a_pull_the_superlink_held_is_followed_by_the_next_at_once(sleeps, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(prompt_grid.time, "monotonic", lambda: clock[0])
+    inner = HeldPullsGrid(arrive_at=[3, 5], clock=clock, held_s=2.0)
+    replies = PromptGrid(inner).send_and_receive(["a", "b"])
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert inner.pulls == 5 and sleeps == []  # the SuperLink did the waiting
+    clock[0] = 0.0
+    quick = HeldPullsGrid(arrive_at=[3, 5], clock=clock, held_s=0.01)  # empty answers at once: a stock SuperLink
+    PromptGrid(quick).send_and_receive(["a", "b"])
+    assert sleeps == [prompt_grid.PULL_INTERVAL_S] * 3  # after the empty pulls 1, 2 and 4
 
 
 def test_the_timeout_still_ends_the_wait(sleeps, monkeypatch):
