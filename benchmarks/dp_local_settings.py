@@ -7,6 +7,7 @@ as a node does), then evaluates on its test split. Prints one JSON line.
     python benchmarks/dp_local_settings.py batch=32 epochs=1 lr=0.005 max_length=128
     python benchmarks/dp_local_settings.py batch=64 epochs=2 lr=0.01 max_length=64
     python benchmarks/dp_local_settings.py batch=32 epochs=1 lr=0.005 max_length=128 sigma=0   # clipping only
+    python benchmarks/dp_local_settings.py model=tiny examples=40 rounds=1 batch=8 max_length=32  # smoke test
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ from simulations.partitioning import plan_partitions
 
 DEFAULTS = {
     "batch": 32, "epochs": 1, "lr": 0.005, "max_length": 128, "examples": 560, "rounds": 3,
-    "rank": 8, "epsilon": 8.0, "sigma": None, "threads": 1,
+    "rank": 8, "epsilon": 8.0, "sigma": None, "threads": 1, "model": "minilm",
 }  # fmt: skip
+MODELS = ("minilm", "tiny")  # the pretrained MiniLM-L6, or the 2-layer BERT built in code (smoke test)
 
 
 def main(argv: list[str]) -> dict:
     warnings.filterwarnings("ignore")
     args = parse_settings(argv, DEFAULTS, numbers=("sigma",))
+    if args["model"] not in MODELS:
+        raise SystemExit(f"dp_local_settings: model={args['model']}: expected one of {', '.join(MODELS)}")
     torch.set_num_threads(args["threads"])
     cfg = load_config(
         overrides=[
@@ -48,14 +52,15 @@ def main(argv: list[str]) -> dict:
             "partitioning.num_orgs=1",
             "strategy.min_train_nodes=1",
             f"data.max_examples={args['examples']}",
+            f"training.batch_size={args['batch']}",  # the partition plan checks a share holds one batch
         ]
     )
     org = plan_partitions(cfg).orgs[0]
-    tokenizer = build_tokenizer("minilm")
+    tokenizer = build_tokenizer(args["model"])
     train = tokenize(org.train.texts, org.train.labels, tokenizer, args["max_length"])
     test = tokenize(org.test.texts, org.test.labels, tokenizer, args["max_length"])
     lora = LoraConfig(r=args["rank"], alpha=2 * args["rank"])
-    template = build_model(ModelConfig(name="minilm", lora=lora), org.train.label_names)
+    template = build_model(ModelConfig(name=args["model"], lora=lora), org.train.label_names)
     model = copy.deepcopy(template)
     training = TrainingConfig(batch_size=args["batch"], local_epochs=args["epochs"], learning_rate=args["lr"])
     plan = plan_privacy(
