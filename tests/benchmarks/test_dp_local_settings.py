@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.benchmarks.scripts import benchmark_module
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dp_local_settings.py"
 TINY = ["model=tiny", "examples=40", "rounds=2", "batch=8", "max_length=32"]
 
@@ -30,7 +32,7 @@ def test_dp_rounds_spend_the_planned_budget_and_a_control_run_spends_none():
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["macro_f1"] <= 1
     threads = torch.get_num_threads()
     try:  # same clipping, no noise: no privacy, no epsilon
-        result = _benchmark_module().main([*TINY, "sigma=0", f"threads={threads}"])
+        result = benchmark_module("dp_local_settings").main([*TINY, "sigma=0", f"threads={threads}"])
     finally:
         torch.set_num_threads(threads)  # the rest of the suite runs in this process
     assert result["noise_multiplier"] == 0 and result["epsilon"] is None and result["steps"] == 8
@@ -38,14 +40,4 @@ def test_dp_rounds_spend_the_planned_budget_and_a_control_run_spends_none():
 
 def test_an_unknown_model_is_one_line():
     with pytest.raises(SystemExit, match=r"^dp_local_settings: model=bert-large: expected one of minilm, tiny$"):
-        _benchmark_module().main(["model=bert-large"])
-
-
-def _benchmark_module():
-    """benchmarks/dp_local_settings.py as a module (benchmarks/ is not a package; its scripts import their siblings)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import dp_local_settings
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return dp_local_settings
+        benchmark_module("dp_local_settings").main(["model=bert-large"])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.scripts import benchmark_module
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "utility_sst2.py"
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -56,18 +58,8 @@ def test_the_utility_benchmark_refuses_unknown_settings_arms_and_a_used_folder(t
     assert done.returncode == 1 and "not empty" in done.stderr
 
 
-def _benchmark_module():
-    """benchmarks/utility_sst2.py as a module (benchmarks/ is not a package; its scripts import their siblings)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import utility_sst2
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return utility_sst2
-
-
 def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
-    bench = _benchmark_module()
+    bench = benchmark_module("utility_sst2")
     arm_names, parse_args = bench.arm_names, bench.parse_args
     assert arm_names(parse_args(["arms=dp-eps8,central,federated,dp-eps1"])) == [
         "dp-eps8", "central", "federated", "dp-eps1"
@@ -81,7 +73,7 @@ def test_arms_run_in_the_order_given_and_dp_expands_to_its_epsilons():
 )
 def test_the_gpu_settings_dp_arm_passes_fedpriv_s_own_checks(tmp_path):
     """The GPU setting (all of SST-2, batch 512) plans: every organisation of the Dirichlet split holds a batch."""
-    utility_sst2 = _benchmark_module()
+    utility_sst2 = benchmark_module("utility_sst2")
     args = utility_sst2.parse_args(["setting=gpu", "model=tiny"])
     command = [
         sys.executable, "-m", "fedpriv.cli", "simulate", *utility_sst2.common_overrides(args),
