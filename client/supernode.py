@@ -118,7 +118,53 @@ def install(poll_s: float) -> None:
     os.environ[node_wakeups.LONG_POLL_ENV] = "1"  # inherited by the SuperExec it starts: ask again at once
 
 
+def node_config_path(argv: list[str]) -> str | None:
+    """The organisation's node.yaml, from ``--node-config "node-config='PATH'"`` as the kit's script passes it."""
+    from flwr.common.config import parse_config_args
+
+    from fedpriv.protocol import NODE_CONFIG_FILE
+
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--node-config"]
+    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--node-config=")]
+    for value in values:
+        try:
+            parsed = parse_config_args([value])
+        except (ValueError, TypeError):
+            continue
+        if NODE_CONFIG_FILE in parsed:
+            return str(parsed[NODE_CONFIG_FILE])
+    return None
+
+
+def load_own_settings(argv: list[str]):
+    """The organisation's node.yaml, validated before anything starts: a mistake stops the node with one line."""
+    from fedpriv.config import load_node_config
+    from fedpriv.errors import ConfigError
+    from fedpriv.protocol import NODE_CONFIG_FILE
+
+    path = node_config_path(argv)
+    if path is None:
+        raise SystemExit(
+            f"fedpriv-supernode: --node-config \"{NODE_CONFIG_FILE}='PATH/node.yaml'\" is required: the organisation's"
+            " own settings (data, privacy budget, approved apps); start it with the kit's start-supernode.sh"
+        )
+    try:
+        return path, load_node_config(path)
+    except ConfigError as exc:
+        raise SystemExit(f"fedpriv-supernode: {exc}") from None
+
+
 def main() -> None:
+    try:
+        path, node = load_own_settings(sys.argv[1:])
+    except SystemExit as exc:  # one line, exit 2 (a configuration mistake), before Flower starts anything
+        print(exc.code, file=sys.stderr)
+        raise SystemExit(2) from None
+    from flwr.supernode import start_client_internal
+
+    from client import app_approval
+
+    app_approval.install(start_client_internal, node.approved_apps, path)
     install(poll_interval())
     from flwr.supernode.cli import flower_supernode
 

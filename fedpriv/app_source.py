@@ -43,3 +43,19 @@ def stage_app(dest: Path, root: Path | None = None) -> Path:
         if (root / name).is_file():
             shutil.copy2(root / name, dest / name)
     return dest
+
+
+def fab_sha256(path: str | Path) -> str:
+    """The SHA-256 that Flower gives the FAB of ``path``: an app folder built as ``flwr run`` builds it, or a .fab file.
+
+    Flower builds a FAB deterministically (sorted files, a fixed date), so a folder with the same files gives the
+    same digest on every machine: what an organisation reviews and pins in its node.yaml (``approved_apps``).
+    """
+    import hashlib
+
+    path = Path(path)
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(path)).hexdigest()

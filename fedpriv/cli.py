@@ -64,6 +64,47 @@ def _parser() -> argparse.ArgumentParser:
     prov.add_argument("federation", metavar="FEDERATION.yaml")
     prov.add_argument("--out", required=True, help="folder of the kits (coordinator/ and one folder per organisation)")
     prov.add_argument("--add-org", metavar="NAME", help="enrol only this organisation (it must be in FEDERATION.yaml)")
+    prov.add_argument(
+        "--make-org-keys",
+        action="store_true",
+        help="make the private keys of organisations without a join_request here (a try-out only: whoever holds"
+        " the kits can then act as those organisations)",
+    )
+
+    org = commands.add_parser("org", help="an organisation's own side: its keys, its join request, the reply")
+    org_sub = org.add_subparsers(dest="org_command", required=True)
+    init = org_sub.add_parser(
+        "init",
+        help="make this organisation's node and ledger keys here and a join request for the coordinator",
+        description="Writes KIT/node.key and KIT/ledger.key (mode 0600: they never leave this machine), their"
+        " public halves, and KIT/join-request.json (public keys and the organisation's name only), which you send"
+        " to the coordinator; read the printed fingerprints to the coordinator over another channel. Re-running"
+        " keeps existing keys.",
+    )
+    init.add_argument("org", metavar="ORG", help="the organisation's name in the federation file")
+    init.add_argument("--kit", required=True, help="this organisation's kit folder (created if missing)")
+    init.add_argument("--federation", default="", help="the federation's name (checked by the coordinator)")
+    accept = org_sub.add_parser(
+        "accept",
+        help="take the coordinator's reply (kits/ORG/) into your kit, after checking it against your own keys",
+        description="Refuses a reply that holds any private key, names keys other than your own, or brings a CA"
+        " other than the one your kit already trusts. Never replaces your node.yaml: a different proposal is"
+        " written to node.yaml.new.",
+    )
+    accept.add_argument("reply", metavar="REPLY_DIR", help="the folder the coordinator sent (its kits/ORG/)")
+    accept.add_argument("--kit", required=True, help="your kit folder (where `fedpriv org init` made your keys)")
+
+    app_cmd = commands.add_parser("app", help="the Flower app a node may run")
+    app_sub = app_cmd.add_subparsers(dest="app_command", required=True)
+    app_hash = app_sub.add_parser(
+        "hash",
+        help="print the SHA-256 of the FAB `flwr run` builds from an app folder (or of a .fab file)",
+        description="What an organisation lists in node.yaml's approved_apps after reviewing the app: the same"
+        " digest Flower gives the run's FAB (`flwr ls`). Without APP: this checkout's app, staged as `fedpriv"
+        " federation up` ships it.",
+    )
+    app_hash.add_argument("app", nargs="?", metavar="APP", help="an app folder (with pyproject.toml) or a .fab file")
+    app_hash.add_argument("--stage", metavar="DIR", help="also copy this checkout's app into DIR (for `flwr run DIR`)")
 
     pki_cmd = commands.add_parser("pki", help="inspect certificates and keys")
     pki_sub = pki_cmd.add_subparsers(dest="pki_command", required=True)
@@ -180,13 +221,62 @@ def cmd_provision(ns: argparse.Namespace) -> int:
     from fedpriv.provisioning.federation import load_federation
     from fedpriv.provisioning.kits import provision
 
-    outcome = provision(load_federation(ns.federation), ns.out, add_org=ns.add_org)
+    outcome = provision(load_federation(ns.federation), ns.out, add_org=ns.add_org, make_org_keys=ns.make_org_keys)
     for change in outcome.changes:
         print(f"{change.action:<11} {change.path}" + (f"  ({change.reason})" if change.reason else ""))
     for note in outcome.notes:
         print(f"note: {note}")
     if not outcome.changes:
         print(f"{ns.out}: up to date, nothing changed")
+    return 0
+
+
+def cmd_org(ns: argparse.Namespace) -> int:
+    from fedpriv.provisioning.join import accept_reply, init_org
+
+    if ns.org_command == "init":
+        outcome = init_org(ns.org, ns.kit, ns.federation)
+        for path in outcome.created:
+            print(f"created     {path}  (private: keep it on this machine)")
+        for path in outcome.kept:
+            print(f"kept        {path}")
+        print(f"join request: {outcome.request_path}  (send it to the coordinator; it holds public keys only)")
+        for name, value in outcome.request.fingerprints().items():
+            print(f"  {name} key fingerprint {value}")
+        print("Read these fingerprints to the coordinator over another channel (phone, signed mail).")
+        return 0
+    outcome = accept_reply(ns.reply, ns.kit)
+    for path in outcome.written:
+        print(f"written     {path}")
+    for note in outcome.notes:
+        print(f"note: {note}")
+    if not outcome.written:
+        print(f"{ns.kit}: up to date, nothing changed")
+    return 0
+
+
+def cmd_app(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedpriv.app_source import NotAnAppCheckout, fab_sha256, stage_app
+    from fedpriv.errors import UserError
+
+    try:
+        if ns.app:
+            if not Path(ns.app).exists():
+                raise UserError(f"{ns.app}: no such folder or file (expected a Flower app folder or a .fab file)")
+            folder = Path(ns.app)
+        else:
+            import tempfile
+
+            folder = stage_app(Path(ns.stage) if ns.stage else Path(tempfile.mkdtemp(prefix="fedpriv-app-")) / "app")
+        if ns.app and ns.stage:
+            raise UserError("--stage: stages this checkout's app; give either APP or --stage")
+        print(f"{fab_sha256(folder)}  {folder}")
+    except NotAnAppCheckout as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:  # flwr's build: not a Flower app
+        raise UserError(f"{ns.app}: not a Flower app that `flwr run` can build ({exc})") from None
     return 0
 
 
@@ -257,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         "simulate": cmd_simulate,
         "config": cmd_config,
         "provision": cmd_provision,
+        "org": cmd_org,
+        "app": cmd_app,
         "pki": cmd_pki,
         "federation": cmd_federation,
         "audit": cmd_audit,

@@ -731,8 +731,18 @@ class NodeConfig:
     ledger_key: str = "ledger.key"
     # on by default: an organisation's own text may hold personal data (a simulation of a public corpus: off)
     redaction: RedactionConfig = field(default_factory=lambda: RedactionConfig(enabled=True))
+    # the apps this organisation reviewed: SHA-256 of their Flower FAB (`fedpriv app hash`). fedpriv-supernode
+    # refuses a run of any other app before its code runs or this node's data and keys are read; empty: every app
+    approved_apps: list[str] = field(
+        default_factory=list,
+        metadata=_check(
+            lambda v: all(isinstance(h, str) and SHA256_HEX.fullmatch(h) for h in v),
+            "a list of FAB SHA-256 digests (64 lower-case hex characters each, from `fedpriv app hash`)",
+        ),
+    )
 
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 ORG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

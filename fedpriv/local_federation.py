@@ -36,7 +36,7 @@ from fedpriv.errors import ConfigError, UserError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
 from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, CoordinatorConfig, FederationConfig, load_federation
-from fedpriv.provisioning.kits import SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
+from fedpriv.provisioning.kits import CA_KEY_ENV, SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
 
 START_TIMEOUT_S = 60.0
 WARM_TIMEOUT_S = 300.0  # N nodes' imports on one machine: seconds of CPU each, all nodes sharing its cores
@@ -213,7 +213,11 @@ def enrol(coordinator_kit: Path, org: str, env: dict[str, str]) -> str:
 def local_federation(cfg: FederationConfig, port: int) -> FederationConfig:
     """The same organisations, with the coordinator on 127.0.0.1:``port``."""
     coordinator = CoordinatorConfig(
-        addresses=["127.0.0.1", "localhost"], port=port, bind_host="127.0.0.1", database=IN_MEMORY_DATABASE
+        addresses=["127.0.0.1", "localhost"],
+        port=port,
+        bind_host="127.0.0.1",
+        database=IN_MEMORY_DATABASE,
+        gateway="none",  # every party on this machine: nobody else reaches 127.0.0.1
     )
     return dataclasses.replace(cfg, coordinator=coordinator)
 
@@ -245,16 +249,31 @@ def _check_kits_are_local(kits: Path, cfg: FederationConfig) -> None:
             )
 
 
-def _check_node_configs(kits: Path, cfg: FederationConfig) -> None:
+def staged_app_hash() -> str:
+    """The FAB digest of this checkout's app as ``flwr run`` will ship it (the kits approve exactly that app)."""
+    from fedpriv.app_source import fab_sha256
+
+    with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as staging:
+        return fab_sha256(app_dir(Path(staging) / "app"))
+
+
+def _check_node_configs(kits: Path, cfg: FederationConfig, app_hash: str | None = None) -> None:
     """Every organisation's node.yaml, and its own names file for redaction, as its node will read them.
 
-    A mistake there would otherwise surface as failed replies once the run is under way.
+    A mistake there would otherwise surface as failed replies once the run is under way; a node.yaml that does
+    not approve this app would have its node refuse every message of the run.
     """
     from fedpriv.config import load_node_config
     from privacy.person_names import read_extra_names
 
     for org in cfg.organisations:
         node = load_node_config(kits / org.name / "node.yaml")
+        if app_hash is not None and app_hash not in node.approved_apps:
+            raise FederationUpError(
+                f"{kits / org.name / 'node.yaml'}: approved_apps does not list this app ({app_hash}), so"
+                f" {org.name}'s node would refuse the run; the organisation decides: add it there (node.yaml.new"
+                " has it) after reviewing the app"
+            )
         if node.redaction.enabled and node.redaction.extra_names:
             try:
                 read_extra_names(node.redaction.extra_names)
@@ -430,13 +449,19 @@ def federation_up(
         )
     # before any process: provision refuses kits it cannot trust (unreadable, wrong CA, expired CA, mismatched or
     # wrong-type keys, a SuperLink certificate TLS would refuse) and re-issues an expired SuperLink certificate
-    outcome = provision(cfg, kits)
+    app_hash = staged_app_hash()
+    outcome = provision(cfg, kits, make_org_keys=True, approved_apps=[app_hash])
     created = sum(change.action == "created" for change in outcome.changes)
     say(f"kits: {kits} ({'provisioned' if created else 'reused'}; coordinator 127.0.0.1:{cfg.coordinator.port})")
+    if created:
+        say(
+            "  a try-out: every organisation's node and ledger keys and the CA's key were made on this machine"
+            " (a real federation: `fedpriv org init` at each organisation, see the README)"
+        )
     for change in outcome.changes:
         if change.action == "re-issued":
             say(f"  re-issued {change.path} ({change.reason})")
-    _check_node_configs(kits, cfg)
+    _check_node_configs(kits, cfg, app_hash)
 
     logs = run_dir / "logs"
     co_kit = kits / "coordinator"
@@ -474,7 +499,10 @@ def federation_up(
             cli_home = co_kit / "flwr-home"
             args = ["sh", str(co_kit / "start-superlink.sh")]
             ready, transport = (lambda: tls_ready(port, co_kit / "ca.crt")), "TLS, SuperNode authentication"
-        procs["superlink"] = (start_process(args, log, flower_env(homes / "superlink"), cwd=co_kit), log)
+        # one machine: the CA's key (coordinator-ca/) is within the SuperLink's reach, which the script refuses
+        # unless told this is a try-out
+        link_env = dict(flower_env(homes / "superlink"), **{CA_KEY_ENV: "1"})
+        procs["superlink"] = (start_process(args, log, link_env, cwd=co_kit), log)
         _wait("waiting for the SuperLink to accept connections", ready, procs, START_TIMEOUT_S)
         say(f"SuperLink up on 127.0.0.1:{port} ({transport}); log {log}")
         if not plaintext:

@@ -6,6 +6,7 @@ config mistake: one line naming the file and the key.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 from fedpriv.config import (
     _DEVICE,
     ORG_NAME,
+    SHA256_HEX,
     DataConfig,
     NodePrivacyConfig,
     RedactionConfig,
@@ -27,7 +29,8 @@ from fedpriv.errors import ConfigError
 
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 LOOPBACK = ("127.0.0.1", "localhost")
-IN_MEMORY_DATABASE = ":flwr-in-memory:"  # flower-superlink's name for state kept in the process (its default)
+IN_MEMORY_DATABASE = ":flwr-in-memory:"
+GATEWAYS = ("nginx", "none")  # flower-superlink's name for state kept in the process (its default)
 
 
 def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str | None:
@@ -42,6 +45,14 @@ def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     if all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
         return name
     return None
+
+
+RESERVED_KITS = ("coordinator", "coordinator-ca")  # kit folders that are not organisations
+
+
+def _is_loopback(text: str) -> bool:
+    parsed = parse_address(text)
+    return parsed == "localhost" or (not isinstance(parsed, str) and parsed is not None and parsed.is_loopback)
 
 
 def _addresses_ok(values: list[str]) -> bool:
@@ -70,6 +81,12 @@ class CoordinatorConfig:
     )
     # Flower 1.41 has no separate Control API address (see _cross_checks): the key is accepted only to refuse it clearly
     control_address: str | None = None
+    # what the organisations reach at bind_host:port. "nginx" (the default): a TLS reverse proxy that forwards
+    # only what a SuperNode needs (the Fleet API and /health) to the SuperLink, which listens on 127.0.0.1:local_port
+    # only, so registering nodes and submitting, listing or stopping runs stay on the coordinator host. "none":
+    # the SuperLink itself on port (every API: Fleet, Control, Runtime), only for a coordinator on loopback
+    gateway: str = field(default="nginx", metadata=_check(lambda v: v in GATEWAYS, f"one of {', '.join(GATEWAYS)}"))
+    local_port: int = field(default=9093, metadata=_check(lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"))
 
     @property
     def database_in_memory(self) -> bool:
@@ -80,6 +97,21 @@ class CoordinatorConfig:
 class ValidityDays:
     ca: int = field(default=1825, metadata=_check(lambda v: v > 0, "an integer > 0 (days)"))
     server: int = field(default=397, metadata=_check(lambda v: v > 0, "an integer > 0 (days)"))
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The Flower app the coordinator will run: every organisation's kit is written to approve it (and only it).
+
+    ``path``: an app folder, hashed as ``flwr run`` builds it (its FAB's SHA-256); ``fab_sha256``: hashes given
+    as they are (a FAB published elsewhere). Each organisation's node.yaml lists what its node accepts.
+    """
+
+    path: str = ""
+    fab_sha256: list[str] = field(
+        default_factory=list,
+        metadata=_check(lambda v: all(SHA256_HEX.fullmatch(h) for h in v), "a list of SHA-256 hex digests (64 0-9a-f)"),
+    )
 
 
 @dataclass(frozen=True)
@@ -94,6 +126,9 @@ class OrganisationConfig:
     state_dir: str = "state"
     # on in every kit unless the federation file turns it off for this organisation
     redaction: RedactionConfig = field(default_factory=lambda: RedactionConfig(enabled=True))
+    # the organisation's join request (`fedpriv org init` on its own machine): its public keys, so that no private
+    # key of it is ever made or held on the coordinator's side (relative paths: relative to the federation file)
+    join_request: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +136,7 @@ class FederationConfig:
     federation: str = ""
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     validity_days: ValidityDays = field(default_factory=ValidityDays)
+    app: AppConfig = field(default_factory=AppConfig)
     organisations: list[OrganisationConfig] = field(default_factory=list)
 
     def org(self, name: str) -> OrganisationConfig | None:
@@ -127,9 +163,14 @@ class FederationConfig:
         return f"[{host}]:{self.coordinator.port}" if ":" in host else f"{host}:{self.coordinator.port}"
 
     @property
+    def superlink_port(self) -> int:
+        """The SuperLink's own port: loopback only behind the gateway, the public port without one."""
+        return self.coordinator.port if self.coordinator.gateway == "none" else self.coordinator.local_port
+
+    @property
     def local_address(self) -> str:
         """host:port the coordinator's own ``flwr`` CLI dials (loopback is always in the certificate)."""
-        return f"127.0.0.1:{self.coordinator.port}"
+        return f"127.0.0.1:{self.superlink_port}"
 
 
 def _prepare(raw: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +201,20 @@ def _cross_checks(cfg: FederationConfig) -> None:
             " (--control-api-address is deprecated and ignored); remove the key and filter /v1/control/"
             " and /v1/runtime/ in front of the port (see the coordinator kit's README.txt)"
         )
+    co = cfg.coordinator
+    if co.gateway == "none":
+        exposed = [a for a in co.addresses if a not in LOOPBACK and not _is_loopback(a)]
+        if exposed or not _is_loopback(co.bind_host):
+            raise ConfigError(
+                "coordinator.gateway: none serves Flower's Control API (register nodes, submit and stop runs) to"
+                f" whoever reaches {co.bind_host}:{co.port}; it is only for a coordinator on 127.0.0.1 (addresses"
+                " and bind_host): use gateway: nginx"
+            )
+    elif co.local_port == co.port:
+        raise ConfigError(
+            f"coordinator.local_port: {co.local_port} is the gateway's port too; expected another port (the"
+            " SuperLink's own, on 127.0.0.1)"
+        )
     if not cfg.organisations:
         raise ConfigError("organisations: expected at least one organisation")
     seen: set[str] = set()
@@ -169,8 +224,8 @@ def _cross_checks(cfg: FederationConfig) -> None:
             raise ConfigError(
                 f"{key}.name: expected a name of letters, digits, '.', '_' or '-' (at most 64), got {org.name!r}"
             )
-        if org.name.lower() in seen or org.name.lower() == "coordinator":
-            why = "reserved for the coordinator's kit" if org.name.lower() == "coordinator" else "duplicate name"
+        if org.name.lower() in seen or org.name.lower() in RESERVED_KITS:
+            why = "reserved for the coordinator's kits" if org.name.lower() in RESERVED_KITS else "duplicate name"
             raise ConfigError(f"{key}.name: {why} {org.name!r} (kit folders must not collide)")
         seen.add(org.name.lower())
         if org.data.source != "file" or not org.data.path:
@@ -196,4 +251,16 @@ def load_federation(path: str | Path) -> FederationConfig:
         raw = _read_yaml(path)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("config file", "federation file", 1)) from None
-    return federation_from_dict(raw, f"federation file {_show(path)}")
+    cfg = federation_from_dict(raw, f"federation file {_show(path)}")
+    return _relative_to(cfg, path.resolve().parent)
+
+
+def _relative_to(cfg: FederationConfig, base: Path) -> FederationConfig:
+    """Join requests and the app folder, as written in the federation file, are relative to it."""
+
+    def resolved(value: str) -> str:
+        return value if not value or Path(value).is_absolute() else str(base / value)
+
+    orgs = [dataclasses.replace(o, join_request=resolved(o.join_request)) for o in cfg.organisations]
+    app = dataclasses.replace(cfg.app, path=resolved(cfg.app.path))
+    return dataclasses.replace(cfg, organisations=orgs, app=app)

@@ -122,14 +122,23 @@ def inspect_kit(path: str | Path) -> Report:
     ca_path = path / "ca.crt"
     if not ca_path.exists():
         raise ProvisioningError(f"{ca_path}: missing; expected a kit folder (every kit holds the federation's ca.crt)")
-    coordinator = (path / "superlink.crt").exists() or (path / "ca.key").exists()
-    report.lines.append(f"{path}: {'coordinator kit' if coordinator else 'organisation kit'}")
-    # ca.key may be kept offline, and kits older than the ledger keys lack ledger.key: only these must be there
-    for name in ("superlink.crt", "superlink.key") if coordinator else ("node.key", "node.pub"):
+    coordinator = (path / "superlink.crt").exists()
+    ca_kit = not coordinator and (path / "ca.key").exists()
+    kind = "coordinator kit" if coordinator else ("CA kit (provisioning only)" if ca_kit else "organisation kit")
+    report.lines.append(f"{path}: {kind}")
+    # ca.key is kept apart (coordinator-ca/, or offline), kits older than the ledger keys lack ledger.key, and an
+    # organisation's private keys are on its own machine only (not in the coordinator's copy of its kit)
+    for name in ("superlink.crt", "superlink.key") if coordinator else () if ca_kit else ("node.pub",):
         if not (path / name).exists():
             report.check(
                 False, f"{name}: missing ({'a coordinator' if coordinator else 'an organisation'} kit holds it)"
             )
+    if coordinator and (path / "ca.key").exists():
+        report.check(
+            False,
+            "ca.key: in the coordinator kit, within reach of the SuperLink and every ServerApp it runs (re-run"
+            " `fedpriv provision` to move it to coordinator-ca/, and keep that folder off this host)",
+        )
     ca = pki.load_cert(ca_path)
     describe_cert(report, "ca.crt", ca)
     is_ca = False

@@ -27,12 +27,14 @@ from fedpriv.errors import ConfigError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError, pki
 from fedpriv.provisioning.federation import FederationConfig, OrganisationConfig, parse_address
+from fedpriv.provisioning.join import JoinRequest, load_join_request
 from privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
 from privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
 from privacy.ledger import LedgerError, load_signing_key, public_key_text
 from privacy.ledger import load_public_key as load_ledger_public_key
 
 COORDINATOR = "coordinator"
+CA_KIT = "coordinator-ca"  # the CA's private key, apart from everything the SuperLink and its ServerApps can read
 PRIVATE = 0o600
 
 
@@ -123,23 +125,48 @@ def superlink_command(cfg: FederationConfig) -> list[str]:
         '--ssl-certfile "$KIT/superlink.crt"',
         '--ssl-keyfile "$KIT/superlink.key"',
         "--enable-supernode-auth",
-        f"--host {shlex.quote(co.bind_host)}",
-        f"--port {co.port}",
+        f"--host {shlex.quote(co.bind_host if co.gateway == 'none' else '127.0.0.1')}",
+        f"--port {cfg.superlink_port}",
         f"--database {shlex.quote(co.database) if co.database_in_memory else _in_kit(co.database)}",
+    ]
+
+
+CA_KEY_ENV = "FEDPRIV_ALLOW_READABLE_CA_KEY"
+
+
+def ca_key_guard(script: str) -> list[str]:
+    """Shell lines that stop ``script`` where its user can read the CA's key (ServerApps run as that user)."""
+    return [
+        "# the federation CA's key must be out of this user's reach: every ServerApp runs as this user, here",
+        f'for ca_key in "$KIT/../{CA_KIT}/ca.key" "$KIT/ca.key"; do',
+        f'  if [ -r "$ca_key" ] && [ "${{{CA_KEY_ENV}:-}}" != 1 ]; then',
+        f'    echo "{script}: refusing to start: this user can read the federation CA\'s key $ca_key, and every'
+        " ServerApp would run as this user; keep it on another machine, or readable only by another user"
+        f' ({CA_KEY_ENV}=1 allows it for a one-machine try-out)" >&2',
+        "    exit 2",
+        "  fi",
+        "done",
     ]
 
 
 def start_superlink_sh(cfg: FederationConfig) -> str:
     co = cfg.coordinator
     db_dir = None if co.database_in_memory else _in_kit(str(Path(co.database).parent))
+    where = (
+        f"127.0.0.1:{co.local_port} only: the organisations reach it through ./start-gateway.sh (nginx), which"
+        "\n# forwards only the Fleet API and /health; registering nodes and runs stay on this host."
+        if co.gateway == "nginx"
+        else f"{co.bind_host}:{co.port} (gateway: none, every API: for a coordinator on 127.0.0.1 only)."
+    )
     lines = [
         "#!/bin/sh",
         f"# Starts the SuperLink of federation {cfg.federation} (written by `fedpriv provision`: re-run it, do not edit).",
-        "# TLS on the one port that serves Flower's Fleet, Control and Runtime APIs; only SuperNodes whose",
-        "# public key was registered (./enroll-nodes.sh) may connect. Extra flower-superlink flags may follow,",
-        "# e.g. ./start-superlink.sh --disable-runtime-dependency-installation",
+        f"# TLS on {where}",
+        "# Only SuperNodes whose public key was registered (./enroll-nodes.sh) may connect. Extra flower-superlink",
+        "# flags may follow, e.g. ./start-superlink.sh --disable-runtime-dependency-installation",
         f"# {SUPERLINK_ENV}=flower-superlink ./start-superlink.sh runs Flower's stock SuperLink (nodes poll for messages).",
         *_kit_prelude("start-superlink.sh"),
+        *ca_key_guard("start-superlink.sh"),
         *([f"mkdir -p {db_dir}"] if db_dir else []),
         "exec " + " \\\n    ".join(superlink_command(cfg)) + ' \\\n    "$@"',
     ]
@@ -217,7 +244,7 @@ def start_supernode_sh(cfg: FederationConfig, org: OrganisationConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def node_yaml(cfg: FederationConfig, org: OrganisationConfig) -> str:
+def node_yaml(cfg: FederationConfig, org: OrganisationConfig, approved_apps: list[str] = ()) -> str:
     """What :func:`fedpriv.config.load_node_config` reads; only the data keys that differ from the defaults."""
     defaults = dataclasses.asdict(DataConfig(source="file"))
     data = dataclasses.asdict(org.data)
@@ -231,67 +258,106 @@ def node_yaml(cfg: FederationConfig, org: OrganisationConfig) -> str:
         "state_dir": org.state_dir,
         "ledger_key": LEDGER_KEY,
         "redaction": dataclasses.asdict(org.redaction),
+        "approved_apps": list(approved_apps),
     }
     header = (
         f"# {org.name}'s own settings in federation {cfg.federation}: its data, privacy budget, device and the\n"
         "# redaction of personal data from its text before tokenisation (kinds: email phone url ip_address\n"
         "# payment_card bank_account national_id date_of_birth handle person; extra_names: a file of your own\n"
         "# names, one per line). The coordinator cannot override them. Relative paths are relative to this file.\n"
+        "# approved_apps: the SHA-256 of each Flower app (FAB) this node may run, after you reviewed it\n"
+        "# (`fedpriv app hash APP_FOLDER`); the node refuses any other before it reads your data or keys.\n"
     )
     return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
 def coordinator_readme(cfg: FederationConfig, enrolled: list[str]) -> str:
     co = cfg.coordinator
+    if co.gateway == "nginx":
+        front = f"""  fleet-gateway.conf  nginx: TLS on {co.bind_host}:{co.port} (what the organisations reach), forwarding only the Fleet
+                    API a SuperNode uses and /health to the SuperLink on 127.0.0.1:{co.local_port}; everything else 403
+  start-gateway.sh  starts it (nginx from your distribution: apt-get install nginx-light)"""
+        steps = f"""  1. ./start-superlink.sh        (listens on 127.0.0.1:{co.local_port} only)
+  2. ./start-gateway.sh          (in another shell: the organisations' way in, {co.bind_host}:{co.port})
+  3. ./enroll-nodes.sh           (once; again for an organisation added with `fedpriv provision --add-org`)
+  4. send each organisation its own folder (no private key is in it); never this one."""
+        control = f"""Who can do what
+  Registering nodes, starting, listing and stopping runs and reading their logs (Flower's Control API) and the
+  ServerApp's Runtime API are reachable on 127.0.0.1:{co.local_port} only: from this host. Organisations and
+  anyone else reach the gateway, which serves the Fleet API and /health and answers 403 to everything else."""
+    else:
+        front = "  (no gateway: the SuperLink itself on 127.0.0.1 serves every API; only for a one-machine try-out)"
+        steps = """  1. ./start-superlink.sh
+  2. ./enroll-nodes.sh
+  3. send each organisation its own folder; never this one."""
+        control = """Who can do what
+  gateway: none. Every API (Fleet, Control, Runtime) on 127.0.0.1: whoever can log in to this host can register
+  nodes and submit runs. For a try-out on one machine only; a real federation uses gateway: nginx."""
     return f"""Coordinator kit of federation {cfg.federation} (written by `fedpriv provision`; keep this folder private)
 
 Files
-  ca.key            the federation CA's private key: it exists only here. Keep it offline if you can;
-                    `fedpriv provision` needs it again only to enrol organisations or re-issue superlink.crt.
-  ca.crt            the CA certificate every party trusts
+  ca.crt            the CA certificate every party trusts (its private key is in ../{CA_KIT}/, not here)
   superlink.crt/.key  the SuperLink's TLS certificate (SANs: {", ".join(cfg.san_addresses)}) and key
   nodes/ORG.pub     each enrolled organisation's SuperNode public key (OpenSSH, EC P-384)
   ledger-keys/ORG.pub  each organisation's privacy-ledger key: `fedpriv audit RUN_DIR --keys ledger-keys/`
-  start-superlink.sh  starts fedpriv-superlink (flower-superlink that hands nodes their messages at once) with TLS and SuperNode authentication on port {co.port}
+  start-superlink.sh  starts fedpriv-superlink (flower-superlink that hands nodes their messages at once) with TLS
+                    and SuperNode authentication; it refuses to start where it can read the CA's key
+{front}
   enroll-nodes.sh   registers nodes/*.pub with the running SuperLink (flwr supernode register)
 
 Steps
-  1. ./start-superlink.sh
-  2. ./enroll-nodes.sh            (once; again for an organisation added with `fedpriv provision --add-org`)
-  3. send each organisation its own folder; never this one.
+{steps}
   Check a kit at any time: fedpriv pki inspect {COORDINATOR}/
 
 Enrolled organisations: {", ".join(enrolled) or "none"}
 SuperNodes dial {cfg.dial_address}.
 
-Security: what Flower 1.41 does NOT do for you
-  One HTTPS port serves the Fleet API (/v1/fleet/, used by SuperNodes), the Control API (/v1/control/:
-  register nodes, start and stop runs, read logs) and the Runtime API (/v1/runtime/, used by the ServerApp
-  runner). --control-api-address and --fleet-api-address are deprecated and ignored, so the Control API
-  cannot listen elsewhere, and the open-source build has no login on it: anyone who can reach the port
-  and trusts ca.crt (every organisation has it) could register a node or submit a run.
-  Before opening the port to the organisations, put a TLS-terminating reverse proxy in front of it that
-  forwards only /v1/fleet/ (and /health), bind the SuperLink to 127.0.0.1 (coordinator.bind_host), and
-  run `flwr` / enroll-nodes.sh on the coordinator host only (it dials {cfg.local_address}).
+{control}
+  The SuperLink runs every ServerApp as its own user in this folder: run it as a user that cannot read
+  ../{CA_KIT}/ (better: keep that folder on another machine; `fedpriv provision` alone needs it).
 """
 
 
-def org_readme(cfg: FederationConfig, org: OrganisationConfig) -> str:
+def ca_readme(cfg: FederationConfig) -> str:
+    return f"""The certificate authority of federation {cfg.federation} (written by `fedpriv provision`)
+
+  ca.key   the CA's private key (mode 0600). Only `fedpriv provision` needs it: to enrol an organisation or
+           re-issue the SuperLink certificate. Keep this folder off the SuperLink's host, or readable only by a
+           user other than the one that runs the SuperLink: every ServerApp runs as that user, and
+           start-superlink.sh refuses to start where it can read this key.
+  ca.crt   the CA certificate (the same as ../{COORDINATOR}/ca.crt)
+"""
+
+
+def org_readme(cfg: FederationConfig, org: OrganisationConfig, own_keys: bool = True) -> str:
+    if own_keys:
+        keys = """  node.key, ledger.key  NOT in this folder: made by `fedpriv org init` on your machine, they never leave it
+  node.pub          the public half of your node key; the coordinator registered it from your join request
+  ledger.pub        the public half of your ledger key: auditors check your ledger against it"""
+        setup = """Set-up: on your machine, `fedpriv org accept THIS_FOLDER --kit YOUR_KIT` (the folder where `fedpriv org init`
+made your keys): it checks that node.pub and ledger.pub are your own keys and that ca.crt is the CA you trust,
+and never replaces a node.yaml you already have (a new proposal goes to node.yaml.new)."""
+    else:
+        keys = """  node.key          this organisation's SuperNode identity (OpenSSH, EC P-384), made by the coordinator's
+                    `fedpriv provision --make-org-keys` (a try-out: the coordinator could act as this node)
+  node.pub          its public half; the coordinator registered it
+  ledger.key        signs this organisation's privacy ledger (Ed25519; keep it private, 0600)
+  ledger.pub        its public half; give it to auditors (the coordinator kit has a copy in ledger-keys/)"""
+        setup = "Set-up: none; for a real federation make your keys with `fedpriv org init` and send a join request."
     return f"""Kit of {org.name} in federation {cfg.federation} (written by `fedpriv provision`)
 
 Files
   ca.crt            the federation CA: the only certificate this SuperNode trusts for the coordinator
-  node.key          this organisation's SuperNode identity (OpenSSH, EC P-384): keep it private (0600),
-                    never send it to anyone. Losing it means asking the coordinator for a new identity.
-  node.pub          its public half; the coordinator registered it
-  ledger.key        signs this organisation's privacy ledger (Ed25519; keep it private, 0600)
-  ledger.pub        its public half; give it to auditors (the coordinator kit has a copy in ledger-keys/)
+{keys}
   node.yaml         your own settings: data file, privacy budget (target_epsilon, delta, max_epsilon),
                     device, state folder, redaction (on: emails, phone numbers, IDs, names ... become
-                    [EMAIL], [PHONE] ... before tokenisation). Edit data.path to where the data lives here.
+                    [EMAIL], [PHONE] ... before tokenisation), approved_apps (the Flower apps your node may run:
+                    review an app, `fedpriv app hash APP`, list the hash). The coordinator never changes this file.
   state/            (after the first round) privacy plan, accountant and ledger.jsonl: never delete it
-  start-supernode.sh  starts fedpriv-supernode (flower-supernode with warm ClientApps), dialling the coordinator at {cfg.dial_address}
+  start-supernode.sh  starts fedpriv-supernode (flower-supernode with warm ClientApps and the approved-app check),
+                    dialling the coordinator at {cfg.dial_address}
 
+{setup}
 Run: ./start-supernode.sh      (the folder can be copied anywhere; paths are relative to the script)
 Check: fedpriv pki inspect .
 Contact on record: {org.contact or "-"}
@@ -305,6 +371,7 @@ Contact on record: {org.contact or "-"}
 class _Plan:
     writes: dict[Path, tuple[bytes, int, str, str]] = field(default_factory=dict)  # path -> data, mode, action, why
     chmods: dict[Path, int] = field(default_factory=dict)
+    removals: list[Path] = field(default_factory=list)
 
     def put(self, path: Path, data: bytes, mode: int, action: str = "", why: str = "") -> None:
         """Write ``data`` unless the file already holds it (then only fix its permissions)."""
@@ -316,10 +383,16 @@ class _Plan:
         self.writes[path] = (data, mode, action or ("created" if current is None else "updated"), why)
 
 
+def ca_key_path(out: Path) -> Path:
+    """Where the CA's key is: ``coordinator-ca/ca.key``, or inside the coordinator kit where kits before 2026-12 kept it."""
+    legacy = out / COORDINATOR / "ca.key"
+    return legacy if legacy.exists() and not (out / CA_KIT / "ca.key").exists() else out / CA_KIT / "ca.key"
+
+
 def _check_ca(out: Path, cfg: FederationConfig, org_names: list[str]):
     """Load the existing CA, or make sure there is nothing a new CA would silently split from."""
     co = out / COORDINATOR
-    key_path, crt_path = co / "ca.key", co / "ca.crt"
+    key_path, crt_path = ca_key_path(out), co / "ca.crt"
     if key_path.exists() and crt_path.exists():
         key = pki.require_nist_ec(key_path, pki.load_private_key(key_path, form="pem"))
         cert = pki.load_cert(crt_path)
@@ -347,7 +420,7 @@ def _check_ca(out: Path, cfg: FederationConfig, org_names: list[str]):
                 )
             )
         return key, cert
-    existing = [p for p in (key_path, crt_path, co / "superlink.crt", co / "nodes") if p.exists()]
+    existing = [p for p in (key_path, crt_path, out / CA_KIT / "ca.crt", co / "superlink.crt", co / "nodes") if p.exists()]
     existing += [out / o / "ca.crt" for o in org_names if (out / o / "ca.crt").exists()]
     if existing:
         missing = key_path if not key_path.exists() else crt_path
@@ -402,6 +475,56 @@ def _ledger_key(out: Path, org: str) -> Ed25519PrivateKey | None:
     return key
 
 
+def _requested_keys(out: Path, cfg: FederationConfig, org: OrganisationConfig) -> JoinRequest:
+    """The organisation's own public keys, from its join request, checked against what the coordinator holds."""
+    request = load_join_request(org.join_request, org.name, cfg.federation)
+    kit = out / org.name
+    for private in (kit / "node.key", kit / LEDGER_KEY):
+        if private.exists():
+            raise ProvisioningError(
+                f"{private}: a private key of {org.name} on the coordinator's side, while its join request brings"
+                " its own keys; delete it (and never send it): only the organisation may hold its private keys"
+            )
+    for held, requested, what in (
+        (out / COORDINATOR / "nodes" / f"{org.name}.pub", request.node_key(), "SuperNode key"),
+        (out / COORDINATOR / "ledger-keys" / f"{org.name}.pub", request.ledger_key(), "ledger key"),
+    ):
+        if held.exists():
+            current = pki.load_public_key(held) if held.parent.name == "nodes" else _ledger_pub(held)
+            if not pki.same_public_key(current, requested):
+                raise ProvisioningError(
+                    f"{request.path}: another {what} than the one {org.name} is enrolled with ({held}); to change"
+                    f" an organisation's identity, confirm it with them, delete {held.name}"
+                    + (" and run `flwr supernode unregister` for the old node," if what == "SuperNode key" else ",")
+                    + " then provision again"
+                )
+    return request
+
+
+def _ledger_pub(path: Path):
+    try:
+        return load_ledger_public_key(path)
+    except LedgerError as exc:
+        raise ProvisioningError(str(exc)) from None
+
+
+def _approved_apps(cfg: FederationConfig) -> list[str]:
+    """The FAB digests the kits approve: the app folder's (built as `flwr run` builds it) and those given."""
+    from fedpriv.app_source import fab_sha256
+
+    digests = []
+    if cfg.app.path:
+        folder = Path(cfg.app.path)
+        if not (folder / "pyproject.toml").is_file() and not folder.is_file():
+            raise ConfigError(f"app.path: {folder}: expected a Flower app folder (with pyproject.toml) or a .fab file")
+        try:
+            digests.append(fab_sha256(folder))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"app.path: {folder}: not a Flower app that `flwr run` can build ({exc})") from None
+    digests += [d for d in cfg.app.fab_sha256 if d not in digests]
+    return digests
+
+
 def _server_reasons(out: Path, cfg: FederationConfig, ca_cert, server_key) -> tuple[list[str], bool]:
     """Why the SuperLink certificate must be (re-)issued (empty: keep it), and whether its addresses changed."""
     path = out / COORDINATOR / "superlink.crt"
@@ -438,8 +561,19 @@ def _server_reasons(out: Path, cfg: FederationConfig, ca_cert, server_key) -> tu
     return reasons, changed
 
 
-def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None) -> Outcome:
-    """Create or bring up to date the kits under ``out``; with ``add_org`` touch only what enrols that organisation."""
+def provision(
+    cfg: FederationConfig,
+    out: str | Path,
+    add_org: str | None = None,
+    make_org_keys: bool = False,
+    approved_apps: list[str] | None = None,
+) -> Outcome:
+    """Create or bring up to date the kits under ``out``; with ``add_org`` touch only what enrols that organisation.
+
+    An organisation's keys come from its join request (``join_request`` in the federation file). Only with
+    ``make_org_keys`` (a try-out on one machine: ``fedpriv federation up``) are they made here, and then whoever
+    holds these kits can act as that organisation. ``approved_apps`` replaces the federation file's ``app``.
+    """
     out = Path(out)
     outcome = Outcome()
     names = [o.name for o in cfg.organisations]
@@ -461,17 +595,41 @@ def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None
                     f"{org_ca}: not this federation's CA (expected a copy of {co / 'ca.crt'}); refusing to mix kits"
                 )
     todo = [cfg.org(add_org)] if add_org is not None else list(cfg.organisations)
-    org_keys = {o.name: _org_key(out, o.name) for o in todo}
+    requests: dict[str, JoinRequest] = {}
+    for i, org in enumerate(cfg.organisations):
+        if org not in todo:
+            continue
+        if org.join_request:
+            requests[org.name] = _requested_keys(out, cfg, org)
+        elif not make_org_keys:
+            raise ConfigError(
+                f"organisations[{i}].join_request: required for {org.name} (its public keys, from `fedpriv org init"
+                f" {org.name}` on its own machine); --make-org-keys makes its private keys here instead, for a"
+                " try-out only: whoever holds these kits could then act as that organisation"
+            )
+    org_keys = {o.name: _org_key(out, o.name) for o in todo if o.name not in requests}
+    apps = _approved_apps(cfg) if approved_apps is None else list(approved_apps)
+    if not apps:
+        outcome.notes.append(
+            "no app declared (app.path or app.fab_sha256 in the federation file): the organisations' node.yaml"
+            " approve none, and every node refuses every run until its organisation approves one"
+        )
 
     plan = _Plan()
+    ca_key_file = out / CA_KIT / "ca.key"
     if ca_cert is None:
         ca_key = pki.new_key()
         ca_cert = pki.issue_ca(cfg.federation, ca_key, cfg.validity_days.ca)
-        plan.put(co / "ca.key", pki.pem_private(ca_key), PRIVATE)
+        plan.put(ca_key_file, pki.pem_private(ca_key), PRIVATE)
+    elif ca_key_path(out) != ca_key_file:  # kept inside the coordinator kit by earlier fedpriv: moved out of it
+        plan.put(ca_key_file, ca_key_path(out).read_bytes(), PRIVATE, "created", f"moved from {ca_key_path(out)}")
+        plan.removals.append(ca_key_path(out))
     else:
-        plan.put(co / "ca.key", (co / "ca.key").read_bytes(), PRIVATE)  # permissions only
+        plan.put(ca_key_file, ca_key_file.read_bytes(), PRIVATE)  # permissions only
     ca_pem = pki.cert_pem(ca_cert)
     plan.put(co / "ca.crt", ca_pem, PUBLIC)
+    plan.put(out / CA_KIT / "ca.crt", ca_pem, PUBLIC)
+    plan.put(out / CA_KIT / "README.txt", ca_readme(cfg).encode(), PUBLIC)
 
     server_key_path = co / "superlink.key"
     server_key = (
@@ -503,27 +661,37 @@ def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None
 
     for org in todo:
         kit = out / org.name
-        key = org_keys[org.name]
-        if key is None:
-            key = pki.new_key()
-            plan.put(kit / "node.key", pki.ssh_private(key), PRIVATE)
-        else:
-            plan.put(kit / "node.key", (kit / "node.key").read_bytes(), PRIVATE)  # permissions only
-        pub = pki.ssh_public(key.public_key(), f"{org.name}@{cfg.federation}")
+        request = requests.get(org.name)
+        if request is not None:  # the organisation's own keys: only their public halves ever reach this side
+            pub = (request.node_public_key + "\n").encode()
+            ledger_pub = public_key_text(request.ledger_key()).encode()
+        else:  # made here (--make-org-keys, a try-out): this side holds the organisation's private keys
+            key = org_keys[org.name]
+            if key is None:
+                key = pki.new_key()
+                plan.put(kit / "node.key", pki.ssh_private(key), PRIVATE)
+            else:
+                plan.put(kit / "node.key", (kit / "node.key").read_bytes(), PRIVATE)  # permissions only
+            pub = pki.ssh_public(key.public_key(), f"{org.name}@{cfg.federation}")
+            ledger_key = _ledger_key(out, org.name)
+            if ledger_key is None:
+                ledger_key = Ed25519PrivateKey.generate()
+                plan.put(kit / LEDGER_KEY, ledger_pem_private(ledger_key), PRIVATE)
+            else:
+                plan.put(kit / LEDGER_KEY, (kit / LEDGER_KEY).read_bytes(), PRIVATE)  # permissions only
+            ledger_pub = public_key_text(ledger_key.public_key()).encode()
+            if not (kit / "node.key").exists():
+                outcome.notes.append(
+                    f"{org.name}: its node and ledger keys were made here (--make-org-keys): whoever holds {out}"
+                    " can act as its node and sign its ledger; a real federation provisions from join requests"
+                )
         plan.put(kit / "node.pub", pub, PUBLIC)
         plan.put(co / "nodes" / f"{org.name}.pub", pub, PUBLIC)
         plan.put(kit / "ca.crt", ca_pem, PUBLIC)
-        ledger_key = _ledger_key(out, org.name)
-        if ledger_key is None:
-            ledger_key = Ed25519PrivateKey.generate()
-            plan.put(kit / LEDGER_KEY, ledger_pem_private(ledger_key), PRIVATE)
-        else:
-            plan.put(kit / LEDGER_KEY, (kit / LEDGER_KEY).read_bytes(), PRIVATE)  # permissions only
-        ledger_pub = public_key_text(ledger_key.public_key()).encode()
         plan.put(kit / LEDGER_PUB, ledger_pub, PUBLIC)
         plan.put(co / "ledger-keys" / f"{org.name}.pub", ledger_pub, PUBLIC)  # what an auditor checks against
-        plan.put(kit / "node.yaml", node_yaml(cfg, org).encode(), PUBLIC)
-        plan.put(kit / "README.txt", org_readme(cfg, org).encode(), PUBLIC)
+        _own_settings(plan, outcome, kit / "node.yaml", node_yaml(cfg, org, apps).encode())
+        plan.put(kit / "README.txt", org_readme(cfg, org, own_keys=request is not None).encode(), PUBLIC)
         plan.put(kit / "start-supernode.sh", start_supernode_sh(cfg, org).encode(), SCRIPT)
 
     enrolled = [n for n in names if (co / "nodes" / f"{n}.pub") in plan.writes or (co / "nodes" / f"{n}.pub").exists()]
@@ -544,7 +712,29 @@ def provision(cfg: FederationConfig, out: str | Path, add_org: str | None = None
     for path, mode in plan.chmods.items():
         os.chmod(path, mode)
         outcome.changes.append(Change(path, "permissions", f"set to {mode:o}"))
+    for path in plan.removals:  # only once what replaces them is written
+        path.unlink()
+        outcome.changes.append(Change(path, "removed", f"moved to {out / CA_KIT}/"))
     return outcome
+
+
+def _own_settings(plan: _Plan, outcome: Outcome, path: Path, proposed: bytes) -> None:
+    """node.yaml is the organisation's: written once; afterwards a different proposal goes beside it, never over it."""
+    current = _existing(path)
+    if current is None:
+        plan.put(path, proposed, PUBLIC)
+        return
+    if current == proposed:
+        if (path.stat().st_mode & 0o777) != PUBLIC:
+            plan.chmods[path] = PUBLIC
+        return
+    aside = path.with_name(path.name + ".new")
+    if _existing(aside) != proposed:
+        plan.put(aside, proposed, PUBLIC)
+    outcome.notes.append(
+        f"{path}: kept as the organisation set it; what the federation file and app say now is in {aside.name}"
+        " (the organisation compares and decides: the coordinator never changes its privacy limits)"
+    )
 
 
 def _order(path: Path) -> tuple[int, str]:

@@ -304,7 +304,7 @@ def test_only_the_enrolled_tls_node_connects(superlink, federation):
     other_raw["organisations"] = [{"name": "x", "data": {"path": "x.csv"}}]
     other_file = root / "OTHER.yaml"
     other_file.write_text(yaml.safe_dump(other_raw), encoding="utf-8")
-    provision(load_federation(other_file), other)
+    provision(load_federation(other_file), other, make_org_keys=True)
     stranger = root / "refusals" / "stranger.key"
     stranger.parent.mkdir(parents=True, exist_ok=True)
     stranger.write_bytes(pki.ssh_private(pki.new_key()))

@@ -47,5 +47,5 @@ def federation_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def kits(tmp_path: Path, federation_file: Path) -> Path:
     out = tmp_path / "kits"
-    provision(load_federation(federation_file), out)
+    provision(load_federation(federation_file), out, make_org_keys=True)
     return out

@@ -107,13 +107,14 @@ def world(tmp_path_factory) -> World:
         org["data"] = {"path": str(data), "text_column": "text", "label_column": "label"}
     federation = write_federation(root / "FEDERATION.yaml", raw)
     kits, other = root / "kits", root / "other"
-    provision(load_federation(federation), kits)
-    provision(load_federation(federation), other)
+    app = [local_federation.staged_app_hash()]  # what `federation up` ships, so that its check of node.yaml passes
+    provision(load_federation(federation), kits, make_org_keys=True, approved_apps=app)
+    provision(load_federation(federation), other, make_org_keys=True, approved_apps=app)
 
     co = kits / CO
-    ca_key, ca = pki.load_private_key(co / "ca.key"), pki.load_cert(co / "ca.crt")
+    ca_key, ca = pki.load_private_key(co.parent / "coordinator-ca" / "ca.key"), pki.load_cert(co / "ca.crt")
     server = pki.load_cert(co / "superlink.crt")
-    other_ca_key, other_ca = pki.load_private_key(other / CO / "ca.key"), pki.load_cert(other / CO / "ca.crt")
+    other_ca_key, other_ca = pki.load_private_key(other / "coordinator-ca" / "ca.key"), pki.load_cert(other / CO / "ca.crt")
     past = (NOW - dt.timedelta(days=30), NOW - dt.timedelta(days=1))
     future = (NOW + dt.timedelta(days=1), NOW + dt.timedelta(days=30))
     another_ec = pki.new_key()
@@ -190,10 +191,14 @@ def assert_one_error_line(code: int, out: str, err: str, path: Path, expect: str
 
 # --------------------------------------------------------------------------- the cases
 
-COORDINATOR_FILES = ("ca.crt", "ca.key", "superlink.crt", "superlink.key", f"nodes/{ORG}.pub", f"ledger-keys/{ORG}.pub")
+COORDINATOR_FILES = ("ca.crt", "superlink.crt", "superlink.key", f"nodes/{ORG}.pub", f"ledger-keys/{ORG}.pub")
 ORG_FILES = ("ca.crt", "node.key", "node.pub", "ledger.key", "ledger.pub")
 SSH_LINES = {f"{CO}/nodes/{ORG}.pub", f"{ORG}/node.pub"}  # one-line OpenSSH keys: truncated, they are just damaged
-KIT_FILES = [f"{CO}/{name}" for name in COORDINATOR_FILES] + [f"{ORG}/{name}" for name in ORG_FILES]
+KIT_FILES = (
+    ["coordinator-ca/ca.key"]
+    + [f"{CO}/{name}" for name in COORDINATOR_FILES]
+    + [f"{ORG}/{name}" for name in ORG_FILES]
+)
 
 
 def _unreadable_expectation(file: str, how: str) -> str:
@@ -210,7 +215,7 @@ UNREADABLE = [
 
 # (file, damage, what the error line says): refused by `fedpriv provision` (and so by `federation up`)
 PROVISION_REFUSES = [
-    (f"{CO}/ca.key", "missing", "missing but"),
+    ("coordinator-ca/ca.key", "missing", "missing but"),
     (f"{CO}/ca.crt", "missing", "missing but"),
     (f"{ORG}/node.key", "missing", f"missing but {ORG} is enrolled"),
     (f"{ORG}/ledger.key", "missing", "missing but the coordinator holds"),
@@ -220,9 +225,9 @@ PROVISION_REFUSES = [
     (f"{CO}/superlink.crt", "server-wrong-ca", "not signed by"),
     (f"{CO}/superlink.crt", "server-not-yet-valid", "certificate is not yet valid: not valid before"),
     (f"{CO}/superlink.crt", "server-client-auth-only", "a TLS client trusting ca.crt would refuse it"),
-    (f"{CO}/ca.key", "ec-pem", "not the private key of"),
-    (f"{CO}/ca.key", "rsa-pem", "expected an EC key on a NIST curve (fedpriv makes P-384); found RSA 2048 bits"),
-    (f"{CO}/ca.key", "ed25519-pem", "found Ed25519"),
+    ("coordinator-ca/ca.key", "ec-pem", "not the private key of"),
+    ("coordinator-ca/ca.key", "rsa-pem", "expected an EC key on a NIST curve (fedpriv makes P-384); found RSA 2048 bits"),
+    ("coordinator-ca/ca.key", "ed25519-pem", "found Ed25519"),
     (f"{CO}/superlink.key", "rsa-pem", "found RSA 2048 bits"),
     (f"{CO}/superlink.key", "ed25519-pem", "found Ed25519"),
     (f"{CO}/superlink.key", "own-server-key-ssh", "expected an unencrypted PEM private key"),
@@ -250,7 +255,7 @@ PROVISION_REFUSES = [
 def test_provision_refuses_an_unreadable_or_wrong_file(world, kits, capsys, file, how, expect):
     path = damage(kits, file, how, world.forged)
     before = snapshot(kits)
-    code, out, err = run(capsys, "provision", world.federation, "--out", kits)
+    code, out, err = run(capsys, "provision", world.federation, "--out", kits, "--make-org-keys")
     assert_one_error_line(code, out, err, path, expect)
     assert snapshot(kits) == before
 
@@ -264,7 +269,7 @@ def test_provision_refuses_an_unreadable_or_wrong_file(world, kits, capsys, file
 )
 def test_provision_reissues_an_expired_or_mismatched_superlink_certificate(world, kits, capsys, file, how, reason):
     damage(kits, file, how, world.forged)
-    code, out, err = run(capsys, "provision", world.federation, "--out", kits)
+    code, out, err = run(capsys, "provision", world.federation, "--out", kits, "--make-org-keys")
     assert code == 0 and err == "", err
     assert f"re-issued   {kits / CO / 'superlink.crt'}  ({reason})" in out
     co = kits / CO
@@ -283,8 +288,8 @@ INSPECT_FAILS = [
     (CO, "superlink.crt", "server-not-yet-valid", "certificate is not yet valid: not valid before"),
     (CO, "superlink.crt", "server-wrong-ca", "does not verify against ca.crt"),
     (CO, "superlink.crt", "server-client-auth-only", "does not verify against ca.crt"),
-    (CO, "ca.key", "ec-pem", "ca.key: matches ca.crt"),
-    (CO, "ca.key", "rsa-pem", "an EC key on a NIST curve (what Flower accepts), found RSA 2048 bits"),
+    ("coordinator-ca", "ca.key", "ec-pem", "ca.key: matches ca.crt"),
+    ("coordinator-ca", "ca.key", "rsa-pem", "an EC key on a NIST curve (what Flower accepts), found RSA 2048 bits"),
     (CO, "superlink.key", "ec-pem", "superlink.key: matches superlink.crt"),
     (CO, "superlink.key", "ed25519-pem", "found Ed25519"),
     (CO, "superlink.key", "own-server-key-ssh", "PEM-encoded, found OpenSSH"),
@@ -294,7 +299,7 @@ INSPECT_FAILS = [
     (ORG, "node.key", "ec-ssh", "node.key: matches node.pub"),
     (ORG, "node.key", "ed25519-ssh", "an EC key on a NIST curve (what Flower accepts), found Ed25519"),
     (ORG, "node.key", "own-node-key-pem", "OpenSSH-encoded, found PEM"),
-    (ORG, "node.key", "missing", "missing (an organisation kit holds it)"),
+    (ORG, "node.pub", "missing", "missing (an organisation kit holds it)"),
     (ORG, "node.pub", "missing", "node.pub: missing"),
     (ORG, "ledger.key", "ed25519-pem", "ledger.key: matches ledger.pub"),
     (ORG, "ledger.key", "ec-pem", "an Ed25519 key (what ledgers are signed with), found EC"),
@@ -370,15 +375,15 @@ def _up(capsys, world: World, kits: Path, tmp_path: Path):
 
 FEDERATION_UP_REFUSES = [
     (f"{CO}/superlink.crt", "garbage", "binary data, not PEM"),
-    (f"{CO}/ca.key", "empty", "an empty file"),
+    ("coordinator-ca/ca.key", "empty", "an empty file"),
     (f"{ORG}/node.key", "truncated", "truncated PEM"),
     (f"{ORG}/ledger.key", "folder", "Is a directory"),
-    (f"{CO}/ca.key", "missing", "missing but"),
+    ("coordinator-ca/ca.key", "missing", "missing but"),
     (f"{CO}/ca.crt", "ca-expired", "certificate expired on"),
     (f"{CO}/superlink.crt", "server-not-yet-valid", "certificate is not yet valid: not valid before"),
     (f"{CO}/superlink.crt", "server-wrong-ca", "not signed by"),
     (f"{CO}/superlink.crt", "server-client-auth-only", "a TLS client trusting ca.crt would refuse it"),
-    (f"{CO}/ca.key", "ec-pem", "not the private key of"),
+    ("coordinator-ca/ca.key", "ec-pem", "not the private key of"),
     (f"{CO}/superlink.key", "rsa-pem", "found RSA 2048 bits"),
     (f"{ORG}/node.key", "ec-ssh", "not the public half of"),
     (f"{ORG}/node.key", "ed25519-ssh", "found Ed25519"),
@@ -429,14 +434,22 @@ def test_federation_up_reissues_an_expired_superlink_certificate_first(world, ki
 def test_federation_up_refuses_a_bad_redaction_rule_before_any_process(
     world, kits, capsys, tmp_path, no_processes, setting, names, expect
 ):
-    raw = yaml.safe_load(world.federation.read_text(encoding="utf-8"))
     staff = tmp_path / "staff.txt"
     if names is not None:
         staff.write_bytes(names)
-    for org in raw["organisations"]:
-        if org["name"] == ORG:
-            org["redaction"] = {k: str(staff) if k == "extra_names" else v for k, v in setting.items()}
-    federation = write_federation(tmp_path / "FEDERATION.yaml", raw)
+    rule = {k: str(staff) if k == "extra_names" else v for k, v in setting.items()}
+    federation = world.federation
+    if "kinds" in setting:  # a mistake in the federation file: refused when it is read
+        raw = yaml.safe_load(world.federation.read_text(encoding="utf-8"))
+        for org in raw["organisations"]:
+            if org["name"] == ORG:
+                org["redaction"] = rule
+        federation = write_federation(tmp_path / "FEDERATION.yaml", raw)
+    else:  # the organisation's own node.yaml (federation up never rewrites it)
+        node_yaml = kits / ORG / "node.yaml"
+        node = yaml.safe_load(node_yaml.read_text(encoding="utf-8"))
+        node["redaction"] = {**node["redaction"], **rule}
+        node_yaml.write_text(yaml.safe_dump(node, sort_keys=False), encoding="utf-8")
     code, out, err = run(capsys, "federation", "up", federation, "--kits", kits, "--out", tmp_path / "run")
     named = federation if "kinds" in setting else kits / ORG / "node.yaml"  # what the organisation itself edits
     assert_one_error_line(code, out, err, named, expect)

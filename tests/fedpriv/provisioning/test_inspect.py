@@ -41,7 +41,7 @@ def test_good_org_kit_and_single_certificate(kits: Path, capsys):
 
 def test_server_cert_from_another_ca_fails(kits: Path, tmp_path: Path, federation_file: Path, capsys):
     other = tmp_path / "other"
-    provision(load_federation(federation_file), other)
+    provision(load_federation(federation_file), other, make_org_keys=True)
     co = kits / "coordinator"
     (co / "superlink.crt").write_bytes((other / "coordinator" / "superlink.crt").read_bytes())
     code, out, _ = _inspect(capsys, co)
@@ -52,7 +52,7 @@ def test_server_cert_from_another_ca_fails(kits: Path, tmp_path: Path, federatio
 
 def test_expired_certificate_and_loose_key_fail(kits: Path, capsys):
     co = kits / "coordinator"
-    ca_key, ca = pki.load_private_key(co / "ca.key"), pki.load_cert(co / "ca.crt")
+    ca_key, ca = pki.load_private_key(kits / "coordinator-ca" / "ca.key"), pki.load_cert(co / "ca.crt")
     server_key = pki.load_private_key(co / "superlink.key")
     expired = (
         x509.CertificateBuilder()
@@ -67,9 +67,11 @@ def test_expired_certificate_and_loose_key_fail(kits: Path, capsys):
     (co / "superlink.crt").write_bytes(pki.cert_pem(expired))
     code, out, _ = _inspect(capsys, co / "superlink.crt")
     assert code == 1 and "EXPIRED" in out
-    (co / "ca.key").chmod(0o644)
     code, out, _ = _inspect(capsys, co)
-    assert code == 1 and "FAIL  ca.key: permissions 644" in out and "EXPIRED" in out
+    assert code == 1 and "EXPIRED" in out
+    (kits / "coordinator-ca" / "ca.key").chmod(0o644)
+    code, out, _ = _inspect(capsys, kits / "coordinator-ca")
+    assert code == 1 and "FAIL  ca.key: permissions 644" in out and "CA kit" in out
 
 
 def test_unreadable_is_exit_2(tmp_path: Path, kits: Path, capsys):

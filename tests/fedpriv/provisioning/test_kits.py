@@ -29,8 +29,9 @@ def _mode(path: Path) -> int:
 
 def test_coordinator_kit_is_complete_and_verifies(kits: Path):
     co = kits / "coordinator"
+    assert not (co / "ca.key").exists()  # apart from everything the SuperLink (and its ServerApps) read
+    assert (kits / "coordinator-ca" / "ca.key").is_file()
     for name in (
-        "ca.key",
         "ca.crt",
         "superlink.crt",
         "superlink.key",
@@ -44,14 +45,14 @@ def test_coordinator_kit_is_complete_and_verifies(kits: Path):
     assert pki.verify_server(server, ca, list(ADDRESSES)) == []
     assert pki.verify_server(server, ca, ["elsewhere.example.org"]) != []
     assert set(pki.san_strings(server)) == set(ADDRESSES)
-    assert pki.same_public_key(pki.load_private_key(co / "ca.key").public_key(), ca.public_key())
+    assert pki.same_public_key(pki.load_private_key(kits / "coordinator-ca" / "ca.key").public_key(), ca.public_key())
     assert pki.same_public_key(pki.load_private_key(co / "superlink.key").public_key(), server.public_key())
     assert server.not_valid_after_utc - server.not_valid_before_utc <= dt.timedelta(days=397, hours=1)
 
 
 def test_another_ca_does_not_verify_the_server(kits: Path, tmp_path: Path, federation_file: Path):
     other = tmp_path / "other"
-    provision(load_federation(federation_file), other)
+    provision(load_federation(federation_file), other, make_org_keys=True)
     server = pki.load_cert(kits / "coordinator" / "superlink.crt")
     problems = pki.verify_server(server, pki.load_cert(other / "coordinator" / "ca.crt"), ["coordinator.example.org"])
     assert problems and "signature" in problems[0]
@@ -83,7 +84,7 @@ def test_private_keys_are_0600_and_ca_key_only_in_coordinator_kit(kits: Path):
     private = [p for p in kits.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
     names = sorted(str(p.relative_to(kits)) for p in private)
     assert names == [
-        "coordinator/ca.key",
+        "coordinator-ca/ca.key",
         "coordinator/superlink.key",
         "hospital-a/ledger.key",
         "hospital-a/node.key",
@@ -92,7 +93,7 @@ def test_private_keys_are_0600_and_ca_key_only_in_coordinator_kit(kits: Path):
     ]
     for path in private:
         assert _mode(path) == 0o600, path
-    assert [p.relative_to(kits) for p in kits.rglob("ca.key")] == [Path("coordinator/ca.key")]
+    assert [p.relative_to(kits) for p in kits.rglob("ca.key")] == [Path("coordinator-ca/ca.key")]
     for org in ORGS:
         assert not any("superlink.key" in p.name or p.name == "ca.key" for p in (kits / org).iterdir())
     assert not list(kits.rglob("*.tmp")), "temporary files left behind"
@@ -110,7 +111,7 @@ def test_each_organisation_has_its_own_ledger_key_and_the_coordinator_its_public
         assert load_node_config(kits / org / "node.yaml").ledger_key == str(kits.resolve() / org / "ledger.key")
         pubs.append(pub)
     assert pubs[0] != pubs[1]
-    provision(load_federation(federation_file), kits)  # re-running never replaces a ledger key
+    provision(load_federation(federation_file), kits, make_org_keys=True)  # re-running never replaces a ledger key
     assert [(kits / org / "ledger.pub").read_text() for org in ORGS] == pubs
 
 
@@ -131,7 +132,8 @@ def test_superlink_script_has_tls_auth_and_database(kits: Path):
         '--ssl-certfile "$KIT/superlink.crt"',
         '--ssl-keyfile "$KIT/superlink.key"',
         "--enable-supernode-auth",
-        "--port 9092",
+        "--host 127.0.0.1",  # behind the gateway: the Control and Runtime APIs never reach the organisations
+        "--port 9093",
         '--database "$KIT"/state/superlink.db',
     ):
         assert flag in script, flag
@@ -144,7 +146,7 @@ def test_superlink_script_has_tls_auth_and_database(kits: Path):
 
 def test_rerun_changes_nothing(kits: Path, federation_file: Path):
     before = snapshot(kits)
-    outcome = provision(load_federation(federation_file), kits)
+    outcome = provision(load_federation(federation_file), kits, make_org_keys=True)
     assert outcome.changes == []
     assert snapshot(kits) == before
 
@@ -153,7 +155,7 @@ def test_rerun_restores_permissions_without_new_keys(kits: Path, federation_file
     key = kits / "hospital-a" / "node.key"
     before = snapshot(kits)
     key.chmod(0o644)
-    outcome = provision(load_federation(federation_file), kits)
+    outcome = provision(load_federation(federation_file), kits, make_org_keys=True)
     assert [(c.path, c.action) for c in outcome.changes] == [(key, "permissions")]
     assert _mode(key) == 0o600 and snapshot(kits) == before
 
@@ -162,11 +164,11 @@ def test_add_org_touches_nothing_else(tmp_path: Path):
     raw = federation_dict()
     path = write_federation(tmp_path / "FEDERATION.yaml", raw)
     out = tmp_path / "kits"
-    provision(load_federation(path), out)
+    provision(load_federation(path), out, make_org_keys=True)
     before = snapshot(out)
     raw["organisations"].append({"name": "clinic-c", "data": {"path": "c.csv"}})
     write_federation(path, raw)
-    outcome = provision(load_federation(path), out, add_org="clinic-c")
+    outcome = provision(load_federation(path), out, add_org="clinic-c", make_org_keys=True)
     after = snapshot(out)
     changed = {k for k in after if before.get(k) != after[k]}
     assert changed == {
@@ -188,22 +190,22 @@ def test_add_org_touches_nothing_else(tmp_path: Path):
     assert after["clinic-c/ca.crt"] == before["coordinator/ca.crt"]
     assert all(c.action == "created" or c.path.name in ("enroll-nodes.sh", "README.txt") for c in outcome.changes)
     # enrolling again is a no-op
-    assert provision(load_federation(path), out, add_org="clinic-c").changes == []
+    assert provision(load_federation(path), out, add_org="clinic-c", make_org_keys=True).changes == []
 
 
 def test_add_org_must_be_in_the_federation_file(kits: Path, federation_file: Path):
     with pytest.raises(ConfigError, match="--add-org nobody"):
-        provision(load_federation(federation_file), kits, add_org="nobody")
+        provision(load_federation(federation_file), kits, add_org="nobody", make_org_keys=True)
 
 
 def test_address_change_reissues_only_the_server_certificate(tmp_path: Path):
     path = write_federation(tmp_path / "FEDERATION.yaml", federation_dict())
     out = tmp_path / "kits"
-    provision(load_federation(path), out)
+    provision(load_federation(path), out, make_org_keys=True)
     before = snapshot(out)
     old_serial = pki.load_cert(out / "coordinator" / "superlink.crt").serial_number
     write_federation(path, federation_dict(addresses=["coordinator.example.org", "10.0.0.6"]))
-    outcome = provision(load_federation(path), out)
+    outcome = provision(load_federation(path), out, make_org_keys=True)
     after = snapshot(out)
     changed = {k for k in after if before[k] != after[k]}
     assert changed == {"coordinator/superlink.crt", "coordinator/README.txt"}
@@ -219,9 +221,9 @@ def test_address_change_reissues_only_the_server_certificate(tmp_path: Path):
 def test_changing_the_first_address_updates_the_supernode_scripts(tmp_path: Path):
     path = write_federation(tmp_path / "FEDERATION.yaml", federation_dict())
     out = tmp_path / "kits"
-    provision(load_federation(path), out)
+    provision(load_federation(path), out, make_org_keys=True)
     write_federation(path, federation_dict(addresses=["fl.example.org"]))
-    provision(load_federation(path), out)
+    provision(load_federation(path), out, make_org_keys=True)
     assert "--superlink fl.example.org:9092" in (out / "hospital-a" / "start-supernode.sh").read_text()
 
 
@@ -231,37 +233,37 @@ def test_changing_the_first_address_updates_the_supernode_scripts(tmp_path: Path
 def test_mismatched_kits_are_refused_and_left_untouched(tmp_path: Path, federation_file: Path, kits: Path, damage: str):
     cfg = load_federation(federation_file)
     other = tmp_path / "other"
-    provision(cfg, other)
+    provision(cfg, other, make_org_keys=True)
     co = kits / "coordinator"
     if damage == "delete-ca-key":
-        (co / "ca.key").unlink()
+        (kits / "coordinator-ca" / "ca.key").unlink()
     elif damage == "foreign-org-ca":
         (kits / "hospital-b" / "ca.crt").write_bytes((other / "coordinator" / "ca.crt").read_bytes())
     elif damage == "foreign-server-cert":
         (co / "superlink.crt").write_bytes((other / "coordinator" / "superlink.crt").read_bytes())
     elif damage == "swapped-ca-key":
-        (co / "ca.key").write_bytes((other / "coordinator" / "ca.key").read_bytes())
+        (kits / "coordinator-ca" / "ca.key").write_bytes((other / "coordinator-ca" / "ca.key").read_bytes())
     elif damage == "lost-node-key":
         (kits / "hospital-a" / "node.key").unlink()
     before = snapshot(kits)
     with pytest.raises(ProvisioningError) as info:
-        provision(cfg, kits)
+        provision(cfg, kits, make_org_keys=True)
     assert len(str(info.value).splitlines()) == 1
     assert snapshot(kits) == before
 
 
 def test_cli_provision_reports_and_refuses_in_one_line(tmp_path: Path, federation_file: Path, capsys):
     out = tmp_path / "kits"
-    assert main(["provision", str(federation_file), "--out", str(out)]) == 0
+    assert main(["provision", str(federation_file), "--out", str(out), "--make-org-keys"]) == 0
     first = capsys.readouterr().out
     assert "created" in first and "ca.key" in first
-    assert main(["provision", str(federation_file), "--out", str(out)]) == 0
+    assert main(["provision", str(federation_file), "--out", str(out), "--make-org-keys"]) == 0
     assert "nothing changed" in capsys.readouterr().out
-    (out / "coordinator" / "ca.key").unlink()
-    assert main(["provision", str(federation_file), "--out", str(out)]) == 2
+    (out / "coordinator-ca" / "ca.key").unlink()
+    assert main(["provision", str(federation_file), "--out", str(out), "--make-org-keys"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "ca.key" in err
-    assert main(["provision", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+    assert main(["provision", str(tmp_path / "missing.yaml"), "--out", str(out), "--make-org-keys"]) == 2
     assert "missing.yaml" in capsys.readouterr().err
 
 
@@ -271,14 +273,14 @@ def test_kits_of_another_federation_are_refused(tmp_path: Path, kits: Path):
     cfg = load_federation(write_federation(tmp_path / "OTHER.yaml", raw))
     before = snapshot(kits)
     with pytest.raises(ProvisioningError, match="clinics-2026"):
-        provision(cfg, kits)
+        provision(cfg, kits, make_org_keys=True)
     assert snapshot(kits) == before
 
 
 def test_superlink_state_in_memory_when_asked(tmp_path: Path):
     """``database: ":flwr-in-memory:"`` is Flower's name, passed as is: not a file inside the kit, no folder made."""
     raw = federation_dict(database=":flwr-in-memory:")
-    provision(load_federation(write_federation(tmp_path / "FEDERATION.yaml", raw)), tmp_path / "kits")
+    provision(load_federation(write_federation(tmp_path / "FEDERATION.yaml", raw)), tmp_path / "kits", make_org_keys=True)
     script = (tmp_path / "kits" / "coordinator" / "start-superlink.sh").read_text()
     assert "--database :flwr-in-memory: \\\n" in script
     assert "mkdir" not in script and 'flwr-in-memory:"' not in script

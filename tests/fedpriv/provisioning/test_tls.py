@@ -75,13 +75,14 @@ def superlink(tmp_path_factory):
     port = _free_port()
     path = write_federation(
         root / "FEDERATION.yaml",
-        federation_dict(addresses=["127.0.0.1", "localhost"], port=port, bind_host="127.0.0.1"),
+        federation_dict(addresses=["127.0.0.1", "localhost"], port=port, bind_host="127.0.0.1", gateway="none"),
     )
     kits = root / "kits"
-    provision(load_federation(path), kits)
-    other_raw = federation_dict(addresses=["127.0.0.1", "localhost"], port=port)
+    provision(load_federation(path), kits, make_org_keys=True)
+    (kits / "coordinator-ca").rename(root / "offline-ca")  # start-superlink.sh refuses where it can read the CA key
+    other_raw = federation_dict(addresses=["127.0.0.1", "localhost"], port=port, bind_host="127.0.0.1", gateway="none")
     other = root / "other"
-    provision(load_federation(write_federation(root / "OTHER.yaml", other_raw)), other)
+    provision(load_federation(write_federation(root / "OTHER.yaml", other_raw)), other, make_org_keys=True)
     env = _env(root / "flwr-home")
     log = root / "superlink.log"
     proc = _start(["sh", str(kits / "coordinator" / "start-superlink.sh")], log, env)
