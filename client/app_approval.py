@@ -45,17 +45,17 @@ class AppGate:
         self.refused: dict[int, str] = {}  # run id -> reason (each of its messages gets the same answer)
 
     def refusal(self, run_id: int, run_fab_hash: str, content: bytes) -> str | None:
-        """Why the run's app is refused, or None when it is approved."""
+        """Why the run's app is refused (what the coordinator is told), or None when it is approved."""
         got = fab_digest(content)
         accepted = ", ".join(self.approved) if self.approved else "none"
         if got != run_fab_hash:
             return (
                 f"refused run {run_id}: its FAB's SHA-256 is {got}, not the run's fab_hash {run_fab_hash}"
-                f" (approved_apps in {self.node_yaml}: {accepted})"
+                f" (approved_apps: {accepted})"
             )
         if got not in self.approved:
             return (
-                f"refused run {run_id}: its app (FAB sha256 {got}) is not approved in {self.node_yaml}"
+                f"refused run {run_id}: its app (FAB sha256 {got}) is not approved by this organisation"
                 f" (approved_apps: {accepted})"
             )
         return None
@@ -86,7 +86,7 @@ class AppGate:
                 reason = gate.refusal(run_id, run.fab_hash, fab.content)
                 if reason is not None:
                     gate.refused[run_id] = reason
-                    log(f"fedpriv-supernode: {reason}")
+                    log(f"fedpriv-supernode: {reason}; approve an app in {gate.node_yaml}")
                     refused.append((message, reason))
                     return None
                 approved_runs[run_id] = (run, fab)  # Flower stores exactly the FAB that was checked

@@ -256,23 +256,24 @@ def cmd_org(ns: argparse.Namespace) -> int:
 
 
 def cmd_app(ns: argparse.Namespace) -> int:
+    import tempfile
     from pathlib import Path
 
     from fedpriv.app_source import NotAnAppCheckout, fab_sha256, stage_app
     from fedpriv.errors import UserError
 
     try:
+        if ns.app and ns.stage:
+            raise UserError("--stage: stages this checkout's app; give either APP or --stage")
         if ns.app:
             if not Path(ns.app).exists():
                 raise UserError(f"{ns.app}: no such folder or file (expected a Flower app folder or a .fab file)")
-            folder = Path(ns.app)
+            print(f"{fab_sha256(ns.app)}  {ns.app}")
+        elif ns.stage:
+            print(f"{fab_sha256(stage_app(Path(ns.stage)))}  {ns.stage}  (staged: flwr run {ns.stage} ...)")
         else:
-            import tempfile
-
-            folder = stage_app(Path(ns.stage) if ns.stage else Path(tempfile.mkdtemp(prefix="fedpriv-app-")) / "app")
-        if ns.app and ns.stage:
-            raise UserError("--stage: stages this checkout's app; give either APP or --stage")
-        print(f"{fab_sha256(folder)}  {folder}")
+            with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as staging:
+                print(f"{fab_sha256(stage_app(Path(staging) / 'app'))}  (this checkout's app, as fedpriv stages it)")
     except NotAnAppCheckout as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:  # flwr's build: not a Flower app

@@ -140,7 +140,7 @@ def ca_key_guard(script: str) -> list[str]:
         "# the federation CA's key must be out of this user's reach: every ServerApp runs as this user, here",
         f'for ca_key in "$KIT/../{CA_KIT}/ca.key" "$KIT/ca.key"; do',
         f'  if [ -r "$ca_key" ] && [ "${{{CA_KEY_ENV}:-}}" != 1 ]; then',
-        f'    echo "{script}: refusing to start: this user can read the federation CA\'s key $ca_key, and every'
+        f"    echo \"{script}: refusing to start: this user can read the federation CA's key $ca_key, and every"
         " ServerApp would run as this user; keep it on another machine, or readable only by another user"
         f' ({CA_KEY_ENV}=1 allows it for a one-machine try-out)" >&2',
         "    exit 2",
@@ -169,6 +169,143 @@ def start_superlink_sh(cfg: FederationConfig) -> str:
         *ca_key_guard("start-superlink.sh"),
         *([f"mkdir -p {db_dir}"] if db_dir else []),
         "exec " + " \\\n    ".join(superlink_command(cfg)) + ' \\\n    "$@"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# What a SuperNode with an enrolled key calls on the Fleet API (flwr 1.41, fleet_http_connection.py). Fleet's
+# register-node / unregister-node are left out: nodes never self-register here (SuperNode authentication).
+FLEET_PATHS = (
+    "activate-node",
+    "deactivate-node",
+    "send-node-heartbeat",
+    "pull-messages",
+    "push-messages",
+    "get-run",
+    "get-fab",
+    "push-object",
+    "pull-object",
+    "confirm-message-received",
+)
+GATEWAY_STATE = "state/gateway"
+NGINX_ENV = "FEDPRIV_NGINX"
+
+
+def _listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def fleet_gateway_conf(cfg: FederationConfig) -> str:
+    """nginx: TLS for the organisations, only the Fleet API and /health through, to the SuperLink on loopback.
+
+    Relative paths: certificates relative to this file (the coordinator kit), pid, logs and buffers relative to
+    nginx's prefix (``-p KIT/state/gateway/``, see start-gateway.sh), so the kit can be moved.
+    """
+    co = cfg.coordinator
+    allowed = "|".join(FLEET_PATHS)
+    fleet = "\n".join(
+        f"        location = /v1/fleet/{name} {{ limit_except POST {{ deny all; }} proxy_pass https://superlink; }}"
+        for name in FLEET_PATHS
+    )
+    return f"""# The organisations' way in to federation {cfg.federation} (written by `fedpriv provision`: re-run it, do not edit).
+# Started by ./start-gateway.sh. One HTTPS port of flower-superlink serves the Fleet API (SuperNodes), the Control
+# API (register nodes; start, list and stop runs; read logs) and the Runtime API (ServerApps), with no login on
+# Control. So the SuperLink listens on 127.0.0.1:{co.local_port} only, and this proxy, on {_listen(co.bind_host, co.port)}, forwards
+# exactly what an enrolled SuperNode calls and answers 403 to everything else, for outsiders and organisations alike.
+worker_processes 1;
+pid gateway.pid;
+error_log stderr notice;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    client_body_temp_path client_body;
+    proxy_temp_path proxy;
+    fastcgi_temp_path fastcgi;
+    uwsgi_temp_path uwsgi;
+    scgi_temp_path scgi;
+    default_type application/octet-stream;
+    server_tokens off;
+
+    # refusals are kept (who tried what), the nodes' polls are not
+    map $status $refused {{
+        403 1;
+        default 0;
+    }}
+    access_log refused.log combined if=$refused;
+
+    # the raw request target (not decoded, no dot segments or slashes merged, no query string) must be exactly
+    # one allowed path, so that no spelling of a Control or Runtime path can reach the SuperLink
+    map $request_uri $allowed_target {{
+        default 0;
+        "~^/v1/fleet/({allowed})$" 1;
+        "~^/health$" 1;
+    }}
+
+    upstream superlink {{
+        server 127.0.0.1:{co.local_port};
+        keepalive 16;
+    }}
+
+    server {{
+        listen {_listen(co.bind_host, co.port)} ssl;
+        server_name _;
+        ssl_certificate superlink.crt;
+        ssl_certificate_key superlink.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+
+        # model updates and objects stream through (never spooled to disk); idle timeouts, not totals
+        client_max_body_size 1g;
+        proxy_request_buffering off;
+        proxy_max_temp_file_size 0;
+        client_header_timeout 10s;
+        client_body_timeout 120s;
+        send_timeout 120s;
+        proxy_connect_timeout 5s;
+        proxy_send_timeout 120s;
+        proxy_read_timeout 120s;
+
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_ssl_verify on;
+        proxy_ssl_verify_depth 2;
+        proxy_ssl_trusted_certificate ca.crt;
+        proxy_ssl_name localhost;
+        proxy_ssl_server_name on;
+        proxy_ssl_session_reuse on;
+
+        if ($allowed_target = 0) {{
+            return 403;
+        }}
+
+{fleet}
+        location = /health {{ limit_except GET {{ deny all; }} proxy_pass https://superlink; }}
+
+        location / {{
+            return 403;
+        }}
+    }}
+}}
+"""
+
+
+def start_gateway_sh(cfg: FederationConfig) -> str:
+    co = cfg.coordinator
+    lines = [
+        "#!/bin/sh",
+        f"# Starts the gateway of federation {cfg.federation} (written by `fedpriv provision`: re-run it, do not edit):",
+        f"# nginx on {_listen(co.bind_host, co.port)} forwarding only the Fleet API and /health to the SuperLink on",
+        f"# 127.0.0.1:{co.local_port} (fleet-gateway.conf). nginx from your distribution: apt-get install nginx-light.",
+        f"# Refused requests are logged to {GATEWAY_STATE}/refused.log. Extra nginx flags may follow.",
+        *_kit_prelude("start-gateway.sh"),
+        f'NGINX="${{{NGINX_ENV}:-nginx}}"',
+        'command -v "$NGINX" >/dev/null 2>&1 || { echo "start-gateway.sh: nginx not found (apt-get install nginx-light,'
+        f' or set {NGINX_ENV})" >&2; exit 2; }}',
+        f'mkdir -p "$KIT/{GATEWAY_STATE}"',
+        f'exec "$NGINX" -p "$KIT/{GATEWAY_STATE}/" -c "$KIT/fleet-gateway.conf" -e stderr -g "daemon off;" "$@"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -420,7 +557,9 @@ def _check_ca(out: Path, cfg: FederationConfig, org_names: list[str]):
                 )
             )
         return key, cert
-    existing = [p for p in (key_path, crt_path, out / CA_KIT / "ca.crt", co / "superlink.crt", co / "nodes") if p.exists()]
+    existing = [
+        p for p in (key_path, crt_path, out / CA_KIT / "ca.crt", co / "superlink.crt", co / "nodes") if p.exists()
+    ]
     existing += [out / o / "ca.crt" for o in org_names if (out / o / "ca.crt").exists()]
     if existing:
         missing = key_path if not key_path.exists() else crt_path
@@ -697,6 +836,9 @@ def provision(
     enrolled = [n for n in names if (co / "nodes" / f"{n}.pub") in plan.writes or (co / "nodes" / f"{n}.pub").exists()]
     if add_org is None:
         plan.put(co / "start-superlink.sh", start_superlink_sh(cfg).encode(), SCRIPT)
+        if cfg.coordinator.gateway == "nginx":
+            plan.put(co / "fleet-gateway.conf", fleet_gateway_conf(cfg).encode(), PUBLIC)
+            plan.put(co / "start-gateway.sh", start_gateway_sh(cfg).encode(), SCRIPT)
     plan.put(co / "enroll-nodes.sh", enroll_nodes_sh(cfg, enrolled).encode(), SCRIPT)
     plan.put(co / "README.txt", coordinator_readme(cfg, enrolled).encode(), PUBLIC)
 

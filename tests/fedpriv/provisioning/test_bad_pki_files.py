@@ -114,7 +114,10 @@ def world(tmp_path_factory) -> World:
     co = kits / CO
     ca_key, ca = pki.load_private_key(co.parent / "coordinator-ca" / "ca.key"), pki.load_cert(co / "ca.crt")
     server = pki.load_cert(co / "superlink.crt")
-    other_ca_key, other_ca = pki.load_private_key(other / "coordinator-ca" / "ca.key"), pki.load_cert(other / CO / "ca.crt")
+    other_ca_key, other_ca = (
+        pki.load_private_key(other / "coordinator-ca" / "ca.key"),
+        pki.load_cert(other / CO / "ca.crt"),
+    )
     past = (NOW - dt.timedelta(days=30), NOW - dt.timedelta(days=1))
     future = (NOW + dt.timedelta(days=1), NOW + dt.timedelta(days=30))
     another_ec = pki.new_key()
@@ -195,9 +198,7 @@ COORDINATOR_FILES = ("ca.crt", "superlink.crt", "superlink.key", f"nodes/{ORG}.p
 ORG_FILES = ("ca.crt", "node.key", "node.pub", "ledger.key", "ledger.pub")
 SSH_LINES = {f"{CO}/nodes/{ORG}.pub", f"{ORG}/node.pub"}  # one-line OpenSSH keys: truncated, they are just damaged
 KIT_FILES = (
-    ["coordinator-ca/ca.key"]
-    + [f"{CO}/{name}" for name in COORDINATOR_FILES]
-    + [f"{ORG}/{name}" for name in ORG_FILES]
+    ["coordinator-ca/ca.key"] + [f"{CO}/{name}" for name in COORDINATOR_FILES] + [f"{ORG}/{name}" for name in ORG_FILES]
 )
 
 
@@ -226,7 +227,11 @@ PROVISION_REFUSES = [
     (f"{CO}/superlink.crt", "server-not-yet-valid", "certificate is not yet valid: not valid before"),
     (f"{CO}/superlink.crt", "server-client-auth-only", "a TLS client trusting ca.crt would refuse it"),
     ("coordinator-ca/ca.key", "ec-pem", "not the private key of"),
-    ("coordinator-ca/ca.key", "rsa-pem", "expected an EC key on a NIST curve (fedpriv makes P-384); found RSA 2048 bits"),
+    (
+        "coordinator-ca/ca.key",
+        "rsa-pem",
+        "expected an EC key on a NIST curve (fedpriv makes P-384); found RSA 2048 bits",
+    ),
     ("coordinator-ca/ca.key", "ed25519-pem", "found Ed25519"),
     (f"{CO}/superlink.key", "rsa-pem", "found RSA 2048 bits"),
     (f"{CO}/superlink.key", "ed25519-pem", "found Ed25519"),

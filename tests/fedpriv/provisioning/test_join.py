@@ -44,9 +44,7 @@ def joined(tmp_path: Path, sites) -> tuple[Path, Path]:
 
 
 def _private_files(root: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
-    )
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes())
 
 
 def test_org_init_makes_private_keys_0600_and_a_request_with_public_keys_only(sites):

@@ -280,7 +280,9 @@ def test_kits_of_another_federation_are_refused(tmp_path: Path, kits: Path):
 def test_superlink_state_in_memory_when_asked(tmp_path: Path):
     """``database: ":flwr-in-memory:"`` is Flower's name, passed as is: not a file inside the kit, no folder made."""
     raw = federation_dict(database=":flwr-in-memory:")
-    provision(load_federation(write_federation(tmp_path / "FEDERATION.yaml", raw)), tmp_path / "kits", make_org_keys=True)
+    provision(
+        load_federation(write_federation(tmp_path / "FEDERATION.yaml", raw)), tmp_path / "kits", make_org_keys=True
+    )
     script = (tmp_path / "kits" / "coordinator" / "start-superlink.sh").read_text()
     assert "--database :flwr-in-memory: \\\n" in script
     assert "mkdir" not in script and 'flwr-in-memory:"' not in script
@@ -308,3 +310,69 @@ def test_enrolments_run_side_by_side_never_see_a_half_written_flower_config(kits
         assert all(run.returncode == 0 for run in runs), errors
     config = (kits / "coordinator" / "flwr-home" / "config.toml").read_text()
     assert '[superlink."clinics-2026"]' in config and not list((kits / "coordinator" / "flwr-home").glob("*.tmp*"))
+
+
+def test_the_gateway_forwards_exactly_what_flowers_supernode_calls_with_an_enrolled_key(kits: Path):
+    """Every Fleet path the SuperNode's client knows, less self-registration (refused under node authentication)."""
+    import re
+
+    import flwr.supernode.fleet_http_client as client
+    from flwr.superlink.routers.fleet import router
+
+    from fedpriv.provisioning.kits import FLEET_PATHS
+
+    called = set(re.findall(r'path="/v1/fleet/([a-z-]+)"', Path(client.__file__).read_text()))
+    assert set(FLEET_PATHS) == called - {"register-node", "unregister-node"}
+    served = {r.path.removeprefix("/v1/fleet/") for r in router.router.routes}
+    assert set(FLEET_PATHS) <= served
+    conf = (kits / "coordinator" / "fleet-gateway.conf").read_text()
+    assert "listen 0.0.0.0:9092 ssl;" in conf and "server 127.0.0.1:9093;" in conf
+    for name in FLEET_PATHS:
+        assert f"location = /v1/fleet/{name} {{ limit_except POST" in conf
+    assert "register-node" not in conf and "/v1/control" not in conf and "/v1/runtime" not in conf
+    assert "if ($allowed_target = 0)" in conf and "location / {\n            return 403;" in conf
+    script = (kits / "coordinator" / "start-gateway.sh").read_text()
+    assert '-c "$KIT/fleet-gateway.conf"' in script and _mode(kits / "coordinator" / "start-gateway.sh") == 0o755
+
+
+def test_gateway_none_is_only_for_a_coordinator_on_loopback(tmp_path: Path):
+    with pytest.raises(ConfigError, match="coordinator.gateway: none serves Flower's Control API"):
+        load_federation(write_federation(tmp_path / "F.yaml", federation_dict(gateway="none")))
+    raw = federation_dict(addresses=["127.0.0.1"], bind_host="127.0.0.1", gateway="none")
+    out = tmp_path / "kits"
+    provision(load_federation(write_federation(tmp_path / "F.yaml", raw)), out, make_org_keys=True)
+    assert not (out / "coordinator" / "fleet-gateway.conf").exists()
+    assert "--host 127.0.0.1 \\\n    --port 9092" in (out / "coordinator" / "start-superlink.sh").read_text()
+    with pytest.raises(ConfigError, match="coordinator.local_port: 9092 is the gateway's port too"):
+        load_federation(write_federation(tmp_path / "G.yaml", federation_dict(local_port=9092)))
+
+
+@pytest.mark.parametrize("where", ["coordinator-ca", "inside-coordinator-kit"])
+def test_start_superlink_refuses_where_it_can_read_the_ca_key(kits: Path, where: str):
+    """Root can read any file: with the CA's key on this host the script stops before the SuperLink starts."""
+    import os
+    import shutil
+    import subprocess
+
+    co = kits / "coordinator"
+    if where == "inside-coordinator-kit":  # how kits made before 2026-12 kept it
+        shutil.move(kits / "coordinator-ca" / "ca.key", co / "ca.key")
+    env = {**os.environ, "FEDPRIV_SUPERLINK": "true"}  # were it to get past the check: a command that does nothing
+    done = subprocess.run(["sh", str(co / "start-superlink.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "refusing to start: this user can read the federation CA's key" in done.stderr
+    shutil.move(co / "ca.key" if where != "coordinator-ca" else kits / "coordinator-ca" / "ca.key", kits / "away.key")
+    done = subprocess.run(["sh", str(co / "start-superlink.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_reprovisioning_moves_a_ca_key_out_of_the_coordinator_kit(kits: Path, federation_file: Path):
+    import shutil
+
+    shutil.move(kits / "coordinator-ca" / "ca.key", kits / "coordinator" / "ca.key")
+    key = (kits / "coordinator" / "ca.key").read_bytes()
+    outcome = provision(load_federation(federation_file), kits, make_org_keys=True)
+    assert not (kits / "coordinator" / "ca.key").exists()
+    assert (kits / "coordinator-ca" / "ca.key").read_bytes() == key and _mode(
+        kits / "coordinator-ca" / "ca.key"
+    ) == 0o600
+    assert ("removed", kits / "coordinator" / "ca.key") in [(c.action, c.path) for c in outcome.changes]
