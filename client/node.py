@@ -192,6 +192,14 @@ def local_node(cfg: FedPrivConfig, context: Context) -> LocalNode:
     node_config = context.node_config
     if protocol.NODE_CONFIG_FILE in node_config:
         path = str(node_config[protocol.NODE_CONFIG_FILE])
+        if not cfg.privacy.enabled:  # the coordinator's run config cannot switch off this organisation's DP
+            own = load_node_config(path)
+            if not own.privacy.allow_non_private:
+                raise NodeSetupError(
+                    f"organisation '{own.org}': the run asks for training without DP (privacy.enabled=false in the"
+                    " coordinator's run config); this organisation's node.yaml does not allow it"
+                    " (privacy.allow_non_private)"
+                )
         return _cached(cfg, path, lambda: _load_own_data(cfg, path))
     if protocol.NODE_PARTITION_ID in node_config:
         partition_id = int(node_config[protocol.NODE_PARTITION_ID])

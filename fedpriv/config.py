@@ -707,6 +707,9 @@ class NodePrivacyConfig:
     delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
     # the hard budget: the node refuses any round that would take it past this (null: target_epsilon)
     max_epsilon: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
+    # whether this node may take part in a run the coordinator started without DP (privacy.enabled=false in its
+    # run config): no by default, such a run is refused before the node reads its data
+    allow_non_private: bool = False
 
     @property
     def budget(self) -> float:

@@ -26,7 +26,7 @@ from fedpriv.config import DataConfig
 from fedpriv.errors import ConfigError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError, pki
-from fedpriv.provisioning.federation import FederationConfig, OrganisationConfig, parse_address
+from fedpriv.provisioning.federation import RESERVED_KITS, FederationConfig, OrganisationConfig, parse_address
 from fedpriv.provisioning.join import JoinRequest, load_join_request
 from privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
 from privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
@@ -844,7 +844,7 @@ def provision(
 
     if out.is_dir():
         for child in sorted(out.iterdir()):
-            if child.is_dir() and child.name != COORDINATOR and child.name not in names:
+            if child.is_dir() and child.name not in RESERVED_KITS and child.name not in names:
                 outcome.notes.append(f"{child}: not in the federation file, left as is")
 
     # ---- write: keys before the certificates and scripts that refer to them

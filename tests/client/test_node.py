@@ -68,3 +68,18 @@ def test_a_one_message_process_gets_the_template_itself_and_later_models_are_cle
     monkeypatch.delenv(node.ONE_MESSAGE_ENV)
     copy, _ = node.fresh_model(cfg.model, ["neg", "pos"])
     assert copy is not node._template(cfg.model, ["neg", "pos"])[0]  # everywhere else: a copy, as before
+
+
+def test_the_coordinators_run_config_cannot_switch_off_an_organisations_dp(tmp_path, fresh_caches):
+    """privacy.enabled=false comes from the coordinator: a node trains without DP only if its own node.yaml allows it."""
+    cfg = load_config(overrides=[*OVERRIDES, "privacy.enabled=false"])
+    context = _write(tmp_path, 40)
+    with pytest.raises(node.NodeSetupError, match="organisation 'clinic-a': the run asks for training without DP"):
+        node.local_node(cfg, context)
+    text = (
+        (tmp_path / "node.yaml")
+        .read_text()
+        .replace("target_epsilon: 5.0}", "target_epsilon: 5.0, allow_non_private: true}")
+    )
+    (tmp_path / "node.yaml").write_text(text)
+    assert len(node.local_node(cfg, context).train) == 30

@@ -42,7 +42,7 @@ LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 """RFC 2544 benchmarking range: reserved, never routed, no clash with 10/8, 172.16/12 or 192.168/16 networks."""
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,31}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
 _PROBE_CODE = """
 import errno, socket, sys
