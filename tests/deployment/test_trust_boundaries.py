@@ -469,7 +469,7 @@ def test_the_approved_fab_runs_with_dp_and_secagg_and_its_serverapp_cannot_see_t
     out = root / "run"
     overrides = [
         "model.name=tiny",
-        "training.rounds=1",
+        "training.rounds=2",
         "training.batch_size=32",
         "training.local_epochs=1",
         "secure_aggregation.enabled=true",
@@ -483,6 +483,7 @@ def test_the_approved_fab_runs_with_dp_and_secagg_and_its_serverapp_cannot_see_t
     assert summary["status"] == "completed" and summary["dp_enabled"], output[-4000:]
     assert summary["config"]["secure_aggregation"]["enabled"] is True
     assert sorted(summary["privacy"]) == list(ORGS)
+    assert [sorted(r["trained_orgs"]) for r in summary["rounds"]] == [list(ORGS)] * 2  # every node, every round
     for org in ORGS:
         spent = summary["privacy"][org]
         target = 2.0 if org == "org-b" else 8.0  # org-b's own, lowered limit held through re-provisioning
