@@ -198,8 +198,8 @@ def _cross_checks(cfg: FederationConfig) -> None:
     if cfg.coordinator.control_address is not None:
         raise ConfigError(
             "coordinator.control_address: Flower 1.41 serves the Control API on the Fleet port"
-            " (--control-api-address is deprecated and ignored); remove the key and filter /v1/control/"
-            " and /v1/runtime/ in front of the port (see the coordinator kit's README.txt)"
+            " (--control-api-address is deprecated and ignored); remove the key: the kits keep the SuperLink on"
+            " 127.0.0.1:local_port and put a gateway that serves only the Fleet API on port (gateway: nginx)"
         )
     co = cfg.coordinator
     if co.gateway == "none":

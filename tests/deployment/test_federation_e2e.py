@@ -41,7 +41,7 @@ from fedpriv.local_federation import (
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import pki
 from fedpriv.provisioning.federation import load_federation
-from fedpriv.provisioning.kits import provision
+from fedpriv.provisioning.kits import CA_KEY_ENV, provision
 from privacy.calibration import compute_epsilon
 from tests.deployment.helpers import processes_after, write_csv
 
@@ -247,7 +247,8 @@ def superlink(federation, finished_run):
     kits = finished_run["kits"]
     co = kits / "coordinator"
     port = int(load_federation_port(co))
-    env = flower_env(root / "refusals-home")
+    # federation up's kits: the CA's key is on this machine (a try-out), which start-superlink.sh refuses unless told
+    env = dict(flower_env(root / "refusals-home"), **{CA_KEY_ENV: "1"})
     log = root / "refusals" / "superlink.log"
     database = ["--database", str(root / "refusals" / "superlink.db")]
     proc = start_process(["sh", str(co / "start-superlink.sh"), *database], log, env, cwd=co)
