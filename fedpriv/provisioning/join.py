@@ -40,7 +40,8 @@ PRIVATE, PUBLIC, SCRIPT = 0o600, 0o644, 0o755
 PRIVATE_MARK = "PRIVATE KEY"  # in every PEM / OpenSSH private key's armour
 # what a coordinator's reply may hold, and how each is taken into the organisation's kit
 REPLY_FILES = {"ca.crt": PUBLIC, NODE_PUB: PUBLIC, LEDGER_PUB: PUBLIC, "README.txt": PUBLIC}
-REPLY_SCRIPTS = ("start-supernode.sh",)
+CONNECTION_FILE = "federation.json"  # the federation's name and the address to dial (kits.connection_json)
+START_SCRIPT = "start-supernode.sh"  # written here from fedpriv's own template: no code from the reply runs
 NODE_YAML = "node.yaml"
 
 
@@ -190,7 +191,7 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
     Refused (nothing written): a reply holding any private key, public keys that are not this kit's own, or a CA
     other than the one the kit already trusts. The organisation's own node.yaml is never replaced.
     """
-    from fedpriv.provisioning.kits import write_atomic
+    from fedpriv.provisioning.kits import start_supernode_sh, write_atomic
 
     reply, kit = Path(reply), Path(kit)
     if not reply.is_dir():
@@ -201,9 +202,10 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
                 f"{path}: holds a private key; a coordinator's reply must not (its keys were made by somebody"
                 " else): refuse this kit and ask the coordinator to provision from your join request"
             )
-    for name in (*REPLY_FILES, *REPLY_SCRIPTS):
+    for name in (*REPLY_FILES, CONNECTION_FILE):
         if not (reply / name).is_file():
             raise ProvisioningError(f"{reply / name}: missing (expected in the coordinator's reply)")
+    federation, dial = _connection(reply / CONNECTION_FILE, _own_org(kit))
     for key_name in (NODE_KEY, LEDGER_KEY):
         if not (kit / key_name).is_file():
             raise ProvisioningError(f"{kit / key_name}: missing; run `fedpriv org init ORG --kit {kit}` first")
@@ -234,22 +236,77 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
     plan: list[tuple[Path, bytes, int]] = []
     for name, mode in REPLY_FILES.items():
         plan.append((kit / name, (reply / name).read_bytes(), mode))
-    for name in REPLY_SCRIPTS:
-        plan.append((kit / name, (reply / name).read_bytes(), SCRIPT))
+    org = _own_org(kit)
+    plan.append((kit / START_SCRIPT, start_supernode_sh(federation, dial, org).encode(), SCRIPT))
     if (reply / NODE_YAML).is_file():
         proposed = (reply / NODE_YAML).read_bytes()
         own = kit / NODE_YAML
         if not own.exists():
             plan.append((own, proposed, PUBLIC))
+            outcome.notes.append(f"{own}: the coordinator's proposal, now yours: {_summary(reply / NODE_YAML)}")
         elif own.read_bytes() != proposed:
             plan.append((kit / (NODE_YAML + ".new"), proposed, PUBLIC))
             outcome.notes.append(
                 f"{own}: kept (your own settings); the coordinator's proposal is in {NODE_YAML}.new: compare, and"
                 " copy over only what you agree with (approved_apps, privacy limits, data)"
             )
+    if (reply / START_SCRIPT).is_file() and (reply / START_SCRIPT).read_bytes() != dict((p, d) for p, d, _ in plan).get(
+        kit / START_SCRIPT
+    ):
+        outcome.notes.append(
+            f"{reply / START_SCRIPT}: not used (it differs from fedpriv's own template; {kit / START_SCRIPT} was"
+            " written from the template, with the address in federation.json)"
+        )
     for path, data, mode in plan:
         current = path.read_bytes() if path.exists() else None
         if current != data:
             write_atomic(path, data, mode)
             outcome.written.append(path)
     return outcome
+
+
+def _own_org(kit: Path) -> str:
+    """The organisation this kit belongs to, from the join request `fedpriv org init` wrote there."""
+    try:
+        return str(json.loads((kit / REQUEST_FILE).read_text(encoding="utf-8"))["org"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ProvisioningError(
+            f"{kit / REQUEST_FILE}: missing or unreadable; run `fedpriv org init ORG --kit {kit}` first"
+        ) from None
+
+
+def _connection(path: Path, org: str) -> tuple[str, str]:
+    """The federation's name and the coordinator's host:port, checked: they go into a shell script."""
+    from fedpriv.provisioning.federation import parse_address
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ProvisioningError(f"{path}: expected the coordinator's federation.json ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != "fedpriv-connection/1":
+        raise ProvisioningError(f"{path}: format: expected 'fedpriv-connection/1'")
+    federation, dial = raw.get("federation"), raw.get("dial")
+    if not isinstance(federation, str) or not ORG_NAME.fullmatch(federation):
+        raise ProvisioningError(f"{path}: federation: expected a name of letters, digits, '.', '_' or '-'")
+    if raw.get("org") != org:
+        raise ProvisioningError(f"{path}: org: the reply is for {raw.get('org')!r}, this kit is {org!r}'s")
+    host, _, port = (dial or "").rpartition(":") if isinstance(dial, str) else ("", "", "")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if parse_address(host) is None or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ProvisioningError(f"{path}: dial: expected HOST:PORT (a DNS name or IP address), got {dial!r}")
+    return federation, dial
+
+
+def _summary(node_yaml: Path) -> str:
+    """What an organisation must check in a proposal it adopts: its limits, data and the apps it would run."""
+    try:
+        from fedpriv.config import load_node_config
+
+        node = load_node_config(node_yaml)
+    except Exception as exc:  # noqa: BLE001 - a proposal that does not load is reported, the node refuses it later
+        return f"it does not load ({exc})"
+    privacy = node.privacy
+    return (
+        f"target_epsilon {privacy.target_epsilon}, delta {privacy.delta}, max_epsilon {privacy.budget},"
+        f" data {node.data.path}, approved_apps {', '.join(node.approved_apps) or 'none'}: check them"
+    )

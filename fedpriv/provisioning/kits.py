@@ -10,6 +10,7 @@ leaves the kits as they were.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import tempfile
@@ -355,30 +356,40 @@ SUPERNODE = "fedpriv-supernode"
 SUPERNODE_ENV = "FEDPRIV_SUPERNODE"
 
 
-def supernode_command(cfg: FederationConfig) -> list[str]:
+def supernode_command(dial_address: str) -> list[str]:
     # fedpriv-supernode is flower-supernode (same flags) with warm ClientApp processes and a short idle poll;
     # FEDPRIV_SUPERNODE=flower-supernode runs Flower's own instead
     return [
         f'"${{{SUPERNODE_ENV}:-{SUPERNODE}}}"',
-        f"--superlink {cfg.dial_address}",
+        f"--superlink {dial_address}",
         '--root-certificates "$KIT/ca.crt"',
         '--auth-supernode-private-key "$KIT/node.key"',
         f"--node-config \"{NODE_CONFIG_FILE}='$KIT/node.yaml'\"",
     ]
 
 
-def start_supernode_sh(cfg: FederationConfig, org: OrganisationConfig) -> str:
+def start_supernode_sh(federation: str, dial_address: str, org: str) -> str:
+    """The organisation's start script: ``fedpriv org accept`` writes it from this template, never from a reply."""
     lines = [
         "#!/bin/sh",
-        f"# Starts {org.name}'s SuperNode for federation {cfg.federation} (written by `fedpriv provision`).",
+        f"# Starts {org}'s SuperNode for federation {federation} (written by fedpriv from its own template).",
         "# It dials the coordinator over TLS trusting only ca.crt, proves who it is with node.key (the",
-        "# coordinator registered node.pub) and reads this organisation's own settings from node.yaml.",
-        "# Extra flower-supernode flags may follow, e.g. ./start-supernode.sh --port 9095",
-        f"# {SUPERNODE_ENV}=flower-supernode ./start-supernode.sh runs Flower's stock SuperNode (cold ClientApps).",
+        "# coordinator registered node.pub), reads this organisation's own settings from node.yaml and runs only",
+        "# the apps node.yaml approves. Extra flower-supernode flags may follow, e.g. ./start-supernode.sh --port 9095",
+        f"# {SUPERNODE_ENV}=flower-supernode ./start-supernode.sh runs Flower's stock SuperNode (cold ClientApps, and",
+        "# no approved-app check: it runs any app).",
         *_kit_prelude("start-supernode.sh"),
-        "exec " + " \\\n    ".join(supernode_command(cfg)) + ' \\\n    "$@"',
+        "exec " + " \\\n    ".join(supernode_command(dial_address)) + ' \\\n    "$@"',
     ]
     return "\n".join(lines) + "\n"
+
+
+CONNECTION_FILE = "federation.json"  # what an organisation's own fedpriv needs to write its start script
+
+
+def connection_json(cfg: FederationConfig, org: OrganisationConfig) -> str:
+    body = {"format": "fedpriv-connection/1", "federation": cfg.federation, "org": org.name, "dial": cfg.dial_address}
+    return json.dumps(body, indent=2) + "\n"
 
 
 def node_yaml(cfg: FederationConfig, org: OrganisationConfig, approved_apps: list[str] = ()) -> str:
@@ -492,7 +503,8 @@ Files
                     review an app, `fedpriv app hash APP`, list the hash). The coordinator never changes this file.
   state/            (after the first round) privacy plan, accountant and ledger.jsonl: never delete it
   start-supernode.sh  starts fedpriv-supernode (flower-supernode with warm ClientApps and the approved-app check),
-                    dialling the coordinator at {cfg.dial_address}
+                    dialling the coordinator at {cfg.dial_address}; `fedpriv org accept` writes your own copy from
+                    fedpriv's template (federation.json: the federation's name and that address)
 
 {setup}
 Run: ./start-supernode.sh      (the folder can be copied anywhere; paths are relative to the script)
@@ -831,7 +843,10 @@ def provision(
         plan.put(co / "ledger-keys" / f"{org.name}.pub", ledger_pub, PUBLIC)  # what an auditor checks against
         _own_settings(plan, outcome, kit / "node.yaml", node_yaml(cfg, org, apps).encode())
         plan.put(kit / "README.txt", org_readme(cfg, org, own_keys=request is not None).encode(), PUBLIC)
-        plan.put(kit / "start-supernode.sh", start_supernode_sh(cfg, org).encode(), SCRIPT)
+        plan.put(
+            kit / "start-supernode.sh", start_supernode_sh(cfg.federation, cfg.dial_address, org.name).encode(), SCRIPT
+        )
+        plan.put(kit / CONNECTION_FILE, connection_json(cfg, org).encode(), PUBLIC)
 
     enrolled = [n for n in names if (co / "nodes" / f"{n}.pub") in plan.writes or (co / "nodes" / f"{n}.pub").exists()]
     if add_org is None:

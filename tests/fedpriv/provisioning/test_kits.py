@@ -180,6 +180,7 @@ def test_add_org_touches_nothing_else(tmp_path: Path):
         "clinic-c/node.pub",
         "clinic-c/node.yaml",
         "clinic-c/README.txt",
+        "clinic-c/federation.json",
         "clinic-c/start-supernode.sh",
         "coordinator/nodes/clinic-c.pub",
         "coordinator/enroll-nodes.sh",
