@@ -126,6 +126,9 @@ def superlink_command(cfg: FederationConfig) -> list[str]:
         '--ssl-certfile "$KIT/superlink.crt"',
         '--ssl-keyfile "$KIT/superlink.key"',
         "--enable-supernode-auth",
+        # every ServerApp runs in this installation: no `uv sync` of what a FAB's pyproject asks for (offline,
+        # and nothing fetched from a package index on the coordinator's behalf)
+        "--disable-runtime-dependency-installation",
         f"--host {shlex.quote(co.bind_host if co.gateway == 'none' else '127.0.0.1')}",
         f"--port {cfg.superlink_port}",
         f"--database {shlex.quote(co.database) if co.database_in_memory else _in_kit(co.database)}",
@@ -164,7 +167,7 @@ def start_superlink_sh(cfg: FederationConfig) -> str:
         f"# Starts the SuperLink of federation {cfg.federation} (written by `fedpriv provision`: re-run it, do not edit).",
         f"# TLS on {where}",
         "# Only SuperNodes whose public key was registered (./enroll-nodes.sh) may connect. Extra flower-superlink",
-        "# flags may follow, e.g. ./start-superlink.sh --disable-runtime-dependency-installation",
+        "# flags may follow, e.g. ./start-superlink.sh --log-file superlink.log",
         f"# {SUPERLINK_ENV}=flower-superlink ./start-superlink.sh runs Flower's stock SuperLink (nodes poll for messages).",
         *_kit_prelude("start-superlink.sh"),
         *ca_key_guard("start-superlink.sh"),
@@ -737,7 +740,7 @@ def provision(
     # ---- checks first: a refusal must leave everything as it was
     ca_key, ca_cert = _check_ca(out, cfg, names)
     if add_org is not None and ca_cert is None:
-        raise ProvisioningError(f"{co / 'ca.key'}: no coordinator kit in {out} yet; run `fedpriv provision` first")
+        raise ProvisioningError(f"{co / 'ca.crt'}: no coordinator kit in {out} yet; run `fedpriv provision` first")
     if ca_cert is not None:
         for name in names:
             org_ca = out / name / "ca.crt"

@@ -132,6 +132,7 @@ def test_superlink_script_has_tls_auth_and_database(kits: Path):
         '--ssl-certfile "$KIT/superlink.crt"',
         '--ssl-keyfile "$KIT/superlink.key"',
         "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",  # nothing fetched from an index for a FAB's pyproject
         "--host 127.0.0.1",  # behind the gateway: the Control and Runtime APIs never reach the organisations
         "--port 9093",
         '--database "$KIT"/state/superlink.db',
