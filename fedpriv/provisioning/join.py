@@ -205,7 +205,8 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
     for name in (*REPLY_FILES, CONNECTION_FILE):
         if not (reply / name).is_file():
             raise ProvisioningError(f"{reply / name}: missing (expected in the coordinator's reply)")
-    federation, dial = _connection(reply / CONNECTION_FILE, _own_org(kit))
+    org = _own_org(kit)
+    federation, dial = _connection(reply / CONNECTION_FILE, org)
     for key_name in (NODE_KEY, LEDGER_KEY):
         if not (kit / key_name).is_file():
             raise ProvisioningError(f"{kit / key_name}: missing; run `fedpriv org init ORG --kit {kit}` first")
@@ -236,8 +237,8 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
     plan: list[tuple[Path, bytes, int]] = []
     for name, mode in REPLY_FILES.items():
         plan.append((kit / name, (reply / name).read_bytes(), mode))
-    org = _own_org(kit)
-    plan.append((kit / START_SCRIPT, start_supernode_sh(federation, dial, org).encode(), SCRIPT))
+    script = start_supernode_sh(federation, dial, org).encode()
+    plan.append((kit / START_SCRIPT, script, SCRIPT))
     if (reply / NODE_YAML).is_file():
         proposed = (reply / NODE_YAML).read_bytes()
         own = kit / NODE_YAML
@@ -250,9 +251,7 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
                 f"{own}: kept (your own settings); the coordinator's proposal is in {NODE_YAML}.new: compare, and"
                 " copy over only what you agree with (approved_apps, privacy limits, data)"
             )
-    if (reply / START_SCRIPT).is_file() and (reply / START_SCRIPT).read_bytes() != dict((p, d) for p, d, _ in plan).get(
-        kit / START_SCRIPT
-    ):
+    if (reply / START_SCRIPT).is_file() and (reply / START_SCRIPT).read_bytes() != script:
         outcome.notes.append(
             f"{reply / START_SCRIPT}: not used (it differs from fedpriv's own template; {kit / START_SCRIPT} was"
             " written from the template, with the address in federation.json)"
