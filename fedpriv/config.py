@@ -735,7 +735,7 @@ class NodeConfig:
     # on by default: an organisation's own text may hold personal data (a simulation of a public corpus: off)
     redaction: RedactionConfig = field(default_factory=lambda: RedactionConfig(enabled=True))
     # the apps this organisation reviewed: SHA-256 of their Flower FAB (`fedpriv app hash`). fedpriv-supernode
-    # refuses a run of any other app before its code runs or this node's data and keys are read; empty: every app
+    # refuses a run of any other app before its code runs or this node's data and keys are read; empty: none
     approved_apps: list[str] = field(
         default_factory=list,
         metadata=_check(
