@@ -1,17 +1,21 @@
 """``fedpriv audit``: check privacy ledgers without trusting whoever ran the federation.
 
-For each organisation's ledger: every signature against the organisation's
-public key, the sequence numbers and the hash chain (edited, deleted,
-reordered, truncated or foreign entries, each with its position); then the
-epsilon recomputed from the recorded DP parameters alone with both the RDP
-and the PRV accountant, against what each entry claims and against the
-organisation's budget. The verdict is a plain data structure;
-``privacy/audit_report.py`` turns it into audit.json / audit.md / audit.html.
+For each organisation's ledger: the key it is checked with (the organisation's
+own when the auditor brought it, else trust on first use), every signature,
+the sequence numbers and the hash chain (edited, deleted, reordered, truncated
+or foreign entries, each with its position), every entry's parameters (valid
+on their own and consistent with each other), then the epsilon recomputed from
+the recorded parameters alone by a second implementation (``dp-accounting``,
+RDP for every entry, PLD where RDP does not settle a claim and for each
+ledger's total) against what each entry claims and against the budget. Then
+the run as a whole (privacy/audit_crosscheck.py): every organisation named
+anywhere has a ledger, and ``summary.json`` says what the ledgers say. The
+verdict is a plain data structure; ``privacy/audit_report.py`` turns it into
+audit.json / audit.md / audit.html.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
@@ -19,14 +23,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy import recompute
+from privacy import independent
+from privacy.audit_input import (  # noqa: F401  (re-exported: the audit's input API)
+    COORDINATOR,
+    EMPIRICAL_FILE,
+    HEADS_FILE,
+    AuditInputError,
+    KeyCandidate,
+    LedgerSet,
+    _read,
+    load_ledger_set,
+)
 from privacy.ledger import (
     DP_FIELDS,
     DP_KINDS,
     FORMAT,
     KINDS,
     REFUSAL_FIELDS,
-    LedgerError,
     entry_hash,
     genesis_hash,
     key_fingerprint,
@@ -34,20 +47,19 @@ from privacy.ledger import (
     signature_valid,
 )
 
-# a claimed epsilon may sit below the recomputation by float noise only
+AUDIT_FORMAT = "fedpriv-audit/2"
+# a claim may sit below dp-accounting's PLD (an upper bound on the true epsilon) by float noise only
 RELATIVE_TOLERANCE = 1e-6
-HEADS_FILE = "heads.json"
-EMPIRICAL_FILE = "empirical_audit.json"
-
-
-class AuditInputError(LedgerError):
-    """The audit's input cannot be read (exit code 2)."""
+# Opacus sums the fractional-order RDP series exactly, dp-accounting bounds it term by term: for epsilon up to 20
+# its RDP is up to 0.4% higher (BENCHMARKS.md). A claim further below is settled by PLD, never waved through.
+RDP_TOLERANCE = 0.01
+TRUST_ORGS, TRUST_TOFU, TRUST_NONE = "the organisation's own key", "trust on first use", "no key"
 
 
 @dataclass
 class Finding:
     org: str
-    check: str  # signature | sequence | chain | truncation | fields | epsilon | budget
+    check: str  # key | signature | sequence | chain | truncation | fields | parameters | epsilon | budget | roster | summary
     problem: str  # edited | foreign | deleted | reordered | duplicated | truncated | malformed | under_reported | ...
     position: int | None  # 1-based line in the ledger file (None: the ledger as a whole)
     seq: int | None
@@ -61,9 +73,10 @@ class RoundCheck:
     round: int
     local_steps: int
     claimed_epsilon: float
-    rdp_epsilon: float
-    prv_epsilon: float | None
+    rdp_epsilon: float  # dp-accounting's RDP accountant
+    prv_epsilon: float | None  # fedpriv-audit/1 (Opacus's PRV); no longer computed: always None
     accountant: str
+    pld_epsilon: float | None = None  # dp-accounting's PLD accountant, where it was computed
 
 
 @dataclass
@@ -72,6 +85,7 @@ class OrgAudit:
     ledger: str
     key_source: str
     key_fingerprint: str | None
+    key_trust: str = TRUST_NONE
     entries: int = 0
     dp_rounds: int = 0
     refusals: int = 0
@@ -79,9 +93,13 @@ class OrgAudit:
     delta: float | None = None
     max_epsilon: float | None = None
     claimed_epsilon: float | None = None
-    recomputed_epsilon: dict[str, float | None] = field(default_factory=dict)
+    recomputed_epsilon: dict[str, float | None] = field(default_factory=dict)  # rdp, pld (dp-accounting); prv: None
+    recomputed_with: str = independent.LIBRARY
     within_budget: bool | None = None
-    prv_prefixes_computed: int = 0  # PRV is costly: a PRV ledger's claims are bracketed, not all recomputed
+    prv_prefixes_computed: int = 0  # fedpriv-audit/1; always 0
+    pld_prefixes_computed: int = 0  # PLD is costly: computed for the total and where RDP leaves a claim open
+    steps: int = 0  # DP steps the ledger records
+    parameters: dict[str, Any] = field(default_factory=dict)  # the last DP entry's mechanism and budget
     rounds: list[RoundCheck] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     # what the signed dp_round entries say about redaction of the data the steps used (see redaction_summary)
@@ -91,6 +109,9 @@ class OrgAudit:
     def ok(self) -> bool:
         return not self.findings
 
+    def flag(self, check: str, problem: str, position: int | None, seq: int | None, message: str) -> None:
+        self.findings.append(Finding(self.org, check, problem, position, seq, message))
+
 
 @dataclass
 class AuditResult:
@@ -99,18 +120,44 @@ class AuditResult:
     notes: list[str]
     seconds: float = 0.0
     empirical: dict[str, Any] | None = None
+    strict: bool = False  # trust on first use fails the audit
+
+    @property
+    def tofu(self) -> list[str]:
+        """Organisations whose ledger was checked only against a key from the audited folder."""
+        return [org.org for org in self.orgs if org.key_trust == TRUST_TOFU]
+
+    @property
+    def checks_hold(self) -> bool:
+        return all(org.ok for org in self.orgs) and bool(self.orgs)
 
     @property
     def ok(self) -> bool:
-        return all(org.ok for org in self.orgs) and bool(self.orgs)
+        return self.checks_hold and not (self.strict and self.tofu)
+
+    def verdict(self) -> str:
+        """One line: the outcome, and on what the keys rest."""
+        outcome = "every check holds" if self.checks_hold else "CHECKS FAILED"
+        if self.tofu:
+            who = ", ".join(self.tofu[:5]) + (f" and {len(self.tofu) - 5} more" if len(self.tofu) > 5 else "")
+            strict = "; --strict: FAILED" if self.strict else ""
+            return (
+                f"{outcome}, on TRUST ON FIRST USE: the keys of {who} came from the audited folder itself, so an"
+                f" operator who re-signed their ledgers would pass (give the organisations' own keys{strict})"
+            )
+        return f"{outcome}; every ledger was checked against its organisation's own key"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "fedpriv-audit/1",
+            "format": AUDIT_FORMAT,
             "source": self.source,
             "ok": self.ok,
+            "verdict": self.verdict(),
+            "strict": self.strict,
+            "trust_on_first_use": self.tofu,
             "seconds": round(self.seconds, 3),
             "notes": list(self.notes),
+            "tolerances": {"rdp_relative": RDP_TOLERANCE, "pld_relative": RELATIVE_TOLERANCE},
             "organisations": {
                 org.org: {**{k: v for k, v in asdict(org).items() if k not in ("org",)}, "ok": org.ok}
                 for org in self.orgs
@@ -120,193 +167,130 @@ class AuditResult:
         }
 
 
-# --------------------------------------------------------------------------- input
+# --------------------------------------------------------------------------- signatures and the chain
 
 
-@dataclass
-class LedgerSet:
-    """What an audit reads: ledgers per organisation, their keys (and where from), recorded heads."""
+def _intact_and_signed(org: str, entries: list[dict[str, Any]], key: Any) -> bool:
+    """Whether the whole ledger is authenticated by its last entry's signature alone.
 
-    ledgers: dict[str, tuple[Path, list[dict[str, Any]] | None]]  # None: not read yet (see _named_after_its_org)
-    keys: dict[str, tuple[Any, str]]
-    heads: dict[str, dict[str, Any]]
-    copies: dict[str, list[tuple[Path, list[dict[str, Any]]]]]
-    source: str
-    notes: list[str]
-    empirical: dict[str, Any] | None = None  # a simulation's canary audit (empirical_audit.json), when present
-
-
-def _org_of(path: Path, entries: list[dict[str, Any]]) -> str:
-    named = Counter(str(e.get("org")) for e in entries if isinstance(e.get("org"), str))
-    return named.most_common(1)[0][0] if named else path.stem
-
-
-def _read_keys(folder: Path, how: str) -> dict[str, tuple[Any, str]]:
-    keys = {}
-    for path in sorted(folder.glob("*.pub")):
-        keys[path.stem] = (load_public_key(path), f"{how} {path}")
-    return keys
-
-
-def load_ledger_set(paths: list[str | Path], keys_dir: str | Path | None = None) -> LedgerSet:
-    """Ledgers from run folders (``ledgers/``), ledger folders or ``.jsonl`` files; AuditInputError if unreadable."""
-    if not paths:
-        raise AuditInputError("audit: name a run folder, a ledgers folder or ledger .jsonl files")
-    files: list[Path] = []
-    keys: dict[str, tuple[Any, str]] = {}
-    heads: dict[str, dict[str, Any]] = {}
-    notes: list[str] = []
-    empirical = None
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise AuditInputError(f"{path}: no such file or folder")
-        if path.is_dir() and (path / EMPIRICAL_FILE).exists():
-            try:
-                empirical = json.loads((path / EMPIRICAL_FILE).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise AuditInputError(f"{path / EMPIRICAL_FILE}: not readable JSON ({exc})") from None
-        folder = path / "ledgers" if (path / "ledgers").is_dir() else path
-        if path.is_file():
-            files.append(path)
-            for candidate in (path.with_suffix(".pub"), path.parent / "ledger.pub"):
-                if candidate.exists():
-                    keys.setdefault(_org_of(path, _read(path)), (load_public_key(candidate), f"beside {candidate}"))
-            continue
-        found = sorted(folder.glob("*.jsonl"))
-        if not found:
-            raise AuditInputError(f"{path}: no ledger files (*.jsonl) in {folder}")
-        files.extend(found)
-        if (folder / "keys").is_dir():
-            for org, value in _read_keys(folder / "keys", "reported by the node, kept in").items():
-                keys.setdefault(org, value)
-        heads_path = folder / HEADS_FILE
-        if heads_path.exists():
-            try:
-                heads.update(json.loads(heads_path.read_text(encoding="utf-8")))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise AuditInputError(f"{heads_path}: not readable JSON ({exc})") from None
-    if keys_dir is not None:
-        folder = Path(keys_dir)
-        if not folder.is_dir():
-            raise AuditInputError(f"--keys {folder}: not a folder of <org>.pub files")
-        trusted = _read_keys(folder, "given with --keys:")
-        if not trusted:
-            raise AuditInputError(f"--keys {folder}: no <org>.pub files")
-        keys.update(trusted)
-    elif keys:
-        notes.append(
-            "public keys were taken from the audited folder itself (trust on first use): pass --keys with the"
-            " organisations' own ledger.pub files to rule out a coordinator that re-signed everything"
-        )
-    ledgers: dict[str, tuple[Path, list[dict[str, Any]] | None]] = {}
-    copies: dict[str, list[tuple[Path, list[dict[str, Any]]]]] = {}
-    for path in files:
-        named = _named_after_its_org(path)
-        entries = None if named and named not in ledgers else _read(path)  # None: read where it is audited
-        org = named or _org_of(path, entries)
-        if org in ledgers:
-            copies.setdefault(org, []).append((path, entries))
-        else:
-            ledgers[org] = (path, entries)
-    return LedgerSet(ledgers, keys, heads, copies, ", ".join(str(p) for p in paths), notes, empirical)
-
-
-def _named_after_its_org(path: Path) -> str | None:
-    """The organisation a ledger file belongs to when its name says so and its first entry agrees (no parsing).
-
-    The coordinator keeps ``ledgers/<org>.jsonl``; reading such a file can wait for the worker that
-    audits it. Any other file is read here, and its organisation is the one most of its entries name.
+    Each entry's ``prev_hash`` is the SHA-256 of the whole previous entry, so a chain that runs from the
+    organisation's genesis hash through every line, in order, ending in an entry the organisation signed,
+    authenticates every line: one signature to verify instead of one per entry. Anything else is checked
+    entry by entry, which is what places each finding.
     """
-    try:
-        with path.open(encoding="utf-8") as handle:
-            first = json.loads(handle.readline())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return path.stem if isinstance(first, dict) and first.get("org") == path.stem else None
+    if key is None or not entries:
+        return False
+    previous = genesis_hash(org)
+    for seq, entry in enumerate(entries, start=1):
+        if "__malformed__" in entry or entry.get("seq") != seq or entry.get("prev_hash") != previous:
+            return False
+        previous = entry_hash(entry)
+    return signature_valid(entries[-1], key)
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    """A ledger's lines; a line that is not a JSON object becomes a marker the audit reports as malformed."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuditInputError(f"{path}: cannot read ({exc})") from None
-    entries = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            value = None
-        entries.append(value if isinstance(value, dict) else {"__malformed__": line[:120]})
-    return entries
-
-
-# --------------------------------------------------------------------------- checks
+def _authenticated(org: str, entries: list[dict[str, Any]], key: Any) -> list[bool]:
+    if _intact_and_signed(org, entries, key):
+        return [True] * len(entries)
+    return [key is not None and "__malformed__" not in e and signature_valid(e, key) for e in entries]
 
 
 def _field_problems(entry: dict[str, Any]) -> list[str]:
     kind = entry.get("kind")
     if kind not in KINDS:
         return [f"kind {kind!r} is not one of {', '.join(KINDS)}"]
-    problems = []
-    for name in ("format", "org", "seq", "round", "prev_hash", "signature"):
-        if name not in entry:
-            problems.append(f"no {name}")
-    for name in DP_FIELDS if kind in DP_KINDS else REFUSAL_FIELDS:
-        if name not in entry:
-            problems.append(f"no {name}")
+    problems = [
+        f"no {name}" for name in ("format", "org", "seq", "round", "prev_hash", "signature") if name not in entry
+    ]
+    problems += [f"no {name}" for name in (DP_FIELDS if kind in DP_KINDS else REFUSAL_FIELDS) if name not in entry]
     if problems:
         return problems
     if entry["format"] != FORMAT:
         problems.append(f"format {entry['format']!r}, expected {FORMAT}")
+    if not (isinstance(entry["round"], int) and not isinstance(entry["round"], bool)):
+        problems.append(f"round {entry['round']!r} is not an integer")
     if kind in DP_KINDS:
-        if not (isinstance(entry["noise_multiplier"], (int, float)) and entry["noise_multiplier"] > 0):
-            problems.append(f"noise_multiplier {entry['noise_multiplier']!r} is not > 0")
-        if not (isinstance(entry["sample_rate"], (int, float)) and 0 < entry["sample_rate"] <= 1):
-            problems.append(f"sample_rate {entry['sample_rate']!r} is not in (0, 1]")
-        if not (isinstance(entry["local_steps"], int) and entry["local_steps"] >= 0):
-            problems.append(f"local_steps {entry['local_steps']!r} is not an integer >= 0")
-        if not isinstance(entry["epsilon"], (int, float)):
-            problems.append(f"epsilon {entry['epsilon']!r} is not a number")
-    if not (isinstance(entry["delta"], (int, float)) and 0 < entry["delta"] < 1):
+        problems += _parameter_problems(entry)
+    elif not (_number(entry["delta"]) and 0 < entry["delta"] < 1):
         problems.append(f"delta {entry['delta']!r} is not in (0, 1)")
     if entry["accountant"] not in ("rdp", "prv"):
         problems.append(f"accountant {entry['accountant']!r} is not rdp or prv")
     return problems
 
 
-def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: LedgerSet, prv: bool) -> OrgAudit:
-    key, key_source = ledger_set.keys.get(org, (None, "none found"))
-    result = OrgAudit(
-        org=org,
-        ledger=str(path),
-        key_source=key_source,
-        key_fingerprint=key_fingerprint(key) if key is not None else None,
-        entries=len(entries),
-    )
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    def flag(check: str, problem: str, position: int | None, seq: int | None, message: str) -> None:
-        result.findings.append(Finding(org, check, problem, position, seq, message))
 
-    if key is None:
-        flag("signature", "no_key", None, None, f"no public key for '{org}': its entries cannot be verified")
-    # 1. each entry on its own: readable, well-formed, signed by this organisation
-    trusted: list[tuple[int, dict[str, Any]]] = []  # (position, entry) whose signature verifies
-    for position, entry in enumerate(entries, start=1):
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parameter_problems(entry: dict[str, Any]) -> list[str]:
+    """What makes a DP entry's parameters impossible on their own or against each other.
+
+    Opacus's Poisson loader samples with q = 1/k for k batches an epoch (k <= n), and a round takes
+    whole epochs (empty batches count), so a node's steps are a multiple of 1/q; delta must stay below
+    1/n or the mechanism may publish an example outright. The coordinator's organisation-level DP
+    releases one noised average a round: q = 1, one step.
+    """
+    sigma, q, steps = entry["noise_multiplier"], entry["sample_rate"], entry["local_steps"]
+    n, delta, epsilon = entry["num_examples"], entry["delta"], entry["epsilon"]
+    problems = []
+    if not (_number(sigma) and sigma > 0):
+        problems.append(f"noise_multiplier {sigma!r} is not a number > 0")
+    if not (_number(q) and 0 < q <= 1):
+        problems.append(f"sample_rate {q!r} is not in (0, 1]")
+    if not (_count(steps) and steps >= 0):
+        problems.append(f"local_steps {steps!r} is not an integer >= 0")
+    if not (_number(epsilon) and epsilon >= 0):
+        problems.append(f"epsilon {epsilon!r} is not a finite number >= 0")
+    if not (_count(n) and n >= 1):
+        problems.append(f"num_examples {n!r} is not an integer >= 1")
+    if not (_number(delta) and 0 < delta < 1):
+        problems.append(f"delta {delta!r} is not in (0, 1)")
+    elif _count(n) and n >= 1 and entry["kind"] == "dp_round" and not delta < 1 / n:
+        problems.append(f"delta {delta!r} is not below 1/n = {1 / n:.3g} for its {n} examples")
+    if problems:
+        return problems
+    if entry["kind"] == "client_dp_round":
+        if q != 1 or steps != 1:
+            problems.append(f"an organisation-level round is one release at q = 1, not q={q!r} x {steps} steps")
+        return problems
+    per_epoch = round(1 / q)
+    if abs(1 / per_epoch - q) > 1e-12 * q:
+        problems.append(f"sample_rate {q!r} is not 1/k for a whole number k of batches an epoch")
+    elif per_epoch > n:
+        problems.append(f"sample_rate {q!r} is below 1/n = 1/{n}: more batches an epoch than examples")
+    elif steps == 0 or steps % per_epoch:
+        problems.append(f"local_steps {steps} is not a whole number of epochs of {per_epoch} steps (q = 1/{per_epoch})")
+    elif "local_epochs" in entry:
+        epochs = entry["local_epochs"]
+        if not (_count(epochs) and epochs >= 1) or steps != epochs * per_epoch:
+            problems.append(f"local_steps {steps} is not local_epochs {epochs!r} x {per_epoch} steps an epoch")
+    return problems
+
+
+def _check_signatures(result: OrgAudit, entries: list[dict[str, Any]], key: Any, ledger_set: LedgerSet):
+    """Each entry on its own: readable, well-formed, signed by this organisation. Returns (position, entry)."""
+    org = result.org
+    trusted: list[tuple[int, dict[str, Any]]] = []
+    authentic = _authenticated(org, entries, key)
+    for position, (entry, genuine) in enumerate(zip(entries, authentic, strict=True), start=1):
         if "__malformed__" in entry:
-            flag("fields", "malformed", position, None, f"line {position} is not a JSON ledger entry")
+            result.flag("fields", "malformed", position, None, f"line {position} is not a JSON ledger entry")
             continue
-        seq = entry.get("seq") if isinstance(entry.get("seq"), int) else None
-        if key is not None and not signature_valid(entry, key):
+        seq = entry.get("seq") if _count(entry.get("seq")) else None
+        if key is not None and not genuine:
             signer = next(
-                (other for other, (k, _) in ledger_set.keys.items() if other != org and signature_valid(entry, k)),
+                (
+                    other
+                    for other, candidates in ledger_set.keys.items()
+                    if other != org and any(signature_valid(entry, c.key) for c in candidates)
+                ),
                 None,
             )
             if signer is not None:
-                flag(
+                result.flag(
                     "signature",
                     "foreign",
                     position,
@@ -314,7 +298,7 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
                     f"entry at line {position} was signed by '{signer}', not '{org}' (spliced in)",
                 )
             else:
-                flag(
+                result.flag(
                     "signature",
                     "edited",
                     position,
@@ -324,152 +308,262 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
             continue
         problems = _field_problems(entry)
         if problems:
-            flag("fields", "malformed", position, seq, f"entry at line {position}: " + "; ".join(problems))
+            result.flag("fields", "malformed", position, seq, f"entry at line {position}: " + "; ".join(problems))
             continue
         trusted.append((position, entry))
-    # 2. order and completeness: seq must run 1..n in file order, each naming the previous entry's hash
+    return trusted
+
+
+def _check_chain(result: OrgAudit, trusted: list[tuple[int, dict[str, Any]]]):
+    """seq must run 1..n in file order, each naming the previous entry's hash. Returns (by_seq, position_of)."""
+    org = result.org
     seqs = [entry["seq"] for _, entry in trusted]
     counts = Counter(seqs)
     for seq, count in sorted(counts.items()):
         if count > 1:
-            flag("sequence", "duplicated", None, seq, f"seq {seq} appears {count} times (a forked or replayed ledger)")
+            result.flag(
+                "sequence", "duplicated", None, seq, f"seq {seq} appears {count} times (a forked or replayed ledger)"
+            )
     # a seq whose place holds an altered entry (same seq, or same line in an intact ledger) is reported as edited
     altered = {f.seq for f in result.findings if f.problem in ("edited", "malformed")}
     altered |= {f.position for f in result.findings if f.problem in ("edited", "malformed")}
-    missing = sorted(set(range(1, max([*seqs, 0]) + 1)) - set(seqs))
-    for seq in missing:
-        if seq in altered:
-            continue
-        flag("sequence", "deleted", None, seq, f"entry seq {seq} is missing (deleted)")
+    for seq in sorted(set(range(1, max([*seqs, 0]) + 1)) - set(seqs)):
+        if seq not in altered:
+            result.flag("sequence", "deleted", None, seq, f"entry seq {seq} is missing (deleted)")
     for index in range(1, len(trusted)):
         (pos_a, a), (pos_b, b) = trusted[index - 1], trusted[index]
         if b["seq"] < a["seq"]:
-            flag(
-                "sequence",
-                "reordered",
-                pos_b,
-                b["seq"],
+            result.flag(
+                "sequence", "reordered", pos_b, b["seq"],
                 f"entry seq {b['seq']} at line {pos_b} comes after seq {a['seq']} (line {pos_a}): entries were reordered",
-            )
+            )  # fmt: skip
     by_seq = {entry["seq"]: entry for _, entry in trusted if counts[entry["seq"]] == 1}
     position_of = {entry["seq"]: pos for pos, entry in trusted}
     if 1 in by_seq and by_seq[1]["prev_hash"] != genesis_hash(org):
-        flag("chain", "broken", position_of[1], 1, "the first entry does not start this organisation's chain")
+        result.flag("chain", "broken", position_of[1], 1, "the first entry does not start this organisation's chain")
     for seq in sorted(by_seq):
         if seq - 1 in by_seq and by_seq[seq]["prev_hash"] != entry_hash(by_seq[seq - 1]):
-            flag(
-                "chain",
-                "broken",
-                position_of[seq],
-                seq,
+            result.flag(
+                "chain", "broken", position_of[seq], seq,
                 f"entry seq {seq} does not name entry seq {seq - 1}'s hash (an entry was substituted)",
-            )
-    # 3. truncation: the recorded head (coordinator) or another copy holds more than this ledger
+            )  # fmt: skip
+    return by_seq, position_of
+
+
+def _check_completeness(result, entries, by_seq, key, ledger_set: LedgerSet) -> None:
+    """Truncation against the recorded head and the organisation's own copies; copies that do not verify."""
+    org = result.org
     last = max(by_seq) if by_seq else 0
     # entries that are present but altered are reported as such, not as cut
-    present = max([last, *(e["seq"] for e in entries if isinstance(e.get("seq"), int))])
+    present = max([last, *(e["seq"] for e in entries if _count(e.get("seq")))])
     head = ledger_set.heads.get(org)
-    if isinstance(head, dict) and isinstance(head.get("seq"), int):
+    if isinstance(head, dict) and _count(head.get("seq")):
         if head["seq"] > present:
-            flag(
-                "truncation",
-                "truncated",
-                None,
-                last,
+            result.flag(
+                "truncation", "truncated", None, last,
                 f"the ledger ends at seq {last} but the coordinator recorded seq {head['seq']}: entries were cut",
-            )
+            )  # fmt: skip
         elif head["seq"] in by_seq and head.get("hash") != entry_hash(by_seq[head["seq"]]):
-            flag("truncation", "replaced", None, head["seq"], f"entry seq {head['seq']} differs from the recorded head")
+            result.flag(
+                "truncation", "replaced", None, head["seq"], f"entry seq {head['seq']} differs from the recorded head"
+            )
     for copy_path, copy_entries in ledger_set.copies.get(org, []):
-        other = [
-            e for e in copy_entries if isinstance(e.get("seq"), int) and key is not None and signature_valid(e, key)
-        ]
+        genuine = _authenticated(org, copy_entries, key)
+        other = [e for e, ok in zip(copy_entries, genuine, strict=True) if ok and _count(e.get("seq"))]
+        if copy_entries and not other:
+            result.flag(
+                "key", "copy_unverified", None, None,
+                f"{copy_path} holds {len(copy_entries)} entries and none verifies against the key this ledger is"
+                f" checked with ({result.key_fingerprint}, {result.key_source}): the key was substituted, or the copy"
+                " is another organisation's",
+            )  # fmt: skip
+            continue
+        if len(other) < len(copy_entries):
+            result.flag(
+                "chain", "copy_altered", None, None,
+                f"{len(copy_entries) - len(other)} of {len(copy_entries)} entries of {copy_path} do not verify",
+            )  # fmt: skip
         other_last = max([e["seq"] for e in other], default=0)
         if other_last > last:
-            flag(
-                "truncation",
-                "truncated",
-                None,
-                last,
+            result.flag(
+                "truncation", "truncated", None, last,
                 f"the ledger ends at seq {last} but {copy_path} holds signed entries up to seq {other_last}",
-            )
+            )  # fmt: skip
         for entry in other:
             mine = by_seq.get(entry["seq"])
             if mine is not None and entry_hash(mine) != entry_hash(entry):
-                flag("chain", "diverged", None, entry["seq"], f"entry seq {entry['seq']} differs from {copy_path}")
-    # 4. epsilon from the recorded parameters, and the budget
-    chain = [by_seq[s] for s in sorted(by_seq)]
-    dp = [e for e in chain if e["kind"] in DP_KINDS]
-    result.dp_rounds = len(dp)
-    result.refusals = sum(e["kind"] == "refusal" for e in chain)
-    result.redaction = redaction_summary([e for e in dp if e["kind"] == "dp_round"])
-    accountants = {e["accountant"] for e in chain}
-    deltas = {float(e["delta"]) for e in chain}
-    budgets = {float(e["max_epsilon"]) for e in chain}
-    if len(accountants) > 1 or len(deltas) > 1:
-        flag("fields", "inconsistent", None, None, f"accountant/delta change within the ledger: {accountants} {deltas}")
-    if len(budgets) > 1:
-        flag("budget", "changed", None, None, f"max_epsilon changes within the ledger: {sorted(budgets)}")
-    if not chain:
-        return result
-    result.accountant = sorted(accountants)[0]
-    result.delta = max(deltas)
-    result.max_epsilon = min(budgets)  # the strictest budget the organisation stated
+                result.flag(
+                    "chain", "diverged", None, entry["seq"], f"entry seq {entry['seq']} differs from {copy_path}"
+                )
+
+
+def _check_key(result: OrgAudit, ledger_set: LedgerSet) -> Any:
+    """The key the ledger is checked with, and findings where the organisation's keys disagree."""
+    candidates = ledger_set.keys.get(result.org, [])
+    chosen = ledger_set.key_for(result.org)
+    if chosen is None:
+        result.flag(
+            "signature", "no_key", None, None, f"no public key for '{result.org}': its entries cannot be verified"
+        )
+        return None
+    result.key_source, result.key_fingerprint = chosen.source, chosen.fingerprint
+    result.key_trust = TRUST_ORGS if chosen.from_org else TRUST_TOFU
+    for other in candidates:
+        if other.fingerprint == chosen.fingerprint:
+            continue
+        problem = "conflicting" if other.from_org else "substituted"
+        result.flag(
+            "key", problem, None, None,
+            f"the key {other.source} ({other.fingerprint}) is not the organisation's own ({chosen.fingerprint},"
+            f" {chosen.source})" + ("" if other.from_org else ": the audited folder's key was substituted"),
+        )  # fmt: skip
+    return chosen.key
+
+
+# --------------------------------------------------------------------------- epsilon and budget
+
+
+def _check_epsilon(result: OrgAudit, dp: list[dict[str, Any]], position_of: dict[int, int], pld: bool) -> None:
+    """Every claim against dp-accounting: RDP for each entry; PLD and the stated accountant settle what RDP leaves open.
+
+    A claim at or above dp-accounting's RDP (less RDP_TOLERANCE) holds. Below it, a claim under dp-accounting's
+    PLD (an upper bound on the true epsilon) is under-reported. Between the two, an RDP claim must still be what
+    its stated accountant gives (Opacus's RDP, reproduced): only the two RDP implementations' difference may put
+    an honest claim there. A PRV claim there holds (PRV is tighter than RDP; PLD confirms it).
+    """
     events = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["local_steps"])) for e in dp]
-    rdp = recompute.rdp_epsilons(events, result.delta)
-    prv_all: list[float | None] = [None] * len(dp)
-    prv_under = [False] * len(dp)
-    if dp and (prv or result.accountant == "prv"):  # a PRV ledger's claims are checked even with --no-prv
-        if result.accountant == "prv":
-            claims = [float(e["epsilon"]) for e in dp]
-            prv_all, prv_under = recompute.prv_check_claims(events, claims, result.delta, RELATIVE_TOLERANCE)
-        else:
-            prv_all[-1] = recompute.prv_epsilon(events, result.delta)
-    result.prv_prefixes_computed = sum(value is not None for value in prv_all)
-    for entry, eps_rdp, eps_prv, prv_low in zip(dp, rdp, prv_all, prv_under, strict=True):
-        claimed = float(entry["epsilon"])
+    claims = [float(e["epsilon"]) for e in dp]
+    delta = result.delta
+    try:
+        rdp = independent.rdp_epsilons(events, delta)
+    except independent.RecomputationError as exc:
+        result.flag("epsilon", "not_recomputable", None, None, f"epsilon cannot be recomputed: {exc}")
+        return
+    pld_values: dict[int, float] = {}
+    failed: list[str] = []
+
+    def pld_at(index: int) -> float:
+        try:
+            return independent.pld_epsilon(events[: index + 1], delta)
+        except independent.RecomputationError as exc:
+            failed.append(str(exc))
+            return math.inf  # every claim then stays under-reported: a recomputation that fails fails the check
+
+    open_claims = [i for i, (c, value) in enumerate(zip(claims, rdp, strict=True)) if c < value * (1 - RDP_TOLERANCE)]
+    below_pld = [False] * len(dp)
+    if open_claims:
+        known, low = independent.bracket_claims(
+            len(open_claims), [claims[i] for i in open_claims], lambda j: pld_at(open_claims[j]), RELATIVE_TOLERANCE
+        )
+        pld_values.update({open_claims[j]: value for j, value in known.items()})
+        for j, flagged in enumerate(low):
+            below_pld[open_claims[j]] = flagged
+    stated: list[float] | None = None
+    if any(dp[i]["accountant"] == "rdp" and not below_pld[i] for i in open_claims):
+        from privacy import recompute  # Opacus's RDP analysis: what the claim says it is, not a second opinion
+
+        stated = recompute.rdp_epsilons(events, delta)
+    if pld and dp and len(dp) - 1 not in pld_values:
+        pld_values[len(dp) - 1] = pld_at(len(dp) - 1)
+    if failed:
+        result.flag("epsilon", "not_recomputable", None, None, f"epsilon cannot be recomputed: {failed[0]}")
+    result.pld_prefixes_computed = len(pld_values)
+    for index, (entry, claim, value) in enumerate(zip(dp, claims, rdp, strict=True)):
         check = RoundCheck(
             position=position_of[entry["seq"]],
             seq=entry["seq"],
             round=int(entry["round"]),
             local_steps=int(entry["local_steps"]),
-            claimed_epsilon=claimed,
-            rdp_epsilon=eps_rdp,
-            prv_epsilon=eps_prv,
+            claimed_epsilon=claim,
+            rdp_epsilon=value,
+            prv_epsilon=None,
             accountant=entry["accountant"],
+            pld_epsilon=pld_values.get(index),
         )
         result.rounds.append(check)
-        same = eps_rdp if entry["accountant"] == "rdp" else eps_prv
-        if prv_low or (same is not None and claimed < same * (1 - RELATIVE_TOLERANCE) - 1e-12):
-            flag(
-                "epsilon",
-                "under_reported",
-                check.position,
-                check.seq,
-                f"round {check.round} claims epsilon {claimed:.6g}; its recorded parameters give"
-                + (f" {same:.6g}" if same is not None else " more (an earlier round's is already higher)")
-                + f" ({entry['accountant'].upper()})",
-            )
-    result.claimed_epsilon = float(dp[-1]["epsilon"]) if dp else 0.0
-    result.recomputed_epsilon = {"rdp": rdp[-1] if rdp else 0.0, "prv": prv_all[-1] if dp else 0.0}
-    spent = result.recomputed_epsilon.get(result.accountant)
+        reference = pld_values.get(index)
+        if below_pld[index]:
+            result.flag(
+                "epsilon", "under_reported", check.position, check.seq,
+                f"round {check.round} claims epsilon {claim:.6g}; its recorded parameters give"
+                + (f" {reference:.6g} (PLD)" if reference is not None and math.isfinite(reference) else " more (PLD)")
+                + f" and {value:.6g} (RDP), by {independent.LIBRARY}",
+            )  # fmt: skip
+        elif (
+            stated is not None
+            and entry["accountant"] == "rdp"
+            and claim < stated[index] * (1 - RELATIVE_TOLERANCE) - 1e-12
+        ):
+            result.flag(
+                "epsilon", "under_reported", check.position, check.seq,
+                f"round {check.round} claims RDP epsilon {claim:.6g}; its recorded parameters give {value:.6g}"
+                f" ({independent.LIBRARY}) and {stated[index]:.6g} (its stated accountant, Opacus's RDP)",
+            )  # fmt: skip
+    total_pld = pld_values.get(len(dp) - 1) if dp else 0.0
+    result.recomputed_epsilon = {
+        "rdp": rdp[-1] if rdp else 0.0,
+        "prv": None,
+        "pld": total_pld if total_pld is None or math.isfinite(total_pld) else None,
+    }
+    if any(not math.isfinite(v) for v in rdp):
+        result.flag("epsilon", "unbounded", None, None, "a recorded event has no finite epsilon")
+
+
+def _check_budget(result: OrgAudit) -> None:
+    """The organisation's epsilon (by its stated accountant's independent counterpart) within its budget."""
+    rdp, pld = result.recomputed_epsilon.get("rdp"), result.recomputed_epsilon.get("pld")
+    spent = pld if result.accountant == "prv" and pld is not None else rdp
     if spent is None:
-        spent = result.recomputed_epsilon["rdp"]
+        return
     result.within_budget = spent <= result.max_epsilon * (1 + RELATIVE_TOLERANCE)
     if not result.within_budget:
-        flag(
-            "budget",
-            "exceeded",
-            None,
-            None,
-            f"spent epsilon {spent:.6g} ({result.accountant.upper()}) exceeds max_epsilon {result.max_epsilon:g}",
-        )
+        result.flag(
+            "budget", "exceeded", None, None,
+            f"spent epsilon {spent:.6g} ({'PLD' if spent is pld else 'RDP'}, {independent.LIBRARY}) exceeds"
+            f" max_epsilon {result.max_epsilon:g}",
+        )  # fmt: skip
+        return
     for check in result.rounds:
-        value = check.rdp_epsilon if check.accountant == "rdp" else check.prv_epsilon
-        if value is not None and value > result.max_epsilon * (1 + RELATIVE_TOLERANCE) and result.within_budget:
-            flag("budget", "exceeded", check.position, check.seq, f"round {check.round} passed max_epsilon")
-    if any(math.isinf(r.rdp_epsilon) for r in result.rounds):
-        flag("epsilon", "unbounded", None, None, "a recorded event has no finite epsilon")
+        value = check.pld_epsilon if result.accountant == "prv" else check.rdp_epsilon
+        if value is not None and value > result.max_epsilon * (1 + RELATIVE_TOLERANCE):
+            result.flag("budget", "exceeded", check.position, check.seq, f"round {check.round} passed max_epsilon")
+
+
+def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: LedgerSet, pld: bool) -> OrgAudit:
+    result = OrgAudit(org=org, ledger=str(path), key_source="none found", key_fingerprint=None, entries=len(entries))
+    key = _check_key(result, ledger_set)
+    trusted = _check_signatures(result, entries, key, ledger_set)
+    by_seq, position_of = _check_chain(result, trusted)
+    _check_completeness(result, entries, by_seq, key, ledger_set)
+    chain = [by_seq[s] for s in sorted(by_seq)]
+    dp = [e for e in chain if e["kind"] in DP_KINDS]
+    result.dp_rounds = len(dp)
+    result.refusals = sum(e["kind"] == "refusal" for e in chain)
+    result.steps = sum(int(e["local_steps"]) for e in dp)
+    result.redaction = redaction_summary([e for e in dp if e["kind"] == "dp_round"])
+    accountants = {e["accountant"] for e in chain}
+    deltas = {float(e["delta"]) for e in chain}
+    budgets = {float(e["max_epsilon"]) for e in chain}
+    if len(accountants) > 1 or len(deltas) > 1:
+        result.flag(
+            "fields", "inconsistent", None, None, f"accountant/delta change within the ledger: {accountants} {deltas}"
+        )
+    if len(budgets) > 1:
+        result.flag("budget", "changed", None, None, f"max_epsilon changes within the ledger: {sorted(budgets)}")
+    if not chain:
+        return result
+    result.accountant = sorted(accountants)[0]
+    result.delta = max(deltas)
+    result.max_epsilon = min(budgets)  # the strictest budget the organisation stated
+    result.claimed_epsilon = float(dp[-1]["epsilon"]) if dp else 0.0
+    if dp:
+        last = dp[-1]
+        names = ("noise_multiplier", "sample_rate", "delta", "accountant", "max_epsilon", "target_epsilon")
+        result.parameters = {name: last[name] for name in names}
+        _check_epsilon(result, dp, position_of, pld)
+    else:
+        result.recomputed_epsilon = {"rdp": 0.0, "prv": None, "pld": 0.0}
+    _check_budget(result)
     return result
 
 
@@ -504,6 +598,9 @@ def redaction_summary(dp_rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+# --------------------------------------------------------------------------- the whole audit
+
+
 PARALLEL_FROM_ENTRIES = 20_000  # below this a process pool costs more than it saves
 
 
@@ -513,17 +610,30 @@ def _estimated_entries(path: Path) -> int:
 
 def _check_org_in_worker(task: tuple) -> OrgAudit:
     """One organisation in a worker process (keys travel as PEM: key objects do not pickle)."""
-    org, path, entries, keys_pem, heads, copies, prv = task
+    org, path, entries, keys_pem, heads, copies, pld = task
     entries = _read(path) if entries is None else entries
-    keys = {name: (load_public_key(pem.encode()), source) for name, (pem, source) in keys_pem.items()}
+    keys = {
+        name: [KeyCandidate(load_public_key(pem.encode()), source, from_org) for pem, source, from_org in candidates]
+        for name, candidates in keys_pem.items()
+    }
     ledger_set = LedgerSet({org: (path, entries)}, keys, heads, {org: copies}, "", [])
-    return _check_org(org, path, entries, ledger_set, prv)
+    return _check_org(org, path, entries, ledger_set, pld)
 
 
-def audit(ledger_set: LedgerSet, prv: bool = True, workers: int | None = None) -> AuditResult:
-    """Check every organisation's ledger (in parallel processes for big inputs: one per CPU by default)."""
+def audit(
+    ledger_set: LedgerSet, pld: bool = True, workers: int | None = None, strict: bool = False, prv: bool | None = None
+) -> AuditResult:
+    """Check every organisation's ledger (in parallel processes for big inputs: one per CPU by default), then the run.
+
+    ``pld=False`` computes PLD only where RDP leaves a claim open (not each ledger's total). ``prv`` is the
+    fedpriv-audit/1 name of ``pld``.
+    """
     import os
 
+    from privacy.audit_crosscheck import cross_check
+
+    if prv is not None:
+        pld = prv
     started = time.perf_counter()
     items = sorted(ledger_set.ledgers.items())
     total = sum(len(entries) if entries is not None else _estimated_entries(path) for _, (path, entries) in items)
@@ -533,43 +643,55 @@ def audit(ledger_set: LedgerSet, prv: bool = True, workers: int | None = None) -
 
         from privacy.ledger import public_key_text
 
-        keys_pem = {name: (public_key_text(key), source) for name, (key, source) in ledger_set.keys.items()}
+        keys_pem = {
+            name: [(public_key_text(c.key), c.source, c.from_org) for c in candidates]
+            for name, candidates in ledger_set.keys.items()
+        }
         tasks = [
-            (org, path, entries, keys_pem, ledger_set.heads, ledger_set.copies.get(org, []), prv)
+            (org, path, entries, keys_pem, ledger_set.heads, ledger_set.copies.get(org, []), pld)
             for org, (path, entries) in items
         ]
         with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
             orgs = list(pool.map(_check_org_in_worker, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
     else:
         orgs = [
-            _check_org(org, path, _read(path) if entries is None else entries, ledger_set, prv)
+            _check_org(org, path, _read(path) if entries is None else entries, ledger_set, pld)
             for org, (path, entries) in items
         ]
-    for org in sorted(set(ledger_set.heads) - set(ledger_set.ledgers)):
-        missing = OrgAudit(org=org, ledger="(missing)", key_source="", key_fingerprint=None)
-        missing.findings.append(
-            Finding(
-                org, "truncation", "missing", None, None, f"the coordinator recorded a ledger for '{org}'; none given"
-            )
-        )
-        orgs.append(missing)
-    empirical = ledger_set.empirical
-    if empirical is not None:
-        bound, org_name = float(empirical.get("epsilon_lower_bound", 0.0)), str(empirical.get("org"))
-        audited = next((o for o in orgs if o.org == org_name), None)
-        claimed = None if audited is None else audited.recomputed_epsilon.get(audited.accountant or "rdp")
-        if claimed is not None and bound > claimed * (1 + RELATIVE_TOLERANCE):
-            audited.findings.append(
-                Finding(
-                    org_name,
-                    "empirical",
-                    "contradicted",
-                    None,
-                    None,
-                    f"the canary audit shows epsilon >= {bound:.4g} ({empirical.get('confidence')} confidence),"
-                    f" above the {claimed:.4g} the ledger accounts for: the DP guarantee does not hold",
-                )
-            )
+    orgs += cross_check(ledger_set, orgs)
+    _check_empirical(ledger_set.empirical, orgs)
     return AuditResult(
-        ledger_set.source, orgs, list(ledger_set.notes), time.perf_counter() - started, ledger_set.empirical
+        ledger_set.source, orgs, list(ledger_set.notes), time.perf_counter() - started, ledger_set.empirical, strict
     )
+
+
+def _check_empirical(empirical: dict[str, Any] | None, orgs: list[OrgAudit]) -> None:
+    """A canary audit's lower bound above the epsilon the ledger accounts for refutes the claim."""
+    if empirical is None:
+        return
+    bound, org_name = float(empirical.get("epsilon_lower_bound", 0.0)), str(empirical.get("org"))
+    audited = next((o for o in orgs if o.org == org_name), None)
+    if audited is None:
+        return
+    claimed = audited.recomputed_epsilon.get("pld" if audited.accountant == "prv" else "rdp")
+    if claimed is not None and bound > claimed * (1 + RELATIVE_TOLERANCE):
+        audited.flag(
+            "empirical", "contradicted", None, None,
+            f"the canary audit shows epsilon >= {bound:.4g} ({empirical.get('confidence')} confidence),"
+            f" above the {claimed:.4g} the ledger accounts for: the DP guarantee does not hold",
+        )  # fmt: skip
+
+
+__all__ = [
+    "AUDIT_FORMAT",
+    "AuditInputError",
+    "AuditResult",
+    "Finding",
+    "LedgerSet",
+    "OrgAudit",
+    "RoundCheck",
+    "audit",
+    "key_fingerprint",
+    "load_ledger_set",
+    "redaction_summary",
+]

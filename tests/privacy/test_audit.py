@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dp_accounting.dp_event import GaussianDpEvent, PoissonSampledDpEvent
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedpriv.cli import main
 from privacy.audit import audit, load_ledger_set
@@ -63,7 +66,27 @@ def run_dir(tmp_path) -> Path:
         (run / "ledgers" / "keys" / f"{org}.pub").write_text(public_key_text(key.public_key()))
         heads[org] = {"seq": len(ledger.entries), "hash": entry_hash(ledger.entries[-1])}
     (run / "ledgers" / "heads.json").write_text(json.dumps(heads))
+    (run / "summary.json").write_text(json.dumps(_summary(tmp_path / "nodes", ("org-a", "org-b"))))
     return run
+
+
+def _summary(nodes: Path, orgs: tuple[str, ...]) -> dict:
+    """summary.json's privacy figures as the coordinator writes them from the nodes' reports."""
+    privacy, rounds = {}, {}
+    for org in orgs:
+        entries = read_entries(nodes / org / "ledger.jsonl")
+        last = entries[-1]
+        privacy[org] = {
+            "dp_enabled": True, "steps": sum(e["local_steps"] for e in entries), "planned_steps": 80,
+            **{k: last[k] for k in ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate",
+                                     "accountant", "max_grad_norm", "max_epsilon")},
+        }  # fmt: skip
+        for e in entries:
+            record = rounds.setdefault(e["round"], {"round": e["round"], "epsilon": {}, "trained_orgs": []})
+            record["epsilon"][org] = e["epsilon"]
+            record["trained_orgs"].append(org)
+    final = {**rounds[max(rounds)], "accuracy": 0.5}
+    return {"dp_enabled": True, "privacy": privacy, "rounds": list(rounds.values()), "final": final}
 
 
 def _ledger(run: Path, org: str = "org-a") -> Path:
@@ -75,19 +98,29 @@ def _rewrite(path: Path, entries: list[dict]) -> None:
 
 
 def _findings(run: Path, **kw) -> list[tuple[str, str, int | None, int | None]]:
-    result = audit(load_ledger_set([run], kw.get("keys")), prv=False)
-    return [(f.org, f.problem, f.position, f.seq) for org in result.orgs for f in org.findings]
+    """The ledgers' own findings (summary.json's disagreement with a damaged ledger is tested on its own)."""
+    result = audit(load_ledger_set([run], kw.get("keys")), pld=False)
+    found = [f for org in result.orgs for f in org.findings if f.check != "summary"]
+    return [(f.org, f.problem, f.position, f.seq) for f in found]
 
 
-def test_an_intact_run_passes_and_every_epsilon_is_recomputed(run_dir):
-    result = audit(load_ledger_set([run_dir]), prv=True)
+def test_an_intact_run_passes_and_every_epsilon_is_recomputed_by_a_second_implementation(run_dir):
+    result = audit(load_ledger_set([run_dir]), pld=True)
     assert result.ok, result.to_dict()["findings"]
+    accountant = RdpAccountant()  # dp-accounting's own defaults, composed here without fedpriv's code
+    accountant.compose(PoissonSampledDpEvent(Q, GaussianDpEvent(SIGMA)), STEPS * 4)
+    pld = PLDAccountant()
+    pld.compose(PoissonSampledDpEvent(Q, GaussianDpEvent(SIGMA)), STEPS * 4)
     for org in result.orgs:
-        assert org.dp_rounds == 4 and org.within_budget
-        assert org.recomputed_epsilon["rdp"] == pytest.approx(org.claimed_epsilon, rel=1e-9)
-        # PRV is tighter than RDP for the same mechanism, and computed from the parameters alone
-        assert 0 < org.recomputed_epsilon["prv"] < org.recomputed_epsilon["rdp"]
-        assert org.recomputed_epsilon["prv"] == pytest.approx(prv_epsilon([(SIGMA, Q, STEPS)] * 4, DELTA))
+        assert org.dp_rounds == 4 and org.within_budget and org.recomputed_with == "dp-accounting"
+        # Opacus's claim and dp-accounting's RDP agree to the two implementations' difference
+        assert org.recomputed_epsilon["rdp"] == pytest.approx(org.claimed_epsilon, rel=1e-3)
+        assert org.recomputed_epsilon["rdp"] <= accountant.get_epsilon(DELTA) * (1 + 1e-12)
+        # PLD is tighter than RDP for the same mechanism, and computed from the parameters alone
+        assert 0 < org.recomputed_epsilon["pld"] < org.recomputed_epsilon["rdp"]
+        assert org.recomputed_epsilon["pld"] == pytest.approx(pld.get_epsilon(DELTA), rel=1e-9)
+        assert org.recomputed_epsilon["prv"] is None  # fedpriv-audit/1's field, no longer computed
+    assert result.to_dict()["format"] == "fedpriv-audit/2"
 
 
 @pytest.mark.parametrize("field", ["epsilon", "noise_multiplier", "local_steps", "round", "max_epsilon", "org"])
@@ -125,7 +158,7 @@ def test_a_truncated_copy_is_found_against_the_node_own_copy(run_dir, tmp_path):
     _rewrite(_ledger(run_dir), entries[:-1])
     node_copy = tmp_path / "nodes" / "org-a" / "ledger.jsonl"
     result = audit(load_ledger_set([run_dir, node_copy]), prv=False)
-    found = [(f.org, f.problem) for org in result.orgs for f in org.findings]
+    found = [(f.org, f.problem) for org in result.orgs for f in org.findings if f.check != "summary"]
     assert found == [("org-a", "truncated")]
 
 
@@ -169,11 +202,12 @@ def test_a_node_past_its_budget_fails_the_budget_check(tmp_path):
 def test_a_coordinator_that_re_signs_everything_is_caught_with_the_organisations_own_keys(run_dir, tmp_path):
     forger = Ed25519PrivateKey.generate()
     entries = read_entries(_ledger(run_dir))
-    # hide half of every round's steps, with epsilons and hash chain made consistent again
-    truth = rdp_epsilons([(SIGMA, Q, STEPS // 2)] * len(entries), DELTA)
+    # hide half of every round's steps (an epoch of half the batches), with epsilons and hash chain made consistent
+    truth = rdp_epsilons([(SIGMA, 2 * Q, STEPS // 2)] * len(entries), DELTA)
     forged, previous = [], entries[0]["prev_hash"]
     for entry, epsilon in zip(entries, truth, strict=True):
-        forged.append(sign({**entry, "local_steps": STEPS // 2, "epsilon": epsilon, "prev_hash": previous}, forger))
+        lie = {"local_steps": STEPS // 2, "sample_rate": 2 * Q, "epsilon": epsilon, "prev_hash": previous}
+        forged.append(sign({**entry, **lie}, forger))
         previous = entry_hash(forged[-1])
     _rewrite(_ledger(run_dir), forged)
     heads = json.loads((run_dir / "ledgers" / "heads.json").read_text())
@@ -186,7 +220,7 @@ def test_a_coordinator_that_re_signs_everything_is_caught_with_the_organisations
     for org in ("org-a", "org-b"):
         shutil.copy(tmp_path / "nodes" / f"{org}.pub", own_keys / f"{org}.pub")
     found = _findings(run_dir, keys=own_keys)  # ...but not against the keys the organisations hold
-    assert {(f[1], f[2]) for f in found} == {("edited", n) for n in (1, 2, 3, 4)}
+    assert {(f[1], f[2]) for f in found} == {("edited", n) for n in (1, 2, 3, 4)} | {("substituted", None)}
 
 
 def test_cli_exit_codes_and_report_files(run_dir, capsys):
@@ -260,7 +294,9 @@ def test_a_prv_ledger_is_checked_against_prv_and_an_under_report_is_found_at_its
     (run / "ledgers" / "keys" / "org-a.pub").write_text(public_key_text(key.public_key()))
     result = audit(load_ledger_set([run]), prv=False)  # --no-prv still checks the claims of a PRV ledger
     assert [(f.problem, f.position) for f in result.orgs[0].findings] == [("under_reported", 3)]
-    assert result.orgs[0].recomputed_epsilon["prv"] == pytest.approx(truth[-1])
+    # dp-accounting's PLD, next to Opacus's PRV upper bound (eps_error 0.01)
+    assert result.orgs[0].recomputed_epsilon["pld"] == pytest.approx(truth[-1], abs=0.02)
+    assert result.orgs[0].recomputed_epsilon["pld"] <= truth[-1]
     assert main(["audit", str(run), "--no-prv", "--out", str(tmp_path / "report")]) == 1
     assert "of 5 rounds" in (tmp_path / "report" / "audit.md").read_text()
 
