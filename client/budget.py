@@ -56,6 +56,7 @@ class NodeBudget:
         self.node = node
         self.privacy = privacy
         self.ledger = ledger
+        self.local_epochs: int | None = None
 
     @classmethod
     def open(cls, cfg: FedPrivConfig, node: LocalNode, folder: Path, *, calibrate: bool = True) -> NodeBudget:
@@ -79,7 +80,9 @@ class NodeBudget:
                 if e["kind"] == "dp_round"
             ]
         )
-        return cls(node, privacy, ledger)
+        budget = cls(node, privacy, ledger)
+        budget.local_epochs = cfg.training.local_epochs  # recorded with each round: its steps are this many epochs
+        return budget
 
     def check(self, server_round: int, steps: int) -> Refusal | None:
         """None when ``steps`` more DP steps stay within ``max_epsilon``, else the refusal (not yet recorded)."""
@@ -131,6 +134,7 @@ class NodeBudget:
                 "target_epsilon": plan.target_epsilon,
                 "max_epsilon": self.node.max_epsilon,
                 "redaction": redaction,
+                **({"local_epochs": self.local_epochs} if self.local_epochs is not None else {}),
             },
         )
         self.privacy.save()

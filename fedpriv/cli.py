@@ -146,17 +146,35 @@ def _parser() -> argparse.ArgumentParser:
     aud = commands.add_parser(
         "audit",
         help="verify privacy ledgers and recompute each organisation's epsilon (exit 0 ok, 1 a check failed)",
-        description="Check a run's privacy ledgers without trusting the operator: signatures, hash chains, the"
-        " epsilon recomputed from the recorded parameters (RDP and PRV), and every organisation's budget."
-        " Writes audit.json, audit.md and audit.html. Exit code 0 when everything holds, 1 when a check fails,"
-        " 2 when the input cannot be read.",
+        description="Check a run's privacy ledgers without trusting the operator: the organisations' keys,"
+        " signatures, hash chains, every entry's parameters, the epsilon recomputed from the recorded parameters"
+        " by a second implementation (dp-accounting: RDP for every entry, PLD), every organisation's budget, and"
+        " summary.json against the ledgers. Writes audit.json, audit.md and audit.html. Exit code 0 when"
+        " everything holds, 1 when a check fails, 2 when the input cannot be read.",
     )
     aud.add_argument(
-        "paths", nargs="+", metavar="RUN_DIR_OR_LEDGERS", help="run folders, ledgers/ folders or .jsonl files"
+        "paths",
+        nargs="+",
+        metavar="RUN_DIR_OR_LEDGERS",
+        help="run folders, ledgers/ folders, or an organisation's own ledger.jsonl (its ledger.pub beside it)",
     )
-    aud.add_argument("--keys", help="folder of the organisations' own <org>.pub ledger keys (else those in the input)")
+    aud.add_argument(
+        "--keys",
+        help="the organisations' own ledger keys: a folder of <org>.pub files or of their kits (<org>/ledger.pub);"
+        " without it (or their own ledger copies) the keys come from the audited folder: trust on first use",
+    )
+    aud.add_argument("--roster", metavar="FEDERATION.yaml", help="the provisioned organisations: each needs a ledger")
+    aud.add_argument(
+        "--strict", action="store_true", help="fail (exit 1) when a ledger could only be checked on trust on first use"
+    )
     aud.add_argument("--out", help="where to write the audit files (default: the run folder, else the current folder)")
-    aud.add_argument("--no-prv", action="store_true", help="skip the PRV recomputation (RDP only; much faster)")
+    aud.add_argument(
+        "--no-pld",
+        "--no-prv",  # fedpriv-audit/1's name
+        dest="no_pld",
+        action="store_true",
+        help="compute PLD only where RDP leaves a claim open, not each ledger's total (faster)",
+    )
 
     pred = commands.add_parser(
         "predict",
@@ -312,11 +330,17 @@ def cmd_audit(ns: argparse.Namespace) -> int:
     from privacy.audit import audit, load_ledger_set
     from privacy.audit_report import markdown, write_reports
 
-    ledger_set = load_ledger_set(ns.paths, ns.keys)
-    result = audit(ledger_set, prv=not ns.no_prv)
+    roster = None
+    if ns.roster:
+        from fedpriv.provisioning.federation import load_federation
+
+        roster = [org.name for org in load_federation(ns.roster).organisations]
+    ledger_set = load_ledger_set(ns.paths, ns.keys, roster=roster)
+    result = audit(ledger_set, pld=not ns.no_pld, strict=ns.strict)
     first = Path(ns.paths[0])
     out = Path(ns.out) if ns.out else (first if first.is_dir() and (first / "ledgers").is_dir() else Path("."))
     paths = write_reports(result, out)
+    print(f"audit: {result.verdict()}")
     print(markdown(result), end="")
     print("files: " + ", ".join(str(p) for p in paths))
     return 0 if result.ok else 1

@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from privacy.audit import AuditResult
+from privacy.audit import RDP_TOLERANCE, AuditResult
 
 JSON_FILE, MARKDOWN_FILE, HTML_FILE = "audit.json", "audit.md", "audit.html"
 MAX_PLOTTED_ORGS = 20  # beyond this the plot shows the 20 organisations closest to their budgets
@@ -30,7 +30,7 @@ def _rows(result: AuditResult) -> list[list[str]]:
                 (org.accountant or "n/a").upper(),
                 _fmt(org.claimed_epsilon),
                 _fmt(org.recomputed_epsilon.get("rdp")),
-                _fmt(org.recomputed_epsilon.get("prv")),
+                _fmt(org.recomputed_epsilon.get("pld")),
                 _fmt(org.max_epsilon, "{:g}"),
                 {True: "yes", False: "NO", None: "n/a"}[org.within_budget],
                 "OK" if org.ok else f"FAILED ({len(org.findings)})",
@@ -41,17 +41,16 @@ def _rows(result: AuditResult) -> list[list[str]]:
 
 HEADER = [
     "organisation", "entries", "DP rounds", "refusals", "accountant", "claimed epsilon",
-    "recomputed RDP", "recomputed PRV", "max_epsilon", "within budget", "checks",
+    "RDP (dp-accounting)", "PLD (dp-accounting)", "max_epsilon", "within budget", "checks",
 ]  # fmt: skip
 
 
 def markdown(result: AuditResult) -> str:
-    verdict = "every check holds" if result.ok else "CHECKS FAILED"
     lines = [
         "# Privacy-budget audit",
         "",
-        f"Input: `{result.source}`  ",
-        f"Verdict: **{verdict}** ({len(result.orgs)} organisations, {result.seconds:.2f} s)",
+        f"Verdict: **{result.verdict()}** ({len(result.orgs)} organisations, {result.seconds:.2f} s)  ",
+        f"Input: `{result.source}`",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
@@ -80,21 +79,26 @@ def markdown(result: AuditResult) -> str:
     lines += ["", "## Redaction", "", *_redaction_lines(result)]
     lines += ["", "## Keys", ""]
     for org in result.orgs:
-        lines.append(f"- {org.org}: {org.key_fingerprint or 'no key'} ({org.key_source})")
+        lines.append(f"- {org.org}: {org.key_fingerprint or 'no key'}, {org.key_trust} ({org.key_source})")
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
     lines += [
         "",
-        "Epsilon is recomputed from each ledger's recorded (noise multiplier, sampling rate, steps) alone: RDP",
-        "(Opacus's orders, Balle et al. 2020 conversion) for every entry, PRV (Gopi et al. 2021, upper bound) for",
-        "the last entry. Every claim of a ledger that claims PRV is checked against PRV: a claim at or above a later",
-        "round's PRV epsilon is sound, one below an earlier round's is under-reported, and PRV is computed where",
-        "neither decides.",
+        "Epsilon is recomputed from each ledger's recorded (noise multiplier, sampling rate, steps) alone, by a second",
+        "implementation (Google's dp-accounting), not the Opacus code the nodes claim with: its RDP accountant for",
+        "every entry (Opacus's and dp-accounting's orders), its PLD accountant (pessimistic) for each ledger's total",
+        f"and for every claim more than {RDP_TOLERANCE:.0%} below RDP. A claim below PLD is under-reported; an RDP claim",
+        "between PLD and RDP must also equal what its stated accountant (Opacus's RDP) gives. Every entry's parameters",
+        "are checked on their own (0 < delta < 1/n, q = 1/k with k <= n batches an epoch, sigma > 0, whole epochs of",
+        "steps) and summary.json's figures against the ledgers.",
     ]
-    bracketed = [org for org in result.orgs if org.accountant == "prv" and org.dp_rounds]
-    if bracketed:
-        computed = ", ".join(f"{org.org}: {org.prv_prefixes_computed} of {org.dp_rounds} rounds" for org in bracketed)
-        lines.append(f"PRV computed for: {computed}.")
+    computed = [org for org in result.orgs if org.pld_prefixes_computed > 1]
+    if computed:
+        lines.append(
+            "PLD computed for: "
+            + ", ".join(f"{org.org}: {org.pld_prefixes_computed} of {org.dp_rounds} rounds" for org in computed)
+            + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +178,7 @@ def plot_png(result: AuditResult) -> bytes | None:
 
 
 def html_page(result: AuditResult) -> str:
-    verdict = "every check holds" if result.ok else "CHECKS FAILED"
+    verdict = result.verdict()
     colour = "#1a7f37" if result.ok else "#cf222e"
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr>"
     for row in _rows(result):
@@ -204,7 +208,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th
 .verdict{{color:{colour};font-weight:bold}}</style></head><body>
 <h1>Privacy-budget audit</h1>
 <p>Input: <code>{html.escape(result.source)}</code><br>
-Verdict: <span class="verdict">{verdict}</span> ({len(result.orgs)} organisations, {result.seconds:.2f} s)</p>
+Verdict: <span class="verdict">{html.escape(verdict)}</span> ({len(result.orgs)} organisations, {result.seconds:.2f} s)</p>
 {table}
 <h2>Epsilon per round</h2>{image or "<p>No DP rounds recorded.</p>"}
 {_empirical_html(result)}

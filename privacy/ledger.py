@@ -44,7 +44,8 @@ DP_FIELDS = (
     "epsilon", "num_examples", "model_digest", "target_epsilon", "max_epsilon",
 )  # fmt: skip
 # recorded when given, absent from older entries (the audit reports them, never requires them)
-OPTIONAL_FIELDS = {"dp_round": ("redaction",)}  # what the node's redaction did to the data the steps used
+# redaction: what the node's redaction did to the data the steps used; local_epochs: the epochs its steps make
+OPTIONAL_FIELDS = {"dp_round": ("redaction", "local_epochs")}
 REFUSAL_FIELDS = ("reason", "requested_steps", "epsilon", "epsilon_if_trained", "max_epsilon", "delta", "accountant")
 
 

@@ -340,3 +340,205 @@ def test_ledgers_from_before_redaction_was_recorded_say_so(run_dir):
     from privacy.audit_report import markdown
 
     assert "| org-a | not recorded | 0 of 4 | - | - |" in markdown(result)
+
+
+# --------------------------------------------------------------------------- issue 26: tampered runs that passed
+
+
+def _resign(path: Path, key, change: dict, at: int) -> None:
+    """Entry ``at`` (0-based) changed and re-signed with ``key``, and the chain after it re-linked and re-signed."""
+    entries = read_entries(path)
+    previous = entries[at - 1] if at else None
+    out = entries[:at]
+    for index in range(at, len(entries)):
+        body = {**entries[index], **(change if index == at else {})}
+        body["prev_hash"] = entry_hash(previous) if previous is not None else body["prev_hash"]
+        previous = sign(body, key)
+        out.append(previous)
+    _rewrite(path, out)
+
+
+def _org_key(run: Path, org: str):
+    from privacy.ledger import load_signing_key
+
+    return load_signing_key(run.parent / "nodes" / f"{org}.key")
+
+
+def _problems(result) -> set[tuple[str, str, str]]:
+    return {(f.org, f.check, f.problem) for org in result.orgs for f in org.findings}
+
+
+def _own_keys(tmp_path: Path, orgs=("org-a", "org-b")) -> Path:
+    folder = tmp_path / "own-keys"
+    folder.mkdir(exist_ok=True)
+    for org in orgs:
+        shutil.copy(tmp_path / "nodes" / f"{org}.pub", folder / f"{org}.pub")
+    return folder
+
+
+@pytest.mark.parametrize("with_keys", [False, True], ids=["folder-keys", "own-keys"])
+def test_an_organisation_deleted_from_ledgers_keys_and_heads_is_missing(run_dir, tmp_path, with_keys):
+    (run_dir / "ledgers" / "org-b.jsonl").unlink()
+    (run_dir / "ledgers" / "keys" / "org-b.pub").unlink()
+    heads = json.loads((run_dir / "ledgers" / "heads.json").read_text())
+    del heads["org-b"]
+    (run_dir / "ledgers" / "heads.json").write_text(json.dumps(heads))
+    result = audit(load_ledger_set([run_dir], _own_keys(tmp_path) if with_keys else None), pld=False)
+    assert not result.ok and _problems(result) == {("org-b", "roster", "missing")}
+    assert main(["audit", str(run_dir), "--no-pld", "--out", str(tmp_path / "report")]) == 1
+
+
+def test_an_organisation_missing_from_the_provisioning_roster_is_found(run_dir):
+    result = audit(load_ledger_set([run_dir], roster=["org-a", "org-b", "org-c"]), pld=False)
+    assert _problems(result) == {("org-c", "roster", "missing")}
+
+
+def test_a_summary_epsilon_lowered_below_the_ledgers_is_a_mismatch(run_dir, tmp_path):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["privacy"]["org-a"]["epsilon"] = 0.5
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    result = audit(load_ledger_set([run_dir]), pld=False)
+    assert _problems(result) == {("org-a", "summary", "mismatch")}
+    (finding,) = result.orgs[0].findings
+    assert "privacy.org-a.epsilon is 0.5" in finding.message
+    summary["privacy"]["org-a"]["epsilon"] = read_entries(_ledger(run_dir))[-1]["epsilon"]
+    summary["rounds"][1]["epsilon"]["org-b"] = 0.1  # a round's figure, too
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert _problems(audit(load_ledger_set([run_dir]), pld=False)) == {("org-b", "summary", "mismatch")}
+
+
+def test_an_entry_re_signed_with_the_real_key_and_delta_one_half_fails(run_dir):
+    _resign(_ledger(run_dir), _org_key(run_dir, "org-a"), {"delta": 0.5, "num_examples": 366}, at=1)
+    result = audit(load_ledger_set([run_dir]), pld=True)
+    org = result.orgs[0]
+    assert ("org-a", "fields", "malformed") in _problems(result) and not result.ok
+    assert any("delta 0.5 is not below 1/n" in f.message and f.seq == 2 for f in org.findings)
+    assert all(value is None or value >= 0 for value in org.recomputed_epsilon.values())
+
+
+def test_an_entry_re_signed_with_local_steps_cut_fails(run_dir):
+    _resign(_ledger(run_dir), _org_key(run_dir, "org-a"), {"local_steps": 4}, at=2)
+    result = audit(load_ledger_set([run_dir]), pld=False)
+    found = _problems(result)
+    assert ("org-a", "fields", "malformed") in found  # 4 steps is not a whole epoch of 20 (q = 1/20)
+    assert any("local_steps 4 is not a whole number of epochs" in f.message for f in result.orgs[0].findings)
+
+
+def test_local_steps_that_disagree_with_the_recorded_local_epochs_fail(tmp_path):
+    key = ensure_signing_key(tmp_path / "org-e.key")
+    ledger = NodeLedger.open(tmp_path / "org-e", "org-e", key)
+    claims = rdp_epsilons([(SIGMA, Q, STEPS)] * 2, DELTA)
+    ledger.append("dp_round", 1, {**_dp_fields(claims[0]), "local_epochs": 1})
+    ledger.append("dp_round", 2, {**_dp_fields(claims[1]), "local_epochs": 2})  # 2 epochs would be 40 steps
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "org-e.pub").write_text(public_key_text(key.public_key()))
+    (org,) = audit(load_ledger_set([ledger.path], keys), pld=False).orgs
+    assert [(f.problem, f.seq) for f in org.findings] == [("malformed", 2)]
+    assert "not local_epochs 2 x 20" in org.findings[0].message
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sample_rate": 0.001}, "below 1/n"),  # 1,000 batches an epoch from 400 examples
+        ({"sample_rate": 0.03}, "not 1/k"),
+        ({"noise_multiplier": 0}, "noise_multiplier 0 is not a number > 0"),
+        ({"epsilon": -1.0}, "epsilon -1.0 is not a finite number >= 0"),
+    ],
+)
+def test_impossible_parameters_signed_by_the_organisation_fail(run_dir, change, message):
+    _resign(_ledger(run_dir), _org_key(run_dir, "org-a"), change, at=0)
+    result = audit(load_ledger_set([run_dir]), pld=False)
+    assert any(message in f.message and f.seq == 1 for f in result.orgs[0].findings), result.orgs[0].findings
+
+
+def test_a_ledger_re_signed_with_a_new_key_is_caught_with_the_organisations_own_copy(run_dir, tmp_path):
+    """The README's `fedpriv audit RUN node/ledger.jsonl`: the node's copy and its ledger.pub outrank the folder."""
+    forger = Ed25519PrivateKey.generate()
+    entries = read_entries(_ledger(run_dir))
+    truth = rdp_epsilons([(2.0, Q, STEPS)] * len(entries), DELTA)  # sigma 2.0, consistent epsilons
+    forged, previous = [], entries[0]["prev_hash"]
+    for entry, epsilon in zip(entries, truth, strict=True):
+        forged.append(sign({**entry, "noise_multiplier": 2.0, "epsilon": epsilon, "prev_hash": previous}, forger))
+        previous = entry_hash(forged[-1])
+    _rewrite(_ledger(run_dir), forged)
+    heads = json.loads((run_dir / "ledgers" / "heads.json").read_text())
+    heads["org-a"]["hash"] = previous
+    (run_dir / "ledgers" / "heads.json").write_text(json.dumps(heads))
+    (run_dir / "ledgers" / "keys" / "org-a.pub").write_text(public_key_text(forger.public_key()))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["privacy"]["org-a"].update(noise_multiplier=2.0, epsilon=truth[-1])
+    for record, epsilon in zip(summary["rounds"], truth, strict=True):
+        record["epsilon"]["org-a"] = epsilon
+    summary["final"]["epsilon"]["org-a"] = truth[-1]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert audit(load_ledger_set([run_dir]), pld=False).checks_hold  # self-consistent on its own keys...
+    node = tmp_path / "nodes" / "org-a"
+    (node / "ledger.pub").write_text((tmp_path / "nodes" / "org-a.pub").read_text())  # the kit's ledger.pub
+    result = audit(load_ledger_set([run_dir, node / "ledger.jsonl"]), pld=False)
+    found = _problems(result)
+    assert ("org-a", "key", "substituted") in found and ("org-a", "signature", "edited") in found
+    (org,) = [o for o in result.orgs if o.org == "org-a"]
+    assert org.key_source.startswith("beside the ledger copy") and org.key_trust == "the organisation's own key"
+
+
+def test_an_organisations_copy_that_does_not_verify_is_a_finding_never_dropped(run_dir, tmp_path):
+    stranger = Ed25519PrivateKey.generate()
+    copy = tmp_path / "copy" / "ledger.jsonl"
+    copy.parent.mkdir()
+    _rewrite(copy, [sign(entry, stranger) for entry in read_entries(_ledger(run_dir))])
+    result = audit(load_ledger_set([run_dir, copy]), pld=False)
+    assert ("org-a", "key", "copy_unverified") in _problems(result)
+
+
+def test_trust_on_first_use_is_said_first_and_strict_fails_it(run_dir, tmp_path, capsys):
+    result = audit(load_ledger_set([run_dir]), pld=False)
+    assert result.ok and result.tofu == ["org-a", "org-b"]
+    assert "TRUST ON FIRST USE" in result.verdict()
+    assert main(["audit", str(run_dir), "--no-pld"]) == 0
+    assert "TRUST ON FIRST USE" in capsys.readouterr().out.splitlines()[0]
+    assert "TRUST ON FIRST USE" in (run_dir / "audit.md").read_text().split("\n## ")[0]
+    assert main(["audit", str(run_dir), "--no-pld", "--strict"]) == 1
+    capsys.readouterr()
+    assert main(["audit", str(run_dir), "--no-pld", "--strict", "--keys", str(_own_keys(tmp_path))]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "TRUST ON FIRST USE" not in first and "its organisation's own key" in first
+    # keys copied into the audited folder are still the folder's
+    inside = run_dir / "auditor-keys"
+    shutil.copytree(_own_keys(tmp_path), inside)
+    assert audit(load_ledger_set([run_dir], inside), pld=False).tofu == ["org-a", "org-b"]
+
+
+def test_keys_may_come_from_the_organisations_kits(run_dir, tmp_path):
+    kits = tmp_path / "kits"
+    for org in ("org-a", "org-b"):
+        (kits / org).mkdir(parents=True)
+        shutil.copy(tmp_path / "nodes" / f"{org}.pub", kits / org / "ledger.pub")
+    result = audit(load_ledger_set([run_dir], kits), pld=False, strict=True)
+    assert result.ok and not result.tofu
+
+
+def test_the_independent_recomputation_runs_without_opacus(run_dir):
+    """The second accountant is dp-accounting's code: an honest audit never loads Opacus's analyses."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from privacy.audit import audit, load_ledger_set;"
+        f"r = audit(load_ledger_set([{str(run_dir)!r}]), pld=True); assert r.ok;"
+        "print(sorted(m for m in sys.modules if 'opacus' in m))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_recomputation_that_fails_fails_the_check(run_dir, monkeypatch):
+    from privacy import independent
+
+    def refuse(events, delta):
+        raise independent.RecomputationError("refused for the test")
+
+    monkeypatch.setattr(independent, "rdp_epsilons", refuse)
+    result = audit(load_ledger_set([run_dir]), pld=False)
+    assert ("org-a", "epsilon", "not_recomputable") in _problems(result) and not result.ok
