@@ -16,7 +16,7 @@ def test_the_audit_benchmark_audits_an_intact_synthetic_run(tmp_path):
         [sys.executable, str(SCRIPT), "orgs=3", "rounds=20", f"out={out}"], capture_output=True, text=True, check=True
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["entries"] == 60 and result["rdp_only_ok"] and result["rdp_and_prv_ok"]
+    assert result["entries"] == 60 and result["rdp_only_ok"] and result["with_pld_ok"]
     assert len(list((out / "ledgers").glob("*.jsonl"))) == 3
 
 
