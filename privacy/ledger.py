@@ -44,7 +44,14 @@ DP_FIELDS = (
     "epsilon", "num_examples", "model_digest", "target_epsilon", "max_epsilon",
 )  # fmt: skip
 # recorded when given, absent from older entries (the audit reports them, never requires them)
-OPTIONAL_FIELDS = {"dp_round": ("redaction",)}  # what the node's redaction did to the data the steps used
+OPTIONAL_FIELDS = {
+    "dp_round": ("redaction",),  # what the node's redaction did to the data the steps used
+    # organisation-level DP (server/client_dp.py): the release's estimator, its denominator and neighbouring
+    # relation, the update's own multiplier and (adaptive clipping) the std of the noise on the count
+    "client_dp_round": (
+        "estimator", "organisations_planned", "neighbouring", "update_noise_multiplier", "clipped_count_stddev",
+    ),
+}  # fmt: skip
 REFUSAL_FIELDS = ("reason", "requested_steps", "epsilon", "epsilon_if_trained", "max_epsilon", "delta", "accountant")
 
 

@@ -158,7 +158,7 @@ def test_fewer_answers_than_planned_keep_the_denominator_and_the_recorded_sigma(
     current = np.zeros(DIM)
     released = release(dp_strategy(cfg, noise), 1, current, [3 * unit(), 3 * unit(), 3 * unit()])  # 3 of 4
     np.testing.assert_allclose(released, 3 * CLIP * unit() / PLANNED)  # sum / n_planned, not the mean
-    assert set(noise.scales) == {pytest.approx(cfg.noise_multiplier * CLIP / PLANNED)}
+    assert noise.scales == [pytest.approx(cfg.noise_multiplier * CLIP / PLANNED)]
     said = []
     account = client_dp.ClientDPAccount(cfg, tmp_path, PLANNED, say=said.append)
     entry = account.record(1, 3, model(released), CLIP)
@@ -337,3 +337,16 @@ def test_simulation_records_the_epsilon_an_independent_accountant_finds(tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["client_dp"]["epsilon"] == pytest.approx(entries[-1]["epsilon"])
     assert summary["client_dp"]["neighbouring"] == "add/remove one organisation"
+
+
+def test_adaptive_clip_norm_is_saved_and_restored_for_a_resume(noise, tmp_path):
+    from server.resume import capture_strategy_state, restore_strategy_state
+
+    strategy = dp_strategy(adaptive_cfg(), noise)
+    release(strategy, 1, np.zeros(DIM), [5.0 * unit()] * PLANNED)
+    saved = capture_strategy_state(strategy)
+    assert saved == {"L0/clipping_norm": np.asarray(strategy.clipping_norm)}
+    np.savez(tmp_path / "state.npz", **saved)
+    fresh = dp_strategy(adaptive_cfg(), noise)
+    assert restore_strategy_state(fresh, tmp_path / "state.npz") == ["OrganisationDP.clipping_norm"]
+    assert fresh.clipping_norm == strategy.clipping_norm != adaptive_cfg().clipping_norm
