@@ -198,7 +198,10 @@ class BudgetGatedStrategy(Strategy):
         if arrays is not None and self.global_arrays is not None:
             arrays = in_dtypes_of(arrays, self.global_arrays)
         if self.client_dp is not None and arrays is not None:
-            self.client_dp.record(server_round, answered, arrays, float(self.inner.released_clipping_norm))
+            release = self.inner  # server.client_dp.OrganisationDP: what its last release summed, and clipped to
+            self.client_dp.record(
+                server_round, release.released_organisations, arrays, float(release.released_clipping_norm)
+            )
         return arrays, metrics
 
     def configure_evaluate(

@@ -102,6 +102,7 @@ class OrganisationDP(Strategy):
         self.clip_norm_lr = cfg.clip_norm_lr
         self.clipping_norm = float(cfg.clipping_norm)
         self.released_clipping_norm: float | None = None
+        self.released_organisations = 0  # how many clipped updates the last release summed
         self.current_arrays: ArrayRecord | None = None
         self.rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         # FedAvg and FedProx return the (equal-weight) average of the replies, which all carry the release: the
@@ -142,8 +143,8 @@ class OrganisationDP(Strategy):
                 total[name] += update[name] * scale
             answered += 1
             centred_unclipped += 0.5 if norm <= clip else -0.5
-        if not answered:
-            return self.strategy.aggregate_train(server_round, replies)
+        if not answered:  # nothing to release (never the inner strategy's plain average of what came)
+            return None, None
         n = self.organisations_planned
         std = self.update_noise_multiplier * clip / n
         sizes = [current[name].size for name in names]
@@ -155,7 +156,7 @@ class OrganisationDP(Strategy):
                 for name, part in zip(names, parts, strict=True)
             }
         )
-        self.released_clipping_norm = clip
+        self.released_clipping_norm, self.released_organisations = clip, answered
         if self.adaptive:  # Andrew et al. 2021: noised count of unclipped updates, centred, fixed denominator
             count = centred_unclipped + float(self.rng.normal(0.0, self.clipped_count_stddev))
             unclipped_fraction = count / n + 0.5
@@ -190,7 +191,7 @@ class OrganisationDP(Strategy):
 def _update_of(reply: Message, current: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     """The reply's weights minus the global ones (float64), or None when its one ArrayRecord does not fit them."""
     records = list(reply.content.array_records.values())
-    if len(records) != 1 or list(records[0].keys()) != list(current):
+    if len(records) != 1 or set(records[0].keys()) != set(current):
         return None
     update = {}
     for name, base in current.items():

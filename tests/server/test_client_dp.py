@@ -350,3 +350,13 @@ def test_adaptive_clip_norm_is_saved_and_restored_for_a_resume(noise, tmp_path):
     fresh = dp_strategy(adaptive_cfg(), noise)
     assert restore_strategy_state(fresh, tmp_path / "state.npz") == ["OrganisationDP.clipping_norm"]
     assert fresh.clipping_norm == strategy.clipping_norm != adaptive_cfg().clipping_norm
+
+
+def test_replies_that_do_not_fit_the_model_are_left_out_and_nothing_unnoised_is_released(noise):
+    strategy = dp_strategy(fixed_cfg(), noise)
+    sent = list(strategy.configure_train(1, model(np.zeros(DIM)), ConfigRecord({}), Grid(range(1, 5))))
+    misfit = reply(sent[0], np.ones(DIM + 1))
+    assert strategy.aggregate_train(1, [misfit]) == (None, None)
+    arrays, _ = strategy.aggregate_train(1, [reply(sent[1], unit()), reply(sent[2], np.ones(DIM + 1))])
+    np.testing.assert_allclose(arrays["w"].numpy(), unit() / PLANNED)
+    assert strategy.released_organisations == 1 and strategy.released_clipping_norm == CLIP
