@@ -351,7 +351,8 @@ class ClientDPConfig:
             default = "" if self.clipped_count_stddev is not None else f" (default: {organisations} organisations / 20)"
             raise ConfigError(
                 f"config: client_dp.clipped_count_stddev: {sigma_b:g}{default} is too small for adaptive clipping at"
-                f" noise_multiplier {z:g}: the noised count alone would spend the whole budget; set it above {z / 2:g}"
+                f" noise_multiplier {z:g} (the update and the count together must match it, which needs more than"
+                f" noise_multiplier / 2); set it above {z / 2:g}"
             )
         return (z**-2 - (2 * sigma_b) ** -2) ** -0.5
 
