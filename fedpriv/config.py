@@ -247,6 +247,10 @@ class StrategyConfig:
     )
     num_malicious_nodes: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))  # krum
 
+    def planned_train_nodes(self, num_nodes: int) -> int:
+        """How many nodes a round samples for training out of ``num_nodes`` (Flower's FedAvg sampling rule)."""
+        return max(min(self.min_train_nodes, num_nodes), int(self.fraction_train * num_nodes))
+
 
 ROBUST_STRATEGIES = ("fedtrimmedavg", "fedmedian", "krum")
 
@@ -306,14 +310,19 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ClientDPConfig:
-    """Organisation-level DP on top of each node's example-level DP-SGD (Flower's DP strategy wrappers).
+    """Organisation-level DP on top of each node's example-level DP-SGD (``server/client_dp.py``).
 
     The coordinator clips every organisation's update to ``clipping_norm``
     (``fixed``; ``adaptive`` tracks the ``target_clipped_quantile`` of update
-    norms) and adds Gaussian noise with ``noise_multiplier`` to the average:
-    one organisation's whole contribution is protected at (epsilon, ``delta``),
-    recorded per round in the coordinator's ledger. The run stops before a
-    round would carry that epsilon past ``max_epsilon``.
+    norms: that fraction of updates goes unclipped) and releases the sum of the
+    clipped updates divided by the number of organisations planned per round,
+    plus Gaussian noise with ``noise_multiplier`` (fixed-denominator estimator):
+    adding or removing one organisation's whole contribution is protected at
+    (epsilon, ``delta``), recorded per round in the coordinator's ledger. The
+    run stops before a round would carry that epsilon past ``max_epsilon``.
+    With ``adaptive``, ``noise_multiplier`` is the effective multiplier of the
+    update and the noised count of unclipped updates (std
+    ``clipped_count_stddev``, default organisations/20) together.
     """
 
     enabled: bool = False
@@ -325,6 +334,27 @@ class ClientDPConfig:
     clipped_count_stddev: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
     delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
     max_epsilon: float = field(default=10.0, metadata=_positive())
+
+    def count_stddev(self, organisations: int) -> float:
+        """Adaptive clipping: the std of the noise on the count of unclipped updates (Andrew et al.: n/20)."""
+        return self.clipped_count_stddev if self.clipped_count_stddev is not None else organisations / 20
+
+    def update_noise_multiplier(self, organisations: int) -> float:
+        """The multiplier of the noise on the updates: ``noise_multiplier`` itself, or with ``adaptive``
+        (z_update^-2 + (2 sigma_b)^-2)^-1/2 = noise_multiplier (Andrew et al. 2021), so that the update and the
+        count together are as private as one Gaussian mechanism with ``noise_multiplier``."""
+        z = self.noise_multiplier
+        if self.clipping != "adaptive":
+            return z
+        sigma_b = self.count_stddev(organisations)
+        if 2 * sigma_b <= z * (1 + 1e-9):
+            default = "" if self.clipped_count_stddev is not None else f" (default: {organisations} organisations / 20)"
+            raise ConfigError(
+                f"config: client_dp.clipped_count_stddev: {sigma_b:g}{default} is too small for adaptive clipping at"
+                f" noise_multiplier {z:g} (the update and the count together must match it, which needs more than"
+                f" noise_multiplier / 2); set it above {z / 2:g}"
+            )
+        return (z**-2 - (2 * sigma_b) ** -2) ** -0.5
 
 
 @dataclass(frozen=True)
@@ -559,6 +589,14 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
             "config: client_dp.enabled: the coordinator clips each organisation's update, which SecAgg+ hides;"
             " turn off secure_aggregation.enabled for organisation-level DP (node-level DP-SGD stays on either way)"
         )
+    if cfg.client_dp.enabled and cfg.strategy.name in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"config: strategy.name: {cfg.strategy.name} compares the organisations' individual updates, but with"
+            " client_dp.enabled the coordinator only releases their clipped, noised sum; use fedavg, fedprox or fedadam"
+        )
+    if cfg.client_dp.enabled:  # adaptive clipping: enough noise on the count for the budget (raises ConfigError)
+        nodes = cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
+        cfg.client_dp.update_noise_multiplier(cfg.strategy.planned_train_nodes(nodes))
     canary = cfg.canary_audit
     if canary.enabled and 2 * canary.guesses > canary.canaries:
         raise ConfigError(

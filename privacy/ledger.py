@@ -44,8 +44,15 @@ DP_FIELDS = (
     "epsilon", "num_examples", "model_digest", "target_epsilon", "max_epsilon",
 )  # fmt: skip
 # recorded when given, absent from older entries (the audit reports them, never requires them)
-# redaction: what the node's redaction did to the data the steps used; local_epochs: the epochs its steps make
-OPTIONAL_FIELDS = {"dp_round": ("redaction", "local_epochs")}
+OPTIONAL_FIELDS = {
+    # what the node's redaction did to the data the steps used; the local epochs its steps make
+    "dp_round": ("redaction", "local_epochs"),
+    # organisation-level DP (server/client_dp.py): the release's estimator, its denominator and neighbouring
+    # relation, the update's own multiplier and (adaptive clipping) the std of the noise on the count
+    "client_dp_round": (
+        "estimator", "organisations_planned", "neighbouring", "update_noise_multiplier", "clipped_count_stddev",
+    ),
+}  # fmt: skip
 REFUSAL_FIELDS = ("reason", "requested_steps", "epsilon", "epsilon_if_trained", "max_epsilon", "delta", "accountant")
 
 

@@ -128,7 +128,7 @@ class BudgetGatedStrategy(Strategy):
     Every reply's ledger entries are taken first (a node that trained spent privacy, whatever happens to its
     update); refusals and updates that fail ``server.update_checks`` are left out of the aggregate.
 
-    With ``client_dp`` (a :class:`server.client_dp.ClientDPAccount`, ``inner`` being Flower's DP wrapper) the
+    With ``client_dp`` (a :class:`server.client_dp.ClientDPAccount`, ``inner`` being its ``OrganisationDP``) the
     coordinator's own organisation-level budget is checked before each round and each release is recorded.
     With ``round_offset`` (a resumed run) the rounds Flower counts are shifted before anything sees them.
     """
@@ -198,7 +198,10 @@ class BudgetGatedStrategy(Strategy):
         if arrays is not None and self.global_arrays is not None:
             arrays = in_dtypes_of(arrays, self.global_arrays)
         if self.client_dp is not None and arrays is not None:
-            self.client_dp.record(server_round, answered, arrays, float(self.inner.clipping_norm))
+            release = self.inner  # server.client_dp.OrganisationDP: what its last release summed, and clipped to
+            self.client_dp.record(
+                server_round, release.released_organisations, arrays, float(release.released_clipping_norm)
+            )
         return arrays, metrics
 
     def configure_evaluate(

@@ -276,14 +276,14 @@ def checkpoint_like(path: Path, model_arrays: ArrayRecord) -> ArrayRecord:
 def _plain_strategy(
     cfg, tracker, num_nodes, budget, run_dir, extra, round_offset=0, rejections=()
 ) -> BudgetGatedStrategy:
-    """Flower's strategy, wrapped by Flower's server-side DP when organisation-level DP is on, then the budget gate."""
+    """Flower's strategy, behind organisation-level DP's fixed-denominator release when it is on, then the budget gate."""
     gate = dict(max_update_norm=cfg.strategy.max_update_norm, round_offset=round_offset, rejections=rejections)
     if not cfg.client_dp.enabled:
         return BudgetGatedStrategy(build_strategy(cfg.strategy, tracker, num_nodes), budget, **gate)
     from server import client_dp
 
     inner = build_strategy(cfg.strategy, tracker, num_nodes, weighted_by_key=protocol.UNIT_WEIGHT)
-    sampled = max(min(cfg.strategy.min_train_nodes, num_nodes), int(cfg.strategy.fraction_train * num_nodes))
+    sampled = cfg.strategy.planned_train_nodes(num_nodes)  # the fixed denominator, set before round 1
     account = client_dp.ClientDPAccount(cfg.client_dp, run_dir, sampled, say=tracker.printer)
     extra["client_dp"] = account.summary()
     tracker.printer(

@@ -585,4 +585,14 @@ def test_junk_either_loads_or_raises_config_error(raw):
 def test_organisation_level_dp_cannot_be_combined_with_secure_aggregation():
     with pytest.raises(ConfigError, match="client_dp.enabled: the coordinator clips each organisation's update"):
         load_config(None, ["client_dp.enabled=true", "secure_aggregation.enabled=true"])
-    assert load_config(None, ["client_dp.enabled=true", "client_dp.clipping=adaptive"]).client_dp.clipping == "adaptive"
+    adaptive = ["client_dp.enabled=true", "client_dp.clipping=adaptive", "client_dp.clipped_count_stddev=1"]
+    assert load_config(None, adaptive).client_dp.clipping == "adaptive"
+
+
+def test_organisation_level_dp_refuses_what_it_cannot_account_for():
+    # adaptive clipping's noised count: 4 organisations / 20 = 0.2 is too little noise for noise_multiplier 1
+    with pytest.raises(ConfigError, match=r"^config: client_dp\.clipped_count_stddev: 0\.2 \(default: 4 organisations"):
+        load_config(None, ["client_dp.enabled=true", "client_dp.clipping=adaptive"])
+    # robust strategies would need each organisation's update, the coordinator releases only their noised sum
+    with pytest.raises(ConfigError, match=r"^config: strategy\.name: krum compares the organisations' individual"):
+        load_config(None, ["client_dp.enabled=true", "strategy.name=krum"])

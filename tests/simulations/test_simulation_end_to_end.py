@@ -204,13 +204,13 @@ def test_a_killed_coordinator_resumes_and_ends_where_an_uninterrupted_run_does(t
 
 
 def test_organisation_level_dp_is_recorded_audited_and_stops_the_run_at_its_budget(runs):
-    """Flower's server-side clipping + noise (around FedProx); the coordinator's ledger; a budget that fits 2 of 3."""
+    """The fixed-denominator clipped, noised sum (around FedProx); the coordinator's ledger; a budget that fits 2 of 3."""
     from privacy.audit import audit, load_ledger_set
     from privacy.recompute import rdp_epsilons
 
     code, stdout, out = runs["client_dp"]
     assert code == 1, stdout[-3000:]  # stopped at its budget
-    assert "strategy fedprox" in stdout  # Flower's FedProx inside Flower's server-side DP wrapper
+    assert "strategy fedprox" in stdout  # Flower's FedProx behind the organisation-level DP release
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "budget_exhausted" and len(summary["rounds"]) == 2
     # the noised aggregate goes back to the model's dtype: round 2's updates match it and are all aggregated
