@@ -273,8 +273,8 @@ SECAGG_REPLIES = Message(
         "fitres.*, evaluateres.*": (
             Field(
                 ("<key>",),
-                "the train and evaluate replies above, flattened into Flower's legacy records (privacy.<key>,"
-                " ledger.<key>, org.name, org.redaction beside the metrics)",
+                "the train and evaluate replies above, flattened into Flower's legacy records (privacy.*, ledger.*,"
+                " org.name, org.redaction beside the metrics)",
                 "as above",
                 "SecAgg+ speaks only the legacy records; the same settings apply",
                 "as above",
@@ -324,7 +324,7 @@ REDACTION_REPORT = Message(
 
 LEDGER_ENTRY = Message(
     "ledger entry",
-    "signed by the node, sent in the ledger record's entries; the coordinator keeps them in ledgers/<org>.jsonl",
+    "signed by the node, sent in the ledger record's entries; the coordinator keeps them in ledgers/ORG.jsonl",
     {
         "": (
             Field(
@@ -397,14 +397,48 @@ COORDINATOR_FILES = Message(
     },
 )
 
+ERROR_REPLY = Message(
+    "error reply",
+    "instead of a train / evaluate / pre-flight reply, when the node cannot or will not take part",
+    {
+        "error": (
+            Field(
+                ("code", "reason"),
+                "the node's one-line reason: a refusal (budget exhausted, no DP allowed, base model differs, app not"
+                " approved) or a setup error naming a file, a setting or a count",
+                DP_NOT_DATA,
+                "the coordinator must know why a node did not train; the reason names settings, budgets, hashes"
+                " and data-set sizes, never records",
+            ),
+        ),
+    },
+)
+
+TRANSPORT = Message(
+    "every message",
+    "Flower's envelope and the connection",
+    {
+        "metadata": (
+            Field(
+                ("<key>",),
+                "the SuperNode's id and public key, the run, message ids and type, timing and size",
+                DP_NOT_DATA,
+                "identity and transport (TLS on every link)",
+            ),
+        ),
+    },
+)
+
 MESSAGES: tuple[Message, ...] = (
     TRAIN_REPLY,
     EVALUATE_REPLY,
     QUERY_REPLY,
+    ERROR_REPLY,
     SECAGG_REPLIES,
     REDACTION_REPORT,
     LEDGER_ENTRY,
     COORDINATOR_FILES,
+    TRANSPORT,
 )
 REPLIES = {"train": TRAIN_REPLY, "evaluate": EVALUATE_REPLY, "query": QUERY_REPLY}
 

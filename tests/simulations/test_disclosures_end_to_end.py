@@ -165,7 +165,16 @@ def test_with_the_defaults_every_field_is_declared_and_no_loss_or_redaction_coun
     assert all(record["train_loss"] is None for record in summary["rounds"])  # the field stays, null
     assert all(record["macro_f1"] is not None for record in summary["rounds"])
     assert all("counts" not in report and "found" in report for report in summary["redaction"].values())
-    assert "training loss: not shared by the organisations" in output
+    for org, report in summary["redaction"].items():  # the coordinator's per-node records: only what was sent
+        assert disclosures.undeclared(disclosures.REDACTION_REPORT, {"": report}) == [], org
+    for org, report in summary["privacy"].items():
+        assert disclosures.undeclared(disclosures.TRAIN_REPLY, {protocol.PRIVACY: report}) == [], org
+    for ready in summary["preflight"]["ready"]:
+        sent = {key.replace("_", "-"): value for key, value in ready.items() if key != "node_id"}
+        assert disclosures.undeclared(disclosures.QUERY_REPLY, {protocol.READY: sent}) == [], ready
+    keys = sorted((run_dir / "ledgers" / "keys").glob("*.pub"))
+    assert len(keys) == 2 and all(k.read_text().startswith("-----BEGIN PUBLIC KEY-----") for k in keys)
+    assert "mean training loss: not shared by the organisations" in output.lower()
     card = (run_dir / "model" / "README.md").read_text(encoding="utf-8")
     assert "found" in card
     redaction_json = json.loads((run_dir / "model" / "redaction.json").read_text(encoding="utf-8"))
