@@ -13,7 +13,6 @@ PNG. A plot that fails to draw costs a warning line, never the run.
 from __future__ import annotations
 
 import math
-
 import os
 import threading
 from collections.abc import Callable
