@@ -2,8 +2,8 @@
 organisation's DP accounting covers it, why it is acceptable, and which setting controls it.
 
 The declaration is data (``MESSAGES``), read by three things: the test that scans every reply of a short
-simulation and every ledger entry the coordinator keeps (tests/simulations/test_disclosures_end_to_end.py: a field that is not
-declared here fails it), the "What leaves a node" table of docs/threat-model.md (``render_markdown``; a test
+simulation and every ledger entry the coordinator keeps (a field not declared here fails
+tests/simulations/test_disclosures_end_to_end.py), the "What leaves a node" table of docs/threat-model.md (``render_markdown``; a test
 fails when the two differ: ``python -m client.disclosures --write`` rewrites the table) and the node itself,
 which shares what its organisation allows (``Sharing``, from node.yaml in deployment and from the run config
 in a simulation). No torch here: the coordinator's side and the docs test import it.
