@@ -28,6 +28,7 @@ import torch
 from flwr.app import Context
 
 from client.data_files import load_labelled_file, split_indices
+from client.disclosures import Sharing, shared_redaction
 from client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
@@ -55,9 +56,12 @@ class LocalNode:
     device: str
     state_dir: Path | None  # None in simulation: <run-dir>/nodes/<org>
     ledger_key: Path | None  # the kit's Ed25519 ledger key; None in simulation (<state_dir>/ledger.key, made once)
-    # what redaction did to this organisation's text before tokenisation: its rule set (privacy.redaction's spec)
-    # and "counts" per kind over train + test; {"enabled": False} when off. Reported and recorded, never the values.
+    # what redaction did to this organisation's text before tokenisation, as the organisation lets it leave the
+    # node (redaction.share, client/disclosures.py): its rule set (privacy.redaction's spec) and which kinds were
+    # "found" or the "counts" per kind over train + test; {"enabled": False} when off. Never the values.
     redaction: dict = dataclasses.field(default_factory=lambda: dict(DISABLED_SPEC))
+    # what the organisation lets its node send beside its update (node.yaml; the run config in a simulation)
+    sharing: Sharing = dataclasses.field(default_factory=Sharing)
     # the files this node was read from, each with its file_stamp() taken BEFORE it was read (a write during the
     # read then shows as a change); () in simulation, whose corpus is part of the installed code
     sources: tuple[tuple[str, tuple | None], ...] = ()
@@ -120,7 +124,8 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         device=cfg.training.device,
         state_dir=None,
         ledger_key=None,
-        redaction=redaction_report(redactor, [redacted, test.redacted]),
+        redaction=redaction_report(redactor, [redacted, test.redacted], cfg.redaction.share),
+        sharing=Sharing.from_run_config(cfg),
     )
 
 
@@ -170,7 +175,8 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
         device=node.device,
         state_dir=Path(node.state_dir),
         ledger_key=Path(node.ledger_key),
-        redaction=redaction_report(redactor, [train_data.redacted, test_data.redacted]),
+        redaction=redaction_report(redactor, [train_data.redacted, test_data.redacted], node.redaction.share),
+        sharing=Sharing.from_node_config(node),
         sources=tuple(sources),
     )
 
@@ -180,12 +186,13 @@ def _redactor(cfg: RedactionConfig) -> Redactor | None:
     return redactor_for(cfg) if cfg.enabled else None
 
 
-def redaction_report(redactor: Redactor | None, counts: list[dict[str, int] | None]) -> dict:
-    """What the ledger, the summary and the audit show: the rule set and the matches replaced per kind."""
+def redaction_report(redactor: Redactor | None, counts: list[dict[str, int] | None], share: str = "kinds") -> dict:
+    """What the ledger, the summary and the audit show: the rule set and, as ``share`` allows, which kinds were
+    found (``kinds``) or the matches replaced per kind (``counts``) or neither (``none``)."""
     if redactor is None:
         return dict(DISABLED_SPEC)
     total = {kind: sum(part[kind] for part in counts if part) for kind in redactor.cfg.kinds}
-    return {**redactor.spec, "counts": total}
+    return shared_redaction(redactor.spec, total, share)
 
 
 def local_node(cfg: FedPrivConfig, context: Context) -> LocalNode:

@@ -98,10 +98,11 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         )
     metrics = {
         protocol.NUM_EXAMPLES: len(node.train),
-        protocol.TRAIN_LOSS: result.mean_loss,
         protocol.DP_STEPS: result.steps,
         protocol.UNIT_WEIGHT: 1,
     }
+    if node.sharing.training_loss:  # exact, before clipping and noise: only where the organisation allows it
+        metrics[protocol.TRAIN_LOSS] = result.mean_loss
     state = trainable_state(model)  # checked as tensors, then serialised once: no copy back from the bytes
     diverged = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
     if diverged:  # the steps were taken and stay recorded (conservatively: nothing leaves); the weights never leave
@@ -148,11 +149,19 @@ def _replayed(
     return RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(torch_state_dict=stored.tensors),
-            protocol.METRICS: MetricRecord(stored.metrics),
+            protocol.METRICS: MetricRecord(_shared_train_metrics(node, stored.metrics)),
             protocol.PRIVACY: ConfigRecord(report),
             protocol.LEDGER: budget.report(cfg, heads),
         }
     )
+
+
+def _shared_train_metrics(node: LocalNode, metrics: dict) -> dict:
+    """A stored reply's metrics as the organisation's settings today let them leave (a reply stored before the
+    training loss was turned off, or by an older fedpriv, held it)."""
+    if node.sharing.training_loss:
+        return dict(metrics)
+    return {key: value for key, value in metrics.items() if key != protocol.TRAIN_LOSS}
 
 
 def ledger_report(cfg: FedPrivConfig, content: RecordDict, context: Context) -> ConfigRecord | None:
@@ -186,10 +195,11 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
         protocol.EVAL_CORRECT: counts.correct,
         protocol.UNIT_WEIGHT: 1,
     }
-    for index in range(len(node.label_names)):
-        values[protocol.class_count_key("tp", index)] = counts.true_positive[index]
-        values[protocol.class_count_key("fp", index)] = counts.false_positive[index]
-        values[protocol.class_count_key("fn", index)] = counts.false_negative[index]
+    if node.sharing.per_class_eval:  # the run's macro-F1; they reveal the test split's label counts
+        for index in range(len(node.label_names)):
+            values[protocol.class_count_key("tp", index)] = counts.true_positive[index]
+            values[protocol.class_count_key("fp", index)] = counts.false_positive[index]
+            values[protocol.class_count_key("fn", index)] = counts.false_negative[index]
     org = ConfigRecord({"name": node.org, protocol.REDACTION: json.dumps(node.redaction, sort_keys=True)})
     reply = RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: org})
     ledger = ledger_report(cfg, content, context)

@@ -198,6 +198,10 @@ class PrivacyConfig:
     # the hard budget: a node refuses any round that would take it past this (null: target_epsilon)
     max_epsilon: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
     orgs: dict[str, OrgPrivacyConfig] = field(default_factory=dict)
+    # simulation: what every virtual organisation sends beside its update (deployment: each node.yaml decides;
+    # see client/disclosures.py and docs/threat-model.md, "What leaves a node")
+    share_training_loss: bool = False  # the exact mean training loss (outside the DP guarantee): off by default
+    share_per_class_eval: bool = True  # per-class test counts (tp/fp/fn) in evaluate replies: the summary's macro-F1
 
     def target_for(self, org: str) -> tuple[float, float]:
         """(target_epsilon, delta) for one organisation, overrides applied."""
@@ -419,6 +423,10 @@ class RedactionConfig:
     )
     min_score: float = field(default=0.4, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
     extra_names: str | None = None
+    # what leaves the node about what was redacted (replies, signed ledger entries, summary.json, model card):
+    # kinds = which kinds were found, not how many; counts = exact matches per kind (outside the DP guarantee);
+    # none = only the rule set. Never the values. Not part of the rule set's identity (spec, digest).
+    share: Literal["kinds", "counts", "none"] = "kinds"
 
 
 @dataclass(frozen=True)
@@ -748,6 +756,11 @@ class NodePrivacyConfig:
     # whether this node may take part in a run the coordinator started without DP (privacy.enabled=false in its
     # run config): no by default, such a run is refused before the node reads its data
     allow_non_private: bool = False
+    # what this node sends beside its update (client/disclosures.py, docs/threat-model.md "What leaves a node"):
+    # the exact mean training loss of each round is outside the DP guarantee, so it stays here unless turned on
+    share_training_loss: bool = False
+    # per-class counts (tp/fp/fn) on this node's test split in evaluate replies: the run's macro-F1 needs them
+    share_per_class_eval: bool = True
 
     @property
     def budget(self) -> float:

@@ -571,7 +571,9 @@ def redaction_summary(dp_rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Redaction as the organisation's signed entries record it: on in how many rounds, which rule sets, counts.
 
     ``status``: "on" (every round recorded redaction on), "off", "mixed", or "not recorded" (entries written
-    before redaction was recorded). The counts are those of the last round with redaction on.
+    before redaction was recorded). The counts are those of the last round with redaction on; its ``share`` says
+    what the organisation let its entries say (``redaction.share``): "counts" (entries from before the setting
+    have counts and no ``share``), "kinds" (``found``: the kinds with matches, ``counts`` empty) or "none".
     """
     if not dp_rounds:
         return None
@@ -595,7 +597,17 @@ def redaction_summary(dp_rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
         "rule_sets": rule_sets,
         "kinds": list(on[-1].get("kinds", [])) if on else [],
         "counts": dict(on[-1].get("counts", {})) if on else {},
+        "share": str(on[-1].get("share", "counts")) if on else None,
+        "found": _found(on[-1]) if on else [],
     }
+
+
+def _found(report: dict[str, Any]) -> list[str]:
+    """The kinds a redaction report says were found: its ``found``, or the kinds with counts in an older one."""
+    if isinstance(report.get("found"), list):
+        return [str(kind) for kind in report["found"]]
+    counts = report.get("counts")
+    return sorted(str(kind) for kind, n in counts.items() if n) if isinstance(counts, dict) else []
 
 
 # --------------------------------------------------------------------------- the whole audit

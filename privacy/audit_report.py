@@ -102,7 +102,7 @@ def markdown(result: AuditResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-REDACTION_HEADER = ["organisation", "redaction", "rounds on", "rule set", "replaced (last round on)"]
+REDACTION_HEADER = ["organisation", "redaction", "rounds on", "rule set", "found (last round on)"]
 
 
 def _redaction_rows(result: AuditResult) -> list[list[str]]:
@@ -112,7 +112,15 @@ def _redaction_rows(result: AuditResult) -> list[list[str]]:
         summary = org.redaction
         if summary is None:
             continue
-        counts = ", ".join(f"{kind} {n}" for kind, n in summary["counts"].items()) or "-"
+        share = summary.get("share")
+        if share == "none":
+            counts = "not shared by the organisation"
+        elif summary.get("counts"):  # entries with counts (redaction.share: counts, or written before the setting)
+            counts = ", ".join(f"{kind} {n}" for kind, n in summary["counts"].items()) or "-"
+        elif share == "kinds":
+            counts = (", ".join(summary.get("found", [])) or "nothing") + " (kinds only)"
+        else:
+            counts = "-"
         rows.append(
             [
                 org.org,
@@ -134,8 +142,9 @@ def _redaction_lines(result: AuditResult) -> list[str]:
     lines += [
         "",
         "As each organisation's signed dp_round entries record it: the rule set its node applied to its text before",
-        "tokenisation, and how many matches it replaced per kind (never the values). 'not recorded': entries written",
-        "before fedpriv recorded redaction.",
+        "tokenisation, and what it found: how many matches it replaced per kind, or only which kinds, as the",
+        "organisation's redaction.share allows (never the values). 'not recorded': entries written before fedpriv",
+        "recorded redaction.",
     ]
     return lines
 

@@ -12,6 +12,7 @@ PNG. A plot that fails to draw costs a warning line, never the run.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -59,7 +60,10 @@ def draw(run_dir: Path, data: PlotData) -> Path:
     left, right = fig.subplots(1, 2)
     rounds = list(data.rounds)
     left.plot(rounds, list(data.accuracy), marker="o", label="accuracy")
-    left.plot(rounds, list(data.macro_f1), marker="s", label="macro-F1")
+    if any(value is not None for value in data.macro_f1):
+        left.plot(rounds, [math.nan if v is None else v for v in data.macro_f1], marker="s", label="macro-F1")
+    else:  # an organisation does not send its per-class counts (privacy.share_per_class_eval: false)
+        left.plot([], [], marker="s", label="macro-F1: not shared by the organisations")
     left.set(xlabel="round", ylabel="score", title="Global model on the organisations' test data", ylim=(0, 1))
     left.set_xticks(rounds)
     left.grid(alpha=0.3)

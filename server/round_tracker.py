@@ -20,6 +20,8 @@ from fedpriv import protocol
 
 # Privacy fields every organisation's summary entry carries (null when DP is off).
 NO_DP_FIELDS = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps")
+# what human output says where an organisation did not send what a field needs (client/disclosures.py)
+NOT_SHARED = "not shared by the organisations"
 
 
 @dataclass
@@ -29,7 +31,10 @@ class RoundRecord:
     macro_f1: float | None = None
     loss: float | None = None
     epsilon: dict[str, float | None] = field(default_factory=dict)
+    # the example-weighted mean training loss over the organisations that sent theirs (privacy.share_training_loss,
+    # off by default); None when none did. train_loss_orgs: those organisations
     train_loss: float | None = None
+    train_loss_orgs: list[str] = field(default_factory=list)
     trained_orgs: list[str] = field(default_factory=list)
     org_accuracy: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -42,6 +47,7 @@ class RoundRecord:
             "loss": self.loss,
             "epsilon": dict(self.epsilon),
             "train_loss": self.train_loss,
+            "train_loss_orgs": list(self.train_loss_orgs),
             "trained_orgs": list(self.trained_orgs),
             "org_accuracy": dict(self.org_accuracy),
             "elapsed_s": round(self.elapsed_s, 3),
@@ -53,7 +59,11 @@ class RoundRecord:
         return cls(**{key: raw[key] for key in cls.__dataclass_fields__ if key in raw})
 
 
-def _weighted_mean(contents: list[RecordDict], key: str, weight_key: str) -> float:
+def _weighted_mean(contents: list[RecordDict], key: str, weight_key: str) -> float | None:
+    """The ``weight_key``-weighted mean of ``key`` over the replies that carry it; None when none does."""
+    contents = [c for c in contents if key in c[protocol.METRICS]]
+    if not contents:
+        return None
     total = sum(float(c[protocol.METRICS][weight_key]) for c in contents)
     return sum(float(c[protocol.METRICS][key]) * float(c[protocol.METRICS][weight_key]) for c in contents) / max(
         total, 1.0
@@ -120,15 +130,18 @@ class RoundTracker:
             if not report.get("dp_enabled"):
                 report.update({key: None for key in NO_DP_FIELDS})
             record.trained_orgs.append(org)
+            if protocol.TRAIN_LOSS in content[protocol.METRICS]:
+                record.train_loss_orgs.append(org)
             self.privacy[org] = report
         record.trained_orgs.sort()
+        record.train_loss_orgs.sort()
         record.train_loss = _weighted_mean(contents, protocol.TRAIN_LOSS, weight_key)
-        return MetricRecord(
-            {
-                protocol.TRAIN_LOSS: record.train_loss,
-                protocol.NUM_EXAMPLES: sum(int(c[protocol.METRICS][weight_key]) for c in contents),
-            }
-        )
+        aggregated: dict[str, float | int] = {
+            protocol.NUM_EXAMPLES: sum(int(c[protocol.METRICS][weight_key]) for c in contents)
+        }
+        if record.train_loss is not None:
+            aggregated[protocol.TRAIN_LOSS] = record.train_loss
+        return MetricRecord(aggregated)
 
     def aggregate_evaluate(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         """Exact global metrics from summed counts (macro-F1 over the union of test sets)."""
@@ -137,25 +150,32 @@ class RoundTracker:
         total = sum(int(c[protocol.METRICS][weight_key]) for c in contents)
         correct = sum(int(c[protocol.METRICS][protocol.EVAL_CORRECT]) for c in contents)
         loss_sum = sum(float(c[protocol.METRICS][protocol.EVAL_LOSS_SUM]) for c in contents)
-        sums = {
-            kind: [
-                sum(float(c[protocol.METRICS][protocol.class_count_key(kind, i)]) for c in contents)
-                for i in range(self.num_labels)
-            ]
-            for kind in ("tp", "fp", "fn")
-        }
         record.accuracy = correct / total if total else 0.0
         record.loss = loss_sum / total if total else 0.0
-        record.macro_f1 = macro_f1(sums["tp"], sums["fp"], sums["fn"])
+        # macro-F1 over the union of the test sets needs every organisation's per-class counts: one that does not
+        # send them (privacy.share_per_class_eval: false) leaves it None, never a macro-F1 of the others alone
+        keys = [protocol.class_count_key(kind, i) for kind in ("tp", "fp", "fn") for i in range(self.num_labels)]
+        if all(key in c[protocol.METRICS] for c in contents for key in keys):
+            sums = {
+                kind: [
+                    sum(float(c[protocol.METRICS][protocol.class_count_key(kind, i)]) for c in contents)
+                    for i in range(self.num_labels)
+                ]
+                for kind in ("tp", "fp", "fn")
+            }
+            record.macro_f1 = macro_f1(sums["tp"], sums["fp"], sums["fn"])
+        else:
+            record.macro_f1 = None
         for content in contents:
             metrics = content[protocol.METRICS]
             org = str(content[protocol.ORG]["name"])
             self._note_redaction(org, content[protocol.ORG].get(protocol.REDACTION))
             n = int(metrics[weight_key])
             record.org_accuracy[org] = int(metrics[protocol.EVAL_CORRECT]) / n if n else 0.0
-        return MetricRecord(
-            {"accuracy": record.accuracy, "macro_f1": record.macro_f1, "loss": record.loss, weight_key: total}
-        )
+        aggregated = {"accuracy": record.accuracy, "loss": record.loss, weight_key: total}
+        if record.macro_f1 is not None:
+            aggregated["macro_f1"] = record.macro_f1
+        return MetricRecord(aggregated)
 
     def _note_redaction(self, org: str, report: Any) -> None:
         """Keep a node's redaction report (JSON); a malformed one is recorded as such, never dropped silently."""
@@ -209,9 +229,10 @@ class RoundTracker:
         parts = [
             f"[round {record.round}/{self.num_rounds}]",
             f"acc {fmt(record.accuracy)}",
-            f"macro-F1 {fmt(record.macro_f1)}",
+            f"macro-F1 {NOT_SHARED}" if record.macro_f1 is None and record.accuracy is not None
+            else f"macro-F1 {fmt(record.macro_f1)}",
             f"loss {fmt(record.loss)}",
-        ]
+        ]  # fmt: skip
         if self.dp_enabled:
             spent = {org: eps for org, eps in record.epsilon.items() if eps is not None}
             worst = max(spent.values()) if spent else 0.0

@@ -60,7 +60,8 @@ def prediction_rules(reports: dict[str, dict]) -> dict:
 
     Prediction applies every kind and locale any organisation redacted (the
     strictest union), at the lowest score threshold among them; an
-    organisation's own names file stays with it (only its use is recorded).
+    organisation's own names file stays with it (only its use is recorded). How many matches an organisation
+    reported (``redaction.share: counts``) never goes into the exported model; which kinds it found does.
     """
     organisations = {org: {k: v for k, v in report.items() if k != "counts"} for org, report in sorted(reports.items())}
     on = [report for report in organisations.values() if report.get("enabled") is True]
@@ -123,10 +124,15 @@ def model_card(labels: list[str], rules: dict, *, mean_pooled: bool = False) -> 
         ]
         for org, spec in rules["organisations"].items():
             if spec.get("enabled"):
+                if "found" in spec:
+                    found = f"found: {', '.join(spec['found']) or 'nothing'}"
+                else:
+                    found = "what was found: not shared by the organisation"
                 lines.append(
                     f"- {org}: `{spec.get('rules')}` v{spec.get('version')} ({spec.get('engine')}), kinds"
                     f" {', '.join(spec.get('kinds', []))}, locales {', '.join(spec.get('locales', []))},"
-                    f" own names list: {'yes' if spec.get('extra_names') else 'no'}, digest {str(spec.get('digest'))[:16]}"
+                    f" own names list: {'yes' if spec.get('extra_names') else 'no'}, digest {str(spec.get('digest'))[:16]};"
+                    f" {found}"
                 )
             else:
                 lines.append(f"- {org}: no redaction")

@@ -202,6 +202,16 @@ def run_simulation_from_config(
     return summary
 
 
+def redaction_found(report: dict[str, Any]) -> str:
+    """What one organisation's redaction report says was found: matches per kind, the kinds, or not shared."""
+    if "counts" in report:
+        return ", ".join(f"{kind} {n}" for kind, n in report["counts"].items() if n) or "nothing found"
+    if "found" in report:
+        found = ", ".join(report["found"]) or "nothing"
+        return f"found {found} (kinds only: the organisation does not share how many)"
+    return "what was found is not shared by the organisation"
+
+
 def final_report(summary: dict[str, Any]) -> str:
     final = summary.get("final") or {}
     lines = [
@@ -209,10 +219,19 @@ def final_report(summary: dict[str, Any]) -> str:
         f"Run {summary.get('status')}: {len(summary.get('rounds', []))} rounds in {summary.get('wall_time_s')} s",
     ]
     if final and final.get("accuracy") is not None:
+        f1 = "not shared by the organisations" if final.get("macro_f1") is None else f"{final['macro_f1']:.3f}"
         lines.append(
-            f"Global model: accuracy {final['accuracy']:.3f}, macro-F1 {final['macro_f1']:.3f},"
+            f"Global model: accuracy {final['accuracy']:.3f}, macro-F1 {f1},"
             f" loss {final['loss']:.3f} (on the organisations' own test data)"
         )
+    if final and final.get("trained_orgs"):
+        if final.get("train_loss") is None:
+            lines.append("Mean training loss: not shared by the organisations (privacy.share_training_loss is off)")
+        else:
+            lines.append(
+                f"Mean training loss (last round, outside the DP guarantee; sent by"
+                f" {', '.join(final.get('train_loss_orgs') or final['trained_orgs'])}): {final['train_loss']:.3f}"
+            )
     elif final:
         lines.append("Global model: not evaluated in the last round (no organisation answered; see the errors above)")
     if summary.get("dp_enabled"):
@@ -226,10 +245,9 @@ def final_report(summary: dict[str, Any]) -> str:
         lines.append("DP was OFF: these results carry no privacy guarantee.")
     redacted = {org: r for org, r in (summary.get("redaction") or {}).items() if r.get("enabled")}
     if redacted:
-        lines.append("Redacted before tokenisation (matches replaced, train + test):")
+        lines.append("Redacted before tokenisation (train + test; as each organisation shares it: redaction.share):")
         for org, report in redacted.items():
-            counts = ", ".join(f"{kind} {n}" for kind, n in report.get("counts", {}).items() if n) or "nothing found"
-            lines.append(f"  {org}: {counts}")
+            lines.append(f"  {org}: {redaction_found(report)}")
     client_dp = summary.get("client_dp")
     if client_dp:
         lines.append(

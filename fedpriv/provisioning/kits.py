@@ -418,6 +418,9 @@ def node_yaml(cfg: FederationConfig, org: OrganisationConfig, approved_apps: lis
         "# names, one per line). The coordinator cannot override them. Relative paths are relative to this file.\n"
         "# approved_apps: the SHA-256 of each Flower app (FAB) this node may run, after you reviewed it\n"
         "# (`fedpriv app hash APP_FOLDER`); the node refuses any other before it reads your data or keys.\n"
+        "# What your node sends beside its DP-trained update (docs/threat-model.md, 'What leaves a node'):\n"
+        "# privacy.share_training_loss (the exact training loss), privacy.share_per_class_eval (per-class test\n"
+        "# counts: the run's macro-F1), redaction.share (kinds: which kinds were found; counts: how many; none).\n"
     )
     return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 

@@ -83,3 +83,29 @@ def test_the_coordinators_run_config_cannot_switch_off_an_organisations_dp(tmp_p
     )
     (tmp_path / "node.yaml").write_text(text)
     assert len(node.local_node(cfg, context).train) == 30
+
+
+def test_what_a_deployment_node_shares_is_its_organisations_own_setting_not_the_run_configs(tmp_path, fresh_caches):
+    """privacy.share_training_loss / share_per_class_eval and redaction.share come from node.yaml (issue 26)."""
+    from client.disclosures import Sharing
+
+    cfg = load_config(
+        overrides=[
+            *OVERRIDES,
+            "privacy.share_training_loss=true",
+            "privacy.share_per_class_eval=false",
+            "redaction.share=counts",
+        ]
+    )
+    context = _write(tmp_path, 40)
+    assert node.local_node(cfg, context).sharing == Sharing(training_loss=False, per_class_eval=True, redaction="kinds")
+    text = (
+        (tmp_path / "node.yaml")
+        .read_text()
+        .replace("target_epsilon: 5.0}", "target_epsilon: 5.0, share_training_loss: true, share_per_class_eval: false}")
+        .replace("redaction: {enabled: false}", "redaction: {enabled: false, share: none}")
+    )
+    (tmp_path / "node.yaml").write_text(text)
+    assert node.local_node(cfg, context).sharing == Sharing(training_loss=True, per_class_eval=False, redaction="none")
+    # a simulation: the run config speaks for every virtual organisation
+    assert Sharing.from_run_config(cfg) == Sharing(training_loss=True, per_class_eval=False, redaction="counts")

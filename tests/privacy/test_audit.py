@@ -321,7 +321,7 @@ def test_the_audit_reports_redaction_as_the_signed_entries_record_it(tmp_path):
     assert org.ok and org.redaction == {
         "status": "mixed", "dp_rounds": 3, "rounds_recorded": 3, "rounds_on": 2,
         "rule_sets": ["fedpriv-pii v1 (" + "cd" * 6 + ")"], "kinds": ["email", "person"],
-        "counts": {"email": 4, "person": 11},
+        "counts": {"email": 4, "person": 11}, "share": "counts", "found": ["email", "person"],
     }  # fmt: skip
     # the record is part of what is signed: turning redaction "on" after the fact breaks the signature
     entries = read_entries(ledger.path)
@@ -329,6 +329,35 @@ def test_the_audit_reports_redaction_as_the_signed_entries_record_it(tmp_path):
     _rewrite(ledger.path, entries)
     (org,) = audit(load_ledger_set([ledger.path], keys), prv=False).orgs
     assert [(f.problem, f.seq) for f in org.findings] == [("edited", 3)]
+
+
+def test_the_audit_reads_new_entries_that_say_only_which_kinds_were_found_or_nothing(tmp_path):
+    """redaction.share (issue 26): entries of "kinds" carry ``found`` and no counts, of "none" neither; entries
+    written before the setting (counts, no ``share``) read as before, in the same ledger."""
+    from privacy.audit_report import markdown
+
+    key = ensure_signing_key(tmp_path / "org-k.key")
+    ledger = NodeLedger.open(tmp_path / "org-k", "org-k", key)
+    spec = {k: v for k, v in REDACTION_ON.items() if k != "counts"}
+    kinds = {**spec, "share": "kinds", "found": ["person"]}
+    truth = rdp_epsilons([(SIGMA, Q, STEPS)] * 3, DELTA)
+    for server_round, redaction in enumerate([REDACTION_ON, kinds, kinds], start=1):
+        ledger.append("dp_round", server_round, {**_dp_fields(truth[server_round - 1]), "redaction": redaction})
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "org-k.pub").write_text(public_key_text(key.public_key()))
+    result = audit(load_ledger_set([ledger.path], keys), prv=False)
+    (org,) = result.orgs
+    assert org.ok and org.redaction["status"] == "on" and org.redaction["rounds_on"] == 3
+    assert org.redaction["counts"] == {} and org.redaction["share"] == "kinds" and org.redaction["found"] == ["person"]
+    assert "person (kinds only)" in markdown(result)
+
+    ledger.append("dp_round", 4, {**_dp_fields(rdp_epsilons([(SIGMA, Q, STEPS)] * 4, DELTA)[-1]),
+                                  "redaction": {**spec, "share": "none"}})  # fmt: skip
+    result = audit(load_ledger_set([ledger.path], keys), prv=False)
+    (org,) = result.orgs
+    assert org.ok and org.redaction["share"] == "none" and org.redaction["found"] == []
+    assert "not shared by the organisation" in markdown(result)
 
 
 def test_ledgers_from_before_redaction_was_recorded_say_so(run_dir):

@@ -113,3 +113,48 @@ def test_a_round_where_nobody_trained_is_reported_as_such():
     tracker.end_of_round(1, ArrayRecord())  # every train reply was an error: no aggregate_train call
     assert tracker.rounds[0].trained_orgs == []
     assert "NO organisation trained" in lines[0] and "acc" not in lines[0]
+
+
+def _without(reply, *keys):
+    """``reply`` as a node that does not share ``keys`` of its metrics sends it (client/disclosures.py)."""
+    metrics = {key: value for key, value in reply[protocol.METRICS].items() if key not in keys}
+    return RecordDict(
+        {**{name: reply[name] for name in reply if name != protocol.METRICS}, "metrics": MetricRecord(metrics)}
+    )
+
+
+def test_a_training_loss_not_shared_is_null_and_a_partly_shared_one_names_who_sent_it():
+    from server.reports import build_summary
+
+    tracker = RoundTracker(num_rounds=2, num_labels=3, dp_enabled=True, printer=lambda _: None)
+    agg = tracker.aggregate_train(
+        [_without(_train_reply("org-a", 40, 1.0, 2.5), protocol.TRAIN_LOSS),
+         _without(_train_reply("org-b", 60, 2.0, 3.0), protocol.TRAIN_LOSS)], "num-examples"
+    )  # fmt: skip
+    assert protocol.TRAIN_LOSS not in agg and agg[protocol.NUM_EXAMPLES] == 100
+    tracker.end_of_round(1, ArrayRecord())
+    assert tracker.rounds[0].train_loss is None and tracker.rounds[0].train_loss_orgs == []
+    tracker.aggregate_train(
+        [_without(_train_reply("org-a", 40, 1.0, 2.5), protocol.TRAIN_LOSS), _train_reply("org-b", 60, 2.0, 3.0)],
+        "num-examples",
+    )
+    tracker.end_of_round(2, ArrayRecord())
+    assert tracker.rounds[1].train_loss == 2.0 and tracker.rounds[1].train_loss_orgs == ["org-b"]
+    summary = build_summary(tracker, {}, {})
+    assert summary["rounds"][0]["train_loss"] is None and "train_loss_orgs" in summary["rounds"][0]
+
+
+def test_without_every_organisations_per_class_counts_macro_f1_is_null_and_said_so():
+    lines = []
+    tracker = RoundTracker(num_rounds=1, num_labels=3, dp_enabled=True, printer=lines.append)
+    tracker.aggregate_train([_train_reply("org-a", 40, 1.0, 2.5)], "num-examples")
+    per_class = [protocol.class_count_key(kind, c) for kind in ("tp", "fp", "fn") for c in range(3)]
+    agg = tracker.aggregate_evaluate(
+        [_eval_reply("org-a", [0, 1], [0, 1], 1.0), _without(_eval_reply("org-b", [2, 2], [2, 0], 1.0), *per_class)],
+        "num-examples",
+    )
+    tracker.end_of_round(1, ArrayRecord())
+    record = tracker.rounds[0]
+    assert record.macro_f1 is None and "macro_f1" not in agg  # never the macro-F1 of org-a alone
+    assert record.accuracy == 0.75 and record.org_accuracy == {"org-a": 1.0, "org-b": 0.5}
+    assert "macro-F1 not shared by the organisations" in lines[-1]

@@ -6,8 +6,8 @@ wrote holds any of them (summary, ledgers, node state, checkpoints, exported
 model, audit files), the node's tokenised training and test inputs do not
 contain their token sequences, and the replies the node sends (run here with
 the same ClientApp handlers, serialised as Flower sends them) do not either.
-The counts per kind reach summary.json, every ledger entry and the audit
-report; the exported model names the rules and `fedpriv predict` applies them.
+With ``redaction.share: counts`` the counts per kind reach summary.json,
+every ledger entry and the audit report; the exported model names the rules and `fedpriv predict` applies them.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def redacted_run(tmp_path_factory):
         "training.batch_size=16",
         "data.max_length=64",
         "redaction.enabled=true",
+        "redaction.share=counts",  # the organisations share their counts here (default: only the kinds found)
     ]
     proc, run = simulate(cwd, *overrides)
     assert "Redaction ON before tokenisation (rules fedpriv-pii" in proc.stdout  # said before training starts
