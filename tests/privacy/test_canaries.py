@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -262,3 +263,29 @@ def test_only_the_audited_simulated_organisation_gets_canaries(tmp_path):
     assert _gradient_canaries(text, SimpleNamespace(audited=True), model) is None
     drawn = _gradient_canaries(cfg, SimpleNamespace(audited=True), model)
     assert drawn.count == 16000 and drawn.num_coordinates == 20100 and drawn.norm == cfg.privacy.max_grad_norm
+
+
+@pytest.mark.parametrize("kind", ["gradient", "text"])
+def test_the_scorer_writes_the_bound_and_the_reach_for_either_kind(tmp_path, kind):
+    """An untrained final model (the initial weights as round 1's checkpoint): no canary stands out."""
+    from flwr.app import ArrayRecord
+
+    from server.checkpoints import save_checkpoint
+    from shared_models.builder import build_model
+    from shared_models.weights import trainable_state
+    from simulations.canary_audit import EMPIRICAL_FILE, describe, run_canary_audit
+
+    cfg = load_config(None, ["model.name=tiny", "model.finetuning=full", "partitioning.num_orgs=2",
+                             "data.max_examples=80", "training.batch_size=8", "canary_audit.enabled=true",
+                             f"canary_audit.kind={kind}"])  # fmt: skip
+    labels = ["business", "entertainment", "politics", "sport", "tech"]
+    save_checkpoint(tmp_path, 1, ArrayRecord(torch_state_dict=trainable_state(build_model(cfg.model, labels))))
+    summary = {"label_names": labels, "rounds": [{"round": 1}], "dp_enabled": False, "privacy": {}}
+    result = run_canary_audit(cfg, tmp_path, summary)
+    assert result == json.loads((tmp_path / EMPIRICAL_FILE).read_text())
+    assert result["kind"] == kind and result["org"] == "org-0" and result["claimed_epsilon"] is None
+    expected = {"gradient": (16000, 16000, 8.112), "text": (200, 40, 2.548)}[kind]
+    assert (result["canaries"], result["guesses"]) == expected[:2]
+    assert result["max_reachable_epsilon"] == pytest.approx(expected[2], abs=0.002)
+    assert result["epsilon_lower_bound"] < 1.0 and result["can_contradict_claim"] is None
+    assert f"cannot show an epsilon above {expected[2]:.2f}" in describe(result)
