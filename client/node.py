@@ -65,6 +65,8 @@ class LocalNode:
     # the files this node was read from, each with its file_stamp() taken BEFORE it was read (a write during the
     # read then shows as a change); () in simulation, whose corpus is part of the installed code
     sources: tuple[tuple[str, tuple | None], ...] = ()
+    # the organisation whose training a simulation's canary audit watches (canary_audit.org); never in deployment
+    audited: bool = False
 
 
 TOKEN_CACHE_DIR = "token-cache"
@@ -108,7 +110,8 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
     texts, labels, redacted = org.train.texts, org.train.labels, None
     if redactor is not None:  # before the canaries: they are made-up sentences, the audit must see them as made
         texts, redacted = redact_visible(texts, tokenizer, max_length, redactor)
-    if cfg.canary_audit.enabled:  # the audited organisation also trains on the canaries drawn "in"
+    audited = cfg.canary_audit.enabled and partition_id == cfg.canary_audit.org
+    if audited and cfg.canary_audit.kind == "text":  # the audited organisation also trains on the canaries "in"
         from simulations.canary_audit import with_canaries
 
         texts, labels = with_canaries(cfg, partition_id, texts, labels, len(plan.label_names), tokenizer)
@@ -126,6 +129,7 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         ledger_key=None,
         redaction=redaction_report(redactor, [redacted, test.redacted], cfg.redaction.share),
         sharing=Sharing.from_run_config(cfg),
+        audited=audited,
     )
 
 

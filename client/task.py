@@ -95,6 +95,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             grad_sample_mode=cfg.privacy.grad_sample_mode,
             proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
             seed=cfg.run.seed * 100_003 + server_round,
+            canaries=_gradient_canaries(cfg, node, model),
         )
     metrics = {
         protocol.NUM_EXAMPLES: len(node.train),
@@ -137,6 +138,15 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             **records,
         }
     )
+
+
+def _gradient_canaries(cfg: FedPrivConfig, node: LocalNode, model: torch.nn.Module):
+    """The Dirac canaries of a simulation's gradient canary audit, for the audited organisation only (else None)."""
+    if not (node.audited and cfg.canary_audit.enabled and cfg.canary_audit.kind == "gradient"):
+        return None
+    from simulations.canary_audit import gradient_canaries_for  # simulation only: deployment never imports it
+
+    return gradient_canaries_for(cfg, sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def _replayed(

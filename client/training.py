@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,6 +18,9 @@ from client.tokenized import PadCollator, TokenizedTexts
 from fedpriv.config import TrainingConfig
 from privacy.accountant_state import NodePrivacy
 from privacy.bookkeeping import BookkeepingClipping, choose_clipping_mode
+
+if TYPE_CHECKING:
+    from privacy.gradient_canaries import DiracCanaries
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,22 @@ def _noise_only_step(optimizer, params: list[torch.nn.Parameter]) -> None:
         param.grad = torch.zeros_like(param)  # what ghost clipping's optimizer reads
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _attach_canaries(canaries, optimizer, params, *, cfg, privacy, examples: int, seed: int) -> None:
+    from privacy.gradient_canaries import CanaryInjector, attach_to_dp_optimizer, attach_to_plain_optimizer
+
+    if privacy is None:  # a baseline: reproducible, the canaries sampled at the rate DP-SGD would use
+        rate, generator = min(1.0, cfg.batch_size / examples), torch.Generator().manual_seed(seed + 1)
+        injector = CanaryInjector(canaries, params, norm=canaries.norm, sample_rate=rate, generator=generator)
+        attach_to_plain_optimizer(optimizer, injector, cfg.batch_size)
+    else:  # the sampling is as secret as the batches'
+        plan = privacy.plan
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        injector = CanaryInjector(
+            canaries, params, norm=plan.max_grad_norm, sample_rate=plan.sample_rate, generator=generator
+        )
+        attach_to_dp_optimizer(optimizer, injector)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -197,8 +217,13 @@ def train_locally(
     grad_sample_mode: str = "auto",
     proximal_mu: float = 0.0,
     seed: int = 0,
+    canaries: DiracCanaries | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.local_epochs`` epochs over ``data``."""
+    """Train ``model`` in place for ``cfg.local_epochs`` epochs over ``data``.
+
+    ``canaries`` (the audited organisation of a simulation's gradient canary audit only): the included ones are
+    Poisson-sampled at each step and added to the clipped gradient sum before the noise (privacy/gradient_canaries.py).
+    """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
@@ -235,6 +260,8 @@ def train_locally(
             raise RuntimeError(
                 f"data loader sample rate {loader.sample_rate} differs from the calibrated {privacy.plan.sample_rate}"
             )
+    if canaries is not None:
+        _attach_canaries(canaries, optimizer, params, cfg=cfg, privacy=privacy, examples=len(data), seed=seed)
 
     total = StepStats()
     steps = 0

@@ -365,19 +365,50 @@ class ClientDPConfig:
 class CanaryAuditConfig:
     """Empirical privacy audit in simulation (Steinke, Nasr and Jagielski 2023, one training run).
 
-    ``canaries`` random sentences with random labels are made; each is added to
-    organisation ``org``'s training data with probability 1/2. After training,
-    the ``guesses`` canaries the final model fits best are guessed "in" and the
-    ``guesses`` it fits worst "out"; the number of right guesses gives a lower
-    bound on epsilon that holds with probability ``confidence``.
+    ``canaries`` canaries are made; each is included with probability 1/2, in
+    organisation ``org`` only. ``kind: gradient`` (white-box, the default): each
+    canary is one coordinate of the trainable parameters (a Dirac gradient of
+    norm ``privacy.max_grad_norm`` with a random sign) that the node adds to its
+    clipped gradient sum, before the noise, at every step that Poisson-samples
+    it (exactly one more example to DP-SGD); it is scored by how far its
+    coordinate moved in its direction. ``kind: text``: random sentences with
+    random labels added to the organisation's training data, scored by the
+    final model's loss. The ``guesses`` best-scored canaries are guessed "in"
+    and the ``guesses`` worst "out"; the right guesses give a lower bound on
+    epsilon that holds with probability ``confidence``. The largest bound these
+    settings can show at all (every guess right) is ``max_reachable_epsilon``:
+    the defaults (gradient: 16,000 canaries, every one guessed) reach 8.1 at
+    95% and delta 1e-5; text canaries default to 200 with 20 guesses each way
+    (reachable 2.55: text canaries cannot number in the thousands without
+    swamping the organisation's data).
     """
 
     enabled: bool = False
-    canaries: int = field(default=200, metadata=_positive("an integer > 0"))
-    guesses: int = field(default=20, metadata=_positive("an integer > 0"))
+    kind: Literal["gradient", "text"] = "gradient"
+    canaries: int | None = field(default=None, metadata=_positive("an integer > 0 or null (the kind's default)"))
+    guesses: int | None = field(default=None, metadata=_positive("an integer > 0 or null (the kind's default)"))
     org: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (a partition index)"))
     confidence: float = field(default=0.95, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
     seed: int = field(default=0, metadata=_seed())
+
+    @property
+    def count(self) -> int:
+        """The number of canaries: ``canaries``, or the kind's default (gradient 16,000; text 200)."""
+        return self.canaries if self.canaries is not None else DEFAULT_CANARIES[self.kind]
+
+    @property
+    def guesses_each_way(self) -> int:
+        """Guesses "in" (and as many "out"): ``guesses``, or the kind's default (gradient: every canary guessed,
+        count // 2 each way; text: count // 10 each way)."""
+        if self.guesses is not None:
+            return self.guesses
+        return max(1, self.count // 2 if self.kind == "gradient" else self.count // 10)
+
+
+# the kinds' default numbers of canaries: 16,000 gradient canaries, all guessed, can show epsilon >= 8.11 at 95%
+# confidence and delta 1e-5 (privacy/canaries.py max_reachable_epsilon); 200 text canaries with 20 guesses each
+# way at most 2.55
+DEFAULT_CANARIES = {"gradient": 16_000, "text": 200}
 
 
 # what a node can redact from its text before tokenisation (privacy/redaction.py maps each to its recognizers)
@@ -606,10 +637,11 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
         nodes = cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
         cfg.client_dp.update_noise_multiplier(cfg.strategy.planned_train_nodes(nodes))
     canary = cfg.canary_audit
-    if canary.enabled and 2 * canary.guesses > canary.canaries:
+    if canary.enabled and 2 * canary.guesses_each_way > canary.count:
+        guesses = canary.guesses_each_way
         raise ConfigError(
-            f"config: canary_audit.guesses: {canary.guesses} 'in' and {canary.guesses} 'out' guesses need at least"
-            f" {2 * canary.guesses} canaries (canary_audit.canaries={canary.canaries})"
+            f"config: canary_audit.guesses: {guesses} 'in' and {guesses} 'out' guesses need at least"
+            f" {2 * guesses} canaries (canary_audit.canaries={canary.count})"
         )
     if canary.enabled and canary.org >= cfg.partitioning.num_orgs:
         raise ConfigError(

@@ -66,16 +66,7 @@ def markdown(result: AuditResult) -> str:
         lines.append("None: every signature verifies, every chain is complete and in order, every claimed epsilon")
         lines.append("is at least what its recorded parameters give, and every organisation stayed within its budget.")
     if result.empirical:
-        e = result.empirical
-        claimed = "n/a (DP off)" if e.get("claimed_epsilon") is None else f"{e['claimed_epsilon']:.4f}"
-        lines += [
-            "",
-            "## Empirical audit (canaries)",
-            "",
-            f"{e['org']}: {e['correct']} of {e['guesses']} membership guesses right on {e['canaries']} canaries"
-            f" ({e['included']} inserted): epsilon >= **{e['epsilon_lower_bound']:.4f}** with"
-            f" {e['confidence']:.0%} confidence, next to the claimed epsilon {claimed}. ({e['method']})",
-        ]
+        lines += ["", "## Empirical audit (canaries)", "", *_empirical_lines(result.empirical)]
     lines += ["", "## Redaction", "", *_redaction_lines(result)]
     lines += ["", "## Keys", ""]
     for org in result.orgs:
@@ -149,8 +140,19 @@ def _redaction_lines(result: AuditResult) -> list[str]:
     return lines
 
 
-def plot_png(result: AuditResult) -> bytes | None:
-    """Epsilon per round per organisation: recomputed (line), claimed (dots), budgets (dashed)."""
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def plot_figure(result: AuditResult):
+    """Epsilon per round per organisation (a matplotlib Figure; None without DP rounds).
+
+    Recomputed epsilons are lines with small filled markers, the ledgers' claims larger hollow markers of the
+    same colour on top (a claim that equals its recomputation shows as a ring around the line's marker), budgets
+    dotted horizontal lines. Each organisation has its own colour, line style and marker, and lines drawn later
+    are thinner, so organisations whose values coincide stay visible. Rounds are whole numbers on the x axis; the
+    legend sits outside the axes, hiding no data.
+    """
     orgs = [org for org in result.orgs if org.rounds]
     if not orgs:
         return None
@@ -158,30 +160,67 @@ def plot_png(result: AuditResult) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     if len(orgs) > MAX_PLOTTED_ORGS:
         orgs = sorted(orgs, key=lambda o: -(o.recomputed_epsilon.get("rdp") or 0) / (o.max_epsilon or 1))
         orgs = orgs[:MAX_PLOTTED_ORGS]
-    fig, axis = plt.subplots(figsize=(9, 4.5))
-    for org in orgs:
+    fig, axis = plt.subplots(figsize=(10, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    rounds_seen: list[int] = []
+    highest = 0.0
+    for number, org in enumerate(orgs):
         rounds = [check.round for check in org.rounds]
+        rounds_seen += rounds
         recomputed = [
             check.rdp_epsilon if check.accountant == "rdp" or check.prv_epsilon is None else check.prv_epsilon
             for check in org.rounds
         ]
-        (line,) = axis.plot(rounds, recomputed, label=org.org, linewidth=1.5)
-        axis.scatter(rounds, [c.claimed_epsilon for c in org.rounds], s=12, color=line.get_color())
+        highest = max([highest, *recomputed, *(c.claimed_epsilon for c in org.rounds), org.max_epsilon or 0.0])
+        colour, marker = colours[number % len(colours)], MARKERS[number % len(MARKERS)]
+        few = len(rounds) <= 60  # markers only where they stay apart
+        axis.plot(
+            rounds, recomputed, label=org.org, color=colour, linestyle=LINE_STYLES[number % len(LINE_STYLES)],
+            linewidth=max(0.8, 2.6 - 0.3 * number), marker=marker if few else None, markersize=4, zorder=2,
+        )  # fmt: skip
+        axis.plot(
+            rounds, [c.claimed_epsilon for c in org.rounds], linestyle="none", marker=marker,
+            markersize=9 if few else 5, markerfacecolor="none", markeredgecolor=colour, markeredgewidth=1.2, zorder=3,
+        )  # fmt: skip
         if org.max_epsilon is not None:
-            axis.axhline(org.max_epsilon, linestyle="--", linewidth=0.8, color=line.get_color())
-    axis.set(
-        xlabel="round", ylabel="epsilon", title="Epsilon per round: recomputed (lines), claimed (dots), budget (dashed)"
-    )
-    axis.set_ylim(bottom=0)
+            axis.axhline(org.max_epsilon, linestyle=":", linewidth=1.0, color=colour, zorder=1)
+    kinds = [
+        Line2D([], [], color="0.3", linewidth=1.8, marker="o", markersize=4, label="recomputed (line)"),
+        Line2D([], [], color="0.3", linestyle="none", marker="o", markersize=9, markerfacecolor="none",
+               label="claimed (hollow marker)"),
+        Line2D([], [], color="0.3", linestyle=":", linewidth=1.0, label="budget max_epsilon (dotted)"),
+    ]  # fmt: skip
+    org_legend = axis.legend(
+        title="organisation", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+        ncol=1 if len(orgs) <= 12 else 2,
+    )  # fmt: skip
+    axis.add_artist(org_legend)
+    axis.legend(handles=kinds, fontsize="small", loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0.0)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    axis.xaxis.set_major_formatter(FormatStrFormatter("%d"))
+    axis.set_xlim(min(rounds_seen) - 0.5, max(rounds_seen) + 0.5)
+    axis.set(xlabel="round", ylabel="epsilon", title="Epsilon per round: recomputed, claimed and budget")
+    axis.set_ylim(0, highest * 1.08 if highest > 0 else 1.0)  # a budget line never sits on the frame
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=2)
     fig.tight_layout()
+    return fig
+
+
+def plot_png(result: AuditResult) -> bytes | None:
+    """:func:`plot_figure` as PNG bytes (None without DP rounds)."""
+    fig = plot_figure(result)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 
@@ -229,16 +268,52 @@ Verdict: <span class="verdict">{html.escape(verdict)}</span> ({len(result.orgs)}
 """
 
 
+def _empirical_reach(e: dict) -> tuple[float | None, str]:
+    """The largest bound the audit's settings can show (every guess right), and what it means for the claim."""
+    from privacy.canaries import max_reachable_epsilon, reach_note
+
+    reach = e.get("max_reachable_epsilon")
+    if reach is None:  # an empirical_audit.json written before the field existed: the same computation
+        try:
+            reach = max_reachable_epsilon(int(e["canaries"]), int(e["guesses"]) // 2, float(e["delta"]),
+                                          float(e["confidence"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            return None, ""
+    return float(reach), reach_note(float(reach), e.get("claimed_epsilon"))
+
+
+def _empirical_lines(e: dict) -> list[str]:
+    claimed = "n/a (DP off)" if e.get("claimed_epsilon") is None else f"{e['claimed_epsilon']:.4f}"
+    lines = [
+        f"{e['org']}: {e['correct']} of {e['guesses']} membership guesses right on {e['canaries']} canaries"
+        f" ({e['included']} inserted): epsilon >= **{e['epsilon_lower_bound']:.4f}** with"
+        f" {e['confidence']:.0%} confidence, next to the claimed epsilon {claimed}. ({e['method']})",
+    ]
+    reach, note = _empirical_reach(e)
+    if reach is not None:
+        text = f"The most this audit can show (every guess right): epsilon >= {reach:.4f}."
+        if note and e.get("claimed_epsilon") is not None:
+            text += f" **{note[0].upper() + note[1:]}.**"  # below the claim: it cannot contradict it
+        elif e.get("claimed_epsilon") is not None:
+            text += " That is above the claim: the audit could contradict it."
+        lines += ["", text]
+    return lines
+
+
 def _empirical_html(result: AuditResult) -> str:
     e = result.empirical
     if not e:
         return ""
     claimed = "n/a (DP off)" if e.get("claimed_epsilon") is None else f"{e['claimed_epsilon']:.4f}"
+    reach, note = _empirical_reach(e)
+    shown = "n/a" if reach is None else f"{reach:.4f}"
+    warning = f'<p class="reach"><b>{html.escape(note[0].upper() + note[1:])}.</b></p>' if note else ""
     return (
         "<h2>Empirical audit (canaries)</h2><table><tr><th>organisation</th><th>canaries</th><th>right guesses</th>"
-        "<th>empirical lower bound</th><th>claimed epsilon</th></tr>"
+        "<th>empirical lower bound</th><th>most it can show</th><th>claimed epsilon</th></tr>"
         f"<tr><td>{html.escape(str(e['org']))}</td><td>{e['canaries']}</td><td>{e['correct']} / {e['guesses']}</td>"
-        f"<td>{e['epsilon_lower_bound']:.4f} ({e['confidence']:.0%})</td><td>{claimed}</td></tr></table>"
+        f"<td>{e['epsilon_lower_bound']:.4f} ({e['confidence']:.0%})</td><td>{shown}</td><td>{claimed}</td></tr>"
+        f"</table>{warning}<p>{html.escape(str(e.get('method', '')))}</p>"
     )
 
 

@@ -1,16 +1,25 @@
 """Empirical privacy audit with one training run (Steinke, Nasr and Jagielski, NeurIPS 2023).
 
-m canaries (random word sequences with random labels) are drawn; each is put
-into one organisation's training data with probability 1/2, independently.
-After training, the auditor scores every canary by how well the final global
-model fits it (negative loss), guesses "in" for the k best and "out" for the k
-worst, and counts right guesses. Under (epsilon, delta)-DP the count of right
+m canaries are drawn; each is included in one organisation's training with
+probability 1/2, independently: random word sequences with random labels put
+into its data (text canaries, below), or gradient-space Dirac canaries added to
+its clipped gradient sums (privacy/gradient_canaries.py). After training, the
+auditor scores every canary (how well the final model fits a text canary; how
+far a gradient canary's coordinate moved in its direction), guesses "in" for
+the k best and "out" for the k worst, and counts right guesses. Under (epsilon, delta)-DP the count of right
 guesses among r is dominated by Binomial(r, e^eps / (1 + e^eps)) up to a delta
 term (their Theorem 3.1); the largest epsilon that this rejects at the chosen
 confidence is an empirical lower bound on the real epsilon. A correct DP
 implementation can never be caught with a bound above its claimed epsilon
 (except with probability 1 - confidence); a model that memorises shows a bound
 well above zero.
+
+The bound can never exceed what ``max_reachable_epsilon`` gives (every guess
+right): with m canaries and k guesses each way, that caps what the audit can
+say. 200 canaries and 20 guesses cannot show more than 2.55, so they can never
+contradict a claim of epsilon 8; 16,000 canaries all guessed reach 8.11 (at
+95% confidence and delta 1e-5), and more canaries add little beyond that,
+because the delta term grows with m.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 CANARY_PREFIX = "canary"
@@ -85,6 +95,26 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float)
     return low
 
 
+@lru_cache(maxsize=64)
+def max_reachable_epsilon(m: int, guesses: int, delta: float, confidence: float) -> float:
+    """The largest bound an audit with ``m`` canaries and ``guesses`` guesses each way can show at all: the one-run
+    bound when all 2 x ``guesses`` guesses are right, at ``confidence``. No claim above it can be contradicted."""
+    r = min(2 * guesses, m)
+    return epsilon_lower_bound(m, r, r, delta, confidence)
+
+
+def reach_note(reachable: float, claimed: float | None) -> str:
+    """What the reachable bound means for the claim, in one sentence (empty when the audit can contradict it)."""
+    if claimed is None:
+        return f"this audit cannot show an epsilon above {reachable:.2f}, whatever the training does"
+    if reachable < claimed:
+        return (
+            f"this audit cannot contradict a claim above {reachable:.2f}: the claimed epsilon {claimed:.3g} is out"
+            " of its reach (more canaries or guesses raise the reach)"
+        )
+    return ""
+
+
 def guess_and_bound(
     scores: list[float], included: list[bool], guesses: int, delta: float, confidence: float
 ) -> dict[str, Any]:
@@ -102,4 +132,5 @@ def guess_and_bound(
         "confidence": confidence,
         "delta": delta,
         "epsilon_lower_bound": epsilon_lower_bound(m, r, right, delta, confidence),
+        "max_reachable_epsilon": max_reachable_epsilon(m, guesses, delta, confidence),
     }

@@ -1,30 +1,85 @@
-"""The simulation side of the empirical audit: put canaries into one organisation's data, then score them.
+"""The simulation side of the empirical audit: canaries in one organisation's training, then score them.
 
 ``canary_audit.enabled`` makes the simulated organisation ``canary_audit.org``
-train on its partition plus the canaries drawn "in" (see
-``privacy/canaries.py``). After the run, the final global model scores all
-canaries, and the one-run bound is written to ``empirical_audit.json`` next to
-the organisation's claimed epsilon. The canaries are a deterministic function
-of the config, so the scoring side rebuilds exactly the set the node used.
+(and no other) train with the canaries drawn "in": ``kind: gradient`` adds
+Dirac canaries to its clipped gradient sums before the noise
+(``privacy/gradient_canaries.py``); ``kind: text`` adds canary sentences to its
+partition (``privacy/canaries.py``). After the run, the final global model
+scores all canaries (gradient: each coordinate's movement from the initial
+model against the canary's direction; text: the canary's loss), and the
+one-run bound is written to ``empirical_audit.json`` next to the
+organisation's claimed epsilon and the largest bound the settings can reach
+(``max_reachable_epsilon``). The canaries are a deterministic function of the
+config, so the scoring side rebuilds exactly the set the node used.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedpriv.config import FedPrivConfig
-from privacy.canaries import Canaries, guess_and_bound, make_canaries, word_vocabulary
+from fedpriv.config import ConfigError, FedPrivConfig
+from privacy.canaries import (
+    Canaries,
+    guess_and_bound,
+    make_canaries,
+    max_reachable_epsilon,
+    reach_note,
+    word_vocabulary,
+)
+from privacy.gradient_canaries import DiracCanaries, dirac_scores, flat_trainable, make_dirac_canaries
 
 EMPIRICAL_FILE = "empirical_audit.json"
 
 
 def canaries_for(cfg: FedPrivConfig, num_labels: int, tokenizer) -> Canaries:
     audit = cfg.canary_audit
-    return make_canaries(audit.canaries, num_labels, audit.seed, word_vocabulary(tokenizer))
+    return make_canaries(audit.count, num_labels, audit.seed, word_vocabulary(tokenizer))
+
+
+def gradient_canaries_for(cfg: FedPrivConfig, num_coordinates: int) -> DiracCanaries:
+    """The Dirac canaries over ``num_coordinates`` trainable coordinates (the node and the scorer draw the same)."""
+    audit = cfg.canary_audit
+    return _dirac(audit.count, num_coordinates, audit.seed, cfg.privacy.max_grad_norm)
+
+
+@functools.lru_cache(maxsize=4)
+def _dirac(count: int, num_coordinates: int, seed: int, norm: float) -> DiracCanaries:
+    return make_dirac_canaries(count, num_coordinates, seed, norm)
+
+
+def check_fits(cfg: FedPrivConfig, num_coordinates: int) -> None:
+    """ConfigError before any training when gradient canaries outnumber the model's trainable coordinates."""
+    audit = cfg.canary_audit
+    if audit.enabled and audit.kind == "gradient" and audit.count > num_coordinates:
+        raise ConfigError(
+            f"config: canary_audit.canaries: {audit.count} gradient canaries need as many trainable coordinates;"
+            f" model {cfg.model.name} ({cfg.model.finetuning}) has {num_coordinates}: set canary_audit.canaries"
+            f" (the reachable bound falls with it) or fine-tune more of the model"
+        )
+
+
+def plan_line(cfg: FedPrivConfig, org: str, delta: float) -> str:
+    """What the audit will do and the most it can show, printed before the run."""
+    audit = cfg.canary_audit
+    guesses = audit.guesses_each_way
+    reach = max_reachable_epsilon(audit.count, guesses, delta, audit.confidence)
+    what = (
+        "gradient (Dirac) canaries added to its clipped gradient sums"
+        if audit.kind == "gradient"
+        else ("text canaries added to its data")
+    )
+    line = (
+        f"Canary audit: {audit.count} {what}, each with probability 1/2, in {org} only; {guesses} guesses each way"
+        f" can show at most epsilon >= {reach:.2f} ({audit.confidence:.0%} confidence, delta {delta:g})"
+    )
+    claimed = cfg.privacy.target_for(org)[0] if cfg.privacy.enabled else None
+    note = reach_note(reach, claimed) if claimed is not None and reach < claimed else ""
+    return line + (f": {note}" if note else "")
 
 
 def with_canaries(
@@ -56,32 +111,55 @@ def canary_scores(model: torch.nn.Module, canaries: Canaries, tokenizer, max_len
     return scores
 
 
+def audited_org(cfg: FedPrivConfig) -> str:
+    """The name of the organisation at partition index ``canary_audit.org``."""
+    from simulations.partitioning import plan_partitions
+
+    return plan_partitions(cfg).orgs[cfg.canary_audit.org].name
+
+
 def run_canary_audit(cfg: FedPrivConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Score the canaries with the run's final model; write and return the empirical audit."""
     from server.checkpoints import checkpoint_path, load_checkpoint
     from shared_models.builder import build_model, build_tokenizer
     from shared_models.weights import load_trainable
 
+    audit = cfg.canary_audit
     label_names = summary["label_names"]
-    tokenizer = build_tokenizer(cfg.model.name)
-    canaries = canaries_for(cfg, len(label_names), tokenizer)
     model = build_model(cfg.model, label_names)
+    initial = flat_trainable(model) if audit.kind == "gradient" else None
     last_round = summary["rounds"][-1]["round"] if summary["rounds"] else 0
     if last_round:
         load_trainable(model, load_checkpoint(checkpoint_path(run_dir, last_round)))
-    scores = canary_scores(model, canaries, tokenizer, cfg.data.max_length)
-    org = f"org-{cfg.canary_audit.org}"
+    if audit.kind == "gradient":
+        final = flat_trainable(model)
+        gradient = gradient_canaries_for(cfg, final.numel())
+        scores, included = dirac_scores(initial, final, gradient), gradient.included
+        method = (
+            "one-run audit (Steinke, Nasr and Jagielski 2023), white-box: Dirac gradient canaries of norm"
+            f" {gradient.norm:g} added to the clipped gradient sum before the noise, scored by their coordinate's"
+            " movement in the final global model, top/bottom guesses"
+        )
+    else:
+        tokenizer = build_tokenizer(cfg.model.name)
+        canaries = canaries_for(cfg, len(label_names), tokenizer)
+        scores, included = canary_scores(model, canaries, tokenizer, cfg.data.max_length), canaries.included
+        method = "one-run audit (Steinke, Nasr and Jagielski 2023), text canaries, loss scores, top/bottom guesses"
+    org = audited_org(cfg)
     report = summary.get("privacy", {}).get(org, {})
     claimed = report.get("epsilon") if summary.get("dp_enabled") else None
     delta = report.get("delta") or cfg.privacy.target_for(org)[1]
     result = {
         "org": org,
-        "method": "one-run audit (Steinke, Nasr and Jagielski 2023), loss scores, top/bottom guesses",
+        "method": method,
+        "kind": audit.kind,
         "claimed_epsilon": claimed,
         "round": last_round,
-        **guess_and_bound(scores, canaries.included, cfg.canary_audit.guesses, delta, cfg.canary_audit.confidence),
+        **guess_and_bound(scores, included, audit.guesses_each_way, delta, audit.confidence),
     }
     result["consistent"] = claimed is None or result["epsilon_lower_bound"] <= claimed
+    # whether this audit could show a bound above the claim at all (None without a claim)
+    result["can_contradict_claim"] = None if claimed is None else result["max_reachable_epsilon"] > claimed
     (run_dir / EMPIRICAL_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -90,8 +168,17 @@ def describe(result: dict[str, Any]) -> str:
     claimed = result["claimed_epsilon"]
     versus = "no DP claim (DP off)" if claimed is None else f"claimed epsilon {claimed:.3f}"
     verdict = "" if result["consistent"] else "  ** ABOVE THE CLAIM: the DP guarantee is contradicted **"
-    return (
+    text = (
         f"Empirical audit ({result['org']}): {result['correct']}/{result['guesses']} membership guesses right on"
         f" {result['canaries']} canaries -> epsilon >= {result['epsilon_lower_bound']:.3f}"
         f" ({result['confidence']:.0%} confidence), {versus}{verdict}"
+    )
+    reach = result.get("max_reachable_epsilon")
+    if reach is None:  # written before the field existed
+        return text
+    note = reach_note(reach, claimed)
+    return (
+        text
+        + f"\n  The most these settings can show (every guess right): epsilon >= {reach:.3f}"
+        + (f"; {note}" if note else ", above the claim: the audit could contradict it")
     )

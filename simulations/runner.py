@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,12 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     if unknown:
         names = ", ".join(org.name for org in partitions.orgs)
         raise ConfigError(f"config: privacy.orgs: unknown organisation(s) {unknown}; organisations are: {names}")
+    if cfg.canary_audit.enabled and cfg.canary_audit.kind == "gradient":
+        from client.node import trainable_layout
+        from simulations.canary_audit import check_fits
+
+        layout = trainable_layout(cfg.model, partitions.label_names)
+        check_fits(cfg, sum(math.prod(shape) for _, shape in layout))
     return SimulationPlan(partitions, privacy)
 
 
@@ -78,6 +85,11 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
             f"Redaction ON before tokenisation (rules {red.rules}: {', '.join(red.kinds)}; locales"
             f" {', '.join(red.locales)}): each node redacts its text once when it first loads it"
         )
+    if cfg.canary_audit.enabled:
+        from simulations.canary_audit import plan_line
+
+        audited = parts.orgs[cfg.canary_audit.org].name
+        lines.append(plan_line(cfg, audited, cfg.privacy.target_for(audited)[1]))
     from server.preflight import describe_row
 
     width = max(len(org.name) for org in parts.orgs)
