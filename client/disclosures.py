@@ -352,6 +352,12 @@ LEDGER_ENTRY = Message(
             ),
             Field(("num_examples",), "the size of the node's training split", DP_SIZES, "as in the train reply"),
             Field(
+                ("local_epochs",),
+                "the local epochs the round's steps make (the run config's training.local_epochs)",
+                DP_NOT_DATA,
+                "an auditor checks the steps are that many whole epochs",
+            ),
+            Field(
                 ("redaction",),
                 "the node's redaction report (see 'redaction report'), as its organisation allows",
                 "see 'redaction report'",

@@ -174,7 +174,7 @@ def plot_figure(result: AuditResult):
         rounds = [check.round for check in org.rounds]
         rounds_seen += rounds
         recomputed = [
-            check.rdp_epsilon if check.accountant == "rdp" or check.prv_epsilon is None else check.prv_epsilon
+            check.rdp_epsilon if check.accountant == "rdp" or check.pld_epsilon is None else check.pld_epsilon
             for check in org.rounds
         ]
         highest = max([highest, *recomputed, *(c.claimed_epsilon for c in org.rounds), org.max_epsilon or 0.0])

@@ -372,6 +372,25 @@ def test_only_the_enrolled_tls_node_connects(superlink, federation):
     assert processes_after(root / "refusals") == []
 
 
+def test_fedpriv_audit_with_the_organisations_kits_passes_strict_and_without_them_says_trust_on_first_use(
+    finished_run, tmp_path, capsys
+):
+    """`fedpriv audit RUN --keys KITS --strict`: each kit's own ledger.pub, summary.json cross-checked, exit 0."""
+    from fedpriv.cli import main
+
+    run_dir = finished_run["result"].run_dir
+    assert main(["audit", str(run_dir), "--keys", str(finished_run["kits"]), "--strict", "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "every check holds; every ledger was checked against its organisation's own key" in first
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["trust_on_first_use"] == [] and set(report["organisations"]) == set(TARGETS)
+    for org in report["organisations"].values():
+        assert org["key_source"].startswith("given with --keys") and org["recomputed_with"] == "dp-accounting"
+        assert 0 < org["recomputed_epsilon"]["pld"] < org["recomputed_epsilon"]["rdp"]
+    assert main(["audit", str(run_dir), "--strict", "--no-pld", "--out", str(tmp_path / "tofu")]) == 1
+    assert "TRUST ON FIRST USE" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_the_runs_ledgers_verify_against_the_keys_in_the_organisations_kits(finished_run):
     """An auditor with the coordinator kit's ledger-keys/ (the organisations' own public keys) finds no problem."""
     from privacy.audit import audit, load_ledger_set

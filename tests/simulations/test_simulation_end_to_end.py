@@ -196,8 +196,8 @@ def test_a_killed_coordinator_resumes_and_ends_where_an_uninterrupted_run_does(t
     result = audit(load_ledger_set([out]), prv=False)
     assert result.ok, result.to_dict()["findings"]
     assert {o.org: o.recomputed_epsilon["rdp"] for o in result.orgs} == pytest.approx(
-        {org: report["epsilon"] for org, report in expected["privacy"].items()}
-    )
+        {org: report["epsilon"] for org, report in expected["privacy"].items()}, rel=5e-3
+    )  # dp-accounting's RDP: Opacus's claims within the two implementations' difference
     for org in trained_before_kill:  # their round-2 reply was stored before the kill, and sent again after it
         stored = json.loads((out / "nodes" / org / "train-reply.json").read_text())
         assert (stored["round"], stored["status"], stored["run"]) == (2, "done", str(out))
