@@ -126,52 +126,6 @@ def prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_EP
         return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])
 
 
-def prv_check_claims(
-    events: Sequence[Event], claims: Sequence[float], delta: float, tolerance: float
-) -> tuple[list[float | None], list[bool]]:
-    """Which claimed epsilons (one per event, for each prefix) are below the PRV accountant's, computing few prefixes.
-
-    PRV costs a fraction of a second per prefix, so a 1,000-round ledger is not recomputed prefix by
-    prefix: epsilon never falls as events are added, so a claim at or above the PRV of a later prefix
-    (less ``tolerance``) is sound, and one below an earlier prefix's is under-reported; only the claims
-    left undecided between two computed prefixes make the audit compute another one (bisection).
-    Returns the PRV epsilon where it was computed (None elsewhere) and the under-reported flags.
-    """
-    count = len(events)
-    known: dict[int, float] = {}
-
-    def value(index: int) -> float:
-        if index < 0:
-            return 0.0
-        if index not in known:
-            known[index] = prv_epsilon(events[: index + 1], delta)
-        return known[index]
-
-    def below(claim: float, reference: float) -> bool:
-        return claim < reference * (1 - tolerance) - 1e-12
-
-    if not count:
-        return [], []
-    under = [False] * count
-    under[count - 1] = below(claims[count - 1], value(count - 1))
-    intervals = [(-1, count - 1)]  # open intervals whose two ends are computed
-    while intervals:
-        low, high = intervals.pop()
-        undecided = []
-        for index in range(low + 1, high):
-            if not below(claims[index], value(high)):
-                continue  # at or above a later prefix's epsilon: sound
-            if below(claims[index], value(low)):
-                under[index] = True  # below an earlier prefix's epsilon: under-reported
-            else:
-                undecided.append(index)
-        if undecided:
-            middle = undecided[len(undecided) // 2]
-            under[middle] = below(claims[middle], value(middle))
-            intervals += [(low, middle), (middle, high)]
-    return [known.get(index) for index in range(count)], under
-
-
 def epsilons(events: Sequence[Event], delta: float, accountant: str) -> list[float]:
     """Epsilon after each event with the named accountant ("rdp" vectorised; "prv" one computation per prefix)."""
     if accountant == "rdp":

@@ -199,21 +199,25 @@ def test_a_node_past_its_budget_fails_the_budget_check(tmp_path):
     assert ("budget", "exceeded") in {(f.check, f.problem) for f in org.findings}
 
 
-def test_a_coordinator_that_re_signs_everything_is_caught_with_the_organisations_own_keys(run_dir, tmp_path):
+def _forge_with_a_new_key(run: Path, changes: list[dict], org: str = "org-a") -> None:
+    """Every entry of ``org``'s ledger changed and re-signed with a new key, chain, head and folder key to match."""
     forger = Ed25519PrivateKey.generate()
-    entries = read_entries(_ledger(run_dir))
-    # hide half of every round's steps (an epoch of half the batches), with epsilons and hash chain made consistent
-    truth = rdp_epsilons([(SIGMA, 2 * Q, STEPS // 2)] * len(entries), DELTA)
+    entries = read_entries(_ledger(run, org))
     forged, previous = [], entries[0]["prev_hash"]
-    for entry, epsilon in zip(entries, truth, strict=True):
-        lie = {"local_steps": STEPS // 2, "sample_rate": 2 * Q, "epsilon": epsilon, "prev_hash": previous}
-        forged.append(sign({**entry, **lie}, forger))
+    for entry, change in zip(entries, changes, strict=True):
+        forged.append(sign({**entry, **change, "prev_hash": previous}, forger))
         previous = entry_hash(forged[-1])
-    _rewrite(_ledger(run_dir), forged)
-    heads = json.loads((run_dir / "ledgers" / "heads.json").read_text())
-    heads["org-a"]["hash"] = previous
-    (run_dir / "ledgers" / "heads.json").write_text(json.dumps(heads))
-    (run_dir / "ledgers" / "keys" / "org-a.pub").write_text(public_key_text(forger.public_key()))
+    _rewrite(_ledger(run, org), forged)
+    heads = json.loads((run / "ledgers" / "heads.json").read_text())
+    heads[org]["hash"] = previous
+    (run / "ledgers" / "heads.json").write_text(json.dumps(heads))
+    (run / "ledgers" / "keys" / f"{org}.pub").write_text(public_key_text(forger.public_key()))
+
+
+def test_a_coordinator_that_re_signs_everything_is_caught_with_the_organisations_own_keys(run_dir, tmp_path):
+    # hide half of every round's steps (an epoch of half the batches), with epsilons and hash chain made consistent
+    truth = rdp_epsilons([(SIGMA, 2 * Q, STEPS // 2)] * 4, DELTA)
+    _forge_with_a_new_key(run_dir, [{"local_steps": STEPS // 2, "sample_rate": 2 * Q, "epsilon": e} for e in truth])
     assert _findings(run_dir) == []  # trusting the keys in the run folder, the forgery is consistent...
     own_keys = tmp_path / "own-keys"
     own_keys.mkdir()
@@ -484,18 +488,8 @@ def test_impossible_parameters_signed_by_the_organisation_fail(run_dir, change, 
 
 def test_a_ledger_re_signed_with_a_new_key_is_caught_with_the_organisations_own_copy(run_dir, tmp_path):
     """The README's `fedpriv audit RUN node/ledger.jsonl`: the node's copy and its ledger.pub outrank the folder."""
-    forger = Ed25519PrivateKey.generate()
-    entries = read_entries(_ledger(run_dir))
-    truth = rdp_epsilons([(2.0, Q, STEPS)] * len(entries), DELTA)  # sigma 2.0, consistent epsilons
-    forged, previous = [], entries[0]["prev_hash"]
-    for entry, epsilon in zip(entries, truth, strict=True):
-        forged.append(sign({**entry, "noise_multiplier": 2.0, "epsilon": epsilon, "prev_hash": previous}, forger))
-        previous = entry_hash(forged[-1])
-    _rewrite(_ledger(run_dir), forged)
-    heads = json.loads((run_dir / "ledgers" / "heads.json").read_text())
-    heads["org-a"]["hash"] = previous
-    (run_dir / "ledgers" / "heads.json").write_text(json.dumps(heads))
-    (run_dir / "ledgers" / "keys" / "org-a.pub").write_text(public_key_text(forger.public_key()))
+    truth = rdp_epsilons([(2.0, Q, STEPS)] * 4, DELTA)  # sigma 2.0, consistent epsilons
+    _forge_with_a_new_key(run_dir, [{"noise_multiplier": 2.0, "epsilon": e} for e in truth])
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["privacy"]["org-a"].update(noise_multiplier=2.0, epsilon=truth[-1])
     for record, epsilon in zip(summary["rounds"], truth, strict=True):

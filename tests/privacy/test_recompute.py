@@ -11,7 +11,8 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privacy import recompute
-from privacy.recompute import prv_check_claims, prv_epsilon, rdp_epsilons
+from privacy.independent import bracket_claims
+from privacy.recompute import prv_epsilon, rdp_epsilons
 
 DELTA = 1e-5
 HISTORIES = [
@@ -59,13 +60,21 @@ def honest_prv_ledger() -> tuple[list[tuple[float, float, int]], list[float]]:
     return [(1.0, 0.05, 20)] * rounds, _node_claims(rounds)
 
 
+def _bracket(events, claims, tolerance):
+    """The audit's bracketing of claims (privacy/independent.py) with ``recompute.prv_epsilon`` as the measure."""
+    known, under = bracket_claims(
+        len(events), claims, lambda index: recompute.prv_epsilon(events[: index + 1], DELTA), tolerance
+    )
+    return [known.get(index) for index in range(len(events))], under
+
+
 def test_a_node_s_honest_prv_claims_pass_and_a_lowered_one_is_flagged(honest_prv_ledger):
     events, claims = honest_prv_ledger
-    computed, under = prv_check_claims(events, claims, DELTA, tolerance=0.01)
+    computed, under = _bracket(events, claims, tolerance=0.01)
     assert not any(under)
     assert computed[-1] == pytest.approx(claims[-1], rel=1e-9)
     lowered = [value * 0.95 if index == 6 else value for index, value in enumerate(claims)]
-    assert [i for i, flagged in enumerate(prv_check_claims(events, lowered, DELTA, 0.01)[1]) if flagged] == [6]
+    assert [i for i, flagged in enumerate(_bracket(events, lowered, 0.01)[1]) if flagged] == [6]
 
 
 @pytest.fixture
@@ -87,7 +96,7 @@ ROUNDS = 1000
 def test_a_long_honest_ledger_is_decided_from_few_prefixes(counted_prv):
     events = [(1.0, 0.01, 10)] * ROUNDS
     claims = [math.sqrt(10 * r) for r in range(1, ROUNDS + 1)]
-    computed, under = prv_check_claims(events, claims, DELTA, tolerance=0.01)
+    computed, under = _bracket(events, claims, tolerance=0.01)
     assert not any(under)
     # epsilon ~ sqrt(steps): 1% of epsilon is 2% of the steps, so ~200 prefixes is the least any scheme needs
     assert len(counted_prv) < ROUNDS * 0.3
@@ -98,5 +107,5 @@ def test_a_long_honest_ledger_is_decided_from_few_prefixes(counted_prv):
 def test_each_under_reported_claim_of_a_long_ledger_is_flagged_and_no_other(counted_prv, lowered):
     events = [(1.0, 0.01, 10)] * ROUNDS
     claims = [math.sqrt(10 * r) * (0.98 if r - 1 in lowered else 1.0) for r in range(1, ROUNDS + 1)]
-    _, under = prv_check_claims(events, claims, DELTA, tolerance=0.01)
+    _, under = _bracket(events, claims, tolerance=0.01)
     assert [index for index, flagged in enumerate(under) if flagged] == lowered

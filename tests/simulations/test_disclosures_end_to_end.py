@@ -20,21 +20,11 @@ import pytest
 
 from client import disclosures
 from fedpriv import protocol
+from tests.handler_messages import HANDLER_RUN
 
 pytestmark = pytest.mark.integration
 
-RUN = [
-    "model.name=tiny",
-    "training.rounds=2",
-    "partitioning.num_orgs=2",
-    "partitioning.scheme=iid",
-    "data.max_examples=120",
-    "training.batch_size=16",
-    "data.max_length=32",
-    "redaction.enabled=true",
-    "strategy.preflight=always",
-    "output.export_model=true",
-]
+RUN = [*HANDLER_RUN, "redaction.enabled=true", "strategy.preflight=always", "output.export_model=true"]
 TURNED = ["privacy.share_training_loss=true", "privacy.share_per_class_eval=false", "redaction.share=counts"]
 
 # runs `fedpriv simulate` in one process with the ClientApp wrapped: each reply, as it leaves, one JSON line
