@@ -188,10 +188,11 @@ def _intact_and_signed(org: str, entries: list[dict[str, Any]], key: Any) -> boo
     return signature_valid(entries[-1], key)
 
 
-def _authenticated(org: str, entries: list[dict[str, Any]], key: Any) -> list[bool]:
+def _authenticated(org: str, entries: list[dict[str, Any]], key: Any) -> tuple[list[bool], bool]:
+    """Which entries carry the organisation's signature, and whether the whole chain was verified on the way."""
     if _intact_and_signed(org, entries, key):
-        return [True] * len(entries)
-    return [key is not None and "__malformed__" not in e and signature_valid(e, key) for e in entries]
+        return [True] * len(entries), True
+    return [key is not None and "__malformed__" not in e and signature_valid(e, key) for e in entries], False
 
 
 def _field_problems(entry: dict[str, Any]) -> list[str]:
@@ -271,10 +272,13 @@ def _parameter_problems(entry: dict[str, Any]) -> list[str]:
 
 
 def _check_signatures(result: OrgAudit, entries: list[dict[str, Any]], key: Any, ledger_set: LedgerSet):
-    """Each entry on its own: readable, well-formed, signed by this organisation. Returns (position, entry)."""
+    """Each entry on its own: readable, well-formed, signed by this organisation.
+
+    Returns the (position, entry) pairs that are, and whether the hash chain was verified whole on the way.
+    """
     org = result.org
     trusted: list[tuple[int, dict[str, Any]]] = []
-    authentic = _authenticated(org, entries, key)
+    authentic, intact = _authenticated(org, entries, key)
     for position, (entry, genuine) in enumerate(zip(entries, authentic, strict=True), start=1):
         if "__malformed__" in entry:
             result.flag("fields", "malformed", position, None, f"line {position} is not a JSON ledger entry")
@@ -311,11 +315,14 @@ def _check_signatures(result: OrgAudit, entries: list[dict[str, Any]], key: Any,
             result.flag("fields", "malformed", position, seq, f"entry at line {position}: " + "; ".join(problems))
             continue
         trusted.append((position, entry))
-    return trusted
+    return trusted, intact
 
 
-def _check_chain(result: OrgAudit, trusted: list[tuple[int, dict[str, Any]]]):
-    """seq must run 1..n in file order, each naming the previous entry's hash. Returns (by_seq, position_of)."""
+def _check_chain(result: OrgAudit, trusted: list[tuple[int, dict[str, Any]]], intact: bool):
+    """seq must run 1..n in file order, each naming the previous entry's hash. Returns (by_seq, position_of).
+
+    ``intact``: the links were verified already (privacy/audit.py's ``_intact_and_signed``).
+    """
     org = result.org
     seqs = [entry["seq"] for _, entry in trusted]
     counts = Counter(seqs)
@@ -341,7 +348,7 @@ def _check_chain(result: OrgAudit, trusted: list[tuple[int, dict[str, Any]]]):
     position_of = {entry["seq"]: pos for pos, entry in trusted}
     if 1 in by_seq and by_seq[1]["prev_hash"] != genesis_hash(org):
         result.flag("chain", "broken", position_of[1], 1, "the first entry does not start this organisation's chain")
-    for seq in sorted(by_seq):
+    for seq in [] if intact else sorted(by_seq):
         if seq - 1 in by_seq and by_seq[seq]["prev_hash"] != entry_hash(by_seq[seq - 1]):
             result.flag(
                 "chain", "broken", position_of[seq], seq,
@@ -368,7 +375,7 @@ def _check_completeness(result, entries, by_seq, key, ledger_set: LedgerSet) -> 
                 "truncation", "replaced", None, head["seq"], f"entry seq {head['seq']} differs from the recorded head"
             )
     for copy_path, copy_entries in ledger_set.copies.get(org, []):
-        genuine = _authenticated(org, copy_entries, key)
+        genuine, _ = _authenticated(org, copy_entries, key)
         other = [e for e, ok in zip(copy_entries, genuine, strict=True) if ok and _count(e.get("seq"))]
         if copy_entries and not other:
             result.flag(
@@ -532,8 +539,8 @@ def _check_budget(result: OrgAudit) -> None:
 def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: LedgerSet, pld: bool) -> OrgAudit:
     result = OrgAudit(org=org, ledger=str(path), key_source="none found", key_fingerprint=None, entries=len(entries))
     key = _check_key(result, ledger_set)
-    trusted = _check_signatures(result, entries, key, ledger_set)
-    by_seq, position_of = _check_chain(result, trusted)
+    trusted, intact = _check_signatures(result, entries, key, ledger_set)
+    by_seq, position_of = _check_chain(result, trusted, intact)
     _check_completeness(result, entries, by_seq, key, ledger_set)
     chain = [by_seq[s] for s in sorted(by_seq)]
     dp = [e for e in chain if e["kind"] in DP_KINDS]
