@@ -167,6 +167,8 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
     redactor = _redactor(node.redaction)
     train_data = prepare_texts(train.texts, train.labels, tokenizer, max_length, cache, redactor)
     test_data = prepare_texts(test.texts, test.labels, tokenizer, max_length, cache, redactor)
+    if redactor is not None:  # the exact counts stay with the organisation, whatever it lets leave the node
+        keep_own_redaction_counts(Path(node.state_dir), redactor, [train_data.redacted, test_data.redacted])
     return LocalNode(
         org=node.org,
         label_names=label_names,
@@ -188,6 +190,24 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
 def _redactor(cfg: RedactionConfig) -> Redactor | None:
     """The organisation's redaction rules (built once per process), or None when off."""
     return redactor_for(cfg) if cfg.enabled else None
+
+
+OWN_REDACTION_FILE = "redaction-counts.json"  # in the node's state folder: never sent
+
+
+def keep_own_redaction_counts(folder: Path, redactor: Redactor, counts: list[dict[str, int] | None]) -> Path:
+    """The organisation's own record of how many matches its rules replaced per kind, in its state folder.
+
+    ``redaction.share`` decides what leaves the node (by default the kinds found, not how many); the
+    organisation itself should still be able to read its exact counts.
+    """
+    path = folder / OWN_REDACTION_FILE
+    report = {**redaction_report(redactor, counts, "counts"), "note": "kept by the node; never sent"}
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    partial.replace(path)
+    return path
 
 
 def redaction_report(redactor: Redactor | None, counts: list[dict[str, int] | None], share: str = "kinds") -> dict:

@@ -109,3 +109,21 @@ def test_what_a_deployment_node_shares_is_its_organisations_own_setting_not_the_
     assert node.local_node(cfg, context).sharing == Sharing(training_loss=True, per_class_eval=False, redaction="none")
     # a simulation: the run config speaks for every virtual organisation
     assert Sharing.from_run_config(cfg) == Sharing(training_loss=True, per_class_eval=False, redaction="counts")
+
+
+def test_a_deployment_node_keeps_its_exact_redaction_counts_to_itself(tmp_path, fresh_caches):
+    """By default the kinds found leave the node, not how many; the organisation still has the counts."""
+    import json
+
+    cfg = load_config(overrides=OVERRIDES)
+    context = _write(tmp_path, 40)
+    text = (tmp_path / "notes.csv").read_text().replace("good item 1,", "good item 1 mail ann@example.org,")
+    (tmp_path / "notes.csv").write_text(text)
+    yaml = (tmp_path / "node.yaml").read_text()
+    yaml = yaml.replace("redaction: {enabled: false}", "redaction: {enabled: true, kinds: [email]}")
+    (tmp_path / "node.yaml").write_text(yaml + f"state_dir: {tmp_path / 'state'}\n")
+    local = node.local_node(cfg, context)
+    assert local.redaction["share"] == "kinds" and local.redaction["found"] == ["email"]
+    assert "counts" not in local.redaction
+    own = json.loads((tmp_path / "state" / node.OWN_REDACTION_FILE).read_text())
+    assert own["counts"] == {"email": 1} and own["note"] == "kept by the node; never sent"
