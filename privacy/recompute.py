@@ -1,12 +1,14 @@
-"""Epsilon from a ledger's recorded parameters alone, as an auditor recomputes it.
+"""Epsilon from recorded events with Opacus's own analyses: the accountant the nodes claim with.
 
-Nothing here reads a node's accountant: the events are the ledger's
-``(noise_multiplier, sample_rate, local_steps)`` triples. RDP is computed for
-every prefix of the ledger at once (one RDP vector per distinct mechanism,
-cumulative sums, the Balle et al. 2020 conversion that Opacus uses, vectorised),
-so 1,000 rounds cost about what one does. PRV (Gopi et al. 2021, Opacus's
-implementation) is tighter and costlier: it is computed for the prefixes asked
-for.
+Nothing here reads a node's accountant: the events are ``(noise_multiplier,
+sample_rate, steps)`` triples. RDP is computed for every prefix at once (one
+RDP vector per distinct mechanism, cumulative sums, the Balle et al. 2020
+conversion that Opacus uses, vectorised), so 1,000 rounds cost about what one
+does: the coordinator's organisation-level record uses it, and the audit asks
+it whether an RDP claim is what its stated accountant gives. PRV (Gopi et al.
+2021, Opacus's implementation) is computed for the prefixes asked for. The
+audit's independent recomputation is another implementation altogether:
+privacy/independent.py (dp-accounting).
 """
 
 from __future__ import annotations
