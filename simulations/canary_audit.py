@@ -15,6 +15,7 @@ config, so the scoring side rebuilds exactly the set the node used.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedpriv.config import ConfigError, FedPrivConfig
+from fedpriv.config import CanaryAuditConfig, ConfigError, FedPrivConfig
 from privacy.canaries import (
     Canaries,
     guess_and_bound,
@@ -41,9 +42,22 @@ def canaries_for(cfg: FedPrivConfig, num_labels: int, tokenizer) -> Canaries:
     return make_canaries(audit.count, num_labels, audit.seed, word_vocabulary(tokenizer))
 
 
+def fitted(cfg: FedPrivConfig, num_coordinates: int) -> CanaryAuditConfig:
+    """The audit with its number of canaries fixed for this model.
+
+    Gradient canaries need a trainable coordinate each: left at its default (``canaries: null``), their number
+    is the default or the model's trainable coordinates, whichever is fewer (the tiny model with LoRA has 4,421),
+    and the plan says how far that audit can reach; a number set explicitly is kept (``check_fits``).
+    """
+    audit = cfg.canary_audit
+    if audit.kind == "gradient" and audit.canaries is None and audit.count > num_coordinates:
+        return dataclasses.replace(audit, canaries=num_coordinates)
+    return audit
+
+
 def gradient_canaries_for(cfg: FedPrivConfig, num_coordinates: int) -> DiracCanaries:
     """The Dirac canaries over ``num_coordinates`` trainable coordinates (the node and the scorer draw the same)."""
-    audit = cfg.canary_audit
+    audit = fitted(cfg, num_coordinates)
     return _dirac(audit.count, num_coordinates, audit.seed, cfg.privacy.max_grad_norm)
 
 
@@ -53,8 +67,8 @@ def _dirac(count: int, num_coordinates: int, seed: int, norm: float) -> DiracCan
 
 
 def check_fits(cfg: FedPrivConfig, num_coordinates: int) -> None:
-    """ConfigError before any training when gradient canaries outnumber the model's trainable coordinates."""
-    audit = cfg.canary_audit
+    """ConfigError before any training when the gradient canaries asked for outnumber the trainable coordinates."""
+    audit = fitted(cfg, num_coordinates)
     if audit.enabled and audit.kind == "gradient" and audit.count > num_coordinates:
         raise ConfigError(
             f"config: canary_audit.canaries: {audit.count} gradient canaries need as many trainable coordinates;"
@@ -63,9 +77,9 @@ def check_fits(cfg: FedPrivConfig, num_coordinates: int) -> None:
         )
 
 
-def plan_line(cfg: FedPrivConfig, org: str, delta: float) -> str:
+def plan_line(cfg: FedPrivConfig, org: str, delta: float, num_coordinates: int | None = None) -> str:
     """What the audit will do and the most it can show, printed before the run."""
-    audit = cfg.canary_audit
+    audit = cfg.canary_audit if num_coordinates is None else fitted(cfg, num_coordinates)
     guesses = audit.guesses_each_way
     reach = max_reachable_epsilon(audit.count, guesses, delta, audit.confidence)
     what = (
@@ -133,6 +147,7 @@ def run_canary_audit(cfg: FedPrivConfig, run_dir: Path, summary: dict[str, Any])
         load_trainable(model, load_checkpoint(checkpoint_path(run_dir, last_round)))
     if audit.kind == "gradient":
         final = flat_trainable(model)
+        audit = fitted(cfg, final.numel())
         gradient = gradient_canaries_for(cfg, final.numel())
         scores, included = dirac_scores(initial, final, gradient), gradient.included
         method = (

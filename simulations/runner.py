@@ -89,7 +89,12 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
         from simulations.canary_audit import plan_line
 
         audited = parts.orgs[cfg.canary_audit.org].name
-        lines.append(plan_line(cfg, audited, cfg.privacy.target_for(audited)[1]))
+        coordinates = None
+        if cfg.canary_audit.kind == "gradient":
+            from client.node import trainable_layout
+
+            coordinates = sum(math.prod(shape) for _, shape in trainable_layout(cfg.model, parts.label_names))
+        lines.append(plan_line(cfg, audited, cfg.privacy.target_for(audited)[1], coordinates))
     from server.preflight import describe_row
 
     width = max(len(org.name) for org in parts.orgs)

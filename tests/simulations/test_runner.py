@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -71,3 +72,20 @@ def test_the_final_report_of_a_run_whose_last_round_was_not_evaluated_is_a_sente
     assert "not evaluated in the last round" in report
     summary["final"] = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.0}
     assert "accuracy 0.500, macro-F1 0.400, loss 1.000" in final_report(summary)
+
+
+def test_the_default_gradient_canaries_fit_the_model_and_the_plan_says_how_far_they_reach():
+    """The tiny model with LoRA has 4,421 trainable coordinates: the default audit uses them all and says it
+    cannot reach epsilon 8; a number asked for explicitly that does not fit stops the run before training."""
+    from client.node import trainable_layout
+    from simulations.canary_audit import fitted
+
+    cfg = load_config(overrides=[*TINY, "canary_audit.enabled=true"])
+    plan = preflight(cfg)
+    assert fitted(cfg, 4421).count == 4421 and fitted(cfg, 10**6).count == 16000
+    coordinates = sum(math.prod(shape) for _, shape in trainable_layout(cfg.model, plan.partitions.label_names))
+    assert coordinates < 16000
+    text = describe_plan(cfg, plan)
+    assert f"Canary audit: {coordinates} gradient" in text and "cannot contradict a claim above" in text
+    with pytest.raises(ConfigError, match="canary_audit.canaries: 20000 gradient canaries"):
+        preflight(load_config(overrides=[*TINY, "canary_audit.enabled=true", "canary_audit.canaries=20000"]))
