@@ -393,7 +393,10 @@ class CanaryAuditConfig:
 
     @property
     def count(self) -> int:
-        """The number of canaries: ``canaries``, or the kind's default (gradient 16,000; text 200)."""
+        """The number of canaries: ``canaries``, or the kind's default (gradient 16,000; text 200).
+
+        A simulation fits the gradient default to the model's trainable coordinates when it has fewer
+        (simulations/canary_audit.py ``fitted``)."""
         return self.canaries if self.canaries is not None else DEFAULT_CANARIES[self.kind]
 
     @property
