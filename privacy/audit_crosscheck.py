@@ -127,7 +127,10 @@ def _check_summary(summary: dict[str, Any], audited: dict[str, OrgAudit]) -> Non
                     f"summary.json says '{name}' trained in round {record['round']}; its ledger has no DP entry for it",
                 )  # fmt: skip
             elif (
-                isinstance(said, (int, float)) and record["round"] in ledger and _differs(said, ledger[record["round"]])
+                name in trained  # an organisation that did not answer keeps its last figure in the round's record
+                and isinstance(said, (int, float))
+                and record["round"] in ledger
+                and _differs(said, ledger[record["round"]])
             ):
                 org.flag(
                     "summary", "mismatch", None, None,

@@ -440,6 +440,17 @@ def test_a_summary_epsilon_lowered_below_the_ledgers_is_a_mismatch(run_dir, tmp_
     assert _problems(audit(load_ledger_set([run_dir]), pld=False)) == {("org-b", "summary", "mismatch")}
 
 
+def test_an_organisation_whose_reply_was_lost_keeps_its_last_figure_in_that_rounds_record(run_dir):
+    """Its node trained and signed the round (the entry arrives with a later reply); the round's record has the
+    figure the coordinator last had: not a mismatch."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record = summary["rounds"][2]
+    record["trained_orgs"].remove("org-b")
+    record["epsilon"]["org-b"] = summary["rounds"][1]["epsilon"]["org-b"]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert audit(load_ledger_set([run_dir]), pld=False).ok
+
+
 def test_an_entry_re_signed_with_the_real_key_and_delta_one_half_fails(run_dir):
     _resign(_ledger(run_dir), _org_key(run_dir, "org-a"), {"delta": 0.5, "num_examples": 366}, at=1)
     result = audit(load_ledger_set([run_dir]), pld=True)
