@@ -430,7 +430,9 @@ def _check_key(result: OrgAudit, ledger_set: LedgerSet) -> Any:
 # --------------------------------------------------------------------------- epsilon and budget
 
 
-def _check_epsilon(result: OrgAudit, dp: list[dict[str, Any]], position_of: dict[int, int], pld: bool) -> None:
+def _check_epsilon(
+    result: OrgAudit, dp: list[dict[str, Any]], events: list[independent.Event], position_of: dict[int, int], pld: bool
+) -> None:
     """Every claim against dp-accounting: RDP for each entry; PLD and the stated accountant settle what RDP leaves open.
 
     A claim at or above dp-accounting's RDP (less RDP_TOLERANCE) holds. Below it, a claim under dp-accounting's
@@ -438,7 +440,6 @@ def _check_epsilon(result: OrgAudit, dp: list[dict[str, Any]], position_of: dict
     its stated accountant gives (Opacus's RDP, reproduced): only the two RDP implementations' difference may put
     an honest claim there. A PRV claim there holds (PRV is tighter than RDP; PLD confirms it).
     """
-    events = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["local_steps"])) for e in dp]
     claims = [float(e["epsilon"]) for e in dp]
     delta = result.delta
     try:
@@ -516,7 +517,7 @@ def _check_epsilon(result: OrgAudit, dp: list[dict[str, Any]], position_of: dict
         result.flag("epsilon", "unbounded", None, None, "a recorded event has no finite epsilon")
 
 
-def _check_budget(result: OrgAudit, dp: list[dict[str, Any]]) -> None:
+def _check_budget(result: OrgAudit, events: list[independent.Event]) -> None:
     """The organisation's epsilon within its budget, by the tightest independent upper bound on it.
 
     RDP first (computed for every entry anyway); where it passes the budget, PLD decides: dp-accounting's RDP
@@ -528,7 +529,6 @@ def _check_budget(result: OrgAudit, dp: list[dict[str, Any]]) -> None:
         return
     limit = result.max_epsilon * (1 + RELATIVE_TOLERANCE)
     if pld is None and (result.accountant == "prv" or rdp > limit):
-        events = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["local_steps"])) for e in dp]
         try:
             pld = independent.pld_epsilon(events, result.delta)
         except independent.RecomputationError as exc:
@@ -557,7 +557,9 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
     dp = [e for e in chain if e["kind"] in DP_KINDS]
     result.dp_rounds = len(dp)
     result.refusals = sum(e["kind"] == "refusal" for e in chain)
-    result.steps = sum(int(e["local_steps"]) for e in dp)
+    # the mechanism of each DP entry, all the recomputation reads: (noise_multiplier, sample_rate, steps)
+    events = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["local_steps"])) for e in dp]
+    result.steps = sum(steps for _, _, steps in events)
     result.redaction = redaction_summary([e for e in dp if e["kind"] == "dp_round"])
     accountants = {e["accountant"] for e in chain}
     deltas = {float(e["delta"]) for e in chain}
@@ -578,10 +580,10 @@ def _check_org(org: str, path: Path, entries: list[dict[str, Any]], ledger_set: 
         last = dp[-1]
         names = ("noise_multiplier", "sample_rate", "delta", "accountant", "max_epsilon", "target_epsilon")
         result.parameters = {name: last[name] for name in names}
-        _check_epsilon(result, dp, position_of, pld)
+        _check_epsilon(result, dp, events, position_of, pld)
     else:
         result.recomputed_epsilon = {"rdp": 0.0, "prv": None, "pld": 0.0}
-    _check_budget(result, dp)
+    _check_budget(result, events)
     return result
 
 

@@ -126,12 +126,3 @@ def prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_EP
         ]
         composed = prv.compose_heterogeneous(discrete, counts)
         return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])
-
-
-def epsilons(events: Sequence[Event], delta: float, accountant: str) -> list[float]:
-    """Epsilon after each event with the named accountant ("rdp" vectorised; "prv" one computation per prefix)."""
-    if accountant == "rdp":
-        return rdp_epsilons(events, delta)
-    if accountant == "prv":
-        return [prv_epsilon(events[: index + 1], delta) for index in range(len(events))]  # one PRV per prefix
-    raise ValueError(f"unknown accountant {accountant!r}; expected rdp or prv")
