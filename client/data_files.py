@@ -1,9 +1,17 @@
-"""A node reads its own labelled text file (CSV, TSV or JSONL).
+"""A node reads its own labelled text: CSV, TSV, Orange ``.tab``, JSONL, Parquet or a ``save_to_disk`` folder.
 
 Used by a deployed client on its local file and by the simulation on the
 shared corpus. Every problem with the file is a :class:`DataError` with one
 line that names the file, the field and what is expected; rows are never
 dropped silently.
+
+CSV, TSV and JSONL are read here rather than with Hugging Face ``datasets``:
+its CSV loader (pandas) reports a bad row as "An error occurred while
+generating the dataset" without its line, turns ``"3"`` into an integer and
+``nan`` into a missing value, takes a headerless file's first row as its
+header and writes a cache folder. Parquet files and ``save_to_disk`` folders
+are read with ``datasets`` (client/arrow_files.py) and checked here like the
+rest.
 """
 
 from __future__ import annotations
@@ -13,30 +21,40 @@ import html
 import io
 import json
 import math
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from client.arrow_files import is_saved_dataset, read_parquet, read_saved_dataset
 from fedpriv.config import DataConfig, LabelConfig
 from fedpriv.errors import DataError
 
 FORMAT_BY_SUFFIX = {
     ".csv": "csv",
     ".tsv": "tsv",
-    ".tab": "tsv",
+    ".tab": "tab",  # TSV, or Orange's .tab when its type and flag rows follow the header (detected)
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
 }
-FORMATS = ("csv", "tsv", "jsonl")
+FORMATS = ("csv", "tsv", "jsonl", "orange", "parquet", "hf_disk")
 _MAX_LISTED = 10  # how many values an error message lists before "..."
+
+# Orange's .tab: a header row, a row of types and a row of flags (https://orange3.readthedocs.io, "Loading your
+# data"); or one header row whose names carry the same as a prefix ("mS#text", "cD#topic")
+ORANGE_TYPES = {"c", "d", "s", "t", "continuous", "discrete", "string", "time", "basket"}
+ORANGE_FLAGS = {"c", "m", "i", "w", "class", "meta", "ignore", "weight"}
+_ORANGE_PREFIX = re.compile(r"(?:[cmiw]{1,2}[CDST]?|[CDST])#")
 
 
 @dataclass(frozen=True)
 class LabelledTexts:
-    """Texts with integer labels (indices into ``label_names``)."""
+    """Texts with integer labels (indices into ``label_names``, in the order the user gave)."""
 
     texts: list[str]
     labels: list[int]
@@ -51,6 +69,11 @@ class LabelledTexts:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def class_counts(self) -> dict[str, int]:
+        """``{class name: examples}`` for every class (zeros included), in ``label_names``' order."""
+        counts = Counter(self.labels)
+        return {name: counts.get(i, 0) for i, name in enumerate(self.label_names)}
 
     def subset(self, indices: Sequence[int]) -> LabelledTexts:
         """The rows at ``indices`` (in that order), same label names and source."""
@@ -67,6 +90,22 @@ class LabelledTexts:
 # --------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class _Table:
+    """The rows of a file as strings; ``header`` is None for a CSV/TSV file read with ``data.header: false``
+    (its record keys are then the 0-based column numbers as strings)."""
+
+    records: list[dict[str, str]]
+    lines: list[int] | None  # the line each row starts on (text files), None for Parquet / save_to_disk
+    header: list[str] | None
+    fmt: str
+    class_names: dict[str, list[str]] = field(default_factory=dict)  # a column's declared classes (ClassLabel)
+
+    def at(self, row: int) -> str:
+        """``row 3 (line 5)``: where a row is, for messages."""
+        return f"row {row}" if self.lines is None else f"row {row} (line {self.lines[row - 1]})"
+
+
 def _listing(values: Sequence[str]) -> str:
     shown = [str(v) for v in values[:_MAX_LISTED]]
     more = len(values) - len(shown)
@@ -77,12 +116,19 @@ def _resolve_format(path: Path, fmt: str) -> str:
     if fmt in FORMATS:
         return fmt
     if fmt != "auto":
-        raise DataError(f"data file {path}: data.format: expected auto, csv, tsv or jsonl, got {fmt!r}")
+        raise DataError(f"data file {path}: data.format: expected auto or one of {', '.join(FORMATS)}, got {fmt!r}")
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return "hf_disk"
+        raise DataError(
+            f"data file {path}: is a directory, expected a CSV, TSV, JSONL or Parquet file, or a folder written by"
+            " datasets' save_to_disk (with dataset_info.json or dataset_dict.json)"
+        )
     found = FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if found is None:
         raise DataError(
             f"data file {path}: cannot tell the format from the suffix {path.suffix!r}"
-            f" (known: {', '.join(FORMAT_BY_SUFFIX)}): set data.format to csv, tsv or jsonl"
+            f" (known: {', '.join(FORMAT_BY_SUFFIX)}): set data.format to one of {', '.join(FORMATS)}"
         )
     return found
 
@@ -129,43 +175,100 @@ def _json_to_str(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _read_delimited(path: Path, text: str, delimiter: str) -> tuple[list[dict[str, str]], list[int]]:
+def _orange_annotations(types: list[str], flags: list[str], *, loose: bool) -> bool:
+    """Whether two rows under a header are Orange's type row and flag row.
+
+    Strict (any CSV/TSV): every type is an Orange type word (``d``, ``string``...) or empty, at least one is
+    not empty, and every flag is an Orange flag (``class``, ``meta``...), a ``key=value`` or empty. ``loose``
+    (a ``.tab`` file, ``data.format: orange``) also takes a discrete column's list of values as its type.
+    """
+    cells = [c.strip() for c in types]
+    if not any(c.lower() in ORANGE_TYPES for c in cells):
+        return False
+    if any(c and c.lower() not in ORANGE_TYPES and not (loose and " " in c) for c in cells):
+        return False
+    return all(t.lower() in ORANGE_FLAGS or "=" in t for c in flags for t in c.split())
+
+
+def _blank(row: list[str]) -> bool:
+    return not row or (len(row) == 1 and not row[0].strip())
+
+
+def _read_delimited(
+    path: Path, text: str, delimiter: str, *, header: bool = True, skip_rows: int = 0, orange: str = "no"
+) -> tuple[list[dict[str, str]], list[int], list[str] | None]:
+    """Rows of a CSV/TSV file; ``orange``: ``no``, ``detect`` (a .tab file) or ``require`` (data.format orange)."""
     kind = "TSV" if delimiter == "\t" else "CSV"
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records: list[dict[str, str]] = []
-    lines: list[int] = []
-    header: list[str] | None = None
+    physical: list[tuple[int, list[str]]] = []  # (line the row starts on, fields), blank rows included
     last_line = 0
     try:
         for row in reader:
-            start_line = last_line + 1
+            physical.append((last_line + 1, row))
             last_line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
-            if header is None:
-                header = [name.strip() for name in row]
-                duplicates = sorted(name for name, n in Counter(header).items() if n > 1)
-                if duplicates:
-                    raise DataError(
-                        f"data file {path}: column {duplicates[0]!r} appears more than once in the header"
-                        f" (line {start_line}): give every column a distinct name"
-                    )
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"data file {path}: row {len(records) + 1} (line {start_line}) has {len(row)} fields,"
-                    f" the header has {len(header)}: check the quoting of that row"
-                    + (" (is it a TSV file? set data.format: tsv)" if kind == "CSV" and len(row) == 1 else "")
-                )
-            records.append(dict(zip(header, row, strict=True)))
-            lines.append(start_line)
     except csv.Error as exc:
         raise DataError(f"data file {path}: not valid {kind} near line {reader.line_num} ({exc})") from None
-    if header is None:
-        raise DataError(f"data file {path}: is empty, expected a header row and at least one data row")
+    rows = iter(physical)
+    names: list[str] | None = None
+    if header:
+        start_line, first = next(((n, r) for n, r in rows if not _blank(r)), (0, None))
+        if first is None:
+            raise DataError(f"data file {path}: is empty, expected a header row and at least one data row")
+        names = [name.strip() for name in first]
+        if orange != "no" and names and all(_ORANGE_PREFIX.match(name) for name in names):
+            names = [_ORANGE_PREFIX.sub("", name, count=1) for name in names]  # one-row Orange header
+        elif orange != "no":
+            annotations = [next(rows, (0, [])) for _ in range(2)]
+            if not _orange_annotations(annotations[0][1], annotations[1][1], loose=True):
+                if orange == "require":
+                    raise DataError(
+                        f"data file {path}: data.format orange: line {annotations[0][0] or start_line + 1} is not"
+                        " Orange's type row (expected a type for each column: discrete, continuous, string or"
+                        " time, then a flags row: class, meta or empty); for a plain TSV file set data.format: tsv"
+                    )
+                rows = iter(physical)  # a plain TSV file that happens to end in .tab
+                next(n for n, r in rows if not _blank(r))
+        duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
+        if duplicates:
+            raise DataError(
+                f"data file {path}: column {duplicates[0]!r} appears more than once in the header"
+                f" (line {start_line}): give every column a distinct name"
+            )
+    records: list[dict[str, str]] = []
+    lines: list[int] = []
+    kept: list[list[str]] = []
+    skipped = 0
+    for start_line, row in rows:
+        if _blank(row):
+            continue  # blank line
+        if skipped < skip_rows:
+            skipped += 1
+            continue
+        if names is None:
+            records.append({str(i): value for i, value in enumerate(row)})
+        else:
+            if len(row) != len(names):
+                raise DataError(
+                    f"data file {path}: row {len(records) + 1} (line {start_line}) has {len(row)} fields,"
+                    f" the header has {len(names)}: check the quoting of that row"
+                    + (" (is it a TSV file? set data.format: tsv)" if kind == "CSV" and len(row) == 1 else "")
+                )
+            records.append(dict(zip(names, row, strict=True)))
+            if len(kept) < 2:
+                kept.append(row)
+        lines.append(start_line)
+    if names is not None and orange == "no" and len(kept) == 2 and _orange_annotations(*kept, loose=False):
+        raise DataError(
+            f"data file {path}: rows 1-2 (lines {lines[0]}-{lines[1]}) look like Orange's type and flag rows"
+            f" ({_listing(kept[0])}), not data: set data.format: orange, or data.skip_rows: 2"
+        )
     if not records:
-        raise DataError(f"data file {path}: has a header ({_listing(header)}) but no data rows")
-    return records, lines
+        if skipped:
+            raise DataError(f"data file {path}: data.skip_rows={skip_rows} skips every one of its {skipped} data rows")
+        if names is None:
+            raise DataError(f"data file {path}: is empty, expected at least one data row")
+        raise DataError(f"data file {path}: has a header ({_listing(names)}) but no data rows")
+    return records, lines, names
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[dict[str, str]], list[int]]:
@@ -193,24 +296,52 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[dict[str, str]], list[int]]
     return records, lines
 
 
-def _read_with_lines(path: str | Path, fmt: str, encoding: str) -> tuple[list[dict[str, str]], list[int]]:
+def _read_table(
+    path: str | Path,
+    fmt: str,
+    encoding: str,
+    *,
+    header: bool = True,
+    skip_rows: int = 0,
+    split: str = "train",
+    split_key: str = "data.split",
+) -> _Table:
     path = Path(path)
     fmt = _resolve_format(path, fmt)
+    if not header and fmt in ("jsonl", "parquet", "hf_disk"):
+        raise DataError(f"data file {path}: data.header: false applies to CSV and TSV files, this one is {fmt}")
+    if fmt in ("parquet", "hf_disk"):
+        rows = read_parquet(path) if fmt == "parquet" else read_saved_dataset(path, split, split_key)
+        names = list(rows.columns)
+        if not names or rows.num_rows == 0:
+            raise DataError(f"data file {path}: the {rows.what} has no rows (columns: {_listing(names) or 'none'})")
+        if skip_rows >= rows.num_rows:
+            raise DataError(f"data file {path}: data.skip_rows={skip_rows} skips all {rows.num_rows} rows")
+        records = [{name: rows.columns[name][i] for name in names} for i in range(skip_rows, rows.num_rows)]
+        return _Table(records=records, lines=None, header=names, fmt=fmt, class_names=rows.class_names)
     text = _read_text(path, encoding)
     if fmt == "jsonl":
-        return _read_jsonl(path, text)
-    return _read_delimited(path, text, "\t" if fmt == "tsv" else ",")
+        records, lines = _read_jsonl(path, text)
+        if skip_rows >= len(records):
+            raise DataError(f"data file {path}: data.skip_rows={skip_rows} skips all {len(records)} JSON objects")
+        kept = records[skip_rows:]
+        return _Table(records=kept, lines=lines[skip_rows:], header=list(kept[0]), fmt=fmt)
+    orange = {"orange": "require", "tab": "detect"}.get(fmt, "no")
+    delimiter = "," if fmt == "csv" else "\t"
+    records, lines, names = _read_delimited(path, text, delimiter, header=header, skip_rows=skip_rows, orange=orange)
+    return _Table(records=records, lines=lines, header=names, fmt=fmt)
 
 
-def read_records(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> list[dict[str, str]]:
-    """All rows of a CSV/TSV/JSONL file as dicts of strings (header names as keys).
+def read_records(
+    path: str | Path, fmt: str = "auto", encoding: str = "utf-8", *, header: bool = True, skip_rows: int = 0
+) -> list[dict[str, str]]:
+    """All rows of a data file as dicts of strings (header names as keys; ``"0"``, ``"1"``... without a header).
 
     CSV and TSV follow the ``csv`` module's quoting (fields may span lines when
-    quoted); JSONL has one object per line and its values are turned into
-    strings (``7`` -> ``"7"``, ``null`` -> ``""``).
+    quoted); JSONL has one object per line; JSONL, Parquet and save_to_disk
+    values are turned into strings (``7`` -> ``"7"``, ``null`` -> ``""``).
     """
-    records, _ = _read_with_lines(path, fmt, encoding)
-    return records
+    return _read_table(path, fmt, encoding, header=header, skip_rows=skip_rows).records
 
 
 # --------------------------------------------------------------------------- labels
@@ -235,13 +366,36 @@ def _fmt_bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+def class_order(present: Iterable[str], labels_cfg: LabelConfig, declared: Sequence[str] | None = None) -> list[str]:
+    """The classes in ``present`` in the order the user gave.
+
+    ``labels_cfg.names`` when given; else the order in which ``labels.map``'s
+    values (or ``labels.ranges``' names) are written; else ``declared`` (the
+    file's own order, such as a ``ClassLabel``'s names); else sorted
+    (numerically when every class is a number, so 2 comes before 10).
+    """
+    present = set(present)
+    if labels_cfg.names:
+        order = list(labels_cfg.names)
+    elif labels_cfg.map:
+        order = list(dict.fromkeys(labels_cfg.map.values()))
+    elif labels_cfg.ranges:
+        order = list(labels_cfg.ranges)
+    else:
+        order = list(declared or [])
+    given = [name for name in order if name in present]
+    return given + _sorted_classes(present - set(given))
+
+
 def map_labels(
     raw_labels: list[str],
     labels_cfg: LabelConfig,
     *,
     source: str,
-    column: str,
+    column: str | int,
     label_names: list[str] | None = None,
+    declared: Sequence[str] | None = None,
+    min_classes: int = 2,
 ) -> tuple[list[int], list[str]]:
     """Turn raw label values into class indices; returns ``(labels, label_names)``.
 
@@ -249,9 +403,13 @@ def map_labels(
     sends numbers within an inclusive [low, high] to a class name, otherwise the
     raw value is the class name. The class order is ``labels_cfg.names`` when
     given, else ``label_names`` (for example the training file's classes when
-    reading a test file), else the sorted class names.
+    reading a test file), else :func:`class_order` of the classes found.
+    Data with fewer than ``min_classes`` classes is refused unless
+    ``label_names`` is given (a test file, or one organisation of a federation,
+    may hold one class of many).
     """
-    where = f"data file {source}: column '{column}'"
+    shown = f"column {column} (0-based)" if isinstance(column, int) else f"column '{column}'"
+    where = f"data file {source}: {shown}"
     raw = [str(v).strip() for v in raw_labels]
     if labels_cfg.map:
         mapped: list[str | None] = [labels_cfg.map.get(v) for v in raw]
@@ -291,7 +449,7 @@ def map_labels(
         classes = list(label_names)
         allowed_from = "the training data's classes"
     else:
-        classes = _sorted_classes({m for m in mapped if m is not None})
+        classes = class_order({m for m in mapped if m is not None}, labels_cfg, declared)
         allowed_from = None
     index = {name: i for i, name in enumerate(classes)}
 
@@ -308,74 +466,146 @@ def map_labels(
             f"{where}: unknown label {raw[first]!r} at row {first + 1}; {len(unknown)} row(s) have unknown labels"
             f" ({_listing([repr(v) for v in values])}); expected {expected}"
         )
-    return [index[m] for m in mapped], classes  # type: ignore[index]
+    labels = [index[m] for m in mapped]  # type: ignore[index]
+    found = [classes[i] for i in sorted(set(labels))]
+    if label_names is None and len(found) < min_classes:
+        raise DataError(
+            f"{where}: every row has the class {found[0]!r}; a classifier needs at least two classes: check"
+            " data.label_column and data.labels"
+        )
+    return labels, classes
 
 
 # --------------------------------------------------------------------------- labelled files
+
+
+def _column_key(spec: str | int, table: _Table, source: str, what: str, key: str) -> str:
+    """The record key of a configured column: a header name, or a 0-based number (as a string)."""
+    if table.header is None:  # data.header: false (config.py refuses names there; partitioning.column may be one)
+        if isinstance(spec, int) or spec.isdigit():
+            return str(int(spec))
+        raise DataError(
+            f"data file {source}: {key}: {spec!r} is a column name, but data.header is false (no header row):"
+            " give the column's 0-based number"
+        )
+    if isinstance(spec, int):
+        if table.fmt == "jsonl":
+            raise DataError(
+                f"data file {source}: {key}: column number {spec} needs a CSV, TSV, Parquet or save_to_disk file;"
+                " name the JSON key instead"
+            )
+        if spec >= len(table.header):
+            raise DataError(
+                f"data file {source}: {key}: there is no column {spec} (0-based): the file has {len(table.header)}"
+                f" columns ({_listing(table.header)})"
+            )
+        return table.header[spec]
+    if spec not in table.header:
+        raise DataError(
+            f"data file {source}: no {what} column {spec!r} (set {key}); columns found: {_listing(table.header)}"
+        )
+    return spec
+
+
+def _shown(keys: Sequence[str], table: _Table) -> str:
+    """``column 'text'``, ``columns 'title', 'description'`` or ``column 2 (0-based)`` for messages."""
+    if table.header is None:
+        return ("column " if len(keys) == 1 else "columns ") + ", ".join(keys) + " (0-based)"
+    return ("column " if len(keys) == 1 else "columns ") + ", ".join(repr(k) for k in keys)
 
 
 def load_labelled_file(
     path: str | Path,
     data_cfg: DataConfig,
     *,
-    text_column: str | None = None,
+    text_column: str | int | list[str | int] | None = None,
     keep_columns: Sequence[str] = (),
     label_names: list[str] | None = None,
+    test_file: bool = False,
+    min_classes: int = 2,
 ) -> LabelledTexts:
     """Read a labelled text file as configured by ``data_cfg``.
 
     ``text_column`` overrides ``data_cfg.text_column`` (for a test file whose
     column is named differently); ``keep_columns`` are raw columns to keep (for
     example the column that a natural partitioning groups by); ``label_names``
-    fixes the classes (a test file must use the training file's classes).
+    fixes the classes (a test file must use the training file's classes);
+    ``test_file`` reads ``data.test_split`` of a DatasetDict folder (else
+    ``data.split``). Several text columns are joined with
+    ``data.text_separator`` (empty ones left out).
     """
     source = str(path)
-    records, lines = _read_with_lines(path, data_cfg.format, data_cfg.encoding)
-    text_col = text_column or data_cfg.text_column
-    label_col = data_cfg.label_column
-    found = list(records[0])
-
-    def missing(column: str, what: str, key: str) -> DataError:
-        return DataError(
-            f"data file {source}: no {what} column {column!r} (set {key}); columns found: {_listing(found)}"
-        )
-
-    text_key = "data.text_column" if text_column in (None, data_cfg.text_column) else "data.test_text_column"
-    needed = [(text_col, "text", text_key), (label_col, "label", "data.label_column")]
-    needed += [(c, "kept", "partitioning.column") for c in keep_columns]
-    for column, what, key in needed:
-        if column not in records[0]:
-            raise missing(column, what, key)
+    split, split_key = (data_cfg.test_split, "data.test_split") if test_file else (data_cfg.split, "data.split")
+    table = _read_table(
+        path,
+        data_cfg.format,
+        data_cfg.encoding,
+        header=data_cfg.header,
+        skip_rows=data_cfg.skip_rows,
+        split=split,
+        split_key=split_key,
+    )
+    if text_column is None:
+        text_column = (data_cfg.test_text_column if test_file else None) or data_cfg.text_column
+    given_text = text_column in (None, data_cfg.text_column)
+    text_key = "data.text_column" if given_text else "data.test_text_column"
+    text_specs = text_column if isinstance(text_column, list) else [text_column]
+    text_keys = list(dict.fromkeys(_column_key(c, table, source, "text", text_key) for c in text_specs))
+    label_key = _column_key(data_cfg.label_column, table, source, "label", "data.label_column")
+    kept = {c: _column_key(c, table, source, "kept", "partitioning.column") for c in dict.fromkeys(keep_columns)}
+    needed = [(k, "text", text_key) for k in text_keys] + [(label_key, "label", "data.label_column")]
+    needed += [(k, "kept", "partitioning.column") for k in kept.values()]
 
     texts: list[str] = []
     raw_labels: list[str] = []
-    for row, (record, line) in enumerate(zip(records, lines, strict=True), start=1):
+    separator = data_cfg.text_separator
+    for row, record in enumerate(table.records, start=1):
         for column, what, key in needed:
-            if column not in record:  # JSONL objects may lack keys that the first one has
+            if column in record:
+                continue
+            if table.header is None:  # a headerless row shorter than the configured column number
                 raise DataError(
-                    f"data file {source}: row {row} (line {line}) has no {what} field {column!r} (set {key});"
-                    f" its fields: {_listing(list(record))}"
+                    f"data file {source}: {table.at(row)} has {len(record)} fields, too few for column {column}"
+                    f" ({key}, 0-based)"
                 )
-        text = record[text_col]
-        if data_cfg.html_unescape:
-            text = html.unescape(text)
-        text = text.strip()
-        if not text:
+            # JSONL objects may lack keys that the first one has
             raise DataError(
-                f"data file {source}: row {row} (line {line}) has an empty text in column {text_col!r}:"
+                f"data file {source}: {table.at(row)} has no {what} field {column!r} (set {key});"
+                f" its fields: {_listing(list(record))}"
+            )
+        parts = []
+        for column in text_keys:
+            part = record[column]
+            if data_cfg.html_unescape:
+                part = html.unescape(part)
+            part = part.strip()
+            if part:
+                parts.append(part)
+        if not parts:
+            raise DataError(
+                f"data file {source}: {table.at(row)} has an empty text in {_shown(text_keys, table)}:"
                 " remove the row or fill in its text"
             )
-        label = record[label_col].strip()
+        label = record[label_key].strip()
         if not label:
             raise DataError(
-                f"data file {source}: row {row} (line {line}) has an empty label in column {label_col!r}:"
+                f"data file {source}: {table.at(row)} has an empty label in {_shown([label_key], table)}:"
                 " remove the row or fill in its label"
             )
-        texts.append(text)
+        texts.append(separator.join(parts))
         raw_labels.append(label)
 
-    labels, names = map_labels(raw_labels, data_cfg.labels, source=source, column=label_col, label_names=label_names)
-    columns = {c: [record[c] for record in records] for c in dict.fromkeys(keep_columns)}
+    column = int(label_key) if table.header is None else label_key
+    labels, names = map_labels(
+        raw_labels,
+        data_cfg.labels,
+        source=source,
+        column=column,
+        label_names=label_names,
+        declared=table.class_names.get(label_key),
+        min_classes=min_classes,
+    )
+    columns = {c: [record[k] for record in table.records] for c, k in kept.items()}
     return LabelledTexts(texts=texts, labels=labels, label_names=names, columns=columns, source=source)
 
 

@@ -84,7 +84,9 @@ class LabelConfig:
 
     ``map`` sends raw values (compared as strings) to class names; ``ranges``
     sends numeric raw values within an inclusive [low, high] to a class name.
-    ``names`` fixes the class order; by default it is the sorted set of classes.
+    The class order is the order the user gave: ``names``, else the order in
+    which ``map``'s values or ``ranges``' names are written, else the order a
+    Parquet / ``save_to_disk`` file declares (a ``ClassLabel``), else sorted.
     """
 
     names: list[str] | None = None
@@ -92,17 +94,41 @@ class LabelConfig:
     ranges: dict[str, list[float]] = field(default_factory=dict)
 
 
+# a column: its header name, or its 0-based number (the only way when data.header is false)
+Column = str | int
+# formats whose columns have names of their own: data.header does not apply
+SCHEMA_FORMATS = ("jsonl", "parquet", "hf_disk")
+
+
 @dataclass(frozen=True)
 class DataConfig:
+    """A labelled text file or folder (client/data_files.py reads it).
+
+    ``text_column`` may list several columns, joined with ``text_separator``
+    (AG News: title and description). ``header: false`` reads a CSV/TSV file
+    without a header row, whose columns are then 0-based numbers.
+    ``skip_rows`` skips that many rows after the header. ``format: orange``
+    reads Orange's ``.tab`` files (type and flag rows under the header; ``auto``
+    detects them in a ``.tab`` file). ``parquet`` and ``hf_disk`` (a folder
+    written by Hugging Face ``datasets``' ``save_to_disk``) are read with
+    ``datasets``; from a DatasetDict folder ``split`` (``test_split`` for
+    ``test_path``) is read.
+    """
+
     source: str = "bbc_news"
     path: str | None = None
-    format: Literal["auto", "csv", "tsv", "jsonl"] = "auto"
+    format: Literal["auto", "csv", "tsv", "jsonl", "orange", "parquet", "hf_disk"] = "auto"
     encoding: str = "utf-8"
-    text_column: str = "text"
-    label_column: str = "label"
+    header: bool = True
+    skip_rows: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    text_column: Column | list[Column] = "text"
+    text_separator: str = " "
+    label_column: Column = "label"
     labels: LabelConfig = field(default_factory=LabelConfig)
+    split: str = "train"
     test_path: str | None = None
-    test_text_column: str | None = None
+    test_text_column: Column | list[Column] | None = None
+    test_split: str = "test"
     test_fraction: float = field(default=0.2, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
     max_examples: int | None = field(default=None, metadata=_positive("an integer > 0"))
     html_unescape: bool = False
@@ -584,6 +610,37 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**kwargs)
 
 
+def _check_data_columns(data: DataConfig, prefix: str) -> None:
+    """Column settings that only make sense together (header, numbers, lists); ``prefix`` starts each message."""
+    for key, value in (("text_column", data.text_column), ("test_text_column", data.test_text_column)):
+        if isinstance(value, list) and not value:
+            raise ConfigError(f"{prefix}data.{key}: expected a column or a non-empty list of columns, got []")
+    named = [("label_column", data.label_column)]
+    for key, value in (("text_column", data.text_column), ("test_text_column", data.test_text_column)):
+        if value is not None:
+            named += [(key, v) for v in (value if isinstance(value, list) else [value])]
+    for key, value in named:
+        if isinstance(value, int) and value < 0:
+            raise ConfigError(
+                f"{prefix}data.{key}: expected a column name or a 0-based column number >= 0, got {value}"
+            )
+        if not data.header and isinstance(value, str) and not value.isdigit():
+            raise ConfigError(
+                f"{prefix}data.{key}: {_show(value)!r} is a column name, but data.header is false (no header row):"
+                " give the column's 0-based number, for example 0 for the first column"
+            )
+    if not data.header and data.format in SCHEMA_FORMATS:
+        raise ConfigError(
+            f"{prefix}data.header: false applies to CSV and TSV files; data.format {data.format} names its columns"
+        )
+    names = data.labels.names
+    if names is not None and len(set(names)) < 2:
+        raise ConfigError(f"{prefix}data.labels.names: expected at least two distinct class names, got {names}")
+    if names is not None and len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{prefix}data.labels.names: {_show(twice[0])!r} is listed more than once")
+
+
 def _cross_checks(cfg: FedPrivConfig) -> None:
     """Rules that involve more than one field."""
     data, part = cfg.data, cfg.partitioning
@@ -591,6 +648,7 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
         raise ConfigError("config: data.path: required when data.source is 'file'")
     if part.scheme == "natural" and not part.column:
         raise ConfigError("config: partitioning.column: required when partitioning.scheme is 'natural'")
+    _check_data_columns(data, "config: ")
     if data.labels.map and data.labels.ranges:
         raise ConfigError("config: data.labels: give either 'map' or 'ranges', not both")
     for name, bounds in data.labels.ranges.items():
@@ -869,7 +927,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
             f"{where}: org: expected a name of letters, digits, '.', '_' or '-' (at most 64), got {node.org!r}"
         )
     if node.data.source != "file" or not node.data.path:
-        raise ConfigError(f"{where}: data.path: required (the organisation's own CSV / TSV / JSONL file)")
+        raise ConfigError(
+            f"{where}: data.path: required (the organisation's own CSV / TSV / JSONL / Parquet file or"
+            " save_to_disk folder)"
+        )
+    _check_data_columns(node.data, f"{where}: ")
     names = node.redaction.extra_names
     if node.redaction.enabled and names and not Path(names).is_file():
         raise ConfigError(f"{where}: redaction.extra_names: {_show(names)} is not a file (one name per line)")

@@ -101,16 +101,16 @@ def test_keep_columns_and_subset(tmp_path):
 
 
 def test_html_unescape_and_whitespace(tmp_path):
-    path = write(tmp_path, "x.csv", 'text,label\n"  it&#039;s &amp; &quot;ok&quot;  ",a\n')
-    assert load_labelled_file(path, data_cfg(html_unescape=True)).texts == ['it\'s & "ok"']
-    assert load_labelled_file(path, data_cfg()).texts == ["it&#039;s &amp; &quot;ok&quot;"]
+    path = write(tmp_path, "x.csv", 'text,label\n"  it&#039;s &amp; &quot;ok&quot;  ",a\nplain,b\n')
+    assert load_labelled_file(path, data_cfg(html_unescape=True)).texts == ['it\'s & "ok"', "plain"]
+    assert load_labelled_file(path, data_cfg()).texts == ["it&#039;s &amp; &quot;ok&quot;", "plain"]
 
 
 def test_encoding_setting(tmp_path):
-    path = write(tmp_path, "x.csv", "text,label\ncaf\xe9 \xa35,a\n", encoding="latin-1")
+    path = write(tmp_path, "x.csv", "text,label\ncaf\xe9 \xa35,a\ntea,b\n", encoding="latin-1")
     message = error_of(load_labelled_file, path, data_cfg())
     assert str(path) in message and "data.encoding" in message and "line 2" in message
-    assert load_labelled_file(path, data_cfg(encoding="latin-1")).texts == ["caf\xe9 \xa35"]
+    assert load_labelled_file(path, data_cfg(encoding="latin-1")).texts == ["caf\xe9 \xa35", "tea"]
 
 
 def test_byte_order_mark_is_ignored(tmp_path):
