@@ -148,8 +148,7 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
         )
     data = load_labelled_file(node.data.path, node.data, label_names=label_names)
     if node.data.test_path:
-        test_column = node.data.test_text_column or node.data.text_column
-        test = load_labelled_file(node.data.test_path, node.data, text_column=test_column, label_names=label_names)
+        test = load_labelled_file(node.data.test_path, node.data, label_names=label_names, test_file=True)
         train = data
     else:
         train_rows, test_rows = split_indices(

@@ -294,13 +294,25 @@ def _spent_state(cfg: FederationConfig, kits: Path) -> list[str]:
 
 
 def infer_label_names(cfg: FederationConfig) -> list[str]:
-    """The sorted union of the organisations' classes (their files are on this machine)."""
-    from client.data_files import load_labelled_file
+    """The union of the organisations' classes (their files are on this machine), in the order they give.
 
-    names: set[str] = set()
+    One organisation may hold a single class; the federation needs two.
+    """
+    from client.data_files import class_order, load_labelled_file
+    from fedpriv.errors import DataError
+
+    names: dict[str, None] = {}
     for org in cfg.organisations:
-        names.update(load_labelled_file(org.data.path, org.data).label_names)
-    return sorted(names)
+        names.update(dict.fromkeys(load_labelled_file(org.data.path, org.data, min_classes=1).label_names))
+    order: list[str] = []
+    for org in cfg.organisations:  # each organisation's labels.map / ranges as written, first come first
+        order += [name for name in class_order(names, org.data.labels) if name not in order]
+    if len(order) < 2:
+        raise DataError(
+            f"organisations' data: every file has the class {order[0]!r} only; a classifier needs at least two"
+            " classes: check each organisation's data.label_column and data.labels"
+        )
+    return order
 
 
 def write_run_config(path: Path, config_path: str | None, overrides: list[str], resume: Path | None = None) -> Path:

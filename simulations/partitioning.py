@@ -112,11 +112,7 @@ def load_corpus(cfg: FedPrivConfig) -> tuple[LabelledTexts, LabelledTexts | None
     test = None
     if data.test_path:
         test = load_labelled_file(
-            data.test_path,
-            data,
-            text_column=data.test_text_column or data.text_column,
-            keep_columns=keep,
-            label_names=train.label_names,
+            data.test_path, data, keep_columns=keep, label_names=train.label_names, test_file=True
         )
     return train, test
 
@@ -260,7 +256,7 @@ def _plan_key(cfg: FedPrivConfig) -> str:
             "partitioning": asdict(cfg.partitioning),
             "batch_size": cfg.training.batch_size,
         },
-        sort_keys=True,
+        sort_keys=False,  # data.labels.map's and ranges' order is the class order: a sorted key would lose it
     )
 
 

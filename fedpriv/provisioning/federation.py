@@ -22,6 +22,7 @@ from fedpriv.config import (
     RedactionConfig,
     _build,
     _check,
+    _check_data_columns,
     _read_yaml,
     _show,
 )
@@ -230,6 +231,7 @@ def _cross_checks(cfg: FederationConfig) -> None:
         seen.add(org.name.lower())
         if org.data.source != "file" or not org.data.path:
             raise ConfigError(f"{key}.data.path: required (the organisation's own CSV / TSV / JSONL file)")
+        _check_data_columns(org.data, f"{key}.")
 
 
 def federation_from_dict(raw: Any, where: str = "federation") -> FederationConfig:
