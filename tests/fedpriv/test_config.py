@@ -231,7 +231,7 @@ def test_unknown_keys(overrides, names):
         ("privacy.delta=false", "privacy.delta"),  # bool for float
         ("privacy.enabled=1", "privacy.enabled"),  # int for bool
         ("privacy.enabled=yes please", "privacy.enabled"),
-        ("data.text_column=5", "data.text_column"),  # int for str
+        ("data.text_column=true", "data.text_column"),  # bool for a name or a column number
         ("data.text_column={a: 1}", "data.text_column"),  # mapping for str
         ("data.max_examples=lots", "data.max_examples"),  # optional int
         ("data.labels.names=positive", "data.labels.names"),  # string for list
