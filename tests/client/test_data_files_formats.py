@@ -205,8 +205,11 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
 
     single = tmp_path / "single"
     _dataset(["one", "two", "three"], ["neg", "pos", "pos"]).save_to_disk(str(single))
+    saved = sorted(str(p) for p in tmp_path.rglob("*"))
+    cache_before = _hf_cache_entries()
     data = load_labelled_file(single, data_cfg())  # format auto: a folder with dataset_info.json and state.json
     assert data.texts == ["one", "two", "three"] and data.labels == [0, 1, 1]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == saved and _hf_cache_entries() == cache_before
 
     splits = tmp_path / "splits"
     datasets.DatasetDict(

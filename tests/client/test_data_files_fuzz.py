@@ -49,8 +49,9 @@ def _jsonl(header: list[str], rows: list[list[str]]) -> str:
     return "".join(json.dumps(dict(zip(header, row, strict=False))) + "\n" for row in rows)
 
 
-def _load(content: bytes, suffix: str, encoding: str, labels: dict) -> None:
-    cfg = config_from_dict({"data": {"source": "file", "path": "unused", "encoding": encoding, "labels": labels}}).data
+def _load(content: bytes, suffix: str, encoding: str, labels: dict, **data) -> None:
+    raw = {"source": "file", "path": "unused", "encoding": encoding, "labels": labels, **data}
+    cfg = config_from_dict({"data": raw}).data
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"data{suffix}"
         path.write_bytes(content)
@@ -95,3 +96,33 @@ def test_structured_junk_gives_data_or_one_clear_line(header, rows, kind, suffix
 @given(content=st.binary(max_size=200), suffix=SUFFIX, encoding=ENCODING, labels=LABELS)
 def test_arbitrary_bytes_give_data_or_one_clear_line(content, suffix, encoding, labels):
     _load(content, suffix, encoding, labels)
+
+
+ORANGE_ROW = st.sampled_from(["d\tstring", "discrete\ts", "class\tmeta", "\t", "", "c\tm", "a b\tstring", "x\ty"])
+LAYOUT = st.sampled_from(
+    [
+        {"header": False, "text_column": [1, 2], "label_column": 0},
+        {"header": False, "text_column": 1, "label_column": 0, "skip_rows": 1},
+        {"skip_rows": 2},
+        {"format": "orange"},
+        {"text_column": [0, "text"], "text_separator": ". "},
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    header=HEADER,
+    annotations=st.lists(ORANGE_ROW, max_size=2),
+    rows=ROWS,
+    suffix=st.sampled_from([".tab", ".tsv", ".csv", ".parquet"]),
+    layout=LAYOUT,
+    labels=LABELS,
+)
+def test_new_layouts_give_data_or_one_clear_line(header, annotations, rows, suffix, layout, labels):
+    """Header-less files, several text columns, skipped rows, Orange annotation rows, bytes named .parquet."""
+    delimiter = "," if suffix == ".csv" else "\t"
+    text = _delimited(header, rows, delimiter)
+    lines = text.split("\n")
+    text = "\n".join([lines[0], *annotations, *lines[1:]])
+    _load(text.encode("utf-8", errors="replace"), suffix, "utf-8", labels, **layout)
