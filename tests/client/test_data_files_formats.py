@@ -318,3 +318,26 @@ def test_simulate_reads_an_ag_news_csv_as_distributed(tmp_path):
     assert summary["label_names"] == ["World", "Sports", "Business", "Sci/Tech"]
     model_config = json.loads((tmp_path / "run" / "model" / "merged" / "config.json").read_text(encoding="utf-8"))
     assert model_config["id2label"] == {"0": "World", "1": "Sports", "2": "Business", "3": "Sci/Tech"}
+
+
+def test_federation_classes_one_class_per_organisation_in_map_order(tmp_path):
+    """``federation up`` reads the organisations' files: one may hold a single class, all of them need two."""
+    import yaml
+
+    from fedpriv.local_federation import infer_label_names
+    from fedpriv.provisioning.federation import load_federation
+
+    ag_news_csv(tmp_path / "a.csv", [AG_ROWS[0], AG_ROWS[0]])  # Business only
+    ag_news_csv(tmp_path / "b.csv", [AG_ROWS[2], AG_ROWS[1]])  # Sports, World
+    ag_news_csv(tmp_path / "c.csv", [AG_ROWS[0]])
+
+    def federation(*files: str) -> Path:
+        orgs = [{"name": f"org-{i}", "data": {"path": str(tmp_path / name), **AG_CFG}} for i, name in enumerate(files)]
+        raw = {"federation": "news", "coordinator": {"addresses": ["127.0.0.1"]}, "organisations": orgs}
+        path = tmp_path / "FEDERATION.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        return path
+
+    assert infer_label_names(load_federation(federation("a.csv", "b.csv"))) == ["World", "Sports", "Business"]
+    with pytest.raises(DataError, match="every file has the class 'Business' only"):
+        infer_label_names(load_federation(federation("a.csv", "c.csv")))
