@@ -236,7 +236,6 @@ def _read_delimited(
             )
     records: list[dict[str, str]] = []
     lines: list[int] = []
-    kept: list[list[str]] = []
     skipped = 0
     for start_line, row in rows:
         if _blank(row):
@@ -254,14 +253,16 @@ def _read_delimited(
                     + (" (is it a TSV file? set data.format: tsv)" if kind == "CSV" and len(row) == 1 else "")
                 )
             records.append(dict(zip(names, row, strict=True)))
-            if len(kept) < 2:
-                kept.append(row)
         lines.append(start_line)
-    if names is not None and orange == "no" and len(kept) == 2 and _orange_annotations(*kept, loose=False):
-        raise DataError(
-            f"data file {path}: rows 1-2 (lines {lines[0]}-{lines[1]}) look like Orange's type and flag rows"
-            f" ({_listing(kept[0])}), not data: set data.format: orange, or data.skip_rows: 2"
-        )
+    if names is not None and orange == "no" and records:
+        # Orange's type row taken for data would become an example labelled "d"; its flags row may be blank
+        first = next(k for k, (n, _) in enumerate(physical) if n == lines[0])
+        after = physical[first + 1] if first + 1 < len(physical) else (0, [])
+        if _orange_annotations(physical[first][1], after[1], loose=False):
+            raise DataError(
+                f"data file {path}: lines {lines[0]}-{after[0] or lines[0] + 1} look like Orange's type and flag"
+                f" rows ({_listing(physical[first][1])}), not data: set data.format: orange, or data.skip_rows: 2"
+            )
     if not records:
         if skipped:
             raise DataError(f"data file {path}: data.skip_rows={skip_rows} skips every one of its {skipped} data rows")

@@ -138,6 +138,10 @@ def test_orange_rows_in_a_tsv_are_refused_not_learned(tmp_path):
         "comp.graphics",
         "sci.med",
     ]
+    blank_flags = tmp_path / "blank.tsv"  # an empty flags row written as an empty line
+    blank_flags.write_text(ORANGE.format(types="d\tstring", flags=""), encoding="utf-8")
+    message = error_of(load_labelled_file, blank_flags, data_cfg(label_column="category"))
+    assert "lines 2-3" in message and "Orange" in message
     errors_on_line_5 = tmp_path / "bad.tab"
     errors_on_line_5.write_text(text + "sci.med\t  \n", encoding="utf-8")
     message = error_of(load_labelled_file, errors_on_line_5, data_cfg(label_column="category"))
