@@ -32,6 +32,14 @@ class BudgetExhausted(Exception):
     """No node can train another round within its budget: the run ends here."""
 
 
+class TrainingDiverged(Exception):
+    """A node's local training stopped being finite (loss or update): the run ends with this round.
+
+    Every later round would start from the same global model and settings, so it would diverge again and
+    spend privacy for nothing. ``str(exc)``: one line naming the round and the organisation.
+    """
+
+
 @dataclass
 class BudgetState:
     """What the coordinator knows of each node's budget, from the nodes' own reports."""
@@ -42,6 +50,8 @@ class BudgetState:
     outlook: dict[str, dict[str, Any]] = field(default_factory=dict)  # org -> last LEDGER record's numbers
     refusals: list[dict[str, Any]] = field(default_factory=list)
     stopped_reason: str | None = None
+    diverged: list[dict[str, Any]] = field(default_factory=list)  # nodes whose training stopped being finite
+    diverged_privacy: list[Any] = field(default_factory=list)  # their privacy reports (what they spent)
 
     def heads(self) -> str:
         return self.ledgers.heads_json()
@@ -67,6 +77,21 @@ class BudgetState:
             self.outlook.setdefault(org, {})["can_train"] = False
             self.refusals.append({"round": server_round, "org": org, "reason": str(refusal.get("reason", ""))})
             self.say(f"[round {server_round}]  {org} refused to train: {refusal.get('reason', '')}")
+        if protocol.DIVERGED in content:
+            record = dict(content[protocol.DIVERGED])
+            org = str(record.get("org", "")) or self.org_of.get(node_id, f"node {node_id}")
+            self.org_of.setdefault(node_id, org)
+            entry = {"round": server_round, "org": org, "step": int(record.get("step", 0))}
+            entry |= {"kind": str(record.get("kind", "")), "reason": " ".join(str(record.get("reason", "")).split())}
+            self.diverged.append(entry)
+            if protocol.PRIVACY in content:
+                self.diverged_privacy.append(content[protocol.PRIVACY])
+            self.say(f"[round {server_round}]  {org}: {entry['reason']}; nothing it trained was sent")
+
+    def diverged_reason(self, server_round: int) -> str | None:
+        """One line naming the round and each organisation whose training diverged in it; None if none did."""
+        parts = [f"{d['org']}: {d['reason']}" for d in self.diverged if d["round"] == server_round]
+        return f"round {server_round}, " + "; ".join(parts) if parts else None
 
     def can_train(self, node_id: int) -> bool:
         org = self.org_of.get(node_id)
@@ -176,7 +201,7 @@ class BudgetGatedStrategy(Strategy):
                 trained.append(reply)  # the inner strategy counts and logs failures
                 continue
             self.state.note(reply.metadata.src_node_id, reply.content, server_round)  # its privacy spent, first
-            if protocol.REFUSAL in reply.content:
+            if protocol.REFUSAL in reply.content or protocol.DIVERGED in reply.content:
                 continue
             problem = None
             if self.global_arrays is not None:
@@ -191,6 +216,9 @@ class BudgetGatedStrategy(Strategy):
                 f"[round {server_round}]  update from {rejection.org or 'an unnamed organisation'} (node {node_id})"
                 f" rejected: {problem}; the round aggregates the others"
             )
+        diverged = self.state.diverged_reason(server_round)
+        if diverged is not None:  # the others' updates are not aggregated: the round did not complete
+            raise TrainingDiverged(diverged)
         answered = sum(not reply.has_error() for reply in trained)
         if not answered:
             return None, None  # nobody trained: the global model stays as it is

@@ -216,6 +216,10 @@ def run_simulation_from_config(
     print(final_report(summary), flush=True)
     if "empirical_audit" in summary:
         print(describe(summary["empirical_audit"]), flush=True)
+    if summary.get("status") == "failed" and summary.get("stopped_reason"):
+        from fedpriv.errors import TrainingFailed
+
+        raise TrainingFailed(summary["stopped_reason"])
     return summary
 
 
