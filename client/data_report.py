@@ -8,9 +8,12 @@ once per data set and keeps them in its state folder (client/node.py): never sen
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 RARE_LABEL_COUNT = 5  # a class seen fewer times than this in the whole data is named in a warning
 TRUNCATION_WARN_SHARE = 0.10  # more texts than this cut at data.max_length: a warning
@@ -109,3 +112,54 @@ def counts_by_class(labels: Sequence[int], num_labels: int) -> list[int]:
     for label in labels:
         counts[int(label)] += 1
     return counts
+
+
+def keep_own_report(
+    folder: Path,
+    org: str,
+    label_names: Sequence[str],
+    splits: dict[str, tuple[Sequence[str], Sequence[int]]],
+    tokenizer,
+    max_length: int,
+    sources: Sequence[tuple[str, Any]],
+    say: Callable[[str], None],
+) -> dict | None:
+    """A deployed node's own data report (``splits``: name -> (texts, labels)), in its state folder, said once.
+
+    Every message is a new process that loads the data again: the report is made, written and said only when
+    the data files (``sources``, with their stamps), the classes or ``max_length`` changed since the last one.
+    Never sent: the class counts and the truncation are the organisation's to read. Returns the new report,
+    or None when the stored one still holds.
+    """
+    path = Path(folder) / REPORT_FILE
+    key = json.loads(json.dumps({"sources": list(sources), "labels": list(label_names), "max_length": max_length}))
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("key") == key:
+            return None
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet, or unreadable: made again
+    k = len(label_names)
+    texts = [text for split_texts, _ in splits.values() for text in split_texts]
+    counts = counts_by_class([label for _, labels in splits.values() for label in labels], k)
+    sizes = {name: len(labels) for name, (_, labels) in splits.items()}
+    cut = truncation(texts, tokenizer, max_length)
+    report = {
+        "key": key,
+        "org": org,
+        "sizes": sizes,
+        "class_counts": dict(zip(label_names, counts, strict=True)),
+        "truncation": cut.to_dict(),
+        "note": "kept by the node; never sent",
+    }
+    lines = [f"data of {org} ({', '.join(f'{n} {name}' for name, n in sizes.items())}), class counts:"]
+    lines += class_table(label_names, [(org, sizes.get("train", 0), sizes.get("test", 0), counts)])
+    lines += [line for line in [rare_label_warning(label_names, counts)] if line]
+    lines += truncation_lines({org: cut})
+    for line in lines:
+        say(line)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)
+    return report
