@@ -43,7 +43,9 @@ def handle_train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
                 f"organisation '{content[protocol.REFUSAL]['org']}' refuses to train: {content[protocol.REFUSAL]['reason']}"
             )
         if protocol.DIVERGED in content:  # the same: it drops out (its spending reaches the coordinator likewise)
-            raise task.NodeSetupError(
+            from client.node import TrainingDivergedError
+
+            raise TrainingDivergedError(
                 f"organisation '{content[protocol.DIVERGED]['org']}': {content[protocol.DIVERGED]['reason']}"
             )
         reply = fit_reply_to_legacy(content, layout)

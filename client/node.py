@@ -45,6 +45,11 @@ class NodeSetupError(RuntimeError):
     """The node cannot take part as configured (reported to the server as an error reply)."""
 
 
+class TrainingDivergedError(NodeSetupError):
+    """Local training stopped being finite, where no reply can say so (a SecAgg+ round): the coordinator reads
+    this class name in the error reply (server/secure_rounds.py) and stops the run."""
+
+
 @dataclass(frozen=True)
 class LocalNode:
     org: str

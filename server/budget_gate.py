@@ -14,6 +14,7 @@ SecAgg+ drives.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,19 @@ class TrainingDiverged(Exception):
     Every later round would start from the same global model and settings, so it would diverge again and
     spend privacy for nothing. ``str(exc)``: one line naming the round and the organisation.
     """
+
+
+def diverged_entry(server_round: int, org: str, reason: str, step: int = 0, kind: str = "") -> dict[str, Any]:
+    """summary.json's record of one organisation whose training diverged; step and kind read from the reason
+    when not given (a SecAgg+ node can only say it in its error text)."""
+    reason = " ".join(reason.split())
+    if not step:
+        found = re.search(r" at step (\d+)", reason)
+        step = int(found.group(1)) if found else 0
+    if not kind:
+        found = re.search(r"non-finite \((nan|inf)\)", reason)
+        kind = found.group(1) if found else "overflow" if "overflowed" in reason else "update"
+    return {"round": server_round, "org": org, "step": step, "kind": kind, "reason": reason}
 
 
 @dataclass
@@ -81,8 +95,8 @@ class BudgetState:
             record = dict(content[protocol.DIVERGED])
             org = str(record.get("org", "")) or self.org_of.get(node_id, f"node {node_id}")
             self.org_of.setdefault(node_id, org)
-            entry = {"round": server_round, "org": org, "step": int(record.get("step", 0))}
-            entry |= {"kind": str(record.get("kind", "")), "reason": " ".join(str(record.get("reason", "")).split())}
+            reason, step, kind = str(record.get("reason", "")), int(record.get("step", 0)), str(record.get("kind", ""))
+            entry = diverged_entry(server_round, org, reason, step, kind)
             self.diverged.append(entry)
             if protocol.PRIVACY in content:
                 self.diverged_privacy.append(content[protocol.PRIVACY])

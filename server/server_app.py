@@ -239,9 +239,8 @@ def _run_federation(
         tracker.printer(f"run ended after round {len(tracker.rounds)} of {cfg.training.rounds}: {exc}")
         final = latest["arrays"]
     except TrainingDiverged as exc:  # the last complete round's model stays the run's model
-        tracker.printer(
-            f"run stopped in round {len(tracker.rounds) + 1} of {cfg.training.rounds}: local training diverged"
-        )
+        stopped_in = budget.diverged[-1]["round"] if budget.diverged else len(tracker.rounds) + 1
+        tracker.printer(f"run stopped in round {stopped_in} of {cfg.training.rounds}: local training diverged")
         extra["stopped_reason"] = str(exc)
         for report in budget.diverged_privacy:
             tracker.note_privacy(report)

@@ -55,3 +55,29 @@ def test_a_loss_that_becomes_non_finite_stops_the_run_in_one_line_with_its_priva
 
     result = audit(load_ledger_set([str(out)], None), pld=False)
     assert result.ok, [f.to_dict() if hasattr(f, "to_dict") else f for f in getattr(result, "findings", [])]
+
+
+def test_under_secure_aggregation_a_diverging_node_drops_out_and_the_run_still_stops_in_one_line(tmp_path):
+    """SecAgg+ has no reply that can say "diverged": the node fails its round with TrainingDivergedError, whose
+    name the coordinator reads in the error reply; its ledger entry arrives with the evaluate reply."""
+    out = tmp_path / "run"
+    args = [*ARGS, "partitioning.num_orgs=3", "training.batch_size=16", "secure_aggregation.enabled=true"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpriv.cli", *args, "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    shown = f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 1, shown
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and LINE.match(errors[0]), shown
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["stopped_reason"] == errors[0].removeprefix("error: ")
+    assert sorted(d["org"] for d in summary["diverged"]) == ["org-0", "org-1", "org-2"]
+    for stopped in summary["diverged"]:
+        entries = [json.loads(line) for line in (out / "ledgers" / f"{stopped['org']}.jsonl").read_text().splitlines()]
+        assert [(e["round"], e.get("stopped"), e["local_steps"]) for e in entries] == [
+            (1, "diverged", stopped["step"] - 1)
+        ]
+    from privacy.audit import audit, load_ledger_set
+
+    assert audit(load_ledger_set([str(out)], None), pld=False).ok
