@@ -108,10 +108,13 @@ class NodeBudget:
             },
         )
 
-    def record_round(self, server_round: int, steps_before: int, model_digest: str, redaction: dict) -> dict:
+    def record_round(
+        self, server_round: int, steps_before: int, model_digest: str, redaction: dict, stopped: str | None = None
+    ) -> dict:
         """Ledger entry for the steps taken since ``steps_before`` (fsynced), then the accountant file.
 
         ``redaction`` (the node's rule set and counts) is recorded with it: the data these steps saw.
+        ``stopped="diverged"``: the round stopped before its last step (a non-finite loss); said in the entry.
         """
         plan = self.privacy.plan
         taken = self.privacy.steps - steps_before
@@ -135,6 +138,7 @@ class NodeBudget:
                 "max_epsilon": self.node.max_epsilon,
                 "redaction": redaction,
                 **({"local_epochs": self.local_epochs} if self.local_epochs is not None else {}),
+                **({"stopped": stopped} if stopped else {}),
             },
         )
         self.privacy.save()

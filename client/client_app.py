@@ -42,6 +42,12 @@ def handle_train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
             raise task.NodeSetupError(
                 f"organisation '{content[protocol.REFUSAL]['org']}' refuses to train: {content[protocol.REFUSAL]['reason']}"
             )
+        if protocol.DIVERGED in content:  # the same: it drops out (its spending reaches the coordinator likewise)
+            from client.node import TrainingDivergedError
+
+            raise TrainingDivergedError(
+                f"organisation '{content[protocol.DIVERGED]['org']}': {content[protocol.DIVERGED]['reason']}"
+            )
         reply = fit_reply_to_legacy(content, layout)
     else:
         reply = task.train_content(cfg, msg.content, context)

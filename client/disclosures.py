@@ -183,6 +183,16 @@ TRAIN_REPLY = Message(
         ),
         protocol.PRIVACY: PRIVACY_REPORT,
         protocol.LEDGER: PUBLIC_KEY_FIELDS,
+        protocol.DIVERGED: (
+            ORG_NAME,
+            Field(
+                ("reason", "step", "kind"),
+                "why local training stopped: a non-finite loss (nan/inf), a float32 overflow or non-finite weights,"
+                " at which step, and the round's learning rate",
+                DP_NO,
+                "the run stops with one line naming the round and the organisation; the weights never leave",
+            ),
+        ),
         protocol.REFUSAL: (
             ORG_NAME,
             Field(
@@ -356,6 +366,12 @@ LEDGER_ENTRY = Message(
                 "the local epochs the round's steps make (the run config's training.local_epochs)",
                 DP_NOT_DATA,
                 "an auditor checks the steps are that many whole epochs",
+            ),
+            Field(
+                ("stopped",),
+                "'diverged' when the round stopped early on a non-finite loss or update (its local_steps: those taken)",
+                DP_NO,
+                "the steps taken before it are spent and must be accounted; the stop itself depends on the data",
             ),
             Field(
                 ("redaction",),

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from flwr.app import Context
 
 from client.data_files import load_labelled_file, split_indices
+from client.data_report import keep_own_report
 from client.disclosures import Sharing, shared_redaction
 from client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
 from fedpriv import protocol
@@ -41,6 +43,11 @@ from shared_models.weights import base_model_digest
 
 class NodeSetupError(RuntimeError):
     """The node cannot take part as configured (reported to the server as an error reply)."""
+
+
+class TrainingDivergedError(NodeSetupError):
+    """Local training stopped being finite, where no reply can say so (a SecAgg+ round): the coordinator reads
+    this class name in the error reply (server/secure_rounds.py) and stops the run."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,16 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
     test_data = prepare_texts(test.texts, test.labels, tokenizer, max_length, cache, redactor)
     if redactor is not None:  # the exact counts stay with the organisation, whatever it lets leave the node
         keep_own_redaction_counts(Path(node.state_dir), redactor, [train_data.redacted, test_data.redacted])
+    keep_own_report(  # its class counts and texts cut at max_length, in its log and state folder (never sent)
+        Path(node.state_dir),
+        node.org,
+        label_names,
+        {"train": (train.texts, train.labels), "test": (test.texts, test.labels)},
+        tokenizer,
+        max_length,
+        sources,
+        say=lambda line: print(f"fedpriv node: {line}", file=sys.stderr, flush=True),
+    )
     return LocalNode(
         org=node.org,
         label_names=label_names,

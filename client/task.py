@@ -19,7 +19,7 @@ from client.device import resolve_device
 from client.evaluation import evaluate
 from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_layout
 from client.stage_timing import phase
-from client.training import round_learning_rate, train_locally
+from client.training import TrainingDiverged, round_learning_rate, train_locally
 from fedpriv import protocol
 from fedpriv.config import FedPrivConfig
 from privacy.accountant_state import NodePrivacy
@@ -84,19 +84,26 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             )
         steps_before = budget.privacy.steps
         replay.begin(folder, attempt, ledger_length)
-    with phase("train"):
-        result = train_locally(
-            model,
-            node.train,
-            cfg=dataclasses.replace(cfg.training, learning_rate=round_learning_rate(cfg.training, server_round)),
-            pad_token_id=node.pad_token_id,
-            device=device,
-            privacy=None if budget is None else budget.privacy,
-            grad_sample_mode=cfg.privacy.grad_sample_mode,
-            proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
-            seed=cfg.run.seed * 100_003 + server_round,
-            canaries=_gradient_canaries(cfg, node, model),
-        )
+    learning_rate = round_learning_rate(cfg.training, server_round)
+    try:
+        with phase("train"):
+            result = train_locally(
+                model,
+                node.train,
+                cfg=dataclasses.replace(cfg.training, learning_rate=learning_rate),
+                pad_token_id=node.pad_token_id,
+                device=device,
+                privacy=None if budget is None else budget.privacy,
+                grad_sample_mode=cfg.privacy.grad_sample_mode,
+                proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
+                seed=cfg.run.seed * 100_003 + server_round,
+                canaries=_gradient_canaries(cfg, node, model),
+            )
+    except TrainingDiverged as exc:
+        if budget is not None and budget.privacy.steps > steps_before:
+            # the steps taken before it are spent: recorded, and their entry travels with the reply
+            budget.record_round(server_round, steps_before, model_digest, node.redaction, stopped="diverged")
+        return _diverged(cfg, node, budget, heads, exc.step, exc.kind, str(exc), learning_rate)
     metrics = {
         protocol.NUM_EXAMPLES: len(node.train),
         protocol.DP_STEPS: result.steps,
@@ -109,11 +116,9 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
     if diverged:  # the steps were taken and stay recorded (conservatively: nothing leaves); the weights never leave
         if budget is not None:
             budget.record_round(server_round, steps_before, model_digest, node.redaction)
-        raise NodeSetupError(
-            f"organisation '{node.org}': local training produced values that are not finite (NaN/Inf) in"
-            f" {diverged[0]}{f' and {len(diverged) - 1} more tensor(s)' if len(diverged) > 1 else ''}; the update"
-            " is not sent (lower training.learning_rate)"
-        )
+        more = f" and {len(diverged) - 1} more tensor(s)" if len(diverged) > 1 else ""
+        what = f"the update became non-finite (NaN/Inf) in {diverged[0]}{more} after step {result.steps}"
+        return _diverged(cfg, node, budget, heads, result.steps, "update", what, learning_rate)
     records = {}
     if budget is not None:
         # the reply is stored before its ledger entry, and marked done after it: whatever instant the node or
@@ -138,6 +143,37 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             **records,
         }
     )
+
+
+def _diverged(
+    cfg: FedPrivConfig,
+    node: LocalNode,
+    budget: NodeBudget | None,
+    heads: str | None,
+    step: int,
+    kind: str,
+    what: str,
+    learning_rate: float,
+) -> RecordDict:
+    """The reply of a round whose training stopped being finite: why and at which step, never the weights.
+
+    With ``budget`` (DP on) the privacy report and the ledger record (the round's entry, when steps were taken)
+    travel with it, so the coordinator's copy and the summary show what was spent; the coordinator stops the run.
+    """
+    reason = f"{what}: lower training.learning_rate ({learning_rate:g})"
+    if budget is not None:
+        report = {"org": node.org, "dp_enabled": True, **budget.privacy.report(), "max_epsilon": node.max_epsilon}
+    else:
+        report = {"org": node.org, "dp_enabled": False}
+    report[protocol.REDACTION] = json.dumps(node.redaction, sort_keys=True)
+    records = {
+        protocol.DIVERGED: ConfigRecord({"org": node.org, "reason": reason, "step": step, "kind": kind}),
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 0}),
+        protocol.PRIVACY: ConfigRecord(report),
+    }
+    if budget is not None:
+        records[protocol.LEDGER] = budget.report(cfg, heads)
+    return RecordDict(records)
 
 
 def _gradient_canaries(cfg: FedPrivConfig, node: LocalNode, model: torch.nn.Module):

@@ -23,6 +23,40 @@ if TYPE_CHECKING:
     from privacy.gradient_canaries import DiracCanaries
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the update stopped being finite: the round ends at that step, and nothing it trained leaves.
+
+    ``kind``: "nan" or "inf" (a loss), "overflow" (an optimizer step past float32), "update" (non-finite weights).
+    """
+
+    def __init__(self, what: str, step: int, kind: str):
+        super().__init__(f"{what} at step {step}")
+        self.step, self.kind = step, kind
+
+
+def _finite_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss as a float; :class:`TrainingDiverged` before any gradient of a non-finite one is taken."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        kind = "nan" if math.isnan(value) else "inf"
+        raise TrainingDiverged(f"training loss became non-finite ({kind})", step, kind)
+    return value
+
+
+def _optimizer_step(optimizer, step: int) -> None:
+    """``optimizer.step()``; an update torch cannot represent in float32 is :class:`TrainingDiverged`.
+
+    Under DP the step is noised and accounted before the parameters change (Opacus's ``pre_step``), so a step
+    that fails here is still counted by the accountant, as it must be.
+    """
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise TrainingDiverged(f"the update overflowed float32 ({exc})", step, "overflow") from None
+
+
 @dataclass(frozen=True)
 class TrainResult:
     mean_loss: float
@@ -48,13 +82,13 @@ def _optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def _noise_only_step(optimizer, params: list[torch.nn.Parameter]) -> None:
+def _noise_only_step(optimizer, params: list[torch.nn.Parameter], step: int = 1) -> None:
     """An empty Poisson batch is still one DP step: zero gradient + noise, and it is accounted."""
     optimizer.zero_grad(set_to_none=True)  # what the previous batch left (Opacus refuses uncleared gradients)
     for param in params:
         param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
         param.grad = torch.zeros_like(param)  # what ghost clipping's optimizer reads
-    optimizer.step()
+    _optimizer_step(optimizer, step)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -166,6 +200,7 @@ def train_step(
     device: torch.device,
     private: bool,
     autocast: bool = False,
+    step: int = 1,
 ) -> StepStats:
     """One optimizer step on one non-empty logical batch, run as micro-batches (see :func:`micro_batches`).
 
@@ -175,7 +210,8 @@ def train_step(
     noise once, divides by the expected batch size (the loss reduction "mean": every mode first undoes the
     micro-batch's own mean, so its per-example gradients do not depend on how the batch is cut) and is
     accounted once. Without DP the micro-batch losses are weighted by their share of the batch, so the
-    summed gradient is the batch mean's, as in one pass.
+    summed gradient is the batch mean's, as in one pass. A non-finite loss raises :class:`TrainingDiverged`
+    (``step``: this step's 1-based number in the round) before its gradient is taken.
     """
     pieces = micro_batches(batch, cfg)
     total = len(batch[2])
@@ -191,6 +227,7 @@ def train_step(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         loss = criterion(logits.float(), labels)
+        loss_value = _finite_loss(loss, step)
         if private or len(pieces) == 1:
             loss.backward()
         else:
@@ -198,11 +235,11 @@ def train_step(
         if private and not last:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # per-sample state only: the clipped sum is kept
-        stats.loss_sum += float(loss.detach()) * len(labels)
+        stats.loss_sum += loss_value * len(labels)
         stats.examples += len(labels)
         stats.passes += 1
         stats.padded_tokens += input_ids.numel()
-    optimizer.step()
+    _optimizer_step(optimizer, step)
     return stats
 
 
@@ -268,12 +305,12 @@ def train_locally(
     for _ in range(cfg.local_epochs):
         for batch in loader:
             if batch[0].shape[0] == 0:
-                _noise_only_step(optimizer, params)
+                _noise_only_step(optimizer, params, steps + 1)
                 steps += 1
                 continue
             stats = train_step(
                 model, optimizer, criterion, batch, cfg=cfg, device=device, private=privacy is not None,
-                autocast=autocast,
+                autocast=autocast, step=steps + 1,
             )  # fmt: skip
             if anchors:  # once per logical batch, after its one optimizer step
                 _proximal_step(params, anchors, cfg.learning_rate, proximal_mu)

@@ -361,13 +361,31 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+# the commands whose ``args`` start with an optional CONFIG.yaml (federation up takes key=value only)
+_CONFIG_FIRST = ("simulate", "config")
+
+
+def _late_positionals(parser: argparse.ArgumentParser, ns: argparse.Namespace, extra: list[str]) -> list[str]:
+    """``args`` with the positionals argparse left over after an option (``simulate --dry-run a.b=1``).
+
+    argparse fills a ``nargs="*"`` positional once, before the first option; what follows it comes back
+    unparsed. Every command with ``key=value`` overrides takes them anywhere; a config file only first.
+    """
+    if not hasattr(ns, "args") or any(item.startswith("-") for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = [*ns.args, *extra]
+    config_first = ns.command in _CONFIG_FIRST and args and "=" not in args[0]
+    stray = [item for item in args[1 if config_first else 0 :] if "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (expected key=value overrides)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns, extra = parser.parse_known_args(argv)
-    if extra:  # key=value overrides may come after options (fedpriv federation up F.yaml --kits K a.b=1)
-        if ns.command != "federation" or any(item.startswith("-") or "=" not in item for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        ns.args = [*ns.args, *extra]
+    if extra:
+        ns.args = _late_positionals(parser, ns, extra)
     handlers = {
         "simulate": cmd_simulate,
         "config": cmd_config,

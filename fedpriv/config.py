@@ -24,6 +24,7 @@ import yaml
 from fedpriv.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "default.yaml"
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _Loader(yaml.SafeLoader):
@@ -40,8 +41,54 @@ _Loader.add_implicit_resolver(
 _YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice: YAML lets the last one win silently, a config must not."""
+
+    def __init__(self, key: str, first_line: int, second_line: int):
+        lines = f"line {first_line}" if first_line == second_line else f"lines {first_line} and {second_line}"
+        super().__init__(f"key '{key}' is given twice ({lines}); keep one (YAML would silently use the last)")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+def _refuse_duplicate_keys(root: yaml.Node) -> None:
+    """Walk the composed document in order; raise :class:`DuplicateKeyError` naming the dotted key and its lines."""
+    walked: set[int] = set()  # anchors and aliases share (or even nest) nodes: each is walked once
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, where = stack.pop()
+        if id(node) in walked:
+            continue
+        walked.add(id(node))
+        children: list[tuple[yaml.Node, str]] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    children.append((value_node, where))  # a merge (<<) or a complex key: no dotted name to give
+                    continue
+                dotted = f"{where}.{_show(key_node.value)}" if where else _show(key_node.value)
+                line = key_node.start_mark.line + 1
+                identity = (key_node.tag, key_node.value)  # 1 and "1" are different keys, as YAML constructs them
+                if identity in lines:
+                    raise DuplicateKeyError(dotted, lines[identity], line)
+                lines[identity] = line
+                children.append((value_node, dotted))
+        stack.extend(reversed(children))
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+    """``yaml.load`` with :class:`_Loader` (a SafeLoader: no arbitrary objects), refusing duplicate keys."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _show(key: Any) -> str:
@@ -184,7 +231,11 @@ class TrainingConfig:
     batch_size: int = field(default=32, metadata=_positive("an integer > 0"))
     eval_batch_size: int = field(default=64, metadata=_positive("an integer > 0"))
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    learning_rate: float = field(default=5e-4, metadata=_positive())
+    # float32 weights cannot take a larger step: torch's optimizers fail on one (a diverging smaller one stops the
+    # run with its round and organisation, client/training.py)
+    learning_rate: float = field(
+        default=5e-4, metadata=_check(lambda v: 0 < v <= FLOAT32_MAX, "a number > 0 and <= 3.4e38 (float32's largest)")
+    )
     # The learning rate across rounds: constant, or cosine from learning_rate in round 1 down to
     # learning_rate x min_lr_ratio in the last planned round (a function of the round number only: it reads no
     # data, so it costs no privacy, and a resumed run gets the same rates).
@@ -739,6 +790,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{shown}': expected a dotted key such as training.rounds")
         try:
             value = _yaml_load(text) if text.strip() else None
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"override '{shown}': {exc}") from None
         except _YAML_ERRORS:
             raise ConfigError(f"override '{shown}': value is not valid YAML") from None
         node = nested
@@ -777,6 +830,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {shown}: cannot be read ({exc.__class__.__name__})") from None
     try:
         raw = _yaml_load(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {shown}: {exc}") from None
     except _YAML_ERRORS as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -20,3 +20,9 @@ class DataError(UserError):
 
 class PrivacyError(UserError):
     """Impossible privacy target, or a budget that does not fit the plan."""
+
+
+class TrainingFailed(UserError):
+    """Training stopped on something the settings caused (a loss that became non-finite): exit code 1."""
+
+    exit_code = 1

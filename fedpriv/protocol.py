@@ -11,6 +11,8 @@ LEDGER = "ledger"  # ConfigRecord in replies: the node's new signed ledger entri
 # (its rule set and the matches replaced per kind, never the values; {"enabled": false} when off)
 REDACTION = "redaction"
 REFUSAL = "refusal"  # ConfigRecord in a train reply that declines to train (budget): no arrays, no DP step
+# ConfigRecord in a train reply whose local training stopped on a non-finite loss or update: no arrays leave
+DIVERGED = "diverged"
 READY = "ready"  # ConfigRecord in a pre-flight (query) reply: the node's data sizes and privacy plan
 
 # Keys of the server's ConfigRecord

@@ -262,6 +262,10 @@ def _parameter_problems(entry: dict[str, Any]) -> list[str]:
         problems.append(f"sample_rate {q!r} is not 1/k for a whole number k of batches an epoch")
     elif per_epoch > n:
         problems.append(f"sample_rate {q!r} is below 1/n = 1/{n}: more batches an epoch than examples")
+    elif entry.get("stopped") == "diverged":  # stopped on a non-finite loss: the steps it took, at least one
+        epochs = entry.get("local_epochs", 1)
+        if steps == 0 or (_count(epochs) and steps > epochs * per_epoch):
+            problems.append(f"local_steps {steps} of a round that stopped early is not in 1..{epochs} x {per_epoch}")
     elif steps == 0 or steps % per_epoch:
         problems.append(f"local_steps {steps} is not a whole number of epochs of {per_epoch} steps (q = 1/{per_epoch})")
     elif "local_epochs" in entry:

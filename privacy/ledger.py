@@ -45,8 +45,9 @@ DP_FIELDS = (
 )  # fmt: skip
 # recorded when given, absent from older entries (the audit reports them, never requires them)
 OPTIONAL_FIELDS = {
-    # what the node's redaction did to the data the steps used; the local epochs its steps make
-    "dp_round": ("redaction", "local_epochs"),
+    # what the node's redaction did to the data the steps used; the local epochs its steps make; "diverged" when
+    # the round stopped early on a non-finite loss or update (its local_steps are then the steps it took)
+    "dp_round": ("redaction", "local_epochs", "stopped"),
     # organisation-level DP (server/client_dp.py): the release's estimator, its denominator and neighbouring
     # relation, the update's own multiplier and (adaptive clipping) the std of the noise on the count
     "client_dp_round": (

@@ -14,6 +14,7 @@ SecAgg+ drives.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,27 @@ class BudgetExhausted(Exception):
     """No node can train another round within its budget: the run ends here."""
 
 
+class TrainingDiverged(Exception):
+    """A node's local training stopped being finite (loss or update): the run ends with this round.
+
+    Every later round would start from the same global model and settings, so it would diverge again and
+    spend privacy for nothing. ``str(exc)``: one line naming the round and the organisation.
+    """
+
+
+def diverged_entry(server_round: int, org: str, reason: str, step: int = 0, kind: str = "") -> dict[str, Any]:
+    """summary.json's record of one organisation whose training diverged; step and kind read from the reason
+    when not given (a SecAgg+ node can only say it in its error text)."""
+    reason = " ".join(reason.split())
+    if not step:
+        found = re.search(r" at step (\d+)", reason)
+        step = int(found.group(1)) if found else 0
+    if not kind:
+        found = re.search(r"non-finite \((nan|inf)\)", reason)
+        kind = found.group(1) if found else "overflow" if "overflowed" in reason else "update"
+    return {"round": server_round, "org": org, "step": step, "kind": kind, "reason": reason}
+
+
 @dataclass
 class BudgetState:
     """What the coordinator knows of each node's budget, from the nodes' own reports."""
@@ -42,6 +64,8 @@ class BudgetState:
     outlook: dict[str, dict[str, Any]] = field(default_factory=dict)  # org -> last LEDGER record's numbers
     refusals: list[dict[str, Any]] = field(default_factory=list)
     stopped_reason: str | None = None
+    diverged: list[dict[str, Any]] = field(default_factory=list)  # nodes whose training stopped being finite
+    diverged_privacy: list[Any] = field(default_factory=list)  # their privacy reports (what they spent)
 
     def heads(self) -> str:
         return self.ledgers.heads_json()
@@ -67,6 +91,21 @@ class BudgetState:
             self.outlook.setdefault(org, {})["can_train"] = False
             self.refusals.append({"round": server_round, "org": org, "reason": str(refusal.get("reason", ""))})
             self.say(f"[round {server_round}]  {org} refused to train: {refusal.get('reason', '')}")
+        if protocol.DIVERGED in content:
+            record = dict(content[protocol.DIVERGED])
+            org = str(record.get("org", "")) or self.org_of.get(node_id, f"node {node_id}")
+            self.org_of.setdefault(node_id, org)
+            reason, step, kind = str(record.get("reason", "")), int(record.get("step", 0)), str(record.get("kind", ""))
+            entry = diverged_entry(server_round, org, reason, step, kind)
+            self.diverged.append(entry)
+            if protocol.PRIVACY in content:
+                self.diverged_privacy.append(content[protocol.PRIVACY])
+            self.say(f"[round {server_round}]  {org}: {entry['reason']}; nothing it trained was sent")
+
+    def diverged_reason(self, server_round: int) -> str | None:
+        """One line naming the round and each organisation whose training diverged in it; None if none did."""
+        parts = [f"{d['org']}: {d['reason']}" for d in self.diverged if d["round"] == server_round]
+        return f"round {server_round}, " + "; ".join(parts) if parts else None
 
     def can_train(self, node_id: int) -> bool:
         org = self.org_of.get(node_id)
@@ -176,7 +215,7 @@ class BudgetGatedStrategy(Strategy):
                 trained.append(reply)  # the inner strategy counts and logs failures
                 continue
             self.state.note(reply.metadata.src_node_id, reply.content, server_round)  # its privacy spent, first
-            if protocol.REFUSAL in reply.content:
+            if protocol.REFUSAL in reply.content or protocol.DIVERGED in reply.content:
                 continue
             problem = None
             if self.global_arrays is not None:
@@ -191,6 +230,9 @@ class BudgetGatedStrategy(Strategy):
                 f"[round {server_round}]  update from {rejection.org or 'an unnamed organisation'} (node {node_id})"
                 f" rejected: {problem}; the round aggregates the others"
             )
+        diverged = self.state.diverged_reason(server_round)
+        if diverged is not None:  # the others' updates are not aggregated: the round did not complete
+            raise TrainingDiverged(diverged)
         answered = sum(not reply.has_error() for reply in trained)
         if not answered:
             return None, None  # nobody trained: the global model stays as it is

@@ -124,15 +124,10 @@ class RoundTracker:
         weight_key = protocol.NUM_EXAMPLES  # metrics are per example, whatever weights the strategy averages with
         record = self._round()
         for content in contents:
-            report = dict(content[protocol.PRIVACY])
-            org = str(report.pop("org"))
-            self._note_redaction(org, report.pop(protocol.REDACTION, None))
-            if not report.get("dp_enabled"):
-                report.update({key: None for key in NO_DP_FIELDS})
+            org = self.note_privacy(content[protocol.PRIVACY])
             record.trained_orgs.append(org)
             if protocol.TRAIN_LOSS in content[protocol.METRICS]:
                 record.train_loss_orgs.append(org)
-            self.privacy[org] = report
         record.trained_orgs.sort()
         record.train_loss_orgs.sort()
         record.train_loss = _weighted_mean(contents, protocol.TRAIN_LOSS, weight_key)
@@ -176,6 +171,16 @@ class RoundTracker:
         if record.macro_f1 is not None:
             aggregated["macro_f1"] = record.macro_f1
         return MetricRecord(aggregated)
+
+    def note_privacy(self, privacy_record) -> str:
+        """Keep an organisation's privacy report (a train reply's, or a diverged one's: its steps are spent too)."""
+        report = dict(privacy_record)
+        org = str(report.pop("org"))
+        self._note_redaction(org, report.pop(protocol.REDACTION, None))
+        if not report.get("dp_enabled"):
+            report.update({key: None for key in NO_DP_FIELDS})
+        self.privacy[org] = report
+        return org
 
     def _note_redaction(self, org: str, report: Any) -> None:
         """Keep a node's redaction report (JSON); a malformed one is recorded as such, never dropped silently."""

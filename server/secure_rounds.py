@@ -12,6 +12,7 @@ no organisation trained.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +31,13 @@ from fedpriv.legacy_messages import (
     legacy_fit_metrics_to_content,
     split_vector,
 )
-from server.budget_gate import BudgetState, gate_legacy_strategy
+from server.budget_gate import BudgetState, TrainingDiverged, diverged_entry, gate_legacy_strategy
 from server.prompt_grid import PromptGrid, failure_reason
 from server.round_tracker import RoundTracker
 from server.strategy import select_strategy
 
+# client/node.py's TrainingDivergedError, as failure_reason() gives it
+_DIVERGED = re.compile(r"^TrainingDivergedError: organisation '([^']+)': (.+)$")
 MAX_FAILURES_SAID = 10  # per round and exchange: the nodes whose failure is printed with its reason
 
 
@@ -47,9 +50,19 @@ class FailureReports:
     ) -> None:
         self.say, self.num_rounds, self.org_of, self.current_round = say, num_rounds, org_of, current_round
         self.counts: dict[tuple[int, str], int] = {}
+        self.budget: BudgetState | None = None  # set by run_secure_rounds: where diverged nodes are recorded
+
+    def _note_divergence(self, server_round: int, reply) -> None:
+        """A node whose training stopped being finite drops out of a SecAgg+ round with TrainingDivergedError."""
+        found = _DIVERGED.match(failure_reason(reply))
+        if found is not None and self.budget is not None:
+            org, why = found.group(1), found.group(2)
+            self.org_of.setdefault(reply.metadata.src_node_id, org)
+            self.budget.diverged.append(diverged_entry(server_round, org, why))
 
     def __call__(self, kind: str, reply) -> None:
         server_round = self.current_round()
+        self._note_divergence(server_round, reply)
         count = self.counts[server_round, kind] = self.counts.get((server_round, kind), 0) + 1
         where = f"[round {server_round}/{self.num_rounds}]"
         if count > MAX_FAILURES_SAID:  # a federation of many nodes failing alike: the first ones say why
@@ -166,6 +179,7 @@ def run_secure_rounds(
 
     if isinstance(grid, PromptGrid):  # Flower's SecAgg+ and evaluate workflows drop error replies silently
         grid.on_failure = FailureReports(say, cfg.training.rounds, budget.org_of, lambda: current_round(legacy))
+        grid.on_failure.budget = budget
 
     def fit(grid_: Grid, ctx: Context) -> None:
         # Flower's loop counts 1..(rounds left); a resumed run continues after round_offset (set here, once per
@@ -191,8 +205,11 @@ def run_secure_rounds(
             )
 
     def evaluate_then_close(grid_: Grid, ctx: Context) -> None:
-        default_evaluate_workflow(grid_, ctx)
+        default_evaluate_workflow(grid_, ctx)  # its replies bring a diverged node's ledger entry
         tracker.end_of_round(current_round(ctx), _named(ctx.state.array_records[MAIN_PARAMS_RECORD], layout, dtypes))
+        stopped = budget.diverged_reason(current_round(ctx))
+        if stopped is not None:  # the round ran with the others; the next would diverge again
+            raise TrainingDiverged(stopped)
 
     tracker.end_of_round(0, initial)
     DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_then_close)(grid, legacy)

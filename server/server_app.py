@@ -20,7 +20,7 @@ from fedpriv.config import FedPrivConfig, config_from_dict
 from fedpriv.errors import ConfigError
 from fedpriv.quiet import quiet_third_party_warnings
 from fedpriv.run_config import RESUME_KEY, config_from_context
-from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState
+from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState, TrainingDiverged
 from server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from server.ledger_store import LedgerStore
 from server.preflight import preflight_wanted, run_preflight
@@ -238,13 +238,23 @@ def _run_federation(
     except BudgetExhausted as exc:
         tracker.printer(f"run ended after round {len(tracker.rounds)} of {cfg.training.rounds}: {exc}")
         final = latest["arrays"]
+    except TrainingDiverged as exc:  # the last complete round's model stays the run's model
+        stopped_in = budget.diverged[-1]["round"] if budget.diverged else len(tracker.rounds) + 1
+        tracker.printer(f"run stopped in round {stopped_in} of {cfg.training.rounds}: local training diverged")
+        extra["stopped_reason"] = str(exc)
+        for report in budget.diverged_privacy:
+            tracker.note_privacy(report)
+        final = latest["arrays"]
     trained = [record for record in tracker.rounds if record.trained_orgs]
     if strategy_holder:
         extra["rejected_updates"] = [r.to_dict() for r in strategy_holder[0].rejections]
     if strategy_holder and strategy_holder[0].client_dp is not None:
         extra["client_dp"] = strategy_holder[0].client_dp.summary()
+    extra["diverged"] = list(budget.diverged)  # organisations whose local training stopped being finite
     if budget.stopped_reason:
         extra["status"] = "budget_exhausted"
+    elif "stopped_reason" in extra:
+        extra["status"] = "failed"
     else:
         extra["status"] = "completed" if len(trained) == cfg.training.rounds else "incomplete"
     extra["budget"] = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.data_report import RARE_LABEL_COUNT, Truncation
 from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
 from fedpriv.quiet import VERBOSE_ENV, quiet_third_party_warnings
@@ -27,6 +28,20 @@ from simulations.partitioning import PartitionPlan, plan_partitions
 class SimulationPlan:
     partitions: PartitionPlan
     privacy: dict[str, PrivacyPlan]  # empty when DP is off
+    # each organisation's texts (train + test) cut at data.max_length by tokenisation (client/data_report.py)
+    truncation: dict[str, Truncation] = dataclasses.field(default_factory=dict)
+
+    def data_report(self) -> dict[str, Any]:
+        """summary.json's ``data``: classes, each organisation's class counts and truncation, the rare classes."""
+        parts = self.partitions
+        counts = parts.label_counts()
+        totals = {name: sum(c[split][name] for c in counts.values() for split in c) for name in parts.label_names}
+        return {
+            "label_names": list(parts.label_names),
+            "class_counts": counts,
+            "rare_labels": {name: n for name, n in totals.items() if n < RARE_LABEL_COUNT},
+            "truncation": {org: cut.to_dict() for org, cut in self.truncation.items()},
+        }
 
 
 def preflight(cfg: FedPrivConfig) -> SimulationPlan:
@@ -62,7 +77,19 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
 
         layout = trainable_layout(cfg.model, partitions.label_names)
         check_fits(cfg, sum(math.prod(shape) for _, shape in layout))
-    return SimulationPlan(partitions, privacy)
+    return SimulationPlan(partitions, privacy, _truncation(cfg, partitions))
+
+
+def _truncation(cfg: FedPrivConfig, partitions: PartitionPlan) -> dict[str, Truncation]:
+    """Each organisation's share of texts (train + test, before redaction) cut at ``data.max_length``."""
+    from client.data_report import truncation
+    from shared_models.builder import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg.model.name)
+    return {
+        org.name: truncation(org.train.texts + org.test.texts, tokenizer, cfg.data.max_length)
+        for org in partitions.orgs
+    }
 
 
 def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
@@ -110,7 +137,24 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
                 "planned_steps": p.planned_steps,
             }
         lines.append(describe_row(row, width))
+    lines += _data_lines(plan)
     return "\n".join(lines)
+
+
+def _data_lines(plan: SimulationPlan) -> list[str]:
+    """The class counts of every organisation (train + test), the rare classes and the texts cut short."""
+    from client.data_report import class_table, counts_by_class, rare_label_warning, truncation_lines
+
+    parts = plan.partitions
+    k = len(parts.label_names)
+    rows = [
+        (org.name, len(org.train), len(org.test), counts_by_class(org.train.labels + org.test.labels, k))
+        for org in parts.orgs
+    ]
+    lines = ["class counts (train + test), in the class order of the data:", *class_table(parts.label_names, rows)]
+    totals = [sum(row[3][i] for row in rows) for i in range(k)]
+    lines += [line for line in [rare_label_warning(parts.label_names, totals)] if line]
+    return lines + truncation_lines(plan.truncation)
 
 
 def resolve_run_dir(cfg: FedPrivConfig) -> Path:
@@ -207,8 +251,11 @@ def run_simulation_from_config(
     import json
 
     summary = json.loads(summary_path.read_text())
+    from server.reports import write_summary
+
+    summary["data"] = plan.data_report()  # the simulation's own view of the data it partitioned (nothing sent)
+    write_summary(run_dir, summary)
     if cfg.canary_audit.enabled and summary.get("rounds"):
-        from server.reports import write_summary
         from simulations.canary_audit import describe, run_canary_audit
 
         summary["empirical_audit"] = run_canary_audit(cfg, run_dir, summary)
@@ -216,6 +263,10 @@ def run_simulation_from_config(
     print(final_report(summary), flush=True)
     if "empirical_audit" in summary:
         print(describe(summary["empirical_audit"]), flush=True)
+    if summary.get("status") == "failed" and summary.get("stopped_reason"):
+        from fedpriv.errors import TrainingFailed
+
+        raise TrainingFailed(summary["stopped_reason"])
     return summary
 
 

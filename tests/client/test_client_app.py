@@ -77,11 +77,19 @@ def test_a_diverged_update_is_never_sent_and_its_privacy_spending_stays_recorded
 
     monkeypatch.setattr("client.task.train_locally", diverging)
     cfg = load_config(overrides=HANDLER_RUN)
-    with pytest.raises(NodeSetupError, match=r"organisation 'org-0': local training produced values that are not"):
-        handle_train(cfg, node_message(cfg, tmp_path, 1), partition_context())
+    reply = handle_train(cfg, node_message(cfg, tmp_path, 1), partition_context())
+    assert protocol.ARRAYS not in reply.content  # the weights never leave
+    diverged = reply.content[protocol.DIVERGED]
+    assert diverged["org"] == "org-0" and diverged["kind"] == "update"
+    assert diverged["reason"].startswith("the update became non-finite (NaN/Inf) in ")
+    assert diverged["reason"].endswith(f"lower training.learning_rate ({cfg.training.learning_rate:g})")
     folder = tmp_path / "nodes" / "org-0"
     ledger = NodeLedger.open(folder, "org-0", load_signing_key(folder / "ledger.key"))
     assert [(e["kind"], e["round"]) for e in ledger.entries] == [("dp_round", 1)]  # spent, and on record
+    assert [e["seq"] for e in json.loads(reply.content[protocol.LEDGER][protocol.LEDGER_ENTRIES])] == [1]  # and sent
+    assert reply.content[protocol.PRIVACY]["steps"] == ledger.entries[0]["local_steps"] > 0
+    with pytest.raises(NodeSetupError, match="was trained and recorded"):  # asked again: never trained twice
+        handle_train(cfg, node_message(cfg, tmp_path, 1), partition_context())
 
 
 def _stored_plan(folder):

@@ -127,3 +127,37 @@ def test_a_deployment_node_keeps_its_exact_redaction_counts_to_itself(tmp_path, 
     assert "counts" not in local.redaction
     own = json.loads((tmp_path / "state" / node.OWN_REDACTION_FILE).read_text())
     assert own["counts"] == {"email": 1} and own["note"] == "kept by the node; never sent"
+
+
+def test_a_deployment_node_says_its_class_counts_and_cut_texts_once_and_keeps_them_to_itself(
+    tmp_path, fresh_caches, capsys
+):
+    """The plan of a deployed node: its own class counts (a rare label named) and texts cut at max_length,
+    in its log and its state folder, never in a reply (issue 27)."""
+    import json
+
+    from client.data_report import REPORT_FILE
+
+    cfg = load_config(overrides=OVERRIDES)
+    context = _write(tmp_path, 40)
+    long_row = "good " + " ".join(["item"] * 30) + ",pos"  # past data.max_length=16 tokens
+    (tmp_path / "notes.csv").write_text((tmp_path / "notes.csv").read_text() + long_row + "\n")
+    yaml = (tmp_path / "node.yaml").read_text().replace("test_fraction: 0.25", "test_fraction: 0.25, max_length: 16")
+    (tmp_path / "node.yaml").write_text(yaml + f"state_dir: {tmp_path / 'state'}\n")
+    local = node.local_node(cfg, context)
+    said = capsys.readouterr().err
+    report = json.loads((tmp_path / "state" / REPORT_FILE).read_text())
+    assert report["class_counts"] == {"neg": 20, "pos": 21} and report["note"] == "kept by the node; never sent"
+    assert report["sizes"] == {"train": len(local.train), "test": len(local.test)}
+    assert report["truncation"]["truncated"] == 1 and report["truncation"]["texts"] == 41
+    assert (
+        "fedpriv node: data of clinic-a" in said
+        and "texts cut at data.max_length=16 (train + test): clinic-a 2%" in said
+    )
+    assert "warning" not in said  # 2% cut, no class below 5
+    node._NODES.clear()  # a new message's process: the same data is not said again
+    node.local_node(cfg, context)
+    assert capsys.readouterr().err == ""
+    (tmp_path / "notes.csv").write_text((tmp_path / "notes.csv").read_text() + "one odd row,pos\n")
+    node.local_node(cfg, context)  # the data changed: said again
+    assert "clinic-a 2%" in capsys.readouterr().err

@@ -110,3 +110,34 @@ def test_cosine_schedule_runs_from_the_learning_rate_to_its_floor_and_constant_s
     assert round_learning_rate(cosine, 9) == pytest.approx(0.001)  # never below the floor
     constant = TrainingConfig(rounds=5, learning_rate=0.01)
     assert {round_learning_rate(constant, r) for r in range(1, 6)} == {0.01}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_non_finite_loss_stops_the_round_at_its_step_and_the_steps_before_stay_accounted(tmp_path, optimizer):
+    """learning_rate 1e30 sends the weights past float32 after one step: the next loss is NaN (issue 27)."""
+    from client.training import TrainingDiverged
+
+    data = _data()
+    node = NodePrivacy.open(tmp_path, _plan(len(data)))
+    model = build_model(ModelConfig(name="tiny"), ["a", "b"])
+    with pytest.raises(TrainingDiverged, match=r"^training loss became non-finite \((nan|inf)\) at step \d+$") as info:
+        _round(model, data, node, TrainingConfig(batch_size=8, learning_rate=1e30, optimizer=optimizer))
+    assert info.value.kind in ("nan", "inf") and info.value.step >= 2
+    assert node.steps == info.value.step - 1  # every step before it was noised and accounted; that one never ran
+    assert node.epsilon() > 0
+    plain = build_model(ModelConfig(name="tiny"), ["a", "b"])  # without DP too
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        _round(plain, data, None, TrainingConfig(batch_size=8, learning_rate=1e30, optimizer=optimizer))
+
+
+def test_an_update_past_float32_stops_the_round_and_its_noised_step_is_accounted(tmp_path):
+    """AdamW's first step is learning_rate / 0.1: 3e38 cannot be a float32 (torch raised 'overflow')."""
+    from client.training import TrainingDiverged
+
+    data = _data()
+    node = NodePrivacy.open(tmp_path, _plan(len(data)))
+    model = build_model(ModelConfig(name="tiny"), ["a", "b"])
+    with pytest.raises(TrainingDiverged, match=r"^the update overflowed float32 .* at step 1$") as info:
+        _round(model, data, node, TrainingConfig(batch_size=8, learning_rate=3e38))
+    assert info.value.kind == "overflow"
+    assert node.steps == 1  # Opacus noised and accounted the step before torch refused to apply it

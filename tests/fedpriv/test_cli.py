@@ -135,6 +135,19 @@ BAD: dict[str, tuple[Invocation, tuple[str, ...]]] = {
         ("model.name", "/nonexistent-model-dir"),
     ),
     "config-command-bad-key": (Invocation(("config", "privacy.epsilon=3")), ("privacy.epsilon",)),
+    # issue 27: overrides after an option reach validation (argparse left them as "unrecognized arguments")
+    "override-after-option": (
+        Invocation(("simulate", "model.name=tiny", "--dry-run", "training.rounds=0")),
+        ("training.rounds", "expected an integer > 0"),
+    ),
+    "config-file-duplicate-key": (
+        Invocation(("simulate", "dup.yaml", "--dry-run"), files={"dup.yaml": "training:\n  rounds: 2\n  rounds: 7\n"}),
+        ("dup.yaml", "'training.rounds'", "lines 2 and 3"),
+    ),
+    "learning-rate-overflows-float32": (
+        Invocation(("simulate", "model.name=tiny", "training.learning_rate=1e300", "--dry-run")),
+        ("training.learning_rate",),
+    ),
 }
 
 CONFIG_OVERRIDES = (
@@ -151,6 +164,9 @@ GOOD: dict[str, Invocation] = {
     "config-file": Invocation(
         ("config", "conf/mine.yaml", "training.rounds=4"),
         files={"conf/mine.yaml": "data:\n  source: file\n  path: data/x.csv\ntraining:\n  rounds: 9\n"},
+    ),
+    "dry-run-overrides-after-option": Invocation(
+        ("simulate", "model.name=tiny", "--dry-run", "training.rounds=2", "partitioning.num_orgs=2")
     ),
     "help": Invocation(("--help",)),
     "simulate-help": Invocation(("simulate", "--help")),
@@ -247,6 +263,15 @@ def test_dry_run_default_prints_the_plan(cli, case):
         assert sigma > 0 and 0 < q <= 1, row
     assert not (result.cwd / "runs").exists(), "a dry run created a run folder"
     assert frozenset(os.listdir(result.cwd)) == result.before
+
+
+@pytest.mark.parametrize("case", ["dry-run-overrides-after-option"])
+def test_overrides_after_an_option_are_applied(cli, case):
+    """``simulate a=1 --dry-run b=2``: argparse fills the positionals before the option only; b=2 counts too."""
+    result = cli(case)
+    assert result.returncode == 0, _describe(result)
+    assert "Traceback" not in result.stdout + result.stderr, _describe(result)
+    assert "fedpriv simulate: 2 organisations, 2 round(s), model tiny" in result.stdout, _describe(result)
 
 
 @pytest.mark.parametrize(

@@ -596,3 +596,57 @@ def test_organisation_level_dp_refuses_what_it_cannot_account_for():
     # robust strategies would need each organisation's update, the coordinator releases only their noised sum
     with pytest.raises(ConfigError, match=r"^config: strategy\.name: krum compares the organisations' individual"):
         load_config(None, ["client_dp.enabled=true", "strategy.name=krum"])
+
+
+# --------------------------------------------------------------------------- duplicate keys (issue 27)
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_both_lines(tmp_path):
+    """YAML lets the last one win silently (``rounds: 2`` then ``rounds: 7`` planned 7 rounds)."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("training:\n  rounds: 2\n  batch_size: 8\n  rounds: 7\n", encoding="utf-8")
+    config_error(load_config, path, names=(str(path), "'training.rounds'", "lines 2 and 4"))
+    path.write_text("run:\n  seed: 1\nmodel:\n  name: tiny\nrun:\n  name: x\n", encoding="utf-8")
+    config_error(load_config, path, names=(str(path), "'run'", "lines 1 and 5"))
+    # inside a list of mappings and a flow mapping; 1 and "1" are different keys, anchors are walked once
+    path.write_text('data:\n  labels:\n    map: {"1": a, 1: b, x: c, x: d}\n', encoding="utf-8")
+    config_error(load_config, path, names=("'data.labels.map.x'", "line 3"))
+    path.write_text("a: &anchor {b: 1}\nc: *anchor\nd: [{e: 1}, {e: 2, f: 3, e: 4}]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'd\[1\]\.e' is given twice \(line 3\)"):
+        load_config(path)
+
+
+def test_a_key_given_twice_in_an_override_value_is_refused():
+    overrides_error("privacy.orgs={org-1: {target_epsilon: 2}, org-1: {target_epsilon: 9}}", names="'org-1'")
+
+
+def test_a_key_given_twice_in_a_node_config_is_refused(tmp_path):
+    from fedpriv.config import load_node_config
+
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "org: clinic-a\ndata: {path: notes.csv}\nprivacy:\n  target_epsilon: 1\n  delta: 1.0e-6\n"
+        "  target_epsilon: 50\n",
+        encoding="utf-8",
+    )
+    config_error(load_node_config, path, names=(str(path), "'privacy.target_epsilon'", "lines 4 and 6"))
+
+
+def test_a_key_given_twice_in_a_federation_file_is_refused(tmp_path):
+    from fedpriv.provisioning.federation import load_federation
+    from tests.fedpriv.provisioning.conftest import federation_dict
+
+    text = yaml.safe_dump(federation_dict(), sort_keys=False)
+    line = text.splitlines().index("coordinator:") + 1
+    path = tmp_path / "FEDERATION.yaml"
+    path.write_text(text + "coordinator:\n  port: 1\n", encoding="utf-8")
+    last = len(text.splitlines()) + 1
+    message = config_error(load_federation, path, names=(str(path), "'coordinator'", f"lines {line} and {last}"))
+    assert message.startswith("federation file")
+
+
+def test_an_absurd_learning_rate_is_refused_but_a_large_one_is_not():
+    """1e300 passed and then failed in torch's optimizer (16 tracebacks); float32 weights bound a step."""
+    overrides_error("training.learning_rate=1e300", names=("training.learning_rate", "3.4e38"))
+    overrides_error("training.learning_rate=-1e-3", names="training.learning_rate")
+    assert load_config(None, ["training.learning_rate=1e30"]).training.learning_rate == 1e30

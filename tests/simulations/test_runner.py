@@ -89,3 +89,82 @@ def test_the_default_gradient_canaries_fit_the_model_and_the_plan_says_how_far_t
     assert f"Canary audit: {coordinates} gradient" in text and "cannot contradict a claim above" in text
     with pytest.raises(ConfigError, match="canary_audit.canaries: 20000 gradient canaries"):
         preflight(load_config(overrides=[*TINY, "canary_audit.enabled=true", "canary_audit.canaries=20000"]))
+
+
+def _labelled_csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def test_the_plan_shows_each_organisations_class_counts_names_a_rare_label_and_counts_cut_texts(tmp_path):
+    """A mistyped label became a class of its own unseen; Dirichlet skew and cut texts were invisible (issue 27)."""
+    from collections import Counter
+
+    from shared_models.builder import build_tokenizer
+
+    long_text = " ".join(["word"] * 40)  # far past data.max_length=16 tokens
+    rows = [(long_text if i % 4 == 0 else f"short text {i}", "pos" if i % 2 else "neg") for i in range(60)]
+    rows.append(("one mistyped label", "pso"))
+    path = _labelled_csv(tmp_path / "notes.csv", rows)
+    cfg = load_config(
+        overrides=[
+            "model.name=tiny", "data.source=file", f"data.path={path}", "data.max_length=16",
+            "partitioning.scheme=iid", "partitioning.num_orgs=2", "training.batch_size=4",
+        ]
+    )  # fmt: skip
+    plan = preflight(cfg)
+    text = describe_plan(cfg, plan)
+    names = plan.partitions.label_names
+    assert names == ["neg", "pos", "pso"]
+    header = next(line for line in text.splitlines() if line.split()[:3] == ["org", "n_train", "n_test"])
+    assert header.split()[3:] == names  # the class order of the data
+    tokenizer = build_tokenizer("tiny")
+    for org in plan.partitions.orgs:
+        counts = Counter(org.train.labels + org.test.labels)
+        row = next(line.split() for line in text.splitlines() if line.split()[:1] == [org.name])
+        if len(row) == 3 + len(names):  # the class-count row (the privacy row has more columns)
+            assert row[1:3] == [str(len(org.train)), str(len(org.test))]
+            assert row[3:] == [str(counts.get(i, 0)) for i in range(len(names))], text
+        texts = org.train.texts + org.test.texts
+        cut = sum(len(ids) > 16 for ids in tokenizer(texts, truncation=False)["input_ids"])
+        assert plan.truncation[org.name].truncated == cut and plan.truncation[org.name].texts == len(texts)
+        assert f"{org.name} {cut / len(texts):.0%} (median" in text
+    total = next(line.split() for line in text.splitlines() if line.split()[:1] == ["all"])
+    assert total[1:3] == [
+        str(sum(len(o.train) for o in plan.partitions.orgs)),
+        str(sum(len(o.test) for o in plan.partitions.orgs)),
+    ]
+    assert total[3:] == ["30", "30", "1"]
+    assert "warning: class(es) seen fewer than 5 times in the whole data: 'pso' (1)" in text
+    assert "warning: more than 10% of the texts are cut at data.max_length=16 at org-0" in text
+    report = plan.data_report()
+    assert report["rare_labels"] == {"pso": 1} and report["label_names"] == names
+    assert {org: r["truncated"] for org, r in report["truncation"].items()} == {
+        org: cut.truncated for org, cut in plan.truncation.items()
+    }
+    assert (
+        sum(
+            report["class_counts"][o]["train"]["pso"] + report["class_counts"][o]["test"]["pso"]
+            for o in report["class_counts"]
+        )
+        == 1
+    )
+
+
+def test_a_plan_without_rare_labels_or_cut_texts_warns_of_neither(tmp_path):
+    rows = [(f"short text {i}", "pos" if i % 2 else "neg") for i in range(40)]
+    path = _labelled_csv(tmp_path / "notes.csv", rows)
+    cfg = load_config(
+        overrides=[
+            "model.name=tiny", "data.source=file", f"data.path={path}", "data.max_length=16",
+            "partitioning.scheme=iid", "partitioning.num_orgs=2", "training.batch_size=4",
+        ]
+    )  # fmt: skip
+    text = describe_plan(cfg, preflight(cfg))
+    assert "class counts (train + test)" in text and "texts cut at data.max_length=16 (train + test): org-0 0%" in text
+    assert "warning" not in text
