@@ -231,7 +231,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=ns.out))
     summary = run_simulation_from_config(cfg, dry_run=ns.dry_run, verbose=ns.verbose, resume=resume)
     if summary is not None and summary.get("status") != "completed":
-        return 1
+        return summary.get("exit_code", 1)
     return 0
 
 
@@ -379,10 +379,16 @@ def main(argv: list[str] | None = None) -> int:
         "audit": cmd_audit,
         "predict": cmd_predict,
     }
+    from fedpriv.interrupts import Interrupted, raise_keyboard_interrupt, terminal_signals
+
     try:
-        return handlers[ns.command](ns)
+        with terminal_signals(raise_keyboard_interrupt):  # SIGTERM unwinds like Ctrl-C: one line, no traceback
+            return handlers[ns.command](ns)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:  # a run stopped: what was stopped, where the run is, how to continue it
+        print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
