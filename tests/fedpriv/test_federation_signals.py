@@ -44,7 +44,9 @@ def test_ctrl_c_after_round_one_stops_every_process_and_leaves_a_resumable_run(t
     command = [sys.executable, "-m", "fedpriv.cli", "federation", "up", str(tmp_path / "FEDERATION.yaml")]
     command += ["--kits", str(kits), "--rounds", "3", "--out", str(run), "model.name=tiny", "training.batch_size=32"]
     err = (tmp_path / "stderr.txt").open("w+")
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
     out: list[str] = []
@@ -57,7 +59,7 @@ def test_ctrl_c_after_round_one_stops_every_process_and_leaves_a_resumable_run(t
             out.append(line)
         tree = process_tree([proc.pid])  # SuperLink, SuperNodes, SuperExecs, the ServerApp: all started under it
         commands = " ".join(open(f"/proc/{pid}/cmdline").read() for pid in alive(tree))  # noqa: PTH123
-        assert "flwr-serverapp" in commands and "flower-supernode" in commands, commands
+        assert "flwr-serverapp" in commands and "-supernode" in commands and "-superexec" in commands, commands
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         signalled = time.monotonic()
         try:
