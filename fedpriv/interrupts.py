@@ -91,15 +91,18 @@ def ignored_signals() -> Iterator[None]:
         yield
 
 
-def become_session_leader() -> None:
-    """In a freshly forked child: its own session (a terminal's Ctrl-C reaches only the parent), default signal
-    handling, and SIGKILL when the parent dies (a killed ``fedpriv`` never leaves training running)."""
+def become_session_leader(parent: int) -> None:
+    """In a freshly forked child of ``parent``: its own session (a terminal's Ctrl-C reaches only the parent),
+    default signal handling, and SIGKILL when the parent dies (a killed ``fedpriv`` never leaves training
+    running, nor its run folder locked: the child holds the parent's lock too)."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request above took effect
+        os._exit(1)
 
 
 # --------------------------------------------------------------------------- the process table

@@ -237,12 +237,13 @@ def _simulate_in_child(
 
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     with interrupts.deferred_signals() as stop:
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 1
             try:
-                interrupts.become_session_leader()
+                interrupts.become_session_leader(parent)
                 _simulate_here(cfg, run_dir, num_nodes, verbose, resume)
                 code = 0
             except UserError as exc:
