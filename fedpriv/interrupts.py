@@ -46,6 +46,9 @@ class StopRequest:
     signum: int | None = None
 
 
+_stopping = False  # a stop is under way: a further SIGINT/SIGTERM only waits for it (see raise_keyboard_interrupt)
+
+
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[StopRequest]:
     """SIGINT/SIGTERM only recorded (the caller polls ``StopRequest.signum``) while inside; main thread only."""
@@ -55,6 +58,8 @@ def deferred_signals() -> Iterator[StopRequest]:
         return
 
     def note(signum, frame) -> None:
+        global _stopping
+        _stopping = True
         if request.signum is None:
             request.signum = signum
 
@@ -67,28 +72,34 @@ def deferred_signals() -> Iterator[StopRequest]:
 
 
 def raise_keyboard_interrupt(signum, frame) -> None:
-    """A SIGTERM handler: unwind like Ctrl-C (``finally`` blocks and the caller's cleanup run)."""
+    """A SIGINT/SIGTERM handler: unwind like Ctrl-C (``finally`` blocks and the caller's cleanup run), once: a
+    second signal while a stop is under way is ignored, so that it cannot cut the cleanup or its one line short."""
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
     raise KeyboardInterrupt
 
 
+def arm() -> None:
+    """A new command starts: the next SIGINT/SIGTERM interrupts it again."""
+    global _stopping
+    _stopping = False
+
+
 @contextlib.contextmanager
-def terminal_signals(handler) -> Iterator[None]:
-    """SIGTERM handled by ``handler`` while inside (main thread only; elsewhere nothing changes)."""
+def terminal_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM handled by :func:`raise_keyboard_interrupt` while inside (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    arm()
+    previous = {sig: signal.signal(sig, raise_keyboard_interrupt) for sig in SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def ignored_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored while inside (a cleanup that a second Ctrl-C must not cut short)."""
-    with deferred_signals():
-        yield
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def become_session_leader(parent: int) -> None:

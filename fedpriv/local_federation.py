@@ -511,7 +511,8 @@ def _federation_up(
             homes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedpriv-federation-")))
             stack.callback(_stop_all, procs, kits, say)
             if threading.current_thread() is threading.main_thread():  # SIGTERM stops the processes like Ctrl-C
-                previous = {sig: signal.signal(sig, _raise_interrupt(caught)) for sig in interrupts.SIGNALS}
+                interrupts.arm()
+                previous = {sig: signal.signal(sig, _note_and_interrupt(caught)) for sig in interrupts.SIGNALS}
                 for sig, handler in previous.items():
                     stack.callback(signal.signal, sig, handler)
             returncode = _start_and_run(
@@ -519,7 +520,9 @@ def _federation_up(
                 config_path, overrides, run_timeout, verbose, say, processes, plaintext,
             )  # fmt: skip
     except KeyboardInterrupt:
-        raise _interrupted(run_dir, caught[0] if caught else signal.SIGINT, federation_path, kits, run_cfg) from None
+        with interrupts.deferred_signals():  # a second Ctrl-C must not cut the marking short
+            stopped = _interrupted(run_dir, caught[0] if caught else signal.SIGINT, federation_path, kits, run_cfg)
+        raise stopped from None
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
@@ -691,12 +694,13 @@ def _plaintext_cli_home(home: Path, federation: str, port: int) -> Path:
     return home
 
 
-def _raise_interrupt(caught: list[int]):
-    """A handler for SIGINT and SIGTERM: note which one, unwind like Ctrl-C (the processes are stopped on the way)."""
+def _note_and_interrupt(caught: list[int]):
+    """A handler for SIGINT and SIGTERM: note the first, unwind like Ctrl-C (the processes are stopped on the way)."""
 
     def handler(signum, frame) -> None:
-        caught.append(signum)
-        raise KeyboardInterrupt
+        if not caught:
+            caught.append(signum)
+        interrupts.raise_keyboard_interrupt(signum, frame)
 
     return handler
 

@@ -6,6 +6,7 @@ The signal goes to the command's whole process group, as a terminal's Ctrl-C doe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -41,9 +42,12 @@ def _lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
-def _interrupt(tmp_path: Path, sig: int, when: str) -> tuple[subprocess.Popen, str, str, dict[int, str], float]:
-    """Start the run, send ``sig`` to its process group once a stdout line starts with ``when``; (process, stdout,
-    stderr, the processes it had started, seconds it took to exit after the signal)."""
+def _interrupt(
+    tmp_path: Path, sig: int, when: str, again: bool = False
+) -> tuple[subprocess.Popen, str, str, dict[int, str], float]:
+    """Start the run, send ``sig`` to its process group once a stdout line starts with ``when`` (``again``: a second
+    time half a second later, as an impatient user does); (process, stdout, stderr, the processes it had started,
+    seconds it took to exit after the signal)."""
     err = (tmp_path / "stderr.txt").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedpriv.cli", "simulate", *RUN, "--out", str(tmp_path / "run")],
@@ -67,6 +71,10 @@ def _interrupt(tmp_path: Path, sig: int, when: str) -> tuple[subprocess.Popen, s
         assert len(tree) > 3, tree
         os.killpg(proc.pid, sig)
         signalled = time.monotonic()
+        if again:
+            time.sleep(0.5)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
         try:
             proc.wait(EXIT_BOUND_S)
         except subprocess.TimeoutExpired:
@@ -91,7 +99,8 @@ def _no_process_left(tree: dict[int, str]) -> list[int]:
 
 
 def test_ctrl_c_after_round_one_stops_everything_and_leaves_a_resumable_run(tmp_path):
-    proc, out, err, tree, took = _interrupt(tmp_path, signal.SIGINT, "[round 1/3]")
+    """A second Ctrl-C while it stops changes nothing: still one line, the folder still marked."""
+    proc, out, err, tree, took = _interrupt(tmp_path, signal.SIGINT, "[round 1/3]", again=True)
     assert proc.returncode == 130 and took < EXIT_BOUND_S
     assert "Traceback" not in err + out
     assert len(err.strip().splitlines()) == 1, err  # one line, nothing else
