@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from fedpriv.errors import ConfigError, UserError
@@ -43,11 +44,20 @@ class RunLock:
 
 
 def holder(folder: Path) -> str:
-    """The PID written by the run that holds ``folder`` ("unknown PID" if it is not readable)."""
-    try:
-        pid = (Path(folder) / LOCK_FILE).read_text(encoding="utf-8").split()[0]
-    except (OSError, IndexError, UnicodeDecodeError):
-        return "unknown PID"
+    """The PID written by the run that holds ``folder`` ("unknown PID" if it is not readable).
+
+    The holder writes it right after taking the lock: an empty file is read again for up to a second.
+    """
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            text = (Path(folder) / LOCK_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return "unknown PID"
+        if text or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    pid = text.split()[0] if text else ""
     return f"PID {pid}" if pid.isdigit() else "unknown PID"
 
 
@@ -78,10 +88,10 @@ def lock_run_dir(folder: str | Path, *, fresh: bool, flag: str = "--out") -> Run
         raise _busy(folder, flag) from None
     lock = RunLock(folder, fd)
     try:
-        if fresh:
-            _check_empty(folder, flag, probe=False)  # again, now that it is ours: a run that ended may have written
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if fresh:
+            _check_empty(folder, flag, probe=False)  # again, now that it is ours: a run that ended may have written
     except BaseException:
         lock.release()
         raise

@@ -4,6 +4,7 @@ traceback, and the run folder is left ``interrupted`` and resumable with ``--res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -62,6 +63,9 @@ def test_ctrl_c_after_round_one_stops_every_process_and_leaves_a_resumable_run(t
         assert "flwr-serverapp" in commands and "-supernode" in commands and "-superexec" in commands, commands
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         signalled = time.monotonic()
+        time.sleep(0.5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # and an impatient user's second one: changes nothing
         try:
             proc.wait(EXIT_BOUND_S)
         except subprocess.TimeoutExpired:
