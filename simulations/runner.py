@@ -258,7 +258,7 @@ def _simulate_in_child(
         while stop.signum is None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                return os.waitstatus_to_exitcode(status)
+                return _exit_code(os.waitstatus_to_exitcode(status), run_dir)
             time.sleep(0.2)
         left = interrupts.stop_tree(pid)  # a second Ctrl-C meanwhile is only noted: the cleanup always finishes
         rounds = interrupts.mark_interrupted(run_dir, stop.signum)
@@ -269,6 +269,19 @@ def _simulate_in_child(
         f" {cfg.training.rounds}; continue it with: fedpriv simulate --resume {run_dir}",
         stop.signum,
     )
+
+
+def _exit_code(code: int, run_dir: Path) -> int:
+    """The child's exit code; a child killed by a signal (the kernel's OOM killer: SIGKILL) is said in one line."""
+    if code >= 0:
+        return code
+    print(
+        f"error: the simulation's process was killed by {signal.Signals(-code).name} (out of memory?); {run_dir}"
+        f" can be continued with: fedpriv simulate --resume {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 128 - code
 
 
 def _simulate_here(
