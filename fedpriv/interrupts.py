@@ -141,8 +141,8 @@ def process_tree(roots: Iterable[int]) -> dict[int, str]:
     """Every live process under ``roots`` (the roots included): their descendants and the members of the sessions
     they lead, by PID, with the start time that tells a PID from a later process given the same number."""
     table = _table()
-    roots = {pid for pid in roots if pid in table}
-    found = set(roots)
+    roots = set(roots)  # a root that has ended still names its session (Ray's agents outlive a killed driver)
+    found = {pid for pid in roots if pid in table}
     changed = True
     while changed:
         changed = False
@@ -177,7 +177,8 @@ def kill_processes(processes: dict[int, str], sig: int = signal.SIGKILL, wait_s:
 
 
 def stop_tree(root: int) -> dict[int, str]:
-    """SIGKILL ``root`` (a session leader we forked) and every process under it; the processes left (none)."""
+    """SIGKILL ``root`` (a session leader we forked, running or ended) and every process under it or in its
+    session; the processes left (none)."""
     tree = process_tree([root])
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(root, signal.SIGKILL)  # the session's group first: nothing in it can start another process

@@ -258,6 +258,7 @@ def _simulate_in_child(
         while stop.signum is None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
+                interrupts.stop_tree(pid)  # what it left behind: Ray's agents outlive a driver killed by the kernel
                 return _exit_code(os.waitstatus_to_exitcode(status), run_dir)
             time.sleep(0.2)
         left = interrupts.stop_tree(pid)  # a second Ctrl-C meanwhile is only noted: the cleanup always finishes

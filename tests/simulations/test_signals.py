@@ -126,3 +126,43 @@ def test_sigterm_in_round_one_stops_everything_and_leaves_a_resumable_run(tmp_pa
     assert summary["status"] == "interrupted" and summary["rounds"] == []
     assert summary["interrupted"]["after_round"] == 0
     assert resumable(load_resume_point(run)).round == 0  # resumed, it starts again from the initial model
+
+
+def test_a_simulation_process_killed_by_the_kernel_is_one_line_and_leaves_nothing_running(tmp_path):
+    """The out-of-memory killer's SIGKILL lands on the simulation's own process, not on the command: Ray's agents
+    outlive such a driver unless the command stops them."""
+    err = (tmp_path / "stderr.txt").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", *RUN, "--out", str(tmp_path / "run")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        start_new_session=True,
+    )
+    tree: dict[int, str] = {}
+    try:
+        for line in proc.stdout:
+            if line.startswith("[round 1/3]"):
+                break
+        tree = process_tree([proc.pid])
+        children = [
+            pid for pid in tree if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        ]
+        assert len(children) == 1, tree  # the simulation's process
+        os.kill(children[0], signal.SIGKILL)
+        proc.communicate(timeout=EXIT_BOUND_S)
+    finally:
+        for pid in alive(tree):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    err.seek(0)
+    stderr = err.read()
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert "the simulation's process was killed by SIGKILL" in stderr
+    assert _no_process_left(tree) == []
+    run = (tmp_path / "run").resolve()
+    assert resumable(load_resume_point(run)).round == 1
