@@ -231,7 +231,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=ns.out))
     summary = run_simulation_from_config(cfg, dry_run=ns.dry_run, verbose=ns.verbose, resume=resume)
     if summary is not None and summary.get("status") != "completed":
-        return 1
+        return summary.get("exit_code", 1)
     return 0
 
 
@@ -397,14 +397,32 @@ def main(argv: list[str] | None = None) -> int:
         "audit": cmd_audit,
         "predict": cmd_predict,
     }
+    from fedpriv.interrupts import Interrupted, terminal_signals
+
     try:
-        return handlers[ns.command](ns)
+        with terminal_signals():  # SIGTERM unwinds like Ctrl-C, once: one line, no traceback
+            return handlers[ns.command](ns)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Interrupted as exc:  # a run stopped: what was stopped, where the run is, how to continue it
+        _ignore_signals_if_a_program(argv)
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
+        _ignore_signals_if_a_program(argv)
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _ignore_signals_if_a_program(argv: list[str] | None) -> None:
+    """The command is stopping: a second Ctrl-C must not kill the interpreter as it exits (main() called with its
+    own arguments, from Python, leaves the caller's signal handling alone)."""
+    if argv is None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

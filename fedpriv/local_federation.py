@@ -11,6 +11,7 @@ whole process group is stopped at the end, also on errors and Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,11 +33,13 @@ from datetime import datetime
 from pathlib import Path
 
 from client.superexec import READY_LINE
+from fedpriv import interrupts
 from fedpriv.errors import ConfigError, UserError
 from fedpriv.protocol import NODE_CONFIG_FILE
 from fedpriv.provisioning import ProvisioningError
 from fedpriv.provisioning.federation import IN_MEMORY_DATABASE, CoordinatorConfig, FederationConfig, load_federation
 from fedpriv.provisioning.kits import CA_KEY_ENV, SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
+from fedpriv.run_lock import lock_run_dir
 
 START_TIMEOUT_S = 60.0
 WARM_TIMEOUT_S = 300.0  # N nodes' imports on one machine: seconds of CPU each, all nodes sharing its cores
@@ -407,7 +410,40 @@ def federation_up(
     ``processes`` (optional) receives every started process by name, for callers that check they were stopped.
     ``plaintext`` is for benchmarks only (no CLI flag): the same processes without TLS and without node
     authentication, the baseline that the cost of the secure transport is measured against.
+
+    The run folder is locked (fedpriv/run_lock.py) from before the first process starts to the end. Ctrl-C or
+    SIGTERM stops every process, marks the run ``interrupted`` and raises Interrupted (fedpriv/interrupts.py).
     """
+    with ExitStack() as held:
+        return _federation_up(
+            federation_path, kits, held=held, overrides=overrides, rounds=rounds, config_path=config_path, out=out,
+            run_timeout=run_timeout, verbose=verbose, say=say, processes=processes, plaintext=plaintext,
+            resume=resume,
+        )  # fmt: skip
+
+
+def _refuse_a_finished_run(run_dir: Path) -> None:
+    if (run_dir / "summary.json").exists():
+        raise FederationUpError(f"--out {run_dir}: already holds a run; choose a new folder")
+
+
+def _federation_up(
+    federation_path: str | Path,
+    kits: str | Path,
+    *,
+    held: ExitStack,
+    overrides: list[str] | None,
+    rounds: int | None,
+    config_path: str | None,
+    out: str | Path | None,
+    run_timeout: float | None,
+    verbose: bool,
+    say: Callable[[str], None],
+    processes: dict[str, subprocess.Popen] | None,
+    plaintext: bool,
+    resume: str | Path | None,
+) -> UpResult:
+    """federation_up's work; ``held`` keeps the run folder's lock until federation_up returns."""
     from fedpriv.config import load_config
     from fedpriv.provisioning.kits import provision
 
@@ -431,9 +467,11 @@ def federation_up(
                 f" {', '.join(given)}"
             )
         point = resumable(load_resume_point(resume))
+        first_run = _first_run_config(point.run_dir / "logs" / "run-config.toml")
+        held.enter_context(lock_run_dir(point.run_dir, fresh=False, flag="--resume"))  # held to the end
+        point = resumable(load_resume_point(point.run_dir))  # again, now that no other run can write it
         run_cfg = config_from_dict(point.config)
         run_dir = point.run_dir
-        first_run = _first_run_config(run_dir / "logs" / "run-config.toml")
     if rounds is not None:
         overrides.append(f"training.rounds={rounds}")
     keys = {item.partition("=")[0].strip() for item in overrides}
@@ -446,10 +484,11 @@ def federation_up(
         overrides.append(f"strategy.min_available_nodes={n}")
     if point is None:
         run_dir = Path(out).resolve() if out else (Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-        if (run_dir / "summary.json").exists():
-            raise FederationUpError(f"--out {run_dir}: already holds a run; choose a new folder")
+        _refuse_a_finished_run(run_dir)
         overrides.append(f"run.out_dir={json.dumps(str(run_dir))}")
         run_cfg = load_config(config_path, overrides)  # a config mistake stops here, before any process starts
+        held.enter_context(lock_run_dir(run_dir, fresh=False))  # one run at a time in it, held to the end
+        _refuse_a_finished_run(run_dir)  # again, now that it is ours
 
     _check_kits_are_local(kits, cfg)
     spent = _spent_state(cfg, kits)
@@ -478,97 +517,24 @@ def federation_up(
     logs = run_dir / "logs"
     co_kit = kits / "coordinator"
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-    with ExitStack() as stack:
-        homes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedpriv-federation-")))
-
-        def stop_all() -> None:
-            for proc, _ in reversed(list(procs.values())):
-                stop_process(proc)
-            # Flower's SuperExec starts its own session and leaves when its parent (--parent-pid) has gone,
-            # taking the ServerApp / ClientApps with it: wait for that, they all run inside the kits folder
-            deadline = time.monotonic() + STOP_WAIT_S
-            while processes_under(kits) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            left = processes_under(kits)
-            if left:
-                say(f"warning: still running in {kits}: " + "; ".join(left))
-
-        stack.callback(stop_all)
-        if threading.current_thread() is threading.main_thread():  # SIGTERM stops the processes like Ctrl-C
-            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-            stack.callback(signal.signal, signal.SIGTERM, previous)
-
-        env = flower_env(homes / "cli")
-        port = cfg.coordinator.port
-        log = logs / "superlink.log"
-        if plaintext:
-            cli_home = _plaintext_cli_home(homes / "cli-plaintext", cfg.federation, port)
-            superlink = os.environ.get(SUPERLINK_ENV) or SUPERLINK  # the same SuperLink as the kits' script
-            args = [superlink, "--insecure", "--host", "127.0.0.1", "--port", str(port)]
-            args += ["--database", IN_MEMORY_DATABASE]
-            ready, transport = (lambda: tcp_ready(port)), "PLAINTEXT, no node authentication (benchmark baseline)"
-        else:
-            cli_home = co_kit / "flwr-home"
-            args = ["sh", str(co_kit / "start-superlink.sh")]
-            ready, transport = (lambda: tls_ready(port, co_kit / "ca.crt")), "TLS, SuperNode authentication"
-        # one machine: the CA's key (coordinator-ca/) is within the SuperLink's reach, which the script refuses
-        # unless told this is a try-out
-        link_env = dict(flower_env(homes / "superlink"), **{CA_KEY_ENV: "1"})
-        procs["superlink"] = (start_process(args, log, link_env, cwd=co_kit), log)
-        _wait("waiting for the SuperLink to accept connections", ready, procs, START_TIMEOUT_S)
-        say(f"SuperLink up on 127.0.0.1:{port} ({transport}); log {log}")
-        if not plaintext:
-            names = [org.name for org in cfg.organisations]
-            with ThreadPoolExecutor(max_workers=ENROL_WORKERS) as pool:  # each is a `flwr` CLI start (~1.5 s CPU)
-                for name, outcome in zip(names, pool.map(lambda name: enrol(co_kit, name, env), names), strict=True):
-                    say(f"  enrolled {name}: {outcome}")
-        log_starts: dict[str, int] = {}
-        for org in cfg.organisations:
-            kit = kits / org.name
-            log = logs / f"{org.name}.log"
-            if plaintext:
-                args = [os.environ.get(SUPERNODE_ENV, SUPERNODE), "--insecure", "--superlink", f"127.0.0.1:{port}"]
-                args += ["--node-config", f"{NODE_CONFIG_FILE}='{kit / 'node.yaml'}'"]
-            else:
-                args = ["sh", str(kit / "start-supernode.sh")]
-            args += ["--port", str(free_port())]
-            log_starts[org.name] = log.stat().st_size if log.exists() else 0  # logs are appended to across runs
-            procs[org.name] = (start_process(args, log, flower_env(homes / org.name), cwd=kit), log)
-        if processes is not None:
-            processes.update({name: proc for name, (proc, _) in procs.items()})
-
-        def all_online() -> bool:
-            return sum(node.get("status") == "online" for node in supernodes(cli_home, env)) >= n
-
-        _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
-        say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
-        if (os.environ.get(SUPERNODE_ENV) or SUPERNODE) == SUPERNODE:
-            # each node's fedpriv-superexec imports torch & co. and builds its caches once (seconds of CPU per
-            # node, 10 nodes sharing this machine's cores): the run starts once they have, as in a federation
-            # whose nodes were started ahead of it, so that its first round does not pay for their start-up
-            def all_warm() -> bool:
-                return all(printed_since(procs[name][1], start, READY_LINE) for name, start in log_starts.items())
-
-            _wait("waiting for the SuperNodes' fedpriv-superexec to warm up", all_warm, procs, WARM_TIMEOUT_S)
-            say(f"{n} SuperNodes warm (torch, transformers, PEFT, Opacus and the redaction rules loaded)")
-
-        if point is not None:  # the first run's config and overrides (the ClientApps read them too), plus resume
-            run_config = write_run_config(logs / "run-config.resume.toml", *first_run, resume=point.run_dir)
-            say(f"resuming {run_dir} after round {point.round} of {run_cfg.training.rounds}")
-        else:
-            run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
-        command = [
-            "flwr",
-            "run",
-            str(app_dir(homes / "app")),
-            cfg.federation,
-            "--stream",
-            "--run-config",
-            str(run_config),
-        ]
-        say(f"$ FLWR_HOME={cli_home} " + shlex.join(command))
-        run_log = logs / "flwr-run.log"
-        returncode = _stream(command, dict(env, FLWR_HOME=str(cli_home)), run_log, run_timeout, verbose, say)
+    caught: list[int] = []  # the signal that stopped the run (Ctrl-C: SIGINT)
+    try:
+        with ExitStack() as stack:
+            homes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedpriv-federation-")))
+            stack.callback(_stop_all, procs, kits, say)
+            if threading.current_thread() is threading.main_thread():  # SIGTERM stops the processes like Ctrl-C
+                interrupts.arm()
+                previous = {sig: signal.signal(sig, _note_and_interrupt(caught)) for sig in interrupts.SIGNALS}
+                for sig, handler in previous.items():
+                    stack.callback(signal.signal, sig, handler)
+            returncode = _start_and_run(
+                cfg, kits, co_kit, logs, homes, procs, run_dir, run_cfg, point, first_run if point else None,
+                config_path, overrides, run_timeout, verbose, say, processes, plaintext,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        with interrupts.deferred_signals():  # a second Ctrl-C must not cut the marking short
+            stopped = _interrupted(run_dir, caught[0] if caught else signal.SIGINT, federation_path, kits, run_cfg)
+        raise stopped from None
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
@@ -583,6 +549,152 @@ def federation_up(
     return UpResult(run_dir, summary, 0 if ok else 1)
 
 
+def _stop_all(procs: dict[str, tuple[subprocess.Popen, Path]], kits: Path, say: Callable[[str], None]) -> None:
+    """Stop every started process and everything under it, whatever signal arrives meanwhile.
+
+    Flower's SuperExec and the ServerApp / ClientApps it starts run in sessions of their own and outlive a
+    stopped SuperLink or SuperNode (a ServerApp stays behind with parent PID 1): they are found in the process
+    table under the started processes before anything is stopped, and stopped after them.
+    """
+    with interrupts.deferred_signals():
+        tree = interrupts.process_tree(proc.pid for proc, _ in procs.values())
+        stop_processes([proc for proc, _ in reversed(list(procs.values()))])
+        left = interrupts.kill_processes(tree, signal.SIGTERM, wait_s=5.0)
+        left = interrupts.kill_processes(left, signal.SIGKILL, wait_s=5.0)
+        still = processes_under(kits)
+        if left or still:
+            say(f"warning: still running in {kits}: " + "; ".join(still or [str(pid) for pid in left]))
+
+
+def _interrupted(run_dir: Path, signum: int, federation_path: Path, kits: Path, run_cfg) -> interrupts.Interrupted:
+    """The one line of a stopped ``federation up``: its processes are stopped; the run folder marked."""
+    from server.resume import resume_path
+
+    name = signal.Signals(signum).name
+    if not resume_path(run_dir).exists() and not (run_dir / "summary.json").exists():
+        return interrupts.Interrupted(
+            f"interrupted ({name}): every process stopped before the run's first round; {run_dir} holds no round",
+            signum,
+        )
+    rounds = interrupts.mark_interrupted(run_dir, signum)
+    return interrupts.Interrupted(
+        f"interrupted ({name}): every process stopped; {run_dir} marked interrupted after round {rounds} of"
+        f" {run_cfg.training.rounds}; continue it with: fedpriv federation up {federation_path} --kits {kits}"
+        f" --resume {run_dir}",
+        signum,
+    )
+
+
+def stop_processes(procs: list[subprocess.Popen], wait_s: float = STOP_WAIT_S) -> None:
+    """:func:`stop_process` for several at once: SIGTERM every group, wait together, SIGKILL what is left."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:  # a group whose leader has gone may still hold children (SuperExec, ClientApps)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5.0)
+
+
+def _start_and_run(
+    cfg: FederationConfig,
+    kits: Path,
+    co_kit: Path,
+    logs: Path,
+    homes: Path,
+    procs: dict[str, tuple[subprocess.Popen, Path]],
+    run_dir: Path,
+    run_cfg,
+    point,
+    first_run: tuple[str | None, list[str]] | None,
+    config_path: str | None,
+    overrides: list[str],
+    run_timeout: float | None,
+    verbose: bool,
+    say: Callable[[str], None],
+    processes: dict[str, subprocess.Popen] | None,
+    plaintext: bool,
+) -> int:
+    """Start the SuperLink and the SuperNodes, enrol them, run ``flwr run``; its exit code."""
+    n = len(cfg.organisations)
+    env = flower_env(homes / "cli")
+    port = cfg.coordinator.port
+    log = logs / "superlink.log"
+    if plaintext:
+        cli_home = _plaintext_cli_home(homes / "cli-plaintext", cfg.federation, port)
+        superlink = os.environ.get(SUPERLINK_ENV) or SUPERLINK  # the same SuperLink as the kits' script
+        args = [superlink, "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+        args += ["--database", IN_MEMORY_DATABASE]
+        ready, transport = (lambda: tcp_ready(port)), "PLAINTEXT, no node authentication (benchmark baseline)"
+    else:
+        cli_home = co_kit / "flwr-home"
+        args = ["sh", str(co_kit / "start-superlink.sh")]
+        ready, transport = (lambda: tls_ready(port, co_kit / "ca.crt")), "TLS, SuperNode authentication"
+    # one machine: the CA's key (coordinator-ca/) is within the SuperLink's reach, which the script refuses
+    # unless told this is a try-out
+    link_env = dict(flower_env(homes / "superlink"), **{CA_KEY_ENV: "1"})
+    procs["superlink"] = (start_process(args, log, link_env, cwd=co_kit), log)
+    _wait("waiting for the SuperLink to accept connections", ready, procs, START_TIMEOUT_S)
+    say(f"SuperLink up on 127.0.0.1:{port} ({transport}); log {log}")
+    if not plaintext:
+        names = [org.name for org in cfg.organisations]
+        with ThreadPoolExecutor(max_workers=ENROL_WORKERS) as pool:  # each is a `flwr` CLI start (~1.5 s CPU)
+            for name, outcome in zip(names, pool.map(lambda name: enrol(co_kit, name, env), names), strict=True):
+                say(f"  enrolled {name}: {outcome}")
+    log_starts: dict[str, int] = {}
+    for org in cfg.organisations:
+        kit = kits / org.name
+        log = logs / f"{org.name}.log"
+        if plaintext:
+            args = [os.environ.get(SUPERNODE_ENV, SUPERNODE), "--insecure", "--superlink", f"127.0.0.1:{port}"]
+            args += ["--node-config", f"{NODE_CONFIG_FILE}='{kit / 'node.yaml'}'"]
+        else:
+            args = ["sh", str(kit / "start-supernode.sh")]
+        args += ["--port", str(free_port())]
+        log_starts[org.name] = log.stat().st_size if log.exists() else 0  # logs are appended to across runs
+        procs[org.name] = (start_process(args, log, flower_env(homes / org.name), cwd=kit), log)
+    if processes is not None:
+        processes.update({name: proc for name, (proc, _) in procs.items()})
+
+    def all_online() -> bool:
+        return sum(node.get("status") == "online" for node in supernodes(cli_home, env)) >= n
+
+    _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
+    say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
+    if (os.environ.get(SUPERNODE_ENV) or SUPERNODE) == SUPERNODE:
+        # each node's fedpriv-superexec imports torch & co. and builds its caches once (seconds of CPU per
+        # node, 10 nodes sharing this machine's cores): the run starts once they have, as in a federation
+        # whose nodes were started ahead of it, so that its first round does not pay for their start-up
+        def all_warm() -> bool:
+            return all(printed_since(procs[name][1], start, READY_LINE) for name, start in log_starts.items())
+
+        _wait("waiting for the SuperNodes' fedpriv-superexec to warm up", all_warm, procs, WARM_TIMEOUT_S)
+        say(f"{n} SuperNodes warm (torch, transformers, PEFT, Opacus and the redaction rules loaded)")
+
+    if point is not None:  # the first run's config and overrides (the ClientApps read them too), plus resume
+        run_config = write_run_config(logs / "run-config.resume.toml", *first_run, resume=point.run_dir)
+        say(f"resuming {run_dir} after round {point.round} of {run_cfg.training.rounds}")
+    else:
+        run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
+    command = [
+        "flwr",
+        "run",
+        str(app_dir(homes / "app")),
+        cfg.federation,
+        "--stream",
+        "--run-config",
+        str(run_config),
+    ]
+    say(f"$ FLWR_HOME={cli_home} " + shlex.join(command))
+    run_log = logs / "flwr-run.log"
+    return _stream(command, dict(env, FLWR_HOME=str(cli_home)), run_log, run_timeout, verbose, say)
+
+
 def _plaintext_cli_home(home: Path, federation: str, port: int) -> Path:
     """A FLWR_HOME whose connection to the plaintext SuperLink is ``insecure = true``."""
     home.mkdir(parents=True, exist_ok=True)
@@ -594,8 +706,15 @@ def _plaintext_cli_home(home: Path, federation: str, port: int) -> Path:
     return home
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _note_and_interrupt(caught: list[int]):
+    """A handler for SIGINT and SIGTERM: note the first, unwind like Ctrl-C (the processes are stopped on the way)."""
+
+    def handler(signum, frame) -> None:
+        if not caught:
+            caught.append(signum)
+        interrupts.raise_keyboard_interrupt(signum, frame)
+
+    return handler
 
 
 def _stream(
@@ -638,7 +757,8 @@ def _stream(
                     say(_ANSI.sub("", line).rstrip())
         return proc.wait()
     finally:
-        stop_process(proc, wait_s=5)
+        with interrupts.deferred_signals():  # a second Ctrl-C must not leave it running
+            stop_process(proc, wait_s=5)
 
 
 __all__ = [

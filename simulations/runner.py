@@ -11,14 +11,20 @@ import dataclasses
 import logging
 import math
 import os
+import signal
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from client.data_report import RARE_LABEL_COUNT, Truncation
 from fedpriv.config import FedPrivConfig
-from fedpriv.errors import ConfigError
+from fedpriv.errors import ConfigError, UserError
+from fedpriv.interrupts import Interrupted
 from fedpriv.quiet import VERBOSE_ENV, quiet_third_party_warnings
+from fedpriv.run_lock import RunLock, lock_run_dir
 from privacy.calibration import PrivacyPlan
 from server.resume import ResumePoint
 from simulations.partitioning import PartitionPlan, plan_partitions
@@ -157,19 +163,12 @@ def _data_lines(plan: SimulationPlan) -> list[str]:
     return lines + truncation_lines(plan.truncation)
 
 
-def resolve_run_dir(cfg: FedPrivConfig) -> Path:
+def resolve_run_dir(cfg: FedPrivConfig) -> tuple[Path, RunLock]:
+    """The run folder (``--out``, else a fresh ``runs/<timestamp>/``), locked for this run (fedpriv/run_lock.py)."""
     from server.server_app import new_run_dir
 
-    if cfg.run.out_dir:
-        path = Path(cfg.run.out_dir).resolve()
-        if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            raise ConfigError(
-                f"--out {path}: already exists and is not an empty folder; choose a new run folder"
-                " (a run's privacy state is never reused by another run)"
-            )
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return new_run_dir("runs")
+    path = Path(cfg.run.out_dir).resolve() if cfg.run.out_dir else new_run_dir("runs")
+    return path, lock_run_dir(path, fresh=True)
 
 
 class NodeFailuresOnly(logging.Filter):
@@ -222,35 +221,41 @@ def run_simulation_from_config(
     if dry_run:
         return None
     if resume is not None:
+        from server.resume import load_resume_point, resumable
+
+        lock = lock_run_dir(resume.run_dir, fresh=False, flag="--resume")
+        try:  # read again now that no other run can write it
+            resume = resumable(load_resume_point(resume.run_dir))
+        except BaseException:
+            lock.release()
+            raise
         run_dir = resume.run_dir
         print(f"run folder: {run_dir} (resumed after round {resume.round} of {cfg.training.rounds})", flush=True)
     else:
-        run_dir = resolve_run_dir(cfg)
+        run_dir, lock = resolve_run_dir(cfg)
         print(f"run folder: {run_dir}", flush=True)
+    with lock:
+        return _run_locked(cfg, plan, run_dir, verbose, resume)
+
+
+def _run_locked(
+    cfg: FedPrivConfig, plan: SimulationPlan, run_dir: Path, verbose: bool, resume: ResumePoint | None
+) -> dict:
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir)))
-
-    from flwr.simulation import run_simulation
-
-    from client.client_app import build_client_app
     from server.reports import SUMMARY_FILE
-    from server.server_app import build_server_app
+    from server.resume import ENDED
 
-    _quiet_logs(verbose)
-    num_nodes = len(plan.partitions.orgs)
-    run_simulation(
-        server_app=build_server_app(cfg, run_dir, num_nodes, resume=resume),
-        client_app=build_client_app(cfg),
-        num_supernodes=num_nodes,
-        backend_config=backend_config(cfg, verbose),
-        verbose_logging=verbose,
-    )
+    code = _simulate_in_child(cfg, run_dir, len(plan.partitions.orgs), verbose, resume)
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.exists():
-        print(f"the simulation ended without writing {summary_path}; rerun with --verbose to see why", flush=True)
-        return {"status": "failed"}
+        if code == 0:
+            print(f"the simulation ended without writing {summary_path}; rerun with --verbose to see why", flush=True)
+        return {"status": "failed", "exit_code": code or 1}
     import json
 
     summary = json.loads(summary_path.read_text())
+    if code != 0 and summary.get("status") not in ENDED:
+        return {"status": "failed", "exit_code": code}  # the child said why (one error line, or its traceback)
     from server.reports import write_summary
 
     summary["data"] = plan.data_report()  # the simulation's own view of the data it partitioned (nothing sent)
@@ -268,6 +273,85 @@ def run_simulation_from_config(
 
         raise TrainingFailed(summary["stopped_reason"])
     return summary
+
+
+def _simulate_in_child(
+    cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: bool, resume: ResumePoint | None
+) -> int:
+    """Run Flower's simulation in a forked child in its own session; its exit code.
+
+    The same ServerApp and ClientApp as in-process, only in a process this one can stop: on Ctrl-C or SIGTERM
+    the child and everything under it (Ray) is killed, the run folder marked ``interrupted`` and Interrupted
+    raised (fedpriv/interrupts.py says why Flower's own threads cannot be interrupted in-process).
+    """
+    from fedpriv import interrupts
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    with interrupts.deferred_signals() as stop:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                interrupts.become_session_leader(parent)
+                _simulate_here(cfg, run_dir, num_nodes, verbose, resume)
+                code = 0
+            except UserError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                code = exc.exit_code
+            except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        while stop.signum is None:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                interrupts.stop_tree(pid)  # what it left behind: Ray's agents outlive a driver killed by the kernel
+                return _exit_code(os.waitstatus_to_exitcode(status), run_dir)
+            time.sleep(0.2)
+        left = interrupts.stop_tree(pid)  # a second Ctrl-C meanwhile is only noted: the cleanup always finishes
+        rounds = interrupts.mark_interrupted(run_dir, stop.signum)
+    name = signal.Signals(stop.signum).name
+    stopped = f"{len(left)} process(es) could not be stopped: {sorted(left)}" if left else "every process stopped"
+    raise Interrupted(
+        f"interrupted ({name}): {stopped}; {run_dir} marked interrupted after round {rounds} of"
+        f" {cfg.training.rounds}; continue it with: fedpriv simulate --resume {run_dir}",
+        stop.signum,
+    )
+
+
+def _exit_code(code: int, run_dir: Path) -> int:
+    """The child's exit code; a child killed by a signal (the kernel's OOM killer: SIGKILL) is said in one line."""
+    if code >= 0:
+        return code
+    print(
+        f"error: the simulation's process was killed by {signal.Signals(-code).name} (out of memory?); {run_dir}"
+        f" can be continued with: fedpriv simulate --resume {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 128 - code
+
+
+def _simulate_here(
+    cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: bool, resume: ResumePoint | None
+) -> None:
+    from flwr.simulation import run_simulation
+
+    from client.client_app import build_client_app
+    from server.server_app import build_server_app
+
+    _quiet_logs(verbose)
+    run_simulation(
+        server_app=build_server_app(cfg, run_dir, num_nodes, resume=resume),
+        client_app=build_client_app(cfg),
+        num_supernodes=num_nodes,
+        backend_config=backend_config(cfg, verbose),
+        verbose_logging=verbose,
+    )
 
 
 def redaction_found(report: dict[str, Any]) -> str:

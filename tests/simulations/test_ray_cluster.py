@@ -211,7 +211,8 @@ def test_the_simulation_runs_on_an_existing_ray_cluster(ray_cluster, tmp_path):
     )
     assert query.returncode == 0, query.stderr[-3000:]
     seen = json.loads(query.stdout.strip().splitlines()[-1])
-    jobs = [job for job in seen["jobs"] if int(job["DriverPid"]) == sim.pid]
+    # the driver is the simulation's own child process (simulations/runner.py), whose command line is this one's
+    jobs = [job for job in seen["jobs"] if f"--out {out}" in job["Entrypoint"]]
     assert len(jobs) == 1, seen["jobs"]
     job = jobs[0]
     assert job["IsDead"] and "simulate" in job["Entrypoint"] and ray_cluster.address in job["Entrypoint"]

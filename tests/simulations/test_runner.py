@@ -20,8 +20,11 @@ def _with_out(cfg, path):
 
 def test_an_existing_run_folder_is_never_reused(tmp_path):
     cfg = load_config(overrides=TINY)
-    assert resolve_run_dir(_with_out(cfg, tmp_path / "new")) == (tmp_path / "new").resolve()
-    assert resolve_run_dir(_with_out(cfg, tmp_path / "new")).is_dir()  # empty: fine
+    path, lock = resolve_run_dir(_with_out(cfg, tmp_path / "new"))
+    assert path == (tmp_path / "new").resolve() and path.is_dir()
+    lock.release()
+    path, lock = resolve_run_dir(_with_out(cfg, tmp_path / "new"))  # empty but for the released lock: fine
+    lock.release()
     (tmp_path / "new" / "summary.json").write_text("{}")
     with pytest.raises(ConfigError, match="--out .*already exists"):
         resolve_run_dir(_with_out(cfg, tmp_path / "new"))
