@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class PrivacyError(UserError):
     """Impossible privacy target, or a budget that does not fit the plan."""
+
+
+class DiskError(UserError):
+    """A file that could not be written (read-only folder, full disk, lost device): its path and the errno."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpriv import atomic_files
 from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError
 from fedpriv.quiet import VERBOSE_ENV, quiet_third_party_warnings
@@ -123,7 +124,8 @@ def resolve_run_dir(cfg: FedPrivConfig) -> Path:
                 f"--out {path}: already exists and is not an empty folder; choose a new run folder"
                 " (a run's privacy state is never reused by another run)"
             )
-        path.mkdir(parents=True, exist_ok=True)
+        atomic_files.make_folder(path)
+        atomic_files.check_writable(path)  # a read-only or full folder: one line now, not a traceback later
         return path
     return new_run_dir("runs")
 
@@ -179,6 +181,7 @@ def run_simulation_from_config(
         return None
     if resume is not None:
         run_dir = resume.run_dir
+        atomic_files.check_writable(run_dir)
         print(f"run folder: {run_dir} (resumed after round {resume.round} of {cfg.training.rounds})", flush=True)
     else:
         run_dir = resolve_run_dir(cfg)
@@ -193,21 +196,26 @@ def run_simulation_from_config(
 
     _quiet_logs(verbose)
     num_nodes = len(plan.partitions.orgs)
+    outcome: dict = {}
     run_simulation(
-        server_app=build_server_app(cfg, run_dir, num_nodes, resume=resume),
+        server_app=build_server_app(cfg, run_dir, num_nodes, resume=resume, outcome=outcome),
         client_app=build_client_app(cfg),
         num_supernodes=num_nodes,
         backend_config=backend_config(cfg, verbose),
         verbose_logging=verbose,
     )
     summary_path = run_dir / SUMMARY_FILE
-    if not summary_path.exists():
+    stopped = outcome.get("summary") if (outcome.get("summary") or {}).get("error") else None
+    if stopped is not None:  # a disk error (already one line): its summary, even if summary.json is not it
+        summary = stopped
+    elif not summary_path.exists():
         print(f"the simulation ended without writing {summary_path}; rerun with --verbose to see why", flush=True)
         return {"status": "failed"}
-    import json
+    else:
+        import json
 
-    summary = json.loads(summary_path.read_text())
-    if cfg.canary_audit.enabled and summary.get("rounds"):
+        summary = json.loads(summary_path.read_text())
+    if cfg.canary_audit.enabled and summary.get("rounds") and stopped is None:
         from server.reports import write_summary
         from simulations.canary_audit import describe, run_canary_audit
 
