@@ -43,18 +43,18 @@ def test_simulate_out_on_a_read_only_folder_stops_before_training_with_exit_2(tm
 
 
 def test_a_disk_that_fills_up_after_the_rounds_ends_incomplete_in_one_line_and_resumes_once_freed(tmp_path):
-    # 2 MB hold the rounds of a tiny LoRA run (checkpoints, ledgers, summary: about 250 kB) but not the exported
+    # 2 MB hold the round of a tiny LoRA run (checkpoints, ledgers, summary: about 250 kB) but not the exported
     # model (about 9 MB): the disk is full once the rounds are over
     with tmpfs(tmp_path / "disk", size="2m") as disk:
         run = disk / "run"
-        proc = _simulate(tmp_path, *TINY, "training.rounds=2", "--out", str(run))
+        proc = _simulate(tmp_path, *TINY, "training.rounds=1", "--out", str(run))
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
         errors = _error_lines(proc)
         assert len(errors) == 1 and errors[0].startswith(
-            f"error: cannot write {run / 'model'}: [Errno 28] No space left on device; the run stopped after round 2"
+            f"error: cannot write {run / 'model'}: [Errno 28] No space left on device; the run stopped after round 1"
         ), errors
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["status"] == "incomplete" and len(summary["rounds"]) == 2
+        assert summary["status"] == "incomplete" and len(summary["rounds"]) == 1
         assert summary["error"] == f"cannot write {run / 'model'}: [Errno 28] No space left on device"
         assert "Run incomplete" in proc.stdout
         assert not (run / "model").exists() and not [p for p in run.iterdir() if p.name.startswith(".")]
