@@ -32,6 +32,8 @@ def test_audit_out_on_a_full_folder_is_one_line_and_leaves_no_empty_audit_json(r
         fill(folder)
         assert main(["audit", str(run_dir), "--no-prv", "--out", str(folder)]) == 2
         err = _one_line(capsys)
-        assert err.startswith(f"error: cannot write {folder}/audit.") and err.endswith("[Errno 28] No space left on device")
+        assert err.startswith(f"error: cannot write {folder}/audit.") and err.endswith(
+            "[Errno 28] No space left on device"
+        )
         after = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "filler.bin"}
         assert after == before  # no 0-byte audit.json; an earlier audit's three files as they were

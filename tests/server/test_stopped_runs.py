@@ -57,7 +57,9 @@ def test_a_summary_that_cannot_be_written_is_said_in_the_same_line(tmp_path, cap
 )
 def test_a_run_a_disk_error_stopped_can_be_resumed_and_an_ended_one_cannot(tmp_path, summary, allowed):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    point = ResumePoint(tmp_path, 1, {}, [{}], {}, [], [], 1.0, checkpoint="round-0001.safetensors", strategy_state=None)
+    point = ResumePoint(
+        tmp_path, 1, {}, [{}], {}, [], [], 1.0, checkpoint="round-0001.safetensors", strategy_state=None
+    )
     if allowed:
         assert resumable(point) is point
     else:

@@ -33,9 +33,10 @@ def test_a_full_disk_leaves_no_kit_file_and_a_later_provision_succeeds(tmp_path,
         assert not out.exists() or snapshot(out) == {}  # never a ca.key (or anything) without its certificate
         filler.unlink()  # space freed: the same command now makes the whole kits
         assert main(["provision", str(federation_file), "--out", str(out), "--make-org-keys"]) == 0
-        assert _ca_pair_matches(out) and (out / "hospital-b" / "ca.crt").read_bytes() == (
-            out / "coordinator" / "ca.crt"
-        ).read_bytes()
+        assert (
+            _ca_pair_matches(out)
+            and (out / "hospital-b" / "ca.crt").read_bytes() == (out / "coordinator" / "ca.crt").read_bytes()
+        )
 
 
 def test_a_full_disk_during_an_update_leaves_the_kits_as_they_were(tmp_path, federation_file):
