@@ -76,7 +76,19 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _default_mode() -> int:
-    mask = os.umask(0o022)
+    """0666 less the process's umask: what ``open(path, "w")`` would have made.
+
+    Read from /proc where it exists: setting the umask to read it would change it, for a moment, for every
+    thread of the process.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # the strictest in the meantime
     os.umask(mask)
     return 0o666 & ~mask
 
