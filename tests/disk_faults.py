@@ -39,7 +39,7 @@ def tmpfs(path: Path, size: str = "1m", read_only: bool = False) -> Iterator[Pat
 
 
 def remount(path: Path, options: str) -> None:
-    """Change a mounted tmpfs's options (``ro``, ``rw``, ``size=4m``)."""
+    """Change a mounted tmpfs's options (``ro``, ``rw``)."""
     done = _mount("-o", f"remount,{options}", str(path))
     assert done.returncode == 0, done.stderr
 
