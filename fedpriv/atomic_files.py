@@ -75,22 +75,24 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _default_mode() -> int:
-    """0666 less the process's umask: what ``open(path, "w")`` would have made.
-
-    Read from /proc where it exists: setting the umask to read it would change it, for a moment, for every
-    thread of the process.
-    """
+def _umask() -> int:
+    """The process's umask, read from /proc where it exists: setting it to read it would change it, for a
+    moment, for every thread of the process."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
     mask = os.umask(0o077)  # the strictest in the meantime
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _default_mode() -> int:
+    """What ``open(path, "w")`` would have made."""
+    return 0o666 & ~_umask()
 
 
 def make_folder(path: str | Path) -> Path:
@@ -213,6 +215,7 @@ def replacing_folder(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         try:
+            os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would make (mkdtemp makes it 0700)
             yield tmp
             old = None
             if path.exists():

@@ -90,6 +90,9 @@ def test_a_folder_is_replaced_whole_or_left_as_it_was(tmp_path):
         (folder / "b.txt").write_text("second")
         assert atomic_files.relocated(str(folder / "b.txt"), folder, target) == str(target / "b.txt")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and _leftovers(tmp_path) == []
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask  # as mkdir makes it, not mkdtemp's 0700
 
 
 def test_a_safetensors_io_error_is_read_for_its_errno(tmp_path):
