@@ -206,6 +206,8 @@ def run_simulation_from_config(
     )
     summary_path = run_dir / SUMMARY_FILE
     stopped = outcome.get("summary") if (outcome.get("summary") or {}).get("error") else None
+    if stopped is not None and "config" not in stopped:
+        return stopped  # stopped before anything of the run was built: the one line above says why
     if stopped is not None:  # a disk error (already one line): its summary, even if summary.json is not it
         summary = stopped
     elif not summary_path.exists():
