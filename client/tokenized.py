@@ -129,7 +129,7 @@ def prepare_texts(
     buffer = io.BytesIO()
     torch.save(stored, buffer)
     try:
-        atomic_files.write_bytes(path, buffer.getvalue())
+        atomic_files.write_bytes(path, buffer.getvalue(), 0o600)  # the node's own tokenised text: private
     except DiskError:
         pass  # a cache only: a full or read-only disk costs tokenising again next time, not the round
     return prepared
