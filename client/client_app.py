@@ -7,12 +7,15 @@ module-level ``app`` reads ``config``/``overrides`` from the run config.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client.stage_timing import phase, stage_timings
 from fedpriv import protocol
+from fedpriv.atomic_files import disk_error, is_disk_failure
 from fedpriv.config import FedPrivConfig
+from fedpriv.errors import DiskError
 from fedpriv.legacy_messages import (
     evaluate_reply_to_legacy,
     fit_reply_to_legacy,
@@ -104,21 +107,36 @@ def warm_node(context: Context) -> None:
     task.warm_node(config_from_context(context), context)
 
 
+def answer_disk_errors(handle, cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
+    """``handle``'s reply; a file the node cannot write (full disk, read-only state folder) is an error reply
+    of one line naming the file and the errno, never a traceback in the coordinator's output.
+
+    Nothing else leaves the node then: an update is sent only after its ledger entry is written.
+    """
+    try:
+        return handle(cfg, msg, context)
+    except Exception as exc:
+        if not isinstance(exc, DiskError) and not is_disk_failure(exc):
+            raise
+        error = exc if isinstance(exc, DiskError) else disk_error(getattr(exc, "filename", None) or "a file", exc)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"DiskError: {error}"), reply_to=msg)
+
+
 def build_client_app(config: FedPrivConfig | None = None) -> ClientApp:
     """The ClientApp; with ``config`` None it is read from each run's run config."""
     app = ClientApp()
 
     @app.train(mods=[stage_timings, secagg_when_requested])
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(config or config_from_context(context), msg, context)
+        return answer_disk_errors(handle_train, config or config_from_context(context), msg, context)
 
     @app.evaluate(mods=[stage_timings])
     def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(config or config_from_context(context), msg, context)
+        return answer_disk_errors(handle_evaluate, config or config_from_context(context), msg, context)
 
     @app.query(mods=[stage_timings])
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(config or config_from_context(context), msg, context)
+        return answer_disk_errors(handle_query, config or config_from_context(context), msg, context)
 
     return app
 

@@ -427,7 +427,8 @@ ERROR_REPLY = Message(
             Field(
                 ("code", "reason"),
                 "the node's one-line reason: a refusal (budget exhausted, no DP allowed, base model differs, app not"
-                " approved) or a setup error naming a file, a setting or a count",
+                " approved), a setup error naming a file, a setting or a count, or a disk error naming the state"
+                " file it could not write and the errno",
                 DP_NOT_DATA,
                 "the coordinator must know why a node did not train; the reason names settings, budgets, hashes"
                 " and data-set sizes, never records",

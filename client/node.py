@@ -32,7 +32,7 @@ from client.data_files import load_labelled_file, split_indices
 from client.data_report import keep_own_report
 from client.disclosures import Sharing, shared_redaction
 from client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
-from fedpriv import protocol
+from fedpriv import atomic_files, protocol
 from fedpriv.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
 from fedpriv.file_stamps import file_stamp
 from privacy.calibration import PrivacyPlan, plan_privacy
@@ -219,11 +219,7 @@ def keep_own_redaction_counts(folder: Path, redactor: Redactor, counts: list[dic
     """
     path = folder / OWN_REDACTION_FILE
     report = {**redaction_report(redactor, counts, "counts"), "note": "kept by the node; never sent"}
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    partial.replace(path)
-    return path
+    return atomic_files.write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def redaction_report(redactor: Redactor | None, counts: list[dict[str, int] | None], share: str = "kinds") -> dict:

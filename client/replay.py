@@ -21,15 +21,15 @@ recorded, and nothing had left the node).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from client.node import NodeSetupError
+from fedpriv import atomic_files
 
 META_FILE = "train-reply.json"
 ARRAYS_FILE = "train-reply.safetensors"
@@ -52,12 +52,7 @@ class StoredReply:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    atomic_files.write_text(path, json.dumps(data))
 
 
 def _read_meta(folder: Path) -> dict[str, Any] | None:
@@ -128,12 +123,8 @@ def store(
 
     Until the ledger entry exists the stored reply is never sent (``previous_reply`` checks the ledger's length).
     """
-    path = Path(folder) / ARRAYS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({name: tensor.detach().contiguous() for name, tensor in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    update = save({name: tensor.detach().contiguous() for name, tensor in tensors.items()})
+    atomic_files.write_bytes(Path(folder) / ARRAYS_FILE, update, 0o600)  # a full disk: DiskError naming it
     _write_json(
         Path(folder) / META_FILE,
         {

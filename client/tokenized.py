@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import pickle
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
+
+from fedpriv import atomic_files
+from fedpriv.errors import DiskError
 
 if TYPE_CHECKING:  # the redaction engine (Presidio, spaCy) is imported only when a node redacts
     from privacy.redaction import Redactor
@@ -122,13 +124,14 @@ def prepare_texts(
     data = prepared.data
     lengths = torch.tensor([len(ids) for ids in data.input_ids], dtype=torch.long)
     flat = torch.cat(data.input_ids) if data.input_ids else torch.zeros(0, dtype=torch.long)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
     stored = {"format": CACHE_FORMAT, "ids": flat.int(), "lengths": lengths, "labels": data.labels}
     stored["redacted"] = json.dumps(prepared.redacted)
-    torch.save(stored, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(stored, buffer)
+    try:
+        atomic_files.write_bytes(path, buffer.getvalue(), 0o600)  # the node's own tokenised text: private
+    except DiskError:
+        pass  # a cache only: a full or read-only disk costs tokenising again next time, not the round
     return prepared
 
 

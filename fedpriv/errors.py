@@ -26,3 +26,7 @@ class TrainingFailed(UserError):
     """Training stopped on something the settings caused (a loss that became non-finite): exit code 1."""
 
     exit_code = 1
+
+
+class DiskError(UserError):
+    """A file that could not be written (read-only folder, full disk, lost device): its path and the errno."""

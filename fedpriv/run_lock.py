@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from fedpriv.atomic_files import writing
 from fedpriv.errors import ConfigError, UserError
 
 LOCK_FILE = "run.lock"
@@ -79,8 +80,9 @@ def lock_run_dir(folder: str | Path, *, fresh: bool, flag: str = "--out") -> Run
         raise ConfigError(f"{flag} {folder}: is a file, not a run folder; choose a new run folder")
     if fresh and folder.is_dir():
         _check_empty(folder, flag, probe=True)  # before writing anything into a folder that is not ours
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with writing(folder / LOCK_FILE):  # a read-only or full disk: one line naming the file and the errno
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -88,8 +90,9 @@ def lock_run_dir(folder: str | Path, *, fresh: bool, flag: str = "--out") -> Run
         raise _busy(folder, flag) from None
     lock = RunLock(folder, fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with writing(folder / LOCK_FILE):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         if fresh:
             _check_empty(folder, flag, probe=False)  # again, now that it is ours: a run that ended may have written
     except BaseException:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from fedpriv import atomic_files
 from fedpriv.errors import PrivacyError
 from privacy import rdp_steps
 from privacy.calibration import PrivacyPlan
@@ -26,12 +26,7 @@ _FIXED_FIELDS = ("target_epsilon", "delta", "accountant", "sample_rate")
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_files.write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _read_json(path: Path) -> Any:

@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+from fedpriv import atomic_files
 from privacy.audit import RDP_TOLERANCE, AuditResult
 
 JSON_FILE, MARKDOWN_FILE, HTML_FILE = "audit.json", "audit.md", "audit.html"
@@ -318,9 +319,9 @@ def _empirical_html(result: AuditResult) -> str:
 
 
 def write_reports(result: AuditResult, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the three files as one change: all three, or (a read-only or full folder) none, with a one-line
+    DiskError naming the file; an earlier audit's files are then left as they were."""
     paths = [out / JSON_FILE, out / MARKDOWN_FILE, out / HTML_FILE]
-    paths[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(result), encoding="utf-8")
-    paths[2].write_text(html_page(result), encoding="utf-8")
+    texts = [json.dumps(result.to_dict(), indent=2) + "\n", markdown(result), html_page(result)]
+    atomic_files.write_all([(path, text.encode("utf-8"), None) for path, text in zip(paths, texts, strict=True)])
     return paths

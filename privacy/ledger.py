@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from fedpriv import atomic_files
 from fedpriv.errors import PrivacyError
 from fedpriv.key_files import describe, key_type
 
@@ -141,11 +142,7 @@ def load_public_key(source: str | Path | bytes) -> Ed25519PublicKey:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    os.chmod(path, 0o600)
+    atomic_files.write_bytes(path, pem, 0o600)  # never a half-written key
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -176,7 +173,7 @@ def ensure_signing_key(path: Path) -> Ed25519PrivateKey:
     if not path.exists():
         key = Ed25519PrivateKey.generate()
         write_private_key(path, key)
-        path.with_suffix(".pub").write_text(public_key_text(key.public_key()), encoding="utf-8")
+        atomic_files.write_text(path.with_suffix(".pub"), public_key_text(key.public_key()))
         return key
     return load_signing_key(path)
 
@@ -207,21 +204,36 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def append_lines(path: Path, entries: Iterable[dict[str, Any]]) -> None:
-    """Append entries as JSON lines, then flush and fsync (and fsync the folder when the file is new)."""
+    """Append entries as JSON lines, then fsync (and fsync the folder when the file is new). All or nothing.
+
+    A write that fails part-way (a full disk) is cut back to the file's length before it, so the ledger never
+    keeps a torn line or some of the entries; the failure is raised as a one-line DiskError naming the file.
+    """
     path = Path(path)
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in entries)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if new:
-        fd = os.open(path.parent, os.O_RDONLY)
+    data = "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in entries).encode("utf-8")
+    with atomic_files.writing(path):
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.fsync(fd)
+            before = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, before)  # shrinking needs no space: the ledger is as it was
+                os.fsync(fd)
+                raise
         finally:
             os.close(fd)
+        if new:
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
 
 def now_utc() -> str:

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpriv import protocol
 from server.ledger_store import LedgerStore
+from server.prompt_grid import failure_reason
 from server.update_checks import Rejection, update_problem
 
 
@@ -235,6 +236,12 @@ class BudgetGatedStrategy(Strategy):
             raise TrainingDiverged(diverged)
         answered = sum(not reply.has_error() for reply in trained)
         if not answered:
+            for reply in trained:  # the inner strategy, which logs failures, is not called: say them here
+                node_id = reply.metadata.src_node_id
+                self.state.say(
+                    f"[round {server_round}]  {self.state.org_of.get(node_id) or 'node ' + str(node_id)} did not"
+                    f" train: {failure_reason(reply)}"
+                )
             return None, None  # nobody trained: the global model stays as it is
         arrays, metrics = self.inner.aggregate_train(server_round, trained)
         if arrays is not None and self.global_arrays is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flwr.app import ArrayRecord
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from fedpriv import atomic_files
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -16,12 +18,9 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord) -> Pa
     """Write this round's weights (old rounds are pruned by ``server.resume.prune_checkpoints``, after the resume
     point that names this one is written)."""
     path = checkpoint_path(run_dir, server_round)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     state = {name: tensor.contiguous() for name, tensor in arrays.to_torch_state_dict().items()}
-    save_file(state, str(tmp), metadata={"round": str(server_round)})
-    tmp.replace(path)
-    return path
+    # serialised in memory, then written by our own atomic write: a full disk is an OSError naming the file
+    return atomic_files.write_bytes(path, save(state, metadata={"round": str(server_round)}))
 
 
 def load_checkpoint(path: Path) -> ArrayRecord:

@@ -59,6 +59,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from fedpriv import atomic_files
 from fedpriv.config import ClientDPConfig
 from privacy.ledger import NodeLedger, ensure_signing_key, public_key_text
 from privacy.recompute import rdp_epsilons
@@ -212,8 +213,7 @@ class ClientDPAccount:
         self.say = say
         folder = Path(run_dir) / LEDGERS_DIR
         key = ensure_signing_key(Path(run_dir) / "coordinator-key" / "ledger.key")
-        (folder / KEYS_DIR).mkdir(parents=True, exist_ok=True)
-        (folder / KEYS_DIR / f"{COORDINATOR}.pub").write_text(public_key_text(key.public_key()), encoding="utf-8")
+        atomic_files.write_text(folder / KEYS_DIR / f"{COORDINATOR}.pub", public_key_text(key.public_key()))
         self.ledger = NodeLedger.open(folder, COORDINATOR, key, filename=f"{COORDINATOR}.jsonl")
 
     def _events(self) -> list[tuple[float, float, int]]:

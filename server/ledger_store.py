@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedpriv import protocol
+from fedpriv import atomic_files, protocol
 from fedpriv.config import ORG_NAME
 from privacy.ledger import (
     LedgerError,
@@ -98,23 +98,26 @@ class LedgerStore:
             head = {"seq": seq, "hash": entry_hash(entry), "round": entry.get("round"), "kind": entry.get("kind")}
         if known is None:
             self.keys[org] = key
-            key_path = self.folder / KEYS_DIR / f"{org}.pub"
-            key_path.parent.mkdir(parents=True, exist_ok=True)
-            key_path.write_text(public_key_text(key), encoding="utf-8")
+            atomic_files.write_text(self.folder / KEYS_DIR / f"{org}.pub", public_key_text(key))
         if kept:
-            append_lines(self.folder / f"{org}.jsonl", kept)
+            path = self.folder / f"{org}.jsonl"
+            size = path.stat().st_size if path.exists() else 0
+            append_lines(path, kept)  # all or nothing; a failure stops the run (DiskError is not a refusal)
+            previous = self.heads.get(org)
             self.heads[org] = head
-            self._write_heads()
+            try:
+                self._write_heads()
+            except Exception:  # the copy and heads.json must agree: take the entries back out (the node resends)
+                os.truncate(path, size)
+                if previous is None:
+                    self.heads.pop(org)
+                else:
+                    self.heads[org] = previous
+                raise
         return kept
 
     def _write_heads(self) -> None:
-        path = self.folder / HEADS_FILE
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as handle:
-            json.dump(self.heads, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_files.write_text(self.folder / HEADS_FILE, json.dumps(self.heads, indent=2, sort_keys=True))
 
     def entries(self, org: str) -> list[dict[str, Any]]:
         return read_entries(self.folder / f"{org}.jsonl")

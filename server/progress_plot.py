@@ -13,12 +13,12 @@ PNG. A plot that fails to draw costs a warning line, never the run.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpriv import atomic_files
 from server.round_tracker import RoundTracker
 
 PLOT_FILE = "progress.png"
@@ -84,9 +84,8 @@ def draw(run_dir: Path, data: PlotData) -> Path:
     right.grid(alpha=0.3)
     fig.tight_layout()
     path = run_dir / PLOT_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_files.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
 
 

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from fedpriv import atomic_files
 from server.round_tracker import RoundTracker
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def build_summary(tracker: RoundTracker, config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -40,30 +32,20 @@ def build_summary(tracker: RoundTracker, config: dict[str, Any], extra: dict[str
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / SUMMARY_FILE
-    _write_atomic(path, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    atomic_files.write_text(path, json.dumps(summary, indent=2, sort_keys=False) + "\n")
     return path
 
 
 def write_metrics_csv(run_dir: Path, tracker: RoundTracker) -> Path:
     orgs = sorted({org for record in tracker.rounds for org in record.epsilon})
-    path = run_dir / METRICS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(
+        ["round", "accuracy", "macro_f1", "loss", "train_loss", "elapsed_s"] + [f"epsilon:{o}" for o in orgs]
+    )
+    for record in tracker.rounds:
         writer.writerow(
-            ["round", "accuracy", "macro_f1", "loss", "train_loss", "elapsed_s"] + [f"epsilon:{o}" for o in orgs]
+            [record.round, record.accuracy, record.macro_f1, record.loss, record.train_loss, round(record.elapsed_s, 3)]
+            + [record.epsilon.get(org) for org in orgs]
         )
-        for record in tracker.rounds:
-            writer.writerow(
-                [
-                    record.round,
-                    record.accuracy,
-                    record.macro_f1,
-                    record.loss,
-                    record.train_loss,
-                    round(record.elapsed_s, 3),
-                ]
-                + [record.epsilon.get(org) for org in orgs]
-            )
-    tmp.replace(path)
-    return path
+    return atomic_files.write_text(run_dir / METRICS_FILE, text.getvalue())

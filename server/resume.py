@@ -18,13 +18,13 @@ rounds).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedpriv import atomic_files
 from fedpriv.errors import UserError
 
 RESUME_FILE = "resume.json"
@@ -93,15 +93,7 @@ def strategy_state_name(server_round: int) -> str:
 
 def write_resume_point(point: ResumePoint) -> Path:
     """Write ``resume.json`` atomically (fsynced): from now on a restart continues after ``point.round``."""
-    path = resume_path(point.run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(point.to_dict(), handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    return path
+    return atomic_files.write_text(resume_path(point.run_dir), json.dumps(point.to_dict(), indent=1))
 
 
 def prune_checkpoints(run_dir: Path, point: ResumePoint, keep_last: int) -> None:
@@ -168,13 +160,16 @@ def load_resume_point(run_dir: str | Path) -> ResumePoint:
 def resumable(point: ResumePoint) -> ResumePoint:
     """``point`` if its run stopped before its end; a run that ended (its summary says how) has nothing to resume."""
     summary = point.run_dir / SUMMARY_FILE
-    status = None
+    status, stopped_by_error = None, False
     if summary.exists():
         try:
-            status = json.loads(summary.read_text(encoding="utf-8")).get("status")
+            written = json.loads(summary.read_text(encoding="utf-8"))
+            status = written.get("status")
+            # a run a full disk (or another one-line error) stopped half-way: ``incomplete`` with its ``error``
+            stopped_by_error = status == "incomplete" and bool(written.get("error"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             status = None  # a summary cut mid-write: the resume point decides
-    if status in ENDED:
+    if status in ENDED and not stopped_by_error:
         raise ResumeError(
             f"--resume {point.run_dir}: the run already ended (summary.json status {status!r} after"
             f" {len(point.rounds)} round(s)); nothing to resume. Start a new run instead"
@@ -222,13 +217,8 @@ def save_strategy_state(run_dir: Path, server_round: int, strategy) -> str | Non
     if not flat:
         return None
     name = strategy_state_name(server_round)
-    path = Path(run_dir) / CHECKPOINTS_DIR / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **flat)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    with atomic_files.replacing(Path(run_dir) / CHECKPOINTS_DIR / name) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **flat)
     return name
 
 

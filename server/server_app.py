@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,9 +16,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpriv import protocol
+from fedpriv import atomic_files, protocol
 from fedpriv.config import FedPrivConfig, config_from_dict
-from fedpriv.errors import ConfigError
+from fedpriv.errors import ConfigError, UserError
 from fedpriv.quiet import quiet_third_party_warnings
 from fedpriv.run_config import RESUME_KEY, config_from_context
 from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState, TrainingDiverged
@@ -56,7 +57,9 @@ def new_run_dir(base: str | Path = "runs") -> Path:
     while path.exists():
         suffix += 1
         path = Path(base) / f"{stamp}-{suffix}"
-    path.mkdir(parents=True)
+    with atomic_files.writing(path.resolve()):
+        path.mkdir(parents=True)
+    atomic_files.check_writable(path)
     return path.resolve()
 
 
@@ -70,7 +73,8 @@ def run_dir_for(cfg: FedPrivConfig) -> Path:
             f"run.out_dir {path}: already holds a run (or is a file); choose a new run folder"
             " (a run's files are never overwritten by another run)"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    atomic_files.make_folder(path)
+    atomic_files.check_writable(path)
     return path
 
 
@@ -91,12 +95,61 @@ def run_federation(
     num_nodes: int,
     resume: ResumePoint | None = None,
 ) -> dict:
-    """Run all rounds (after ``resume.round`` when resuming); returns the summary (also in ``run_dir/summary.json``)."""
+    """Run all rounds (after ``resume.round`` when resuming); returns the summary (also in ``run_dir/summary.json``).
+
+    A file that cannot be written (full disk, read-only folder) or another one-line error stops the run: the
+    line is printed, and the summary says ``incomplete`` with the line in ``error`` (see :func:`stopped_summary`).
+    """
     plots = ProgressPlots(run_dir)  # progress.png, drawn beside the rounds
+    state: dict = {}  # what _run_federation has built so far: the summary of a run stopped half-way needs it
     try:
-        return _run_federation(grid, context, cfg, run_dir, num_nodes, resume, plots)
+        return _run_federation(grid, context, cfg, run_dir, num_nodes, resume, plots, state)
+    except Exception as exc:
+        if isinstance(exc, UserError):
+            error = exc
+        elif atomic_files.is_disk_failure(exc):  # a write no call site translated: name what the error names
+            error = atomic_files.disk_error(getattr(exc, "filename", None) or run_dir, exc)
+        else:
+            raise
+        return stopped_summary(run_dir, cfg, state, error)
     finally:
         plots.close()
+
+
+def stopped_summary(run_dir: Path, cfg: FedPrivConfig, state: dict, error: UserError) -> dict:
+    """Print ``error`` as one line and write the summary of the rounds done, status ``incomplete``.
+
+    The resume point (written after each complete round) stays as it was: once the cause is fixed, ``--resume``
+    continues the run. If the summary itself cannot be written, the same line says so.
+    """
+    tracker, extra = state.get("tracker"), state.get("extra")
+    if tracker is None or extra is None:  # stopped before anything of the run was built: nothing to summarise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return {"status": "incomplete", "error": str(error), "run_dir": str(run_dir)}
+    done = len(tracker.rounds)
+    extra = {**extra, "status": "incomplete", "error": str(error)}
+    budget = state.get("budget")
+    if budget is not None and "budget" not in extra:
+        extra["budget"] = {
+            "stopped_reason": budget.stopped_reason,
+            "refusals": budget.refusals,
+            "ledgers": {org: dict(head) for org, head in sorted(budget.ledgers.heads.items())},
+        }
+    extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
+    extra["wall_time_s"] = round(time.monotonic() - state.get("started", time.monotonic()), 1)
+    summary = build_summary(tracker, cfg.to_dict(), extra)
+    where = f"the run stopped after round {done} of {cfg.training.rounds}"
+    try:
+        write_summary(run_dir, summary)
+    except UserError as again:
+        print(f"error: {error}; {where}, and its summary could not be updated: {again}", file=sys.stderr, flush=True)
+        return summary
+    print(
+        f"error: {error}; {where} (summary.json status 'incomplete'; once fixed, --resume {run_dir} continues it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return summary
 
 
 def _run_federation(
@@ -107,6 +160,7 @@ def _run_federation(
     num_nodes: int,
     resume: ResumePoint | None,
     plots: ProgressPlots,
+    state: dict,
 ) -> dict:
     started = time.monotonic() - (resume.elapsed_s if resume else 0.0)
     labels = label_names(cfg)
@@ -166,6 +220,7 @@ def _run_federation(
         "rejected_updates": [],  # plain path: updates that failed server/update_checks.py (SecAgg+: none can be)
         "resumes": [],  # the rounds after which a restarted coordinator resumed the run
     }
+    state.update(tracker=tracker, extra=extra, budget=budget, started=started)
     if resume is None:
         write_resume_point(
             ResumePoint(run_dir, 0, cfg.to_dict(), [], {}, [], [], 0.0, checkpoint=None, strategy_state=None)
@@ -265,9 +320,10 @@ def _run_federation(
     extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
     if cfg.output.export_model and len(final) > 0:
         load_trainable(model, final)
-        extra["model"]["export"] = export_model(
-            model, build_tokenizer(cfg.model.name), run_dir / "model", tracker.redaction
-        )
+        target = run_dir / "model"
+        with atomic_files.replacing_folder(target) as folder:  # a full disk leaves no half-exported model
+            paths = export_model(model, build_tokenizer(cfg.model.name), folder, tracker.redaction)
+        extra["model"]["export"] = {name: atomic_files.relocated(p, folder, target) for name, p in paths.items()}
     extra["wall_time_s"] = round(time.monotonic() - started, 1)
     summary = build_summary(tracker, cfg.to_dict(), extra)
     write_summary(run_dir, summary)
@@ -321,18 +377,29 @@ def build_server_app(
     run_dir: Path | None = None,
     num_nodes: int | None = None,
     resume: ResumePoint | None = None,
+    outcome: dict | None = None,
 ) -> ServerApp:
-    """The ServerApp; with ``config`` None it is read from the run config (``flwr run``), ``resume`` included."""
+    """The ServerApp; with ``config`` None it is read from the run config (``flwr run``), ``resume`` included.
+
+    ``outcome`` (simulation: the same process) receives the run's summary under ``"summary"``, also when
+    summary.json could not be written.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config or config_from_context(context)
-        point = resume if config is not None else resume_from_run_config(context, cfg)
-        folder = point.run_dir if point is not None else (run_dir or run_dir_for(cfg))
+        try:
+            cfg = config or config_from_context(context)
+            point = resume if config is not None else resume_from_run_config(context, cfg)
+            folder = point.run_dir if point is not None else (run_dir or run_dir_for(cfg))
+        except UserError as exc:  # one line, never a traceback from inside Flower
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return
         nodes = num_nodes or cfg.strategy.min_available_nodes or cfg.partitioning.num_orgs
         grid = PromptGrid(grid, default_timeout=cfg.strategy.round_timeout)
-        run_federation(grid, context, cfg, Path(folder), nodes, resume=point)
+        summary = run_federation(grid, context, cfg, Path(folder), nodes, resume=point)
+        if outcome is not None:
+            outcome["summary"] = summary
 
     return app
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fedpriv import atomic_files
 from fedpriv.config import CanaryAuditConfig, ConfigError, FedPrivConfig
 from privacy.canaries import (
     Canaries,
@@ -175,7 +176,7 @@ def run_canary_audit(cfg: FedPrivConfig, run_dir: Path, summary: dict[str, Any])
     result["consistent"] = claimed is None or result["epsilon_lower_bound"] <= claimed
     # whether this audit could show a bound above the claim at all (None without a claim)
     result["can_contradict_claim"] = None if claimed is None else result["max_reachable_epsilon"] > claimed
-    (run_dir / EMPIRICAL_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_files.write_text(run_dir / EMPIRICAL_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from client.data_report import RARE_LABEL_COUNT, Truncation
+from fedpriv import atomic_files
 from fedpriv.config import FedPrivConfig
 from fedpriv.errors import ConfigError, UserError
 from fedpriv.interrupts import Interrupted
@@ -168,7 +169,13 @@ def resolve_run_dir(cfg: FedPrivConfig) -> tuple[Path, RunLock]:
     from server.server_app import new_run_dir
 
     path = Path(cfg.run.out_dir).resolve() if cfg.run.out_dir else new_run_dir("runs")
-    return path, lock_run_dir(path, fresh=True)
+    lock = lock_run_dir(path, fresh=True)
+    try:
+        atomic_files.check_writable(path)  # a read-only or full folder: one line now, not a traceback later
+    except BaseException:
+        lock.release()
+        raise
+    return path, lock
 
 
 class NodeFailuresOnly(logging.Filter):
@@ -230,6 +237,7 @@ def run_simulation_from_config(
             lock.release()
             raise
         run_dir = resume.run_dir
+        atomic_files.check_writable(run_dir)
         print(f"run folder: {run_dir} (resumed after round {resume.round} of {cfg.training.rounds})", flush=True)
     else:
         run_dir, lock = resolve_run_dir(cfg)
@@ -246,6 +254,8 @@ def _run_locked(
     from server.resume import ENDED
 
     code = _simulate_in_child(cfg, run_dir, len(plan.partitions.orgs), verbose, resume)
+    if code == STOPPED_EXIT:  # a disk error stopped the run: the child printed its one line and its report
+        return {"status": "incomplete", "exit_code": 1}
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.exists():
         if code == 0:
@@ -275,6 +285,9 @@ def _run_locked(
     return summary
 
 
+STOPPED_EXIT = 75  # the simulation's child: an error (a full disk) stopped the run; it printed its line and report
+
+
 def _simulate_in_child(
     cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: bool, resume: ResumePoint | None
 ) -> int:
@@ -295,8 +308,7 @@ def _simulate_in_child(
             code = 1
             try:
                 interrupts.become_session_leader(parent)
-                _simulate_here(cfg, run_dir, num_nodes, verbose, resume)
-                code = 0
+                code = _simulate_here(cfg, run_dir, num_nodes, verbose, resume)
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 code = exc.exit_code
@@ -336,22 +348,28 @@ def _exit_code(code: int, run_dir: Path) -> int:
     return 128 - code
 
 
-def _simulate_here(
-    cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: bool, resume: ResumePoint | None
-) -> None:
+def _simulate_here(cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: bool, resume: ResumePoint | None) -> int:
+    """Flower's simulation in this process; 0, or STOPPED_EXIT when an error stopped the run (already said)."""
     from flwr.simulation import run_simulation
 
     from client.client_app import build_client_app
     from server.server_app import build_server_app
 
     _quiet_logs(verbose)
+    outcome: dict = {}
     run_simulation(
-        server_app=build_server_app(cfg, run_dir, num_nodes, resume=resume),
+        server_app=build_server_app(cfg, run_dir, num_nodes, resume=resume, outcome=outcome),
         client_app=build_client_app(cfg),
         num_supernodes=num_nodes,
         backend_config=backend_config(cfg, verbose),
         verbose_logging=verbose,
     )
+    stopped = outcome.get("summary") if (outcome.get("summary") or {}).get("error") else None
+    if stopped is None:
+        return 0
+    if "config" in stopped:  # a disk error after the run was built (one line already): its report, even if
+        print(final_report(stopped), flush=True)  # summary.json could not be updated to say it
+    return STOPPED_EXIT
 
 
 def redaction_found(report: dict[str, Any]) -> str:

@@ -191,7 +191,8 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
     Refused (nothing written): a reply holding any private key, public keys that are not this kit's own, or a CA
     other than the one the kit already trusts. The organisation's own node.yaml is never replaced.
     """
-    from fedpriv.provisioning.kits import start_supernode_sh, write_atomic
+    from fedpriv.atomic_files import write_all
+    from fedpriv.provisioning.kits import start_supernode_sh
 
     reply, kit = Path(reply), Path(kit)
     if not reply.is_dir():
@@ -256,11 +257,11 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
             f"{reply / START_SCRIPT}: not used (it differs from fedpriv's own template; {kit / START_SCRIPT} was"
             " written from the template, with the address in federation.json)"
         )
-    for path, data, mode in plan:
-        current = path.read_bytes() if path.exists() else None
-        if current != data:
-            write_atomic(path, data, mode)
-            outcome.written.append(path)
+    changed = [
+        (path, data, mode) for path, data, mode in plan if (path.read_bytes() if path.exists() else None) != data
+    ]
+    write_all(changed)  # one change: a full disk leaves the kit as it was (the CA pinned with the rest, or not)
+    outcome.written += [path for path, _, _ in changed]
     return outcome
 
 

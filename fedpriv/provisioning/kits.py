@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedpriv import atomic_files
 from fedpriv.config import DataConfig
 from fedpriv.errors import ConfigError
 from fedpriv.protocol import NODE_CONFIG_FILE
@@ -66,19 +66,11 @@ class Outcome:
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write to a temporary file created with ``mode`` in the same folder, then rename: never a half-written key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write to a temporary file created with ``mode`` in the same folder, then rename: never a half-written key.
+
+    A disk failure is a one-line DiskError naming ``path``; the file is then as it was.
+    """
+    atomic_files.write_all([(path, data, mode)])
 
 
 def _existing(path: Path) -> bytes | None:
@@ -579,6 +571,12 @@ def _check_ca(out: Path, cfg: FederationConfig, org_names: list[str]):
         p for p in (key_path, crt_path, out / CA_KIT / "ca.crt", co / "superlink.crt", co / "nodes") if p.exists()
     ]
     existing += [out / o / "ca.crt" for o in org_names if (out / o / "ca.crt").exists()]
+    if existing == [key_path]:
+        # A CA key whose certificate was never written (a provision by earlier fedpriv stopped by a full disk):
+        # no copy of a certificate, no SuperLink certificate and no enrolled node exists, so nothing was handed
+        # out under this CA. Its certificate is issued for the same key (reported as a change); the key is
+        # never replaced, so a copy of an earlier certificate that did leave would still verify.
+        return pki.require_nist_ec(key_path, pki.load_private_key(key_path, form="pem")), None
     if existing:
         missing = key_path if not key_path.exists() else crt_path
         raise ProvisioningError(
@@ -774,7 +772,16 @@ def provision(
 
     plan = _Plan()
     ca_key_file = out / CA_KIT / "ca.key"
-    if ca_cert is None:
+    ca_why = ""
+    if ca_cert is None and ca_key is not None:  # _check_ca found a CA key alone: its certificate is finished
+        ca_cert = pki.issue_ca(cfg.federation, ca_key, cfg.validity_days.ca)
+        ca_why = f"issued for the existing {ca_key_path(out)}: an earlier provision stopped before writing it"
+        if ca_key_path(out) != ca_key_file:
+            plan.put(ca_key_file, ca_key_path(out).read_bytes(), PRIVATE, "created", f"moved from {ca_key_path(out)}")
+            plan.removals.append(ca_key_path(out))
+        else:
+            plan.put(ca_key_file, ca_key_file.read_bytes(), PRIVATE)  # permissions only
+    elif ca_cert is None:
         ca_key = pki.new_key()
         ca_cert = pki.issue_ca(cfg.federation, ca_key, cfg.validity_days.ca)
         plan.put(ca_key_file, pki.pem_private(ca_key), PRIVATE)
@@ -784,8 +791,8 @@ def provision(
     else:
         plan.put(ca_key_file, ca_key_file.read_bytes(), PRIVATE)  # permissions only
     ca_pem = pki.cert_pem(ca_cert)
-    plan.put(co / "ca.crt", ca_pem, PUBLIC)
-    plan.put(out / CA_KIT / "ca.crt", ca_pem, PUBLIC)
+    plan.put(co / "ca.crt", ca_pem, PUBLIC, why=ca_why)
+    plan.put(out / CA_KIT / "ca.crt", ca_pem, PUBLIC, why=ca_why)
     plan.put(out / CA_KIT / "README.txt", ca_readme(cfg).encode(), PUBLIC)
 
     server_key_path = co / "superlink.key"
@@ -868,15 +875,19 @@ def provision(
             if child.is_dir() and child.name not in RESERVED_KITS and child.name not in names:
                 outcome.notes.append(f"{child}: not in the federation file, left as is")
 
-    # ---- write: keys before the certificates and scripts that refer to them
-    for path, (data, mode, action, why) in sorted(plan.writes.items(), key=lambda kv: _order(kv[0])):
-        write_atomic(path, data, mode)
-        outcome.changes.append(Change(path, action, why))
+    # ---- write, as one change: every file is written aside first, then all are renamed into place (keys before
+    # the certificates and scripts that refer to them). A full disk or a read-only folder stops it before the
+    # renames: the kits are as they were (never a CA key without its certificate), and a later run starts over.
+    ordered = sorted(plan.writes.items(), key=lambda kv: _order(kv[0]))
+    atomic_files.write_all([(path, data, mode) for path, (data, mode, _, _) in ordered])
+    outcome.changes += [Change(path, action, why) for path, (_, _, action, why) in ordered]
     for path, mode in plan.chmods.items():
-        os.chmod(path, mode)
+        with atomic_files.writing(path):
+            os.chmod(path, mode)
         outcome.changes.append(Change(path, "permissions", f"set to {mode:o}"))
     for path in plan.removals:  # only once what replaces them is written
-        path.unlink()
+        with atomic_files.writing(path):
+            path.unlink()
         outcome.changes.append(Change(path, "removed", f"moved to {out / CA_KIT}/"))
     return outcome
 
