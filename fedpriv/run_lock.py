@@ -80,7 +80,7 @@ def lock_run_dir(folder: str | Path, *, fresh: bool, flag: str = "--out") -> Run
         raise ConfigError(f"{flag} {folder}: is a file, not a run folder; choose a new run folder")
     if fresh and folder.is_dir():
         _check_empty(folder, flag, probe=True)  # before writing anything into a folder that is not ours
-    with writing(folder / LOCK_FILE):  # a read-only or full disk: one line naming the file and the errno
+    with writing(folder):  # a read-only or full disk: one line naming the run folder and the errno
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
