@@ -545,8 +545,17 @@ def _federation_up(
 
     say(final_report(summary))
     say("every process stopped")
+    line = stopped_line(summary)
+    if line:
+        print(line, file=sys.stderr, flush=True)
     ok = returncode == 0 and summary.get("status") == "completed"
     return UpResult(run_dir, summary, 0 if ok else 1)
+
+
+def stopped_line(summary: dict) -> str | None:
+    """The one error line for what stopped a run (a loss that became non-finite, a full disk), as simulate says it."""
+    reason = summary.get("error") or (summary.get("status") == "failed" and summary.get("stopped_reason"))
+    return f"error: {reason}" if reason else None
 
 
 def _stop_all(procs: dict[str, tuple[subprocess.Popen, Path]], kits: Path, say: Callable[[str], None]) -> None:

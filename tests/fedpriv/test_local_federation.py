@@ -18,3 +18,14 @@ def test_a_node_is_warm_only_after_a_ready_line_printed_since_its_start(tmp_path
     with log.open("a") as handle:
         handle.write(f"   {READY_LINE} (13 modules preloaded; presidio.recognizers built)\n")
     assert printed_since(log, start, READY_LINE)
+
+
+def test_a_run_stopped_by_divergence_or_a_disk_error_ends_with_its_one_error_line():
+    from fedpriv.local_federation import stopped_line
+
+    diverged = {"status": "failed", "stopped_reason": "round 1, org-0: training loss became non-finite (nan) at step 2"}
+    assert stopped_line(diverged) == f"error: {diverged['stopped_reason']}"
+    disk = {"status": "incomplete", "error": "cannot write /r/summary.json: [Errno 28] No space left on device"}
+    assert stopped_line(disk) == f"error: {disk['error']}"
+    assert stopped_line({"status": "completed"}) is None
+    assert stopped_line({"status": "budget_exhausted", "stopped_reason": "org-1 spent its budget"}) is None
