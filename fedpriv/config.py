@@ -187,7 +187,7 @@ class PartitioningConfig:
     scheme: Literal["iid", "dirichlet", "natural"] = "iid"
     num_orgs: int = field(default=4, metadata=_positive("an integer > 0"))
     alpha: float = field(default=0.5, metadata=_positive())
-    column: str | None = None
+    column: Column | None = None  # a name, or a 0-based number with data.header: false
     min_partition_size: int = field(default=10, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
 
 

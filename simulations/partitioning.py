@@ -67,7 +67,7 @@ class PartitionPlan:
 
 def _keep_columns(cfg: FedPrivConfig) -> list[str]:
     part = cfg.partitioning
-    return [part.column] if part.scheme == "natural" and part.column else []
+    return [str(part.column)] if part.scheme == "natural" and part.column is not None else []
 
 
 def _subsample(data: LabelledTexts, max_examples: int | None, seed: int) -> LabelledTexts:
@@ -174,7 +174,7 @@ def _dirichlet(labels: Sequence[int], cfg: FedPrivConfig) -> list[list[int]]:
 
 def _natural(values: Sequence[str], cfg: FedPrivConfig, source: str) -> tuple[list[str], list[list[int]]]:
     part = cfg.partitioning
-    column = part.column
+    column = str(part.column)
     counts = Counter(v for v in values if v.strip())
     if len(counts) < part.num_orgs:
         raise DataError(
@@ -214,7 +214,7 @@ def _build_plan(cfg: FedPrivConfig) -> PartitionPlan:
         names = [f"org-{i}" for i in range(part.num_orgs)]
         groups = _dirichlet(rows.labels, cfg)
     elif part.scheme == "natural":
-        names, groups = _natural(rows.columns[part.column], cfg, rows.source)
+        names, groups = _natural(rows.columns[str(part.column)], cfg, rows.source)
     else:  # the config only allows the three schemes above
         raise DataError(f"partitioning.scheme: expected iid, dirichlet or natural, got {part.scheme!r}")
 

@@ -374,3 +374,24 @@ def test_iid_shards_are_flower_datasets_iid_partitions_of_the_shuffled_order(n, 
     partitioner.dataset = datasets.Dataset.from_dict({"row": order})
     expected = [list(partitioner.load_partition(pid)["row"]) for pid in range(num_orgs)]
     assert _iid(n, num_orgs, seed=3) == expected
+
+
+def test_natural_by_a_column_number_in_a_file_without_a_header(tmp_path):
+    path = tmp_path / "no-header.csv"
+    rows = [f'"{i % 2}","site{i % 3}","text {i} of class {i % 2}"' for i in range(120)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    plan = plan_partitions(
+        cfg_of(
+            "data.source=file",
+            f"data.path={path}",
+            "data.header=false",
+            "data.text_column=2",
+            "data.label_column=0",
+            "partitioning.scheme=natural",
+            "partitioning.column=1",  # an unquoted number, as a user of a header-less file writes it
+            "partitioning.num_orgs=3",
+            "training.batch_size=4",
+        )
+    )
+    assert [o.name for o in plan.orgs] == ["site0", "site1", "site2"]
+    assert sum(len(o.train) + len(o.test) for o in plan.orgs) == 120
