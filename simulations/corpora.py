@@ -1,7 +1,8 @@
 """Built-in corpora that ship inside installed Python packages (no network access).
 
 ``data.source`` names one of :data:`BUILTIN_CORPORA`; ``data.source: file``
-with ``data.path`` loads a user's CSV/TSV/JSONL file instead.
+with ``data.path`` loads a user's own file instead (CSV, TSV, Orange .tab, JSONL,
+Parquet or a ``save_to_disk`` folder).
 """
 
 from __future__ import annotations
