@@ -217,7 +217,17 @@ EVALUATE_REPLY = Message(
                 ("tp-<class>", "fp-<class>", "fn-<class>"),
                 "per class: true positives, false positives, false negatives on the node's test split",
                 DP_NO,
-                "the run's exact macro-F1; they reveal the test split's label counts. Off: macro-F1 is null",
+                "the run's exact macro-F1 and per-class precision / recall / F1; they reveal the test split's label"
+                " counts. Off: macro-F1 and per_class are null",
+                _CLASS_SETTING,
+            ),
+            Field(
+                ("cm-<class>-<class>",),
+                "the confusion matrix: test examples of the first class the global model predicted as the second",
+                DP_NO,
+                "the run's confusion matrix (summary.json, confusion.png): which class is mistaken for which;"
+                " beside the counts above it adds how each class's errors split over the others. Off with the"
+                " counts above: confusion_matrix is null",
                 _CLASS_SETTING,
             ),
             Field((protocol.UNIT_WEIGHT,), "the constant 1", DP_NOT_DATA, "equal weights for organisation-level DP"),
@@ -393,9 +403,12 @@ COORDINATOR_FILES = Message(
                     "rounds[].org_accuracy",
                     "rounds[].trained_orgs",
                     "rounds[].epsilon",
+                    "rounds[].per_class",
+                    "rounds[].confusion_matrix",
                     "budget.refusals",
                 ),
-                "the privacy report, redaction report, pre-flight reply, correct / test examples per organisation",
+                "the privacy report, redaction report, pre-flight reply, correct / test examples per organisation;"
+                " per-class scores and the confusion matrix summed over the organisations",
                 "as in the replies",
                 "the run's record; nothing a node did not send",
             ),

@@ -205,11 +205,13 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
         protocol.EVAL_CORRECT: counts.correct,
         protocol.UNIT_WEIGHT: 1,
     }
-    if node.sharing.per_class_eval:  # the run's macro-F1; they reveal the test split's label counts
-        for index in range(len(node.label_names)):
+    if node.sharing.per_class_eval:  # macro-F1, per-class scores, confusion matrix: they reveal the test split's
+        for index in range(len(node.label_names)):  # label counts and which classes the model confuses there
             values[protocol.class_count_key("tp", index)] = counts.true_positive[index]
             values[protocol.class_count_key("fp", index)] = counts.false_positive[index]
             values[protocol.class_count_key("fn", index)] = counts.false_negative[index]
+            for predicted, cell in enumerate(counts.confusion[index]):
+                values[protocol.confusion_key(index, predicted)] = cell
     org = ConfigRecord({"name": node.org, protocol.REDACTION: json.dumps(node.redaction, sort_keys=True)})
     reply = RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: org})
     ledger = ledger_report(cfg, content, context)

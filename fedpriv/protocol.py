@@ -55,6 +55,11 @@ def class_count_key(kind: str, label_index: int) -> str:
     return f"{kind}-{label_index}"
 
 
+def confusion_key(true_index: int, predicted_index: int) -> str:
+    """A confusion-matrix cell in evaluate replies: ``cm-1-2`` counts test examples of class 1 predicted as 2."""
+    return f"cm-{true_index}-{predicted_index}"
+
+
 # node_config keys (simulation sets partition-id / num-partitions itself)
 NODE_PARTITION_ID = "partition-id"
 NODE_CONFIG_FILE = "node-config"  # deployment: path of the organisation's node.yaml

@@ -150,6 +150,7 @@ def _run_federation(
         num_labels=len(labels),
         dp_enabled=cfg.privacy.enabled,
         on_round_end=round_end,
+        label_names=labels,
     )
     budget = BudgetState(LedgerStore(run_dir, warn=tracker.printer), say=tracker.printer)
     extra = {

@@ -229,6 +229,25 @@ def redaction_found(report: dict[str, Any]) -> str:
     return "what was found is not shared by the organisation"
 
 
+def per_class_lines(final: dict[str, Any]) -> list[str]:
+    """The last round's precision / recall / F1 per class (summary.json's ``per_class``), one line each."""
+    rows = final.get("per_class")
+    if not rows:
+        return ["Per class: not shared by the organisations (privacy.share_per_class_eval)"]
+    width = max(len(str(row["label"])) for row in rows)
+
+    def fmt(value: float | None) -> str:
+        return "  n/a" if value is None else f"{value:.3f}"
+
+    lines = ["Per class (precision / recall / F1; test examples):"]
+    for row in rows:
+        lines.append(
+            f"  {str(row['label']):<{width}}  {fmt(row['precision'])} / {fmt(row['recall'])} / {fmt(row['f1'])};"
+            f" {row['support']}"
+        )
+    return lines
+
+
 def final_report(summary: dict[str, Any]) -> str:
     final = summary.get("final") or {}
     lines = [
@@ -241,6 +260,7 @@ def final_report(summary: dict[str, Any]) -> str:
             f"Global model: accuracy {final['accuracy']:.3f}, macro-F1 {f1},"
             f" loss {final['loss']:.3f} (on the organisations' own test data)"
         )
+        lines += per_class_lines(final)
     if final and final.get("trained_orgs"):
         if final.get("train_loss") is None:
             lines.append("Mean training loss: not shared by the organisations (privacy.share_training_loss is off)")
@@ -276,5 +296,6 @@ def final_report(summary: dict[str, Any]) -> str:
     if budget.get("stopped_reason"):
         lines.append(f"Stopped early: {budget['stopped_reason']}")
     run_dir = summary.get("run_dir", "")
-    lines.append(f"Files: {run_dir}/summary.json, metrics.csv, progress.png, model/")
+    confusion = ", confusion.png" if final and final.get("confusion_matrix") else ""
+    lines.append(f"Files: {run_dir}/summary.json, metrics.csv, progress.png{confusion}, model/")
     return "\n".join(lines)
