@@ -257,7 +257,12 @@ def _run_federation(
     if cfg.output.export_model and len(final) > 0:
         load_trainable(model, final)
         extra["model"]["export"] = export_model(
-            model, build_tokenizer(cfg.model.name), run_dir / "model", tracker.redaction
+            model,
+            build_tokenizer(cfg.model.name),
+            run_dir / "model",
+            tracker.redaction,
+            max_length=cfg.data.max_length,
+            summary=build_summary(tracker, cfg.to_dict(), extra),  # the card names its results and privacy
         )
     extra["wall_time_s"] = round(time.monotonic() - started, 1)
     summary = build_summary(tracker, cfg.to_dict(), extra)
