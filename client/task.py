@@ -18,6 +18,7 @@ from client.budget import NodeBudget, round_steps
 from client.device import resolve_device
 from client.evaluation import evaluate
 from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_layout
+from client.progress import RoundProgress
 from client.stage_timing import phase
 from client.training import round_learning_rate, train_locally
 from fedpriv import protocol
@@ -84,6 +85,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             )
         steps_before = budget.privacy.steps
         replay.begin(folder, attempt, ledger_length)
+    progress = RoundProgress(node.org, server_round, cfg.training.rounds)  # the node's own output, never sent
     with phase("train"):
         result = train_locally(
             model,
@@ -96,7 +98,9 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
             proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
             seed=cfg.run.seed * 100_003 + server_round,
             canaries=_gradient_canaries(cfg, node, model),
+            progress=progress,
         )
+    progress.finish(result.steps, result.examples_seen)
     metrics = {
         protocol.NUM_EXAMPLES: len(node.train),
         protocol.DP_STEPS: result.steps,

@@ -358,9 +358,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     import sys
     from dataclasses import asdict
 
-    from shared_models.predict import Predictor
-
     from fedpriv.errors import ConfigError
+    from shared_models.predict import Predictor
 
     if ns.max_length is not None and ns.max_length < 1:
         raise ConfigError(f"--max-length {ns.max_length}: expected an integer >= 1 (tokens kept per text)")

@@ -56,7 +56,9 @@ class RoundRecord:
             "org_accuracy": dict(self.org_accuracy),
             "elapsed_s": round(self.elapsed_s, 3),
             "per_class": [dict(row) for row in self.per_class] if self.per_class is not None else None,
-            "confusion_matrix": [list(row) for row in self.confusion_matrix] if self.confusion_matrix is not None else None,
+            "confusion_matrix": [list(row) for row in self.confusion_matrix]
+            if self.confusion_matrix is not None
+            else None,
         }
 
     @classmethod

@@ -140,7 +140,9 @@ def _results_lines(summary: dict[str, Any] | None) -> list[str]:
     if not summary.get("dp_enabled"):
         lines.append("DP was OFF in this run: the model carries no differential privacy guarantee.")
     else:
-        lines.append("Each organisation's epsilon at its delta after the last round it trained (DP-SGD, its own accountant):")
+        lines.append(
+            "Each organisation's epsilon at its delta after the last round it trained (DP-SGD, its own accountant):"
+        )
         lines.append("")
         for org, report in sorted((summary.get("privacy") or {}).items()):
             if report.get("epsilon") is None:

@@ -33,10 +33,12 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     """Load and partition the data, check model and device, calibrate every organisation's noise."""
     from client.device import resolve_device
     from client.node import org_privacy_plan
+    from client.progress import progress_interval
     from shared_models.sources import model_source
 
     model_source(cfg.model.name)
     resolve_device(cfg.training.device)
+    progress_interval()  # a bad $FEDPRIV_PROGRESS_S stops here, not in every node
     partitions = plan_partitions(cfg)
     privacy: dict[str, PrivacyPlan] = {}
     if cfg.privacy.enabled:
@@ -151,6 +153,17 @@ def _quiet_logs(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def _progress_through_ray() -> None:
+    """Let the nodes' progress lines (client/progress.py) through Ray's log deduplication as they are.
+
+    Ray reads the variable when it is first imported (``ray_constants``), so this runs before Flower's simulation
+    module imports it; a user's own setting wins.
+    """
+    from client.progress import RAY_ALLOW_REGEX
+
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", RAY_ALLOW_REGEX)
+
+
 def backend_config(cfg: FedPrivConfig, verbose: bool) -> dict[str, Any]:
     """Flower's Ray backend settings; ``init_args`` go to ``ray.init``.
 
@@ -185,6 +198,7 @@ def run_simulation_from_config(
         print(f"run folder: {run_dir}", flush=True)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir)))
 
+    _progress_through_ray()
     from flwr.simulation import run_simulation
 
     from client.client_app import build_client_app
