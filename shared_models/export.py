@@ -108,7 +108,9 @@ def load_snippet(*, mean_pooled: bool, max_length: int | None, example: str) -> 
             "import torch",
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
-            'tokenizer = AutoTokenizer.from_pretrained("merged")',
+            # the tokenizer too: it reads merged/config.json, whose auto_map names the class file, and without
+            # trust_remote_code transformers stops to ask whether to run it
+            f'tokenizer = AutoTokenizer.from_pretrained("merged"{remote})',
             f'model = AutoModelForSequenceClassification.from_pretrained("merged"{remote}).eval()',
             f"texts = [{example!r}]  # redacted first where the section below says so",
             f'batch = tokenizer(texts, truncation=True{cut}, padding=True, return_tensors="pt")',
