@@ -352,3 +352,13 @@ def test_each_node_says_its_progress_inside_a_round_throttled(tiny_run):
     for org, rnd in {(org, rnd) for org, rnd, *_ in progress}:
         assert sum((o, r) == (org, rnd) for o, r, *_ in progress) <= steps  # throttled: at most one per step
         assert (org, rnd, str(steps)) in closing  # a round that said its progress closes it
+
+
+def test_auditing_the_dp_off_run_says_it_has_no_guarantee(runs, capsys):
+    from fedpriv.cli import main
+
+    code, stdout, secure = runs["secagg"]  # privacy.enabled=false
+    assert code == 0, stdout[-3000:]
+    assert main(["audit", str(secure), "--out", str(secure / "audit")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "this run had DP off" in err and "no privacy guarantee to audit" in err
