@@ -162,8 +162,9 @@ def _results_lines(summary: dict[str, Any] | None) -> list[str]:
             f"Organisation-level DP: epsilon {client_dp['epsilon']:.3f} at delta {client_dp['delta']:g}"
             f" (it protects {client_dp.get('protects')}).",
         ]
-    lines += ["", "The organisations' signed ledgers (the run's `ledgers/`) let `fedpriv audit` recompute these.", ""]
-    return lines
+    if summary.get("dp_enabled") or client_dp:
+        lines += ["", "The signed ledgers (the run's `ledgers/`) let `fedpriv audit` recompute these."]
+    return [*lines, ""]
 
 
 def model_card(

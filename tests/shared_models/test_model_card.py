@@ -47,6 +47,7 @@ def test_a_runs_card_loads_as_written_and_names_accuracy_epsilon_and_redaction(t
         assert f"- {org}: epsilon {report['epsilon']:.3f} at delta 1e-05 (target 8)" in card
     assert "No organisation redacted its text" in card and "with DP-SGD" in card
     assert "max_length=64" in card  # the run's data.max_length
+    assert "`fedpriv audit` recompute these" in card
     printed = run_card_code(out / "model")
     assert printed.strip().startswith("['") and printed.strip().strip("[]'") in summary["label_names"]
 
@@ -63,5 +64,5 @@ def test_a_mean_pooled_card_asks_for_remote_code_and_says_when_dp_was_off(tmp_pa
     assert card.count('from_pretrained("merged", trust_remote_code=True)') == 2 and "max_length=40" in card
     assert "Accuracy 0.750, macro-F1 not shared by the organisations" in card and "after round 3 of 3" in card
     assert "DP was OFF in this run: the model carries no differential privacy guarantee." in card
-    assert "WITHOUT differential privacy" in card and "with DP-SGD" not in card
+    assert "WITHOUT differential privacy" in card and "with DP-SGD" not in card and "ledgers" not in card
     assert run_card_code(tmp_path / "model").strip() in ("['neg']", "['pos']")

@@ -91,7 +91,7 @@ def test_predict_cuts_texts_at_the_length_the_model_was_trained_with(tiny_dp_run
     long_text = " ".join(["markets"] * 300)
     assert main(["predict", str(model_dir), long_text]) == 0
     assert json.loads(capsys.readouterr().out)["label"] in {"business", "entertainment", "politics", "sports", "tech"}
-    assert main(["predict", str(model_dir), "--max-length", "0", "x"]) == 2
+    assert main(["predict", "--max-length", "0", str(model_dir), "x"]) == 2
     assert capsys.readouterr().err.strip() == "error: --max-length 0: expected an integer >= 1 (tokens kept per text)"
 
 
