@@ -259,6 +259,12 @@ QUERY_REPLY = Message(
                 "the coordinator checks that every node can train before round 1 (also sent with every round)",
             ),
             Field(
+                (protocol.READY_MAX_LENGTH,),
+                "the node's data.max_length: the tokens per text it cuts its texts to",
+                DP_NOT_DATA,
+                "the exported model records what it was trained at, so that prediction cuts texts the same way",
+            ),
+            Field(
                 (
                     protocol.READY_NOISE,
                     protocol.READY_SAMPLE_RATE,

@@ -242,6 +242,8 @@ def ready_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         protocol.READY_TRAIN: len(node.train),
         protocol.READY_TEST: len(node.test),
     }
+    if node.max_length is not None:  # a setting: the exported model records what its nodes trained at
+        ready[protocol.READY_MAX_LENGTH] = node.max_length
     if cfg.privacy.enabled:
         folder = state_dir(node, str(content[protocol.CONFIG].get(protocol.RUN_DIR, "")))
         with phase("privacy"):

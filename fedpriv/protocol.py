@@ -40,6 +40,7 @@ READY_TARGET_EPSILON = "target-epsilon"
 READY_DELTA = "delta"
 READY_EPSILON = "epsilon"  # spent so far (the node's accountant)
 READY_MAX_EPSILON = "max-epsilon"  # the organisation's hard budget
+READY_MAX_LENGTH = "max-length"  # the tokens per text the node cuts its texts to (its data.max_length)
 
 # Keys of reply MetricRecords
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
