@@ -227,7 +227,17 @@ EVALUATE_REPLY = Message(
                 ("tp-<class>", "fp-<class>", "fn-<class>"),
                 "per class: true positives, false positives, false negatives on the node's test split",
                 DP_NO,
-                "the run's exact macro-F1; they reveal the test split's label counts. Off: macro-F1 is null",
+                "the run's exact macro-F1 and per-class precision / recall / F1; they reveal the test split's label"
+                " counts. Off: macro-F1 and per_class are null",
+                _CLASS_SETTING,
+            ),
+            Field(
+                ("cm-<class>-<class>",),
+                "the confusion matrix: test examples of the first class the global model predicted as the second",
+                DP_NO,
+                "the run's confusion matrix (summary.json, confusion.png): which class is mistaken for which;"
+                " beside the counts above it adds how each class's errors split over the others. Off with the"
+                " counts above: confusion_matrix is null",
                 _CLASS_SETTING,
             ),
             Field((protocol.UNIT_WEIGHT,), "the constant 1", DP_NOT_DATA, "equal weights for organisation-level DP"),
@@ -257,6 +267,12 @@ QUERY_REPLY = Message(
                 "the sizes of the node's training and test splits",
                 DP_SIZES,
                 "the coordinator checks that every node can train before round 1 (also sent with every round)",
+            ),
+            Field(
+                (protocol.READY_MAX_LENGTH,),
+                "the node's data.max_length: the tokens per text it cuts its texts to",
+                DP_NOT_DATA,
+                "the exported model records what it was trained at, so that prediction cuts texts the same way",
             ),
             Field(
                 (
@@ -409,9 +425,12 @@ COORDINATOR_FILES = Message(
                     "rounds[].org_accuracy",
                     "rounds[].trained_orgs",
                     "rounds[].epsilon",
+                    "rounds[].per_class",
+                    "rounds[].confusion_matrix",
                     "budget.refusals",
                 ),
-                "the privacy report, redaction report, pre-flight reply, correct / test examples per organisation",
+                "the privacy report, redaction report, pre-flight reply, correct / test examples per organisation;"
+                " per-class scores and the confusion matrix summed over the organisations",
                 "as in the replies",
                 "the run's record; nothing a node did not send",
             ),

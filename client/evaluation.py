@@ -1,8 +1,9 @@
-"""Local evaluation: loss, accuracy and per-class counts from which macro-F1 is computed."""
+"""Local evaluation: loss, accuracy, per-class counts (macro-F1, per-class precision / recall / F1) and the
+confusion matrix, as sums the server adds up exactly across organisations."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,6 +21,8 @@ class EvalCounts:
     true_positive: list[int]
     false_positive: list[int]
     false_negative: list[int]
+    # confusion[true][predicted]: what the per-class counts cannot say, which class is mistaken for which
+    confusion: list[list[int]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -32,6 +35,25 @@ class EvalCounts:
     @property
     def macro_f1(self) -> float:
         return macro_f1(self.true_positive, self.false_positive, self.false_negative)
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def per_class_scores(labels: list[str], tp: list[float], fp: list[float], fn: list[float]) -> list[dict]:
+    """Precision, recall, F1 and support of each class from summed counts; None where a ratio is undefined
+    (no prediction of the class, no example of it), as :func:`macro_f1` leaves such a class out."""
+    return [
+        {
+            "label": label,
+            "precision": _ratio(t, t + p),
+            "recall": _ratio(t, t + n),
+            "f1": _ratio(2 * t, 2 * t + p + n),
+            "support": int(t + n),
+        }
+        for label, t, p, n in zip(labels, tp, fp, fn, strict=True)
+    ]
 
 
 def macro_f1(tp: list[float], fp: list[float], fn: list[float]) -> float:
@@ -58,6 +80,7 @@ def evaluate(
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=PadCollator(pad_token_id))
     loss_sum, correct = 0.0, 0
     tp, fp, fn = [0] * num_labels, [0] * num_labels, [0] * num_labels
+    confusion = torch.zeros(num_labels * num_labels, dtype=torch.long)
     for input_ids, attention_mask, labels in loader:
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
         labels = labels.to(device)
@@ -69,5 +92,7 @@ def evaluate(
             tp[cls] += int((predicted & actual).sum())
             fp[cls] += int((predicted & ~actual).sum())
             fn[cls] += int((~predicted & actual).sum())
+        confusion += torch.bincount(labels.cpu() * num_labels + predictions.cpu(), minlength=num_labels * num_labels)
     model.train()
-    return EvalCounts(len(data), loss_sum, correct, tp, fp, fn)
+    matrix = confusion.view(num_labels, num_labels).tolist()
+    return EvalCounts(len(data), loss_sum, correct, tp, fp, fn, matrix)

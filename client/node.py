@@ -74,6 +74,8 @@ class LocalNode:
     sources: tuple[tuple[str, tuple | None], ...] = ()
     # the organisation whose training a simulation's canary audit watches (canary_audit.org); never in deployment
     audited: bool = False
+    # the tokens per text it cut its texts to (node.yaml's data.max_length; the run config's in a simulation)
+    max_length: int | None = None
 
 
 TOKEN_CACHE_DIR = "token-cache"
@@ -137,6 +139,7 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         redaction=redaction_report(redactor, [redacted, test.redacted], cfg.redaction.share),
         sharing=Sharing.from_run_config(cfg),
         audited=audited,
+        max_length=max_length,
     )
 
 
@@ -200,6 +203,7 @@ def _load_own_data(cfg: FedPrivConfig, node_config_path: str) -> LocalNode:
         redaction=redaction_report(redactor, [train_data.redacted, test_data.redacted], node.redaction.share),
         sharing=Sharing.from_node_config(node),
         sources=tuple(sources),
+        max_length=max_length,
     )
 
 

@@ -18,6 +18,7 @@ from client.budget import NodeBudget, round_steps
 from client.device import resolve_device
 from client.evaluation import evaluate
 from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_layout
+from client.progress import RoundProgress
 from client.stage_timing import phase
 from client.training import TrainingDiverged, round_learning_rate, train_locally
 from fedpriv import protocol
@@ -85,6 +86,7 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         steps_before = budget.privacy.steps
         replay.begin(folder, attempt, ledger_length)
     learning_rate = round_learning_rate(cfg.training, server_round)
+    progress = RoundProgress(node.org, server_round, cfg.training.rounds)  # the node's own output, never sent
     try:
         with phase("train"):
             result = train_locally(
@@ -98,12 +100,15 @@ def train_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
                 proximal_mu=float(server_config.get(protocol.PROXIMAL_MU, 0.0)),
                 seed=cfg.run.seed * 100_003 + server_round,
                 canaries=_gradient_canaries(cfg, node, model),
+                progress=progress,
             )
     except TrainingDiverged as exc:
+        progress.stopped(str(exc))
         if budget is not None and budget.privacy.steps > steps_before:
             # the steps taken before it are spent: recorded, and their entry travels with the reply
             budget.record_round(server_round, steps_before, model_digest, node.redaction, stopped="diverged")
         return _diverged(cfg, node, budget, heads, exc.step, exc.kind, str(exc), learning_rate)
+    progress.finish(result.steps, result.examples_seen)
     metrics = {
         protocol.NUM_EXAMPLES: len(node.train),
         protocol.DP_STEPS: result.steps,
@@ -241,11 +246,13 @@ def evaluate_content(cfg: FedPrivConfig, content: RecordDict, context: Context) 
         protocol.EVAL_CORRECT: counts.correct,
         protocol.UNIT_WEIGHT: 1,
     }
-    if node.sharing.per_class_eval:  # the run's macro-F1; they reveal the test split's label counts
-        for index in range(len(node.label_names)):
+    if node.sharing.per_class_eval:  # macro-F1, per-class scores, confusion matrix: they reveal the test split's
+        for index in range(len(node.label_names)):  # label counts and which classes the model confuses there
             values[protocol.class_count_key("tp", index)] = counts.true_positive[index]
             values[protocol.class_count_key("fp", index)] = counts.false_positive[index]
             values[protocol.class_count_key("fn", index)] = counts.false_negative[index]
+            for predicted, cell in enumerate(counts.confusion[index]):
+                values[protocol.confusion_key(index, predicted)] = cell
     org = ConfigRecord({"name": node.org, protocol.REDACTION: json.dumps(node.redaction, sort_keys=True)})
     reply = RecordDict({protocol.METRICS: MetricRecord(values), protocol.ORG: org})
     ledger = ledger_report(cfg, content, context)
@@ -272,6 +279,8 @@ def ready_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
         protocol.READY_TRAIN: len(node.train),
         protocol.READY_TEST: len(node.test),
     }
+    if node.max_length is not None:  # a setting: the exported model records what its nodes trained at
+        ready[protocol.READY_MAX_LENGTH] = node.max_length
     if cfg.privacy.enabled:
         folder = state_dir(node, str(content[protocol.CONFIG].get(protocol.RUN_DIR, "")))
         with phase("privacy"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -255,8 +256,11 @@ def train_locally(
     proximal_mu: float = 0.0,
     seed: int = 0,
     canaries: DiracCanaries | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs over ``data``.
+
+    ``progress(steps done, steps planned, examples seen)`` after every step (client/progress.py).
 
     ``canaries`` (the audited organisation of a simulation's gradient canary audit only): the included ones are
     Poisson-sampled at each step and added to the clipped gradient sum before the noise (privacy/gradient_canaries.py).
@@ -302,11 +306,14 @@ def train_locally(
 
     total = StepStats()
     steps = 0
+    planned = len(loader) * cfg.local_epochs  # Poisson sampling: the expected batches per epoch, which it runs
     for _ in range(cfg.local_epochs):
         for batch in loader:
             if batch[0].shape[0] == 0:
                 _noise_only_step(optimizer, params, steps + 1)
                 steps += 1
+                if progress is not None:
+                    progress(steps, planned, total.examples)
                 continue
             stats = train_step(
                 model, optimizer, criterion, batch, cfg=cfg, device=device, private=privacy is not None,
@@ -319,6 +326,8 @@ def train_locally(
             total.examples += stats.examples
             total.passes += stats.passes
             total.padded_tokens += stats.padded_tokens
+            if progress is not None:
+                progress(steps, planned, total.examples)
     optimizer.zero_grad(set_to_none=True)
     if isinstance(model, BookkeepingClipping):
         model.remove_hooks()

@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
         " signatures, hash chains, every entry's parameters, the epsilon recomputed from the recorded parameters"
         " by a second implementation (dp-accounting: RDP for every entry, PLD), every organisation's budget, and"
         " summary.json against the ledgers. Writes audit.json, audit.md and audit.html. Exit code 0 when"
-        " everything holds, 1 when a check fails, 2 when the input cannot be read.",
+        " everything holds, 1 when a check fails, 2 when the input cannot be read, 3 when the run had DP off"
+        " (no privacy guarantee to audit).",
     )
     aud.add_argument(
         "paths",
@@ -185,7 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("model_dir", metavar="MODEL_DIR", help="a run's model/ folder")
     pred.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: one per line on stdin)")
-    pred.add_argument("--max-length", type=int, default=128, help="tokens kept per text (default 128)")
+    pred.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens kept per text (default: what the model was trained with, from MODEL_DIR/fedpriv-model.json;"
+        " 128 for a model exported without it)",
+    )
     return parser
 
 
@@ -351,8 +358,11 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     import sys
     from dataclasses import asdict
 
+    from fedpriv.errors import ConfigError
     from shared_models.predict import Predictor
 
+    if ns.max_length is not None and ns.max_length < 1:
+        raise ConfigError(f"--max-length {ns.max_length}: expected an integer >= 1 (tokens kept per text)")
     texts = list(ns.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     predictor = Predictor(ns.model_dir, max_length=ns.max_length)
     for start in range(0, len(texts), 32):

@@ -42,6 +42,7 @@ READY_TARGET_EPSILON = "target-epsilon"
 READY_DELTA = "delta"
 READY_EPSILON = "epsilon"  # spent so far (the node's accountant)
 READY_MAX_EPSILON = "max-epsilon"  # the organisation's hard budget
+READY_MAX_LENGTH = "max-length"  # the tokens per text the node cuts its texts to (its data.max_length)
 
 # Keys of reply MetricRecords
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -55,6 +56,11 @@ EVAL_CORRECT = "correct"
 def class_count_key(kind: str, label_index: int) -> str:
     """Per-class confusion counts in evaluate replies: ``tp-0``, ``fp-0``, ``fn-0`` ..."""
     return f"{kind}-{label_index}"
+
+
+def confusion_key(true_index: int, predicted_index: int) -> str:
+    """A confusion-matrix cell in evaluate replies: ``cm-1-2`` counts test examples of class 1 predicted as 2."""
+    return f"cm-{true_index}-{predicted_index}"
 
 
 # node_config keys (simulation sets partition-id / num-partitions itself)

@@ -28,6 +28,12 @@ class AuditInputError(LedgerError):
     """The audit's input cannot be read (exit code 2)."""
 
 
+class NothingToAudit(AuditInputError):
+    """A run with DP off: it makes no privacy claim, so there is no ledger to check (exit code 3)."""
+
+    exit_code = 3
+
+
 @dataclass(frozen=True)
 class KeyCandidate:
     """One public key for an organisation and where it was found."""
@@ -150,6 +156,11 @@ def load_ledger_set(
                 raise AuditInputError(f"{path / SUMMARY_FILE}: expected a JSON object")
         folder = path / "ledgers" if (path / "ledgers").is_dir() else path
         found = sorted(folder.glob("*.jsonl"))
+        if not found and isinstance(summary, dict) and summary.get("dp_enabled") is False:
+            raise NothingToAudit(
+                f"{path}: this run had DP off (summary.json: dp_enabled false): it carries no privacy guarantee to"
+                " audit, and its nodes kept no privacy ledger"
+            )
         if not found:
             raise AuditInputError(f"{path}: no ledger files (*.jsonl) in {folder}")
         files.extend(found)

@@ -66,6 +66,8 @@ def ready_row(node_id: int, record: ConfigRecord) -> dict[str, Any]:
         "train_examples": int(record[protocol.READY_TRAIN]),
         "test_examples": int(record[protocol.READY_TEST]),
     }
+    if protocol.READY_MAX_LENGTH in record:
+        row["max_length"] = int(record[protocol.READY_MAX_LENGTH])
     if protocol.READY_NOISE in record:
         row |= {
             "target_epsilon": float(record[protocol.READY_TARGET_EPSILON]),

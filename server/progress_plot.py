@@ -1,4 +1,5 @@
-"""``progress.png``: accuracy and privacy spent per round, drawn off the rounds' path.
+"""``progress.png``: accuracy and privacy spent per round, and ``confusion.png``: the latest round's confusion
+matrix (when the organisations share their per-class counts), drawn off the rounds' path.
 
 Drawing the plot (and, the first time, importing matplotlib) took 0.2-0.8 s of
 the coordinator's time after every round, between one round's evaluation and
@@ -22,6 +23,7 @@ from fedpriv import atomic_files
 from server.round_tracker import RoundTracker
 
 PLOT_FILE = "progress.png"
+CONFUSION_FILE = "confusion.png"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class PlotData:
     dp_enabled: bool
     epsilon: dict[str, tuple[float | None, ...]]  # organisation -> epsilon spent after each round
     targets: tuple[float, ...]  # the organisations' target epsilons (dashed lines)
+    label_names: tuple[str, ...] = ()
+    confusion: tuple[tuple[int, ...], ...] | None = None  # the last round's [true][predicted]; None: not shared
 
     @classmethod
     def of(cls, tracker: RoundTracker, targets: dict[str, float] | None = None) -> PlotData:
@@ -46,7 +50,13 @@ class PlotData:
             dp_enabled=tracker.dp_enabled,
             epsilon={org: tuple(r.epsilon.get(org) for r in records) for org in orgs},
             targets=tuple(sorted({value for value in (targets or {}).values() if value is not None})),
+            label_names=tuple(tracker.label_names),
+            confusion=tuple(tuple(row) for row in matrix) if (matrix := _last_confusion(records)) else None,
         )
+
+
+def _last_confusion(records) -> list[list[int]] | None:
+    return records[-1].confusion_matrix if records else None
 
 
 def draw(run_dir: Path, data: PlotData) -> Path:
@@ -84,8 +94,35 @@ def draw(run_dir: Path, data: PlotData) -> Path:
     right.grid(alpha=0.3)
     fig.tight_layout()
     path = run_dir / PLOT_FILE
-    with atomic_files.replacing(path) as tmp:
+    _save(fig, path)
+    if data.confusion is not None:
+        draw_confusion(run_dir / CONFUSION_FILE, data.label_names, data.confusion, data.rounds[-1])
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_files.replacing(path) as tmp:  # whole or not at all; a full disk is one line naming the file
         fig.savefig(tmp, dpi=110, format="png")
+
+
+def draw_confusion(path: Path, labels: tuple[str, ...], matrix: tuple[tuple[int, ...], ...], rnd: int) -> Path:
+    """Counts (rows: true class, columns: predicted), shaded by each row's share: a small class's errors show."""
+    from matplotlib.figure import Figure
+
+    size = max(4.0, 0.6 * len(labels) + 2.5)
+    fig = Figure(figsize=(size + 1.0, size))
+    ax = fig.subplots()
+    shares = [[cell / max(sum(row), 1) for cell in row] for row in matrix]
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for t, row in enumerate(matrix):
+        for p, cell in enumerate(row):
+            ax.text(p, t, str(cell), ha="center", va="center", color="white" if shares[t][p] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix after round {rnd} (test data)")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    fig.tight_layout()
+    _save(fig, path)
     return path
 
 

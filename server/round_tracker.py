@@ -15,7 +15,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from client.evaluation import macro_f1
+from client.evaluation import macro_f1, per_class_scores
 from fedpriv import protocol
 
 # Privacy fields every organisation's summary entry carries (null when DP is off).
@@ -38,6 +38,10 @@ class RoundRecord:
     trained_orgs: list[str] = field(default_factory=list)
     org_accuracy: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    # from the summed per-class counts (None when an organisation does not share them): precision, recall, F1 and
+    # support per class, and confusion_matrix[true][predicted], both in the run's class order (label_names)
+    per_class: list[dict[str, Any]] | None = None
+    confusion_matrix: list[list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +55,10 @@ class RoundRecord:
             "trained_orgs": list(self.trained_orgs),
             "org_accuracy": dict(self.org_accuracy),
             "elapsed_s": round(self.elapsed_s, 3),
+            "per_class": [dict(row) for row in self.per_class] if self.per_class is not None else None,
+            "confusion_matrix": [list(row) for row in self.confusion_matrix]
+            if self.confusion_matrix is not None
+            else None,
         }
 
     @classmethod
@@ -70,6 +78,17 @@ def _weighted_mean(contents: list[RecordDict], key: str, weight_key: str) -> flo
     )
 
 
+def _summed_confusion(contents: list[RecordDict], num_labels: int) -> list[list[int]] | None:
+    """confusion[true][predicted] summed over the replies; None unless every reply carries every cell."""
+    cells = [(t, p, protocol.confusion_key(t, p)) for t in range(num_labels) for p in range(num_labels)]
+    if not contents or not all(key in c[protocol.METRICS] for c in contents for _, _, key in cells):
+        return None
+    matrix = [[0] * num_labels for _ in range(num_labels)]
+    for t, p, key in cells:
+        matrix[t][p] = sum(int(c[protocol.METRICS][key]) for c in contents)
+    return matrix
+
+
 class RoundTracker:
     """Per-round records, the latest privacy report of every organisation, and the progress line."""
 
@@ -81,9 +100,11 @@ class RoundTracker:
         dp_enabled: bool,
         on_round_end: Callable[[int, ArrayRecord], None] | None = None,
         printer: Callable[[str], None] = print,
+        label_names: list[str] | None = None,
     ):
         self.num_rounds = num_rounds
         self.num_labels = num_labels
+        self.label_names = list(label_names) if label_names is not None else [str(i) for i in range(num_labels)]
         self.dp_enabled = dp_enabled
         self.on_round_end = on_round_end
         self.printer = printer
@@ -159,8 +180,10 @@ class RoundTracker:
                 for kind in ("tp", "fp", "fn")
             }
             record.macro_f1 = macro_f1(sums["tp"], sums["fp"], sums["fn"])
+            record.per_class = per_class_scores(self.label_names, sums["tp"], sums["fp"], sums["fn"])
         else:
-            record.macro_f1 = None
+            record.macro_f1 = record.per_class = None
+        record.confusion_matrix = _summed_confusion(contents, self.num_labels)
         for content in contents:
             metrics = content[protocol.METRICS]
             org = str(content[protocol.ORG]["name"])

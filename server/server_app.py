@@ -204,6 +204,7 @@ def _run_federation(
         num_labels=len(labels),
         dp_enabled=cfg.privacy.enabled,
         on_round_end=round_end,
+        label_names=labels,
     )
     budget = BudgetState(LedgerStore(run_dir, warn=tracker.printer), say=tracker.printer)
     extra = {
@@ -322,12 +323,30 @@ def _run_federation(
         load_trainable(model, final)
         target = run_dir / "model"
         with atomic_files.replacing_folder(target) as folder:  # a full disk leaves no half-exported model
-            paths = export_model(model, build_tokenizer(cfg.model.name), folder, tracker.redaction)
+            paths = export_model(
+                model,
+                build_tokenizer(cfg.model.name),
+                folder,
+                tracker.redaction,
+                max_length=_trained_max_length(cfg, grid, extra),
+                summary=build_summary(tracker, cfg.to_dict(), extra),  # the card names its results and privacy
+            )
         extra["model"]["export"] = {name: atomic_files.relocated(p, folder, target) for name, p in paths.items()}
     extra["wall_time_s"] = round(time.monotonic() - started, 1)
     summary = build_summary(tracker, cfg.to_dict(), extra)
     write_summary(run_dir, summary)
     return summary
+
+
+def _trained_max_length(cfg: FedPrivConfig, grid: Grid, extra: dict) -> int | None:
+    """The tokens per text the organisations trained at: what their nodes said before round 1 (in a deployment
+    each node.yaml sets its own; the largest), else in a simulation the run config's; None when unknown."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    said = [row["max_length"] for row in (extra.get("preflight") or {}).get("ready", []) if "max_length" in row]
+    if said:
+        return max(said)
+    return cfg.data.max_length if isinstance(getattr(grid, "grid", grid), InMemoryGrid) else None
 
 
 def checkpoint_like(path: Path, model_arrays: ArrayRecord) -> ArrayRecord:

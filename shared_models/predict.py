@@ -16,7 +16,10 @@ import torch
 from fedpriv.config import RedactionConfig, redaction_from_dict
 from fedpriv.errors import ConfigError
 from privacy.redaction import Redactor, redactor_for
-from shared_models.export import REDACTION_FILE, REDACTION_FORMAT
+from shared_models.export import MODEL_INFO_FILE, MODEL_INFO_FORMAT, REDACTION_FILE, REDACTION_FORMAT
+
+# an export from before fedpriv-model.json recorded the training max_length
+FALLBACK_MAX_LENGTH = 128
 
 
 @dataclass
@@ -47,10 +50,28 @@ def read_prediction_rules(model_dir: Path) -> RedactionConfig:
     return redaction_from_dict(raw["prediction"], f"{path}: prediction")
 
 
+def read_training_max_length(model_dir: Path) -> int | None:
+    """The tokens per text the model was trained on (``fedpriv-model.json``); None for an export without it."""
+    path = model_dir / MODEL_INFO_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc.__class__.__name__})") from None
+    value = raw.get("max_length") if isinstance(raw, dict) and raw.get("format") == MODEL_INFO_FORMAT else False
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: expected format {MODEL_INFO_FORMAT!r} with max_length a positive integer or null")
+    return value
+
+
 class Predictor:
     """An exported model, its tokenizer and its redaction rules, loaded once."""
 
-    def __init__(self, model_dir: str | Path, max_length: int = 128):
+    def __init__(self, model_dir: str | Path, max_length: int | None = None):
+        """``max_length``: tokens kept per text; None: what the model was trained with (else 128)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         import shared_models.mean_pooling  # noqa: F401  (registers fedpriv's mean-pooled classifier: no remote code)
@@ -63,7 +84,8 @@ class Predictor:
         self.redactor: Redactor | None = redactor_for(self.rules)
         self.tokenizer = AutoTokenizer.from_pretrained(str(merged))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
-        self.max_length = max_length
+        trained = read_training_max_length(model_dir)
+        self.max_length = max_length or trained or FALLBACK_MAX_LENGTH
 
     def predict(self, texts: list[str]) -> list[Prediction]:
         if self.redactor is not None:

@@ -55,10 +55,12 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     """Load and partition the data, check model and device, calibrate every organisation's noise."""
     from client.device import resolve_device
     from client.node import org_privacy_plan
+    from client.progress import progress_interval
     from shared_models.sources import model_source
 
     model_source(cfg.model.name)
     resolve_device(cfg.training.device)
+    progress_interval()  # a bad $FEDPRIV_PROGRESS_S stops here, not in every node
     partitions = plan_partitions(cfg)
     privacy: dict[str, PrivacyPlan] = {}
     if cfg.privacy.enabled:
@@ -201,6 +203,17 @@ def _quiet_logs(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def _progress_through_ray() -> None:
+    """Let the nodes' progress lines (client/progress.py) through Ray's log deduplication as they are.
+
+    Ray reads the variable when it is first imported (``ray_constants``), so this runs before Flower's simulation
+    module imports it; a user's own setting wins.
+    """
+    from client.progress import RAY_ALLOW_REGEX
+
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", RAY_ALLOW_REGEX)
+
+
 def backend_config(cfg: FedPrivConfig, verbose: bool) -> dict[str, Any]:
     """Flower's Ray backend settings; ``init_args`` go to ``ray.init``.
 
@@ -250,6 +263,8 @@ def _run_locked(
     cfg: FedPrivConfig, plan: SimulationPlan, run_dir: Path, verbose: bool, resume: ResumePoint | None
 ) -> dict:
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir)))
+
+    _progress_through_ray()  # before Ray is imported (in the simulation's child)
     from server.reports import SUMMARY_FILE
     from server.resume import ENDED
 
@@ -382,6 +397,25 @@ def redaction_found(report: dict[str, Any]) -> str:
     return "what was found is not shared by the organisation"
 
 
+def per_class_lines(final: dict[str, Any]) -> list[str]:
+    """The last round's precision / recall / F1 per class (summary.json's ``per_class``), one line each."""
+    rows = final.get("per_class")
+    if not rows:
+        return ["Per class: not shared by the organisations (privacy.share_per_class_eval)"]
+    width = max(len(str(row["label"])) for row in rows)
+
+    def fmt(value: float | None) -> str:
+        return "  n/a" if value is None else f"{value:.3f}"
+
+    lines = ["Per class (precision / recall / F1; test examples):"]
+    for row in rows:
+        lines.append(
+            f"  {str(row['label']):<{width}}  {fmt(row['precision'])} / {fmt(row['recall'])} / {fmt(row['f1'])};"
+            f" {row['support']}"
+        )
+    return lines
+
+
 def final_report(summary: dict[str, Any]) -> str:
     final = summary.get("final") or {}
     lines = [
@@ -394,6 +428,7 @@ def final_report(summary: dict[str, Any]) -> str:
             f"Global model: accuracy {final['accuracy']:.3f}, macro-F1 {f1},"
             f" loss {final['loss']:.3f} (on the organisations' own test data)"
         )
+        lines += per_class_lines(final)
     if final and final.get("trained_orgs"):
         if final.get("train_loss") is None:
             lines.append("Mean training loss: not shared by the organisations (privacy.share_training_loss is off)")
@@ -429,5 +464,6 @@ def final_report(summary: dict[str, Any]) -> str:
     if budget.get("stopped_reason"):
         lines.append(f"Stopped early: {budget['stopped_reason']}")
     run_dir = summary.get("run_dir", "")
-    lines.append(f"Files: {run_dir}/summary.json, metrics.csv, progress.png, model/")
+    confusion = ", confusion.png" if final and final.get("confusion_matrix") else ""
+    lines.append(f"Files: {run_dir}/summary.json, metrics.csv, progress.png{confusion}, model/")
     return "\n".join(lines)

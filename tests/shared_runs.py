@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,15 @@ TINY_DP_RUN = [
 ]
 
 
+# the shared run's nodes say their progress inside a round every 0.05 s (client/progress.py; 30 s by default)
+TINY_DP_RUN_ENV = {"FEDPRIV_PROGRESS_S": "0.05"}
+
+
 def simulate(
-    cwd: Path, *args: str, timeout: int = 600, expect_failure: bool = False
+    cwd: Path, *args: str, timeout: int = 600, expect_failure: bool = False, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess, Path]:
-    """``fedpriv simulate ARGS --out CWD/run``, checked for the expected exit code; (process, run folder)."""
+    """``fedpriv simulate ARGS --out CWD/run`` (``env`` added to the environment), checked for the expected exit
+    code; (process, run folder)."""
     out = cwd / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedpriv.cli", "simulate", *args, "--out", str(out)],
@@ -30,6 +36,7 @@ def simulate(
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == (1 if expect_failure else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, out

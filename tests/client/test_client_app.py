@@ -273,5 +273,6 @@ def test_without_dp_the_preflight_reports_the_data_only(tmp_path):
         protocol.READY_ORG: "org-1",
         protocol.READY_TRAIN: len(plan_partitions(cfg).org(1).train),
         protocol.READY_TEST: len(plan_partitions(cfg).org(1).test),
+        protocol.READY_MAX_LENGTH: 32,  # data.max_length: a setting (the exported model records it)
     }
     assert list(content) == [protocol.READY] and not (tmp_path / "nodes").exists()

@@ -141,3 +141,19 @@ def test_an_update_past_float32_stops_the_round_and_its_noised_step_is_accounted
         _round(model, data, node, TrainingConfig(batch_size=8, learning_rate=3e38))
     assert info.value.kind == "overflow"
     assert node.steps == 1  # Opacus noised and accounted the step before torch refused to apply it
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_the_progress_hook_hears_every_step_of_the_planned_round(tmp_path, private):
+    data = _data()
+    cfg = TrainingConfig(batch_size=8, learning_rate=1e-3)
+    privacy = NodePrivacy.open(tmp_path, _plan(len(data))) if private else None
+    calls = []
+    result = train_locally(
+        build_model(ModelConfig(name="tiny"), ["a", "b"]), data, cfg=cfg, pad_token_id=0,
+        device=torch.device("cpu"), privacy=privacy, grad_sample_mode="hooks",
+        progress=lambda *args: calls.append(args),
+    )  # fmt: skip
+    assert [c[0] for c in calls] == list(range(1, result.steps + 1))
+    assert {c[1] for c in calls} == {len(data) // 8}  # planned: 5 batches of 8 (Poisson: 1 / q expected)
+    assert calls[-1][2] == result.examples_seen

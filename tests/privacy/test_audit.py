@@ -590,3 +590,18 @@ def test_a_round_that_stopped_on_a_non_finite_loss_may_hold_part_of_an_epoch_and
     assert _parameter_problems({**entry, "stopped": "diverged"}) == []
     assert _parameter_problems({**entry, "stopped": "diverged", "local_steps": 5})  # more than the round's 4 steps
     assert _parameter_problems({**entry, "stopped": "diverged", "local_steps": 0})  # nothing taken: no entry
+
+
+def test_a_run_with_dp_off_says_in_one_line_that_there_is_no_guarantee_to_audit(tmp_path, capsys):
+    # what a DP-off run leaves: its summary and no ledgers (its nodes keep no privacy ledger)
+    (tmp_path / "summary.json").write_text(json.dumps({"dp_enabled": False, "status": "completed", "privacy": {}}))
+    assert main(["audit", str(tmp_path)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err == (
+        f"error: {tmp_path}: this run had DP off (summary.json: dp_enabled false): it carries no privacy guarantee"
+        " to audit, and its nodes kept no privacy ledger"
+    )
+    assert not (tmp_path / "audit.json").exists()
+    (tmp_path / "summary.json").write_text(json.dumps({"dp_enabled": True}))  # a DP run without ledgers: unreadable
+    assert main(["audit", str(tmp_path)]) == 2
+    assert "no ledger files (*.jsonl)" in capsys.readouterr().err

@@ -115,3 +115,19 @@ def test_auto_runs_it_in_deployment_only():
     auto, always, never = (load_config(overrides=[f"strategy.preflight={v}"]) for v in ("auto", "always", "never"))
     assert not preflight_wanted(auto, simulation) and preflight_wanted(auto, deployment)
     assert preflight_wanted(always, simulation) and not preflight_wanted(never, deployment)
+
+
+def test_each_node_says_the_length_it_cuts_texts_to_and_the_export_records_the_largest(tmp_path):
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from server.server_app import _trained_max_length
+
+    cfg = load_config(overrides=[*HANDLER_RUN, "privacy.enabled=false", "data.max_length=48"])
+    block, _ = _run(cfg, NodesGrid(cfg), tmp_path, [])
+    assert [row["max_length"] for row in block["ready"]] == [48, 48]
+    deployment, simulation = object(), InMemoryGrid.__new__(InMemoryGrid)
+    assert _trained_max_length(cfg, deployment, {"preflight": block}) == 48
+    block["ready"][1]["max_length"] = 96  # each node.yaml sets its own: the export records the largest
+    assert _trained_max_length(cfg, deployment, {"preflight": block}) == 96
+    assert _trained_max_length(cfg, deployment, {}) is None  # nodes that said nothing: unknown, never a guess
+    assert _trained_max_length(cfg, simulation, {}) == 48  # a simulation's nodes cut at the run config's

@@ -85,3 +85,18 @@ def test_close_without_rounds_draws_nothing(tmp_path):
     plots = ProgressPlots(tmp_path)
     plots.close()
     assert plots.drawn == 0 and not (tmp_path / PLOT_FILE).exists()
+
+
+def test_the_last_rounds_confusion_matrix_is_drawn_beside_the_progress_plot(tmp_path):
+    from server.progress_plot import CONFUSION_FILE
+
+    tracker = tracker_with(2)
+    tracker.label_names = ["business", "sports"]
+    tracker.rounds[-1].confusion_matrix = [[7, 3], [1, 9]]
+    data = PlotData.of(tracker)
+    assert (data.label_names, data.confusion) == (("business", "sports"), ((7, 3), (1, 9)))
+    draw(tmp_path, data)
+    assert (tmp_path / CONFUSION_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFUSION_FILE, PLOT_FILE]
+    tracker.rounds[-1].confusion_matrix = None  # not shared by every organisation: no matrix to draw
+    assert PlotData.of(tracker).confusion is None

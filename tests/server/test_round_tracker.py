@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -158,3 +159,56 @@ def test_without_every_organisations_per_class_counts_macro_f1_is_null_and_said_
     assert record.macro_f1 is None and "macro_f1" not in agg  # never the macro-F1 of org-a alone
     assert record.accuracy == 0.75 and record.org_accuracy == {"org-a": 1.0, "org-b": 0.5}
     assert "macro-F1 not shared by the organisations" in lines[-1]
+
+
+def _with_confusion(reply, labels, predictions, num_labels=3):
+    for t in range(num_labels):
+        for p in range(num_labels):
+            cell = sum(y == t and q == p for y, q in zip(labels, predictions, strict=True))
+            reply[protocol.METRICS][protocol.confusion_key(t, p)] = cell
+    return reply
+
+
+def test_per_class_scores_and_the_confusion_matrix_are_summed_over_the_organisations():
+    tracker = RoundTracker(
+        num_rounds=1, num_labels=3, dp_enabled=False, printer=lambda _: None, label_names=["x", "y", "z"]
+    )
+    a_labels, a_pred = [0, 0, 1, 2], [0, 1, 1, 2]
+    b_labels, b_pred = [2, 2, 2, 1, 0, 0], [2, 0, 2, 1, 1, 0]
+    tracker.aggregate_evaluate(
+        [
+            _with_confusion(_eval_reply("org-a", a_labels, a_pred, 1.0), a_labels, a_pred),
+            _with_confusion(_eval_reply("org-b", b_labels, b_pred, 1.0), b_labels, b_pred),
+        ],
+        "num-examples",
+    )
+    tracker.end_of_round(1, ArrayRecord())
+    record = tracker.rounds[0].to_dict()
+    # rows: true class, columns: predicted; over both organisations' 10 test examples
+    assert record["confusion_matrix"] == [[2, 2, 0], [0, 2, 0], [1, 0, 3]]
+    x, y, z = record["per_class"]
+    assert (x["label"], x["precision"], x["recall"], x["support"]) == ("x", 2 / 3, 0.5, 4)
+    assert (y["label"], y["precision"], y["recall"], y["f1"], y["support"]) == ("y", 0.5, 1.0, 2 / 3, 2)
+    assert (z["precision"], z["recall"], z["support"]) == (1.0, 0.75, 4)
+    assert record["macro_f1"] == pytest.approx(sum(row["f1"] for row in record["per_class"]) / 3)
+
+
+def test_an_organisation_that_does_not_share_per_class_counts_leaves_both_null():
+    tracker = RoundTracker(num_rounds=1, num_labels=3, dp_enabled=False, printer=lambda _: None)
+    shared = _with_confusion(_eval_reply("org-a", [0, 1], [0, 1], 1.0), [0, 1], [0, 1])
+    private = RecordDict(
+        {
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: 2, protocol.EVAL_LOSS_SUM: 1.0, protocol.EVAL_CORRECT: 1}
+            ),
+            protocol.ORG: ConfigRecord({"name": "org-b"}),
+        }
+    )
+    tracker.aggregate_evaluate([shared, private], "num-examples")
+    tracker.end_of_round(1, ArrayRecord())
+    record = tracker.rounds[0].to_dict()
+    assert record["per_class"] is None and record["confusion_matrix"] is None and record["macro_f1"] is None
+    # a class that was neither predicted nor present has no precision / recall / F1, never a made-up 0
+    tracker.aggregate_evaluate([shared], "num-examples")
+    tracker.end_of_round(2, ArrayRecord())
+    assert tracker.rounds[1].per_class[2] == {"label": "2", "precision": None, "recall": None, "f1": None, "support": 0}

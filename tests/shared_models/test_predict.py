@@ -79,3 +79,29 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(exported, tmp_path, 
     with pytest.raises(ConfigError) as caught:
         Predictor(folder)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_predict_cuts_texts_at_the_length_the_model_was_trained_with(tiny_dp_run, capsys):
+    from fedpriv.cli import main
+
+    model_dir = tiny_dp_run[1] / "model"
+    assert json.loads((model_dir / "fedpriv-model.json").read_text())["max_length"] == 64  # data.max_length=64
+    assert Predictor(model_dir).max_length == 64
+    assert Predictor(model_dir, max_length=16).max_length == 16  # an explicit length still wins
+    long_text = " ".join(["markets"] * 300)
+    assert main(["predict", str(model_dir), long_text]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in {"business", "entertainment", "politics", "sports", "tech"}
+    assert main(["predict", "--max-length", "0", str(model_dir), "x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-length 0: expected an integer >= 1 (tokens kept per text)"
+
+
+def test_an_export_without_the_recorded_length_falls_back_to_128(exported, tmp_path):
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(exported, folder)
+    (folder / "fedpriv-model.json").unlink(missing_ok=True)
+    assert Predictor(folder).max_length == 128
+    (folder / "fedpriv-model.json").write_text('{"format": "fedpriv-model/1", "max_length": "long"}')
+    with pytest.raises(ConfigError, match="fedpriv-model.json: expected format 'fedpriv-model/1' with max_length"):
+        Predictor(folder)

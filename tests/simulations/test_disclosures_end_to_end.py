@@ -179,11 +179,14 @@ def test_turned_on_the_loss_and_counts_leave_and_without_per_class_counts_macro_
     assert all(report["share"] == "counts" and "counts" in report for report in reports)
     evaluate = [r for r in replies if r["type"] == "evaluate"]
     assert evaluate and not any(
-        key.startswith(("tp-", "fp-", "fn-")) for r in evaluate for key in r["records"]["metrics"]
+        key.startswith(("tp-", "fp-", "fn-", "cm-")) for r in evaluate for key in r["records"]["metrics"]
     )
     _coordinator_entries(run_dir)
 
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert all(record["train_loss"] is not None for record in summary["rounds"])
     assert all(record["macro_f1"] is None and record["accuracy"] is not None for record in summary["rounds"])
+    assert all(record["per_class"] is None and record["confusion_matrix"] is None for record in summary["rounds"])
+    assert not (run_dir / "confusion.png").exists()
     assert "macro-F1 not shared by the organisations" in output
+    assert "Per class: not shared by the organisations" in output

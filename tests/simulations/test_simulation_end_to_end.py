@@ -314,3 +314,51 @@ def test_secure_aggregation_gives_the_plain_aggregate_within_quantisation_error(
     step = 2 * 8.0 / 2**22 * 64 / smallest_org
     assert gap <= 2 * step, (gap, step)
     assert all(b[k].dtype == torch.float32 for k in b)  # float32 again after the float64 aggregate
+
+
+def test_the_summary_and_the_report_carry_per_class_scores_and_the_confusion_matrix(tiny_run):
+    proc, out = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    final, labels = summary["final"], summary["label_names"]
+    matrix = final["confusion_matrix"]  # rows: true class, columns: predicted, in the run's class order
+    assert len(matrix) == len(labels) == 5 and all(len(row) == 5 for row in matrix)
+    test_examples = 60  # 300 examples, 3 IID organisations, 20% of each held out for testing
+    assert sum(map(sum, matrix)) == test_examples
+    assert sum(matrix[i][i] for i in range(5)) / test_examples == pytest.approx(final["accuracy"])
+    assert [row["label"] for row in final["per_class"]] == labels
+    assert [row["support"] for row in final["per_class"]] == [sum(row) for row in matrix]
+    for i, row in enumerate(final["per_class"]):
+        predicted = sum(matrix[t][i] for t in range(5))
+        assert row["precision"] == (pytest.approx(matrix[i][i] / predicted) if predicted else None)
+    assert all(r["confusion_matrix"] and r["per_class"] for r in summary["rounds"])  # every round, not only final
+    assert (out / "confusion.png").stat().st_size > 5_000
+    assert "Per class (precision / recall / F1; test examples):" in proc.stdout
+    assert f"  {labels[0]}" in proc.stdout and "progress.png, confusion.png, model/" in proc.stdout
+
+
+def test_each_node_says_its_progress_inside_a_round_throttled(tiny_run):
+    """The shared run sets FEDPRIV_PROGRESS_S=0.05 (tests.shared_runs): the nodes' lines reach the user through
+    Ray's log forwarding with the default (non-verbose) settings, at most one per step."""
+    proc, out = tiny_run
+    import re
+
+    output = proc.stdout + proc.stderr
+    progress = re.findall(r"\[(org-\d) round (\d)/2\] training: step (\d+)/(\d+) \(\d+%\), [\d.]+ examples/s", output)
+    closing = re.findall(r"\[(org-\d) round (\d)/2\] trained: (\d+) steps, \d+ examples in \dm\d\ds", output)
+    assert progress and closing, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = summary["privacy"]["org-0"]["steps"] // 2  # steps per round (identical IID organisations)
+    assert all(int(done) <= int(planned) == steps for *_, done, planned in progress)
+    for org, rnd in {(org, rnd) for org, rnd, *_ in progress}:
+        assert sum((o, r) == (org, rnd) for o, r, *_ in progress) <= steps  # throttled: at most one per step
+        assert (org, rnd, str(steps)) in closing  # a round that said its progress closes it
+
+
+def test_auditing_the_dp_off_run_says_it_has_no_guarantee(runs, capsys):
+    from fedpriv.cli import main
+
+    code, stdout, secure = runs["secagg"]  # privacy.enabled=false
+    assert code == 0, stdout[-3000:]
+    assert main(["audit", str(secure), "--out", str(secure / "audit")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "this run had DP off" in err and "no privacy guarantee to audit" in err
