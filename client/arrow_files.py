@@ -55,6 +55,9 @@ def _datasets():
 
     datasets.utils.logging.set_verbosity_error()  # its own stderr lines would break the one-line errors
     datasets.disable_progress_bars()
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0  # no tqdm_monitor thread: a node's process may fork after reading (superexec)
     return datasets
 
 

@@ -164,6 +164,10 @@ def test_orange_one_row_header_and_a_plain_tab_file(tmp_path):
 
 def _dataset(texts, labels, names=None):
     import datasets
+    import tqdm
+
+    datasets.disable_progress_bars()
+    tqdm.tqdm.monitor_interval = 0  # no thread left in this process (tests/client/test_superexec.py forks)
 
     features = datasets.Features(
         {
@@ -345,3 +349,21 @@ def test_federation_classes_one_class_per_organisation_in_map_order(tmp_path):
     assert infer_label_names(load_federation(federation("a.csv", "b.csv"))) == ["World", "Sports", "Business"]
     with pytest.raises(DataError, match="every file has the class 'Business' only"):
         infer_label_names(load_federation(federation("a.csv", "c.csv")))
+
+
+def test_reading_parquet_and_save_to_disk_leaves_no_thread_behind(tmp_path):
+    """A deployed node's process forks its ClientApps (client/superexec.py): a thread left running is unsafe."""
+    _dataset(["a b", "c d"], ["x", "y"]).save_to_disk(str(tmp_path / "saved"))
+    _dataset(["a b", "c d"], ["x", "y"]).to_parquet(str(tmp_path / "data.parquet"))
+    code = (
+        "import sys, threading\n"
+        "from client.data_files import read_records\n"
+        "for path in sys.argv[1:]:\n"
+        "    read_records(path)\n"
+        "print(sorted(t.name for t in threading.enumerate()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "saved"), str(tmp_path / "data.parquet")],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "['MainThread']"
