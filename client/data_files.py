@@ -106,8 +106,13 @@ class _Table:
         return f"row {row}" if self.lines is None else f"row {row} (line {self.lines[row - 1]})"
 
 
+def _one_line(text: str) -> str:
+    """``text`` as it can stand inside a one-line error: line breaks and other control characters escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _listing(values: Sequence[str]) -> str:
-    shown = [str(v) for v in values[:_MAX_LISTED]]
+    shown = [_one_line(str(v)) for v in values[:_MAX_LISTED]]
     more = len(values) - len(shown)
     return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
 

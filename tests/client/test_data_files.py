@@ -313,3 +313,11 @@ def test_sst2_train_and_dev_columns():
     assert len(train) == 872 and train.label_names == ["0", "1"]
     message = error_of(load_labelled_file, SHARED_DATA / "sst2" / "dev.tsv", data_cfg(text_column="sentence"))
     assert "dev.tsv" in message and "'sentence'" in message and "label, content" in message
+
+
+def test_a_header_with_a_line_break_in_a_quoted_name_stays_a_one_line_error(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('"te\nxt",label\n', encoding="utf-8")  # a header, no data rows
+    with pytest.raises(DataError) as info:
+        read_records(path)
+    assert "\n" not in str(info.value) and "te\\nxt" in str(info.value) and "no data rows" in str(info.value)
