@@ -104,6 +104,16 @@ def _labelled_csv(path, rows):
     return path
 
 
+def _two_orgs(path):
+    """A tiny run over ``path`` at data.max_length=16, shared by two organisations."""
+    return load_config(
+        overrides=[
+            "model.name=tiny", "data.source=file", f"data.path={path}", "data.max_length=16",
+            "partitioning.scheme=iid", "partitioning.num_orgs=2", "training.batch_size=4",
+        ]
+    )  # fmt: skip
+
+
 def test_the_plan_shows_each_organisations_class_counts_names_a_rare_label_and_counts_cut_texts(tmp_path):
     """A mistyped label became a class of its own unseen; Dirichlet skew and cut texts were invisible (issue 27)."""
     from collections import Counter
@@ -114,12 +124,7 @@ def test_the_plan_shows_each_organisations_class_counts_names_a_rare_label_and_c
     rows = [(long_text if i % 4 == 0 else f"short text {i}", "pos" if i % 2 else "neg") for i in range(60)]
     rows.append(("one mistyped label", "pso"))
     path = _labelled_csv(tmp_path / "notes.csv", rows)
-    cfg = load_config(
-        overrides=[
-            "model.name=tiny", "data.source=file", f"data.path={path}", "data.max_length=16",
-            "partitioning.scheme=iid", "partitioning.num_orgs=2", "training.batch_size=4",
-        ]
-    )  # fmt: skip
+    cfg = _two_orgs(path)
     plan = preflight(cfg)
     text = describe_plan(cfg, plan)
     names = plan.partitions.label_names
@@ -162,12 +167,7 @@ def test_the_plan_shows_each_organisations_class_counts_names_a_rare_label_and_c
 def test_a_plan_without_rare_labels_or_cut_texts_warns_of_neither(tmp_path):
     rows = [(f"short text {i}", "pos" if i % 2 else "neg") for i in range(40)]
     path = _labelled_csv(tmp_path / "notes.csv", rows)
-    cfg = load_config(
-        overrides=[
-            "model.name=tiny", "data.source=file", f"data.path={path}", "data.max_length=16",
-            "partitioning.scheme=iid", "partitioning.num_orgs=2", "training.batch_size=4",
-        ]
-    )  # fmt: skip
+    cfg = _two_orgs(path)
     text = describe_plan(cfg, preflight(cfg))
     assert "class counts (train + test)" in text and "texts cut at data.max_length=16 (train + test): org-0 0%" in text
     assert "warning" not in text

@@ -42,14 +42,9 @@ def _lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
-def _interrupt(
-    tmp_path: Path, sig: int, when: str, again: bool = False
-) -> tuple[subprocess.Popen, str, str, dict[int, str], float]:
-    """Start the run, send ``sig`` to its process group once a stdout line starts with ``when`` (``again``: a second
-    time half a second later, as an impatient user does); (process, stdout, stderr, the processes it had started,
-    seconds it took to exit after the signal)."""
-    err = (tmp_path / "stderr.txt").open("w+")
-    proc = subprocess.Popen(
+def _start(tmp_path: Path, err) -> subprocess.Popen:
+    """A real ``fedpriv simulate`` into ``tmp_path/run``, in its own session (a terminal's process group)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "fedpriv.cli", "simulate", *RUN, "--out", str(tmp_path / "run")],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -57,6 +52,16 @@ def _interrupt(
         text=True,
         start_new_session=True,
     )
+
+
+def _interrupt(
+    tmp_path: Path, sig: int, when: str, again: bool = False
+) -> tuple[subprocess.Popen, str, str, dict[int, str], float]:
+    """Start the run, send ``sig`` to its process group once a stdout line starts with ``when`` (``again``: a second
+    time half a second later, as an impatient user does); (process, stdout, stderr, the processes it had started,
+    seconds it took to exit after the signal)."""
+    err = (tmp_path / "stderr.txt").open("w+")
+    proc = _start(tmp_path, err)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
     out: list[str] = []
@@ -132,14 +137,7 @@ def test_a_simulation_process_killed_by_the_kernel_is_one_line_and_leaves_nothin
     """The out-of-memory killer's SIGKILL lands on the simulation's own process, not on the command: Ray's agents
     outlive such a driver unless the command stops them."""
     err = (tmp_path / "stderr.txt").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedpriv.cli", "simulate", *RUN, "--out", str(tmp_path / "run")],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=err,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start(tmp_path, err)
     tree: dict[int, str] = {}
     try:
         for line in proc.stdout:
