@@ -248,7 +248,7 @@ def _build_plan(cfg: FedPrivConfig) -> PartitionPlan:
     return PartitionPlan(orgs=orgs, label_names=list(data.label_names), scheme=part.scheme)
 
 
-def _plan_key(cfg: FedPrivConfig) -> str:
+def plan_key(cfg: FedPrivConfig) -> str:
     return json.dumps(
         {
             "seed": cfg.run.seed,
@@ -281,7 +281,7 @@ def plan_partitions(cfg: FedPrivConfig) -> PartitionPlan:
 
     ``plan_partitions.cache_clear()`` forgets the memoised plans.
     """
-    return _plan_for_key(_plan_key(cfg))
+    return _plan_for_key(plan_key(cfg))
 
 
 plan_partitions.cache_clear = _plan_for_key.cache_clear  # type: ignore[attr-defined]

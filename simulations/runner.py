@@ -89,16 +89,28 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     return SimulationPlan(partitions, privacy, _truncation(cfg, partitions))
 
 
+_TRUNCATION_MEMO: dict[tuple[str, str], dict[str, Truncation]] = {}
+
+
 def _truncation(cfg: FedPrivConfig, partitions: PartitionPlan) -> dict[str, Truncation]:
-    """Each organisation's share of texts (train + test, before redaction) cut at ``data.max_length``."""
+    """Each organisation's share of texts (train + test, before redaction) cut at ``data.max_length``.
+
+    Memoised like the partitions (same key, plus the tokenizer's model): tokenising a corpus takes seconds.
+    """
     from client.data_report import truncation
     from shared_models.builder import build_tokenizer
+    from simulations.partitioning import plan_key
 
-    tokenizer = build_tokenizer(cfg.model.name)
-    return {
-        org.name: truncation(org.train.texts + org.test.texts, tokenizer, cfg.data.max_length)
-        for org in partitions.orgs
-    }
+    key = (cfg.model.name, plan_key(cfg))
+    if key not in _TRUNCATION_MEMO:
+        tokenizer = build_tokenizer(cfg.model.name)
+        if len(_TRUNCATION_MEMO) >= 8:
+            _TRUNCATION_MEMO.pop(next(iter(_TRUNCATION_MEMO)))
+        _TRUNCATION_MEMO[key] = {
+            org.name: truncation(org.train.texts + org.test.texts, tokenizer, cfg.data.max_length)
+            for org in partitions.orgs
+        }
+    return dict(_TRUNCATION_MEMO[key])
 
 
 def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
