@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 from benchmark_settings import parse_settings
-
-from privacy.audit import audit, load_ledger_set
-from privacy.ledger import (
+from fedpriv.privacy.audit import audit, load_ledger_set
+from fedpriv.privacy.ledger import (
     FORMAT,
     append_lines,
     ensure_signing_key,
@@ -32,7 +31,7 @@ from privacy.ledger import (
     public_key_text,
     sign,
 )
-from privacy.recompute import rdp_epsilons
+from fedpriv.privacy.recompute import rdp_epsilons
 
 DEFAULTS = {"orgs": 100, "rounds": 1000, "out": ""}
 

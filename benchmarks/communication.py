@@ -3,7 +3,7 @@
 Issue goal: bytes a node uploads per round / full fp32 model size <= 0.5%.
 
 Nothing here is a formula. For every model and fine-tuning mode the organisation's real ClientApp
-(``client.client_app.build_client_app``, with its mods) answers the messages a coordinator sends in one
+(``fedpriv.client.client_app.build_client_app``, with its mods) answers the messages a coordinator sends in one
 round: it trains one round with DP-SGD on a small IID partition of BBC News (so its reply carries its
 metrics, its privacy report and its signed ledger entry), then evaluates. Each reply ``Message`` is sized
 the way a Flower 1.41 SuperNode ships it to the SuperLink: the message (content removed) and its object
@@ -18,7 +18,7 @@ all four stages (setup, share keys, collect masked vectors, unmask), then one le
 measured node's five replies are sized. In the collect stage the mod produces the trainable vector
 quantised and masked as int64 arrays (``ndarray_to_bytes``) inside a ConfigRecord, whatever the modulus
 (the workflow's default 2**32); the ClientApp packs them into uint32 before they leave the node
-(fedpriv/masked_vectors.py), and the coordinator widens them back for Flower's workflow.
+(fedpriv/runtime/masked_vectors.py), and the coordinator widens them back for Flower's workflow.
 
 "Full fp32 model" is every parameter of the base model (what ``model.finetuning=full`` builds, frozen
 embeddings included) x 4 bytes; the same denominator for LoRA and full fine-tuning. LoRA settings (rank,
@@ -76,7 +76,7 @@ def parse(argv: list[str]) -> dict:
 
 
 def settings(model: str, finetuning: str, args: dict, num_orgs: int):
-    from fedpriv.config import load_config
+    from fedpriv.kernel.config import load_config
 
     return load_config(
         overrides=[
@@ -149,7 +149,7 @@ def _context(node_id: int, partition_id: int, num_orgs: int):
 
 
 def _server_config(run_dir: Path, digest: str, heads: dict) -> dict:
-    from fedpriv import protocol
+    from fedpriv.kernel import protocol
 
     return {
         protocol.RUN_DIR: str(run_dir),
@@ -160,17 +160,17 @@ def _server_config(run_dir: Path, digest: str, heads: dict) -> dict:
 
 
 def _org_of(reply) -> str:
-    from fedpriv import protocol
+    from fedpriv.kernel import protocol
 
     return str(reply.content[protocol.LEDGER][protocol.LEDGER_ORG])
 
 
 def plain_round(cfg, app, template, digest: str, run_dir: Path) -> dict:
     """The node's replies to one train and one evaluate message (new-API records)."""
+    from fedpriv.shared_models.weights import trainable_arrays
     from flwr.app import ConfigRecord, MessageType, RecordDict
 
-    from fedpriv import protocol
-    from shared_models.weights import trainable_arrays
+    from fedpriv.kernel import protocol
 
     context = _context(NODE_IDS[0], 0, cfg.partitioning.num_orgs)
     config = _server_config(run_dir, digest, {})
@@ -193,13 +193,13 @@ def plain_round(cfg, app, template, digest: str, run_dir: Path) -> dict:
 
 def secagg_round(cfg, app, template, digest: str, names: list[str], run_dir: Path) -> dict:
     """The measured node's replies to the four SecAgg+ stages and one legacy evaluate message."""
+    from fedpriv.server.secure_rounds import secagg_shares
     from flwr.app import ConfigRecord, MessageType, RecordDict
     from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
     from flwr.compat.common import recorddict_compat as compat
 
-    from fedpriv.legacy_messages import flat_vector
-    from server.secure_rounds import secagg_shares
+    from fedpriv.kernel.legacy_messages import flat_vector
 
     secure = cfg.secure_aggregation
     shares, threshold = secagg_shares(cfg, len(NODE_IDS))
@@ -231,7 +231,7 @@ def secagg_round(cfg, app, template, digest: str, names: list[str], run_dir: Pat
         for dst, ciphertext in zip(shared[Key.DESTINATION_LIST], shared[Key.CIPHERTEXT_LIST], strict=True):
             forwarded[dst][0].append(ciphertext)
             forwarded[dst][1].append(nid)
-    # the coordinator's legacy parameters: one flat vector (fedpriv/legacy_messages.py)
+    # the coordinator's legacy parameters: one flat vector (fedpriv/kernel/legacy_messages.py)
     parameters = ndarrays_to_parameters([flat_vector([t.numpy() for t in _arrays_in_order(template, names)])])
     config = _server_config(run_dir, digest, {})
     ciphertexts, sources = forwarded[measured]
@@ -258,14 +258,14 @@ def secagg_round(cfg, app, template, digest: str, names: list[str], run_dir: Pat
 
 
 def _org_of_legacy(content) -> str:
-    from fedpriv import protocol
-    from fedpriv.legacy_messages import LEDGER_PREFIX
+    from fedpriv.kernel import protocol
+    from fedpriv.kernel.legacy_messages import LEDGER_PREFIX
 
     return str(content.config_records["fitres.metrics"][LEDGER_PREFIX + protocol.LEDGER_ORG])
 
 
 def _arrays_in_order(model, names: list[str]):
-    from shared_models.weights import trainable_state
+    from fedpriv.shared_models.weights import trainable_state
 
     state = trainable_state(model)
     return [state[name] for name in names]
@@ -291,7 +291,7 @@ def _privacy_state(run_dir: Path, org: str, plans: dict[str, str]) -> None:
     the ledger still start empty in every folder, as at round 1 of a run; the node checks that a stored
     plan matches its settings and refuses one that does not.
     """
-    from privacy.accountant_state import PLAN_FILE
+    from fedpriv.privacy.accountant_state import PLAN_FILE
 
     if org in plans:
         folder = run_dir / "nodes" / org
@@ -300,17 +300,17 @@ def _privacy_state(run_dir: Path, org: str, plans: dict[str, str]) -> None:
 
 
 def _keep_plan(run_dir: Path, org: str, plans: dict[str, str]) -> None:
-    from privacy.accountant_state import PLAN_FILE
+    from fedpriv.privacy.accountant_state import PLAN_FILE
 
     plans.setdefault(org, (run_dir / "nodes" / org / PLAN_FILE).read_text(encoding="utf-8"))
 
 
 def measure(model_name: str, finetuning: str, args: dict, root: Path, plans: dict[str, str]) -> dict:
-    from client.client_app import build_client_app
-    from client.node import fresh_model, trainable_names
-    from shared_models.builder import build_model
-    from shared_models.weights import count_trainable
-    from simulations.partitioning import plan_partitions
+    from fedpriv.client.client_app import build_client_app
+    from fedpriv.client.node import fresh_model, trainable_names
+    from fedpriv.shared_models.builder import build_model
+    from fedpriv.shared_models.weights import count_trainable
+    from fedpriv.simulations.partitioning import plan_partitions
 
     started = time.perf_counter()
     cfg = settings(model_name, finetuning, args, len(NODE_IDS))  # the same partitions with or without SecAgg+

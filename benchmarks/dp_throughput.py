@@ -77,8 +77,8 @@ def entry_name(mode: str, budget: int) -> str:
 def batches(args: dict, count: int, num_labels: int = 5) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Fixed batches of real text: full-length BBC News articles (longer than 128 tokens), or SST-2 sentences
     of varied lengths, each batch padded to its longest as the training loop's collator does."""
-    from shared_models.builder import build_tokenizer
-    from simulations.corpora import load_bbc_news
+    from fedpriv.shared_models.builder import build_tokenizer
+    from fedpriv.simulations.corpora import load_bbc_news
 
     tokenizer = build_tokenizer("minilm" if args["model"] in ("minilm", "tiny") else args["model"])
     size = args["batch"]
@@ -98,8 +98,8 @@ def batches(args: dict, count: int, num_labels: int = 5) -> list[tuple[torch.Ten
 def sst2_batches(args: dict, tokenizer, count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     import random
 
-    from client.data_files import read_records
-    from client.tokenized import PadCollator, tokenize
+    from fedpriv.client.data_files import read_records
+    from fedpriv.client.tokenized import PadCollator, tokenize
 
     rows = random.Random(0).sample(read_records(args["sst2"], "tsv"), args["batch"] * count)
     data = tokenize([r["sentence"] for r in rows], [int(r["label"]) for r in rows], tokenizer, args["seq"])
@@ -111,8 +111,9 @@ def sst2_batches(args: dict, tokenizer, count: int) -> list[tuple[torch.Tensor, 
 
 
 def build(args: dict, finetuning: str) -> torch.nn.Module:
-    from fedpriv.config import ModelConfig
-    from shared_models.builder import build_model
+    from fedpriv.shared_models.builder import build_model
+
+    from fedpriv.kernel.config import ModelConfig
 
     labels = ["business", "entertainment", "politics", "sport", "tech"]
     return build_model(ModelConfig(name=args["model"], finetuning=finetuning), labels)
@@ -122,10 +123,10 @@ class Trainer:
     """One mode's model, optimizer and loss, stepping on given batches."""
 
     def __init__(self, mode: str, model: torch.nn.Module, args: dict, device: torch.device, budget: int = 0):
+        from fedpriv.privacy.accountant_state import NodePrivacy, PrivacyPlan
         from torch.utils.data import DataLoader, TensorDataset
 
-        from fedpriv.config import TrainingConfig
-        from privacy.accountant_state import NodePrivacy, PrivacyPlan
+        from fedpriv.kernel.config import TrainingConfig
 
         self.mode, self.device = mode, device
         self.autocast = args["precision"] == "bf16"
@@ -155,7 +156,7 @@ class Trainer:
 
     def step(self, batch) -> None:
         """The training loop's own step (client/training.py), micro-batched when a token budget is set."""
-        from client.training import train_step
+        from fedpriv.client.training import train_step
 
         stats = train_step(
             self.model, self.optimizer, self.criterion, batch, cfg=self.cfg, device=self.device,

@@ -46,7 +46,7 @@ DEFAULTS = {
 
 def probe_config(args: dict):
     """fedpriv's config of the utility benchmark's central arm, for the plain (not LoRA-wrapped) model."""
-    from fedpriv.config import load_config
+    from fedpriv.kernel.config import load_config
 
     settings = {**UTILITY_DEFAULTS, **{k: args[k] for k in DEFAULTS if k in UTILITY_DEFAULTS}}
     overrides = [*common_overrides(settings), *arm_overrides(settings, "central"), "model.finetuning=full"]
@@ -101,10 +101,9 @@ def main(argv: list[str]) -> dict:
     out = prepare(args, "fedpriv-sst2-probe-")
     started = time.monotonic()
     import torch
-
-    from shared_models.builder import build_model, build_tokenizer
-    from shared_models.sources import resolve_pooling
-    from simulations.partitioning import plan_partitions
+    from fedpriv.shared_models.builder import build_model, build_tokenizer
+    from fedpriv.shared_models.sources import resolve_pooling
+    from fedpriv.simulations.partitioning import plan_partitions
 
     cfg = probe_config(args)
     plan = plan_partitions(cfg)

@@ -19,9 +19,8 @@ import random
 import sys
 
 from benchmark_settings import parse_settings
-
-from privacy import independent
-from privacy.recompute import rdp_epsilons
+from fedpriv.privacy import independent
+from fedpriv.privacy.recompute import rdp_epsilons
 
 DEFAULTS = {"cases": 3000, "seed": 4}
 LIMITS = (5, 10, 20, 30, 50, 100)

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 from benchmark_settings import parse_settings
+from fedpriv.client.node import fresh_model, org_privacy_plan
+from fedpriv.client.tokenized import redact_visible, tokenize
+from fedpriv.client.training import train_locally
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.privacy.redaction import Redactor
+from fedpriv.shared_models.builder import build_tokenizer
+from fedpriv.simulations.partitioning import plan_partitions
 
-from client.node import fresh_model, org_privacy_plan
-from client.tokenized import redact_visible, tokenize
-from client.training import train_locally
-from fedpriv.config import RedactionConfig, load_config
-from privacy.accountant_state import NodePrivacy
-from privacy.redaction import Redactor
-from shared_models.builder import build_tokenizer
-from simulations.partitioning import plan_partitions
+from fedpriv.kernel.config import RedactionConfig, load_config
 
 DEFAULTS = {"model": "minilm", "examples": 0, "batch": 0, "org": 0, "threads": 2, "out": ""}  # 0: the demo's
 

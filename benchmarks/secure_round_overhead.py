@@ -65,7 +65,7 @@ def parse(argv: list[str]) -> dict:
 
 def write_federation(root: Path, nodes: int, examples: int) -> Path:
     """N organisations, each with ``examples`` distinct BBC News articles of its own (IID)."""
-    from simulations.corpora import load_bbc_news
+    from fedpriv.simulations.corpora import load_bbc_news
 
     texts, labels = load_bbc_news()
     order = list(range(len(texts)))
@@ -141,7 +141,7 @@ def clear_privacy_state(kits: Path) -> None:
     """
     import shutil
 
-    from client.node import TOKEN_CACHE_DIR
+    from fedpriv.client.node import TOKEN_CACHE_DIR
 
     for state in kits.glob("*/state"):
         for item in state.iterdir():
@@ -159,8 +159,8 @@ def run_one(
     rerun: int = 0,
     superlink: str = "fedpriv",
 ) -> dict:
-    from fedpriv.local_federation import federation_up
-    from fedpriv.provisioning.kits import SUPERLINK_ENV, SUPERNODE_ENV
+    from fedpriv.commands.local_federation import federation_up
+    from fedpriv.commands.provisioning.kits import SUPERLINK_ENV, SUPERNODE_ENV
 
     arm = {"update": update, "mode": mode, "supernode": supernode, "superlink": superlink, "run": rerun + 1}
     label = _label(arm)

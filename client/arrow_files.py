@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpriv.errors import DataError
+from fedpriv.kernel.errors import DataError
 
 DATASET_DICT_FILE = "dataset_dict.json"  # a DatasetDict folder: one sub-folder per split
 DATASET_FILES = ("dataset_info.json", "state.json")  # a Dataset folder

@@ -16,14 +16,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpriv.client.node import LocalNode, org_privacy_plan
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.privacy.calibration import dp_steps_per_epoch
+from fedpriv.privacy.ledger import SIGNING_KEY_FILE, NodeLedger, ensure_signing_key, public_key_text
 from flwr.app import ConfigRecord
 
-from client.node import LocalNode, org_privacy_plan
-from fedpriv import protocol
-from fedpriv.config import FedPrivConfig
-from privacy.accountant_state import NodePrivacy
-from privacy.calibration import dp_steps_per_epoch
-from privacy.ledger import SIGNING_KEY_FILE, NodeLedger, ensure_signing_key, public_key_text
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import FedPrivConfig
 
 
 @dataclass(frozen=True)

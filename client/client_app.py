@@ -7,16 +7,16 @@ module-level ``app`` reads ``config``/``overrides`` from the run config.
 
 from __future__ import annotations
 
+from fedpriv.client.stage_timing import phase, stage_timings
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from client.stage_timing import phase, stage_timings
-from fedpriv import protocol
-from fedpriv.atomic_files import disk_error, is_disk_failure
-from fedpriv.config import FedPrivConfig
-from fedpriv.errors import DiskError
-from fedpriv.legacy_messages import (
+from fedpriv.kernel import protocol
+from fedpriv.kernel.atomic_files import disk_error, is_disk_failure
+from fedpriv.kernel.config import FedPrivConfig
+from fedpriv.kernel.errors import DiskError
+from fedpriv.kernel.legacy_messages import (
     evaluate_reply_to_legacy,
     fit_reply_to_legacy,
     is_legacy_evaluate,
@@ -24,8 +24,8 @@ from fedpriv.legacy_messages import (
     legacy_evaluate_to_content,
     legacy_fit_to_content,
 )
-from fedpriv.quiet import quiet_flower_debug, quiet_third_party_warnings
-from fedpriv.run_config import config_from_context
+from fedpriv.kernel.quiet import quiet_flower_debug, quiet_third_party_warnings
+from fedpriv.kernel.run_config import config_from_context
 
 SECAGG_CONFIGS = "secaggplus_configs"  # the ConfigRecord Flower's SecAgg+ workflow adds to its messages
 
@@ -33,7 +33,7 @@ SECAGG_CONFIGS = "secaggplus_configs"  # the ConfigRecord Flower's SecAgg+ workf
 def handle_train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
     """Train on new-API records, or on the legacy ``fitins`` records of the SecAgg+ workflow."""
     with phase("imports"):
-        from client import task  # torch and friends: only in the process that trains
+        from fedpriv.client import task  # torch and friends: only in the process that trains
 
     if is_legacy_fit(msg.content):
         with phase("setup"):
@@ -46,7 +46,7 @@ def handle_train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
                 f"organisation '{content[protocol.REFUSAL]['org']}' refuses to train: {content[protocol.REFUSAL]['reason']}"
             )
         if protocol.DIVERGED in content:  # the same: it drops out (its spending reaches the coordinator likewise)
-            from client.node import TrainingDivergedError
+            from fedpriv.client.node import TrainingDivergedError
 
             raise TrainingDivergedError(
                 f"organisation '{content[protocol.DIVERGED]['org']}': {content[protocol.DIVERGED]['reason']}"
@@ -59,7 +59,7 @@ def handle_train(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
 
 def handle_evaluate(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
     with phase("imports"):
-        from client import task
+        from fedpriv.client import task
 
     if is_legacy_evaluate(msg.content):
         with phase("setup"):
@@ -77,7 +77,7 @@ def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
     if SECAGG_CONFIGS in msg.content.config_records:
         from flwr.client.mod import secaggplus_mod
 
-        from fedpriv import masked_vectors
+        from fedpriv.runtime import masked_vectors
 
         reply = secaggplus_mod(msg, context, call_next)
         if reply.has_content():
@@ -89,7 +89,7 @@ def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
 def handle_query(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
     """The coordinator's pre-flight before round 1 (server/preflight.py): get ready and say how."""
     with phase("imports"):
-        from client import task
+        from fedpriv.client import task
 
     return Message(task.ready_content(cfg, msg.content, context), reply_to=msg)
 
@@ -97,12 +97,12 @@ def handle_query(cfg: FedPrivConfig, msg: Message, context: Context) -> Message:
 def warm_node(context: Context) -> None:
     """Load what every message of this run needs on this node, ahead of its messages.
 
-    Called by ``fedpriv-superexec``'s warm run process (client/superexec.py) once it knows the run, and
+    Called by ``fedpriv-superexec``'s warm run process (fedpriv/runtime/superexec.py) once it knows the run, and
     again before it forks each message, so every message's process starts with the node's tokenised data
     and the model template in memory. Only what ``local_node`` and the model template cache hold (a changed
     file is read again); never privacy state, which every message reads from disk and writes itself.
     """
-    from client import task
+    from fedpriv.client import task
 
     task.warm_node(config_from_context(context), context)
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from fedpriv.client.arrow_files import is_saved_dataset, read_parquet, read_saved_dataset
 
-from client.arrow_files import is_saved_dataset, read_parquet, read_saved_dataset
-from fedpriv.config import DataConfig, LabelConfig
-from fedpriv.errors import DataError
+from fedpriv.kernel.config import DataConfig, LabelConfig
+from fedpriv.kernel.errors import DataError
 
 FORMAT_BY_SUFFIX = {
     ".csv": "csv",

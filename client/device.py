@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedpriv.errors import ConfigError
+from fedpriv.kernel.errors import ConfigError
 
 
 def resolve_device(setting: str) -> torch.device:

@@ -4,7 +4,7 @@ organisation's DP accounting covers it, why it is acceptable, and which setting 
 The declaration is data (``MESSAGES``), read by three things: the test that scans every reply of a short
 simulation and every ledger entry the coordinator keeps (a field not declared here fails
 tests/simulations/test_disclosures_end_to_end.py), the "What leaves a node" table of docs/threat-model.md (``render_markdown``; a test
-fails when the two differ: ``python -m client.disclosures --write`` rewrites the table) and the node itself,
+fails when the two differ: ``python -m fedpriv.client.disclosures --write`` rewrites the table) and the node itself,
 which shares what its organisation allows (``Sharing``, from node.yaml in deployment and from the run config
 in a simulation). No torch here: the coordinator's side and the docs test import it.
 """
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fedpriv import protocol
+from fedpriv.kernel import protocol
 
 
 @dataclass(frozen=True)
@@ -498,7 +498,7 @@ def undeclared(message: Message, content: dict[str, dict[str, Any]]) -> list[str
 
 # --------------------------------------------------------------------------- the table in docs/threat-model.md
 
-TABLE_BEGIN = "<!-- disclosures: generated from client/disclosures.py; python -m client.disclosures --write -->"
+TABLE_BEGIN = "<!-- disclosures: generated from client/disclosures.py; python -m fedpriv.client.disclosures --write -->"
 TABLE_END = "<!-- /disclosures -->"
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from fedpriv.client.tokenized import PadCollator, TokenizedTexts
 from torch.utils.data import DataLoader
-
-from client.tokenized import PadCollator, TokenizedTexts
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ deployment node's cached data is checked against the files it was read from
 (node.yaml, the data files, the redaction names file) whenever it is asked for:
 a changed file is read again, never served stale. Under ``fedpriv-superexec``
 the data and the model template are loaded once per run, in the run's warm
-process (client/superexec.py), and every message's process is forked from it.
+process (fedpriv/runtime/superexec.py), and every message's process is forked from it.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fedpriv.client.data_files import load_labelled_file, split_indices
+from fedpriv.client.data_report import keep_own_report
+from fedpriv.client.disclosures import Sharing, shared_redaction
+from fedpriv.client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
+from fedpriv.privacy.calibration import PrivacyPlan, plan_privacy
+from fedpriv.privacy.redaction import DISABLED_SPEC, Redactor, redactor_for
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.weights import base_model_digest
 from flwr.app import Context
 
-from client.data_files import load_labelled_file, split_indices
-from client.data_report import keep_own_report
-from client.disclosures import Sharing, shared_redaction
-from client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
-from fedpriv import atomic_files, protocol
-from fedpriv.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
-from fedpriv.file_stamps import file_stamp
-from privacy.calibration import PrivacyPlan, plan_privacy
-from privacy.redaction import DISABLED_SPEC, Redactor, redactor_for
-from shared_models.builder import build_model, build_tokenizer
-from shared_models.weights import base_model_digest
+from fedpriv.kernel import atomic_files, protocol
+from fedpriv.kernel.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
+from fedpriv.kernel.file_stamps import file_stamp
 
 
 class NodeSetupError(RuntimeError):
@@ -64,7 +64,7 @@ class LocalNode:
     state_dir: Path | None  # None in simulation: <run-dir>/nodes/<org>
     ledger_key: Path | None  # the kit's Ed25519 ledger key; None in simulation (<state_dir>/ledger.key, made once)
     # what redaction did to this organisation's text before tokenisation, as the organisation lets it leave the
-    # node (redaction.share, client/disclosures.py): its rule set (privacy.redaction's spec) and which kinds were
+    # node (redaction.share, client/disclosures.py): its rule set (fedpriv.privacy.redaction's spec) and which kinds were
     # "found" or the "counts" per kind over train + test; {"enabled": False} when off. Never the values.
     redaction: dict = dataclasses.field(default_factory=lambda: dict(DISABLED_SPEC))
     # what the organisation lets its node send beside its update (node.yaml; the run config in a simulation)
@@ -107,7 +107,7 @@ def _cached(cfg: FedPrivConfig, which: object, load) -> LocalNode:
 
 
 def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
-    from simulations.partitioning import plan_partitions  # simulation only: deployment nodes never import it
+    from fedpriv.simulations.partitioning import plan_partitions  # simulation only: deployment nodes never import it
 
     plan = plan_partitions(cfg)
     org = plan.org(partition_id)
@@ -121,7 +121,7 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         texts, redacted = redact_visible(texts, tokenizer, max_length, redactor)
     audited = cfg.canary_audit.enabled and partition_id == cfg.canary_audit.org
     if audited and cfg.canary_audit.kind == "text":  # the audited organisation also trains on the canaries "in"
-        from simulations.canary_audit import with_canaries
+        from fedpriv.simulations.canary_audit import with_canaries
 
         texts, labels = with_canaries(cfg, partition_id, texts, labels, len(plan.label_names), tokenizer)
     return LocalNode(

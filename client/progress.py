@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from client.env_settings import env_number
+from fedpriv.kernel.env_settings import env_number
 
 INTERVAL_ENV = "FEDPRIV_PROGRESS_S"
 DEFAULT_INTERVAL_S = 30.0

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedpriv.client.node import NodeSetupError
 from safetensors.torch import load_file, save
 
-from client.node import NodeSetupError
-from fedpriv import atomic_files
+from fedpriv.kernel import atomic_files
 
 META_FILE = "train-reply.json"
 ARRAYS_FILE = "train-reply.safetensors"

@@ -19,12 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedpriv.protocol import message_round, message_stage
+from fedpriv.kernel.protocol import message_round, message_stage
 
 ENV_VAR = "FEDPRIV_STAGE_TIMINGS"
-PULLED_AT_ENV = "FEDPRIV_TASK_INPUT_PULLED_AT"  # client/superexec.py: when the message was in hand (wall clock)
-WARM_RUN_ENV = "FEDPRIV_WARM_RUN"  # client/superexec.py: forked from the run's warm process
-STEPS_ENV = "FEDPRIV_TASK_STEPS"  # client/superexec.py: when each start-up step ended (wall clock)
+PULLED_AT_ENV = (
+    "FEDPRIV_TASK_INPUT_PULLED_AT"  # fedpriv/runtime/superexec.py: when the message was in hand (wall clock)
+)
+WARM_RUN_ENV = "FEDPRIV_WARM_RUN"  # fedpriv/runtime/superexec.py: forked from the run's warm process
+STEPS_ENV = "FEDPRIV_TASK_STEPS"  # fedpriv/runtime/superexec.py: when each start-up step ended (wall clock)
 _phases: dict[str, float] = {}
 
 

@@ -11,20 +11,20 @@ import dataclasses
 import json
 
 import torch
+from fedpriv.client import replay
+from fedpriv.client.budget import NodeBudget, round_steps
+from fedpriv.client.device import resolve_device
+from fedpriv.client.evaluation import evaluate
+from fedpriv.client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_layout
+from fedpriv.client.progress import RoundProgress
+from fedpriv.client.stage_timing import phase
+from fedpriv.client.training import TrainingDiverged, round_learning_rate, train_locally
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.shared_models.weights import arrays_digest, load_trainable, trainable_state
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from client import replay
-from client.budget import NodeBudget, round_steps
-from client.device import resolve_device
-from client.evaluation import evaluate
-from client.node import LocalNode, NodeSetupError, fresh_model, local_node, state_dir, trainable_layout
-from client.progress import RoundProgress
-from client.stage_timing import phase
-from client.training import TrainingDiverged, round_learning_rate, train_locally
-from fedpriv import protocol
-from fedpriv.config import FedPrivConfig
-from privacy.accountant_state import NodePrivacy
-from shared_models.weights import arrays_digest, load_trainable, trainable_state
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import FedPrivConfig
 
 
 def prepare(cfg: FedPrivConfig, content: RecordDict, context: Context) -> tuple[LocalNode, torch.nn.Module]:
@@ -185,7 +185,7 @@ def _gradient_canaries(cfg: FedPrivConfig, node: LocalNode, model: torch.nn.Modu
     """The Dirac canaries of a simulation's gradient canary audit, for the audited organisation only (else None)."""
     if not (node.audited and cfg.canary_audit.enabled and cfg.canary_audit.kind == "gradient"):
         return None
-    from simulations.canary_audit import gradient_canaries_for  # simulation only: deployment never imports it
+    from fedpriv.simulations.canary_audit import gradient_canaries_for  # simulation only: deployment never imports it
 
     return gradient_canaries_for(cfg, sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -267,7 +267,7 @@ def ready_content(cfg: FedPrivConfig, content: RecordDict, context: Context) -> 
     What a run's first round would otherwise do before training (redacting and tokenising the data, cached in
     the node's state; the noise calibration, stored with its plan) happens here, once per run; under
     fedpriv-supernode the node's run process loads the data and builds the model template meanwhile
-    (client/superexec.py), which this message does not repeat. The coordinator learns each node's data
+    (fedpriv/runtime/superexec.py), which this message does not repeat. The coordinator learns each node's data
     sizes, plan and spending before round 1 (server/preflight.py). Nothing is spent, and no ledger
     entry travels: whether a node trains is still its own decision in each round (a resumed round it already
     paid for is answered again, whatever its budget now says).

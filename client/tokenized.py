@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset
 
-from fedpriv import atomic_files
-from fedpriv.errors import DiskError
+from fedpriv.kernel import atomic_files
+from fedpriv.kernel.errors import DiskError
 
 if TYPE_CHECKING:  # the redaction engine (Presidio, spaCy) is imported only when a node redacts
-    from privacy.redaction import Redactor
+    from fedpriv.privacy.redaction import Redactor
 
 CACHE_FORMAT = "fedpriv-tokens/2"  # 2: redaction rules in the key, counts stored
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from fedpriv.client.tokenized import PadCollator, TokenizedTexts
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.privacy.bookkeeping import BookkeepingClipping, choose_clipping_mode
 from torch.utils.data import DataLoader
 
-from client.tokenized import PadCollator, TokenizedTexts
-from fedpriv.config import TrainingConfig
-from privacy.accountant_state import NodePrivacy
-from privacy.bookkeeping import BookkeepingClipping, choose_clipping_mode
+from fedpriv.kernel.config import TrainingConfig
 
 if TYPE_CHECKING:
-    from privacy.gradient_canaries import DiracCanaries
+    from fedpriv.privacy.gradient_canaries import DiracCanaries
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,7 +94,7 @@ def _noise_only_step(optimizer, params: list[torch.nn.Parameter], step: int = 1)
 
 
 def _attach_canaries(canaries, optimizer, params, *, cfg, privacy, examples: int, seed: int) -> None:
-    from privacy.gradient_canaries import CanaryInjector, attach_to_dp_optimizer, attach_to_plain_optimizer
+    from fedpriv.privacy.gradient_canaries import CanaryInjector, attach_to_dp_optimizer, attach_to_plain_optimizer
 
     if privacy is None:  # a baseline: reproducible, the canaries sampled at the rate DP-SGD would use
         rate, generator = min(1.0, cfg.batch_size / examples), torch.Generator().manual_seed(seed + 1)

@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import sys
 
-from fedpriv.errors import UserError
+from fedpriv.kernel.errors import UserError
 
 
 def _split_positionals(values: list[str]) -> tuple[str | None, list[str]]:
@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: list[str]):
-    from fedpriv.config import load_config
+    from fedpriv.kernel.config import load_config
 
     path, overrides = _split_positionals(args)
     return load_config(path, overrides)
@@ -213,9 +213,9 @@ def cmd_config(ns: argparse.Namespace) -> int:
 def cmd_simulate(ns: argparse.Namespace) -> int:
     resume = None
     if ns.resume:
-        from fedpriv.config import config_from_dict
-        from fedpriv.errors import ConfigError
-        from server.resume import load_resume_point, resumable
+        from fedpriv.kernel.config import config_from_dict
+        from fedpriv.kernel.errors import ConfigError
+        from fedpriv.server.resume import load_resume_point, resumable
 
         if ns.args or ns.out:
             raise ConfigError(
@@ -227,12 +227,12 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         cfg = config_from_dict(resume.config)
     else:
         cfg = _load(ns.args)  # before the heavy imports below: a config mistake is reported in well under a second
-    from shared_models.sources import model_source
-    from simulations.partitioning import plan_partitions
+    from fedpriv.shared_models.sources import model_source
+    from fedpriv.simulations.partitioning import plan_partitions
 
     model_source(cfg.model.name)  # the model folder and the data files next: their mistakes too, before torch
     plan_partitions(cfg)  # (memoised for the run)
-    from simulations.runner import run_simulation_from_config
+    from fedpriv.simulations.runner import run_simulation_from_config
 
     if ns.out:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=ns.out))
@@ -243,8 +243,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
 
 def cmd_provision(ns: argparse.Namespace) -> int:
-    from fedpriv.provisioning.federation import load_federation
-    from fedpriv.provisioning.kits import provision
+    from fedpriv.commands.provisioning.federation import load_federation
+    from fedpriv.commands.provisioning.kits import provision
 
     outcome = provision(load_federation(ns.federation), ns.out, add_org=ns.add_org, make_org_keys=ns.make_org_keys)
     for change in outcome.changes:
@@ -257,7 +257,7 @@ def cmd_provision(ns: argparse.Namespace) -> int:
 
 
 def cmd_org(ns: argparse.Namespace) -> int:
-    from fedpriv.provisioning.join import accept_reply, init_org
+    from fedpriv.commands.provisioning.join import accept_reply, init_org
 
     if ns.org_command == "init":
         outcome = init_org(ns.org, ns.kit, ns.federation)
@@ -284,8 +284,8 @@ def cmd_app(ns: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from fedpriv.app_source import NotAnAppCheckout, fab_sha256, stage_app
-    from fedpriv.errors import UserError
+    from fedpriv.commands.app_source import NotAnAppCheckout, fab_sha256, stage_app
+    from fedpriv.kernel.errors import UserError
 
     try:
         if ns.app and ns.stage:
@@ -307,7 +307,7 @@ def cmd_app(ns: argparse.Namespace) -> int:
 
 
 def cmd_pki(ns: argparse.Namespace) -> int:
-    from fedpriv.provisioning.inspect import inspect_kit
+    from fedpriv.commands.provisioning.inspect import inspect_kit
 
     report = inspect_kit(ns.kit)
     print(report.render())
@@ -315,7 +315,7 @@ def cmd_pki(ns: argparse.Namespace) -> int:
 
 
 def cmd_federation(ns: argparse.Namespace) -> int:
-    from fedpriv.local_federation import federation_up
+    from fedpriv.commands.local_federation import federation_up
 
     result = federation_up(
         ns.federation,
@@ -334,12 +334,12 @@ def cmd_federation(ns: argparse.Namespace) -> int:
 def cmd_audit(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from privacy.audit import audit, load_ledger_set
-    from privacy.audit_report import markdown, write_reports
+    from fedpriv.privacy.audit import audit, load_ledger_set
+    from fedpriv.privacy.audit_report import markdown, write_reports
 
     roster = None
     if ns.roster:
-        from fedpriv.provisioning.federation import load_federation
+        from fedpriv.commands.provisioning.federation import load_federation
 
         roster = [org.name for org in load_federation(ns.roster).organisations]
     ledger_set = load_ledger_set(ns.paths, ns.keys, roster=roster)
@@ -358,8 +358,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     import sys
     from dataclasses import asdict
 
-    from fedpriv.errors import ConfigError
-    from shared_models.predict import Predictor
+    from fedpriv.kernel.errors import ConfigError
+    from fedpriv.shared_models.predict import Predictor
 
     if ns.max_length is not None and ns.max_length < 1:
         raise ConfigError(f"--max-length {ns.max_length}: expected an integer >= 1 (tokens kept per text)")
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "audit": cmd_audit,
         "predict": cmd_predict,
     }
-    from fedpriv.interrupts import Interrupted, terminal_signals
+    from fedpriv.commands.interrupts import Interrupted, terminal_signals
 
     try:
         with terminal_signals():  # SIGTERM unwinds like Ctrl-C, once: one line, no traceback

@@ -1,6 +1,6 @@
 """Differential privacy for one organisation: noise calibration and a persistent accountant."""
 
-from privacy.accountant_state import NodePrivacy
-from privacy.calibration import PrivacyPlan, compute_epsilon, dp_steps_per_epoch, plan_privacy
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.privacy.calibration import PrivacyPlan, compute_epsilon, dp_steps_per_epoch, plan_privacy
 
 __all__ = ["NodePrivacy", "PrivacyPlan", "compute_epsilon", "dp_steps_per_epoch", "plan_privacy"]

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy import independent
-from privacy.audit_input import (  # noqa: F401  (re-exported: the audit's input API)
+from fedpriv.privacy import independent
+from fedpriv.privacy.audit_input import (  # noqa: F401  (re-exported: the audit's input API)
     COORDINATOR,
     EMPIRICAL_FILE,
     HEADS_FILE,
@@ -34,7 +34,7 @@ from privacy.audit_input import (  # noqa: F401  (re-exported: the audit's input
     _read,
     load_ledger_set,
 )
-from privacy.ledger import (
+from fedpriv.privacy.ledger import (
     DP_FIELDS,
     DP_KINDS,
     FORMAT,
@@ -472,7 +472,7 @@ def _check_epsilon(
             below_pld[open_claims[j]] = flagged
     stated: list[float] | None = None
     if any(dp[i]["accountant"] == "rdp" and not below_pld[i] for i in open_claims):
-        from privacy import recompute  # Opacus's RDP analysis: what the claim says it is, not a second opinion
+        from fedpriv.privacy import recompute  # Opacus's RDP analysis: what the claim says it is, not a second opinion
 
         stated = recompute.rdp_epsilons(events, delta)
     if pld and dp and len(dp) - 1 not in pld_values:
@@ -666,7 +666,7 @@ def audit(
     """
     import os
 
-    from privacy.audit_crosscheck import cross_check
+    from fedpriv.privacy.audit_crosscheck import cross_check
 
     if prv is not None:
         pld = prv
@@ -677,7 +677,7 @@ def audit(
     if workers > 1 and len(items) > 1 and total >= PARALLEL_FROM_ENTRIES:
         from concurrent.futures import ProcessPoolExecutor
 
-        from privacy.ledger import public_key_text
+        from fedpriv.privacy.ledger import public_key_text
 
         keys_pem = {
             name: [(public_key_text(c.key), c.source, c.from_org) for c in candidates]

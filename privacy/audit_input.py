@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy.ledger import PUBLIC_KEY_FILE, LedgerError, key_fingerprint, load_public_key
+from fedpriv.privacy.ledger import PUBLIC_KEY_FILE, LedgerError, key_fingerprint, load_public_key
 
 HEADS_FILE = "heads.json"
 EMPIRICAL_FILE = "empirical_audit.json"

@@ -8,8 +8,9 @@ import io
 import json
 from pathlib import Path
 
-from fedpriv import atomic_files
-from privacy.audit import RDP_TOLERANCE, AuditResult
+from fedpriv.privacy.audit import RDP_TOLERANCE, AuditResult
+
+from fedpriv.kernel import atomic_files
 
 JSON_FILE, MARKDOWN_FILE, HTML_FILE = "audit.json", "audit.md", "audit.html"
 MAX_PLOTTED_ORGS = 20  # beyond this the plot shows the 20 organisations closest to their budgets
@@ -271,7 +272,7 @@ Verdict: <span class="verdict">{html.escape(verdict)}</span> ({len(result.orgs)}
 
 def _empirical_reach(e: dict) -> tuple[float | None, str]:
     """The largest bound the audit's settings can show (every guess right), and what it means for the claim."""
-    from privacy.canaries import max_reachable_epsilon, reach_note
+    from fedpriv.privacy.canaries import max_reachable_epsilon, reach_note
 
     reach = e.get("max_reachable_epsilon")
     if reach is None:  # an empirical_audit.json written before the field existed: the same computation

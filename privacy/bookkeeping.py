@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpriv.errors import PrivacyError
+from fedpriv.kernel.errors import PrivacyError
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
 

@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fedpriv.errors import PrivacyError
-from privacy import rdp_steps
+from fedpriv.privacy import rdp_steps
+
+from fedpriv.kernel.errors import PrivacyError
 
 ACCOUNTANTS = ("rdp", "prv")
 

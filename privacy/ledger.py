@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from fedpriv import atomic_files
-from fedpriv.errors import PrivacyError
-from fedpriv.key_files import describe, key_type
+from fedpriv.kernel import atomic_files
+from fedpriv.kernel.errors import PrivacyError
+from fedpriv.kernel.key_files import describe, key_type
 
 LEDGER_FILE = "ledger.jsonl"
 SIGNING_KEY_FILE = "ledger.key"

@@ -26,7 +26,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from fedpriv.errors import ConfigError
+from fedpriv.kernel.errors import ConfigError
 
 TITLES = frozenset("mr mrs ms miss mx dr prof professor sir dame rev reverend".split())
 # lower-case words after which a known name (first or surname) is a name by itself

@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from privacy import rdp_steps
+from fedpriv.privacy import rdp_steps
 
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 RDP_ORDERS = np.array(rdp_steps.ORDERS)

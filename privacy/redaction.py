@@ -27,9 +27,9 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 
-from fedpriv.config import RedactionConfig
-from fedpriv.errors import ConfigError
-from fedpriv.file_stamps import file_stamp
+from fedpriv.kernel.config import RedactionConfig
+from fedpriv.kernel.errors import ConfigError
+from fedpriv.kernel.file_stamps import file_stamp
 
 RULES_VERSION = "1"
 PLACEHOLDERS = {
@@ -233,7 +233,7 @@ class Redactor:
         self.own_names: tuple[frozenset[str], frozenset[tuple[str, ...]]] = (frozenset(), frozenset())
         name_digests = []
         if "person" in cfg.kinds:
-            from privacy.person_names import census_digest, read_extra_names
+            from fedpriv.privacy.person_names import census_digest, read_extra_names
 
             name_digests.append(census_digest())
             if cfg.extra_names:
@@ -261,7 +261,7 @@ class Redactor:
         registry = presidio.RecognizerRegistry(supported_languages=["en"])
         person_finder = None
         if "person" in self.cfg.kinds:
-            from privacy.person_names import NameFinder, census_names
+            from fedpriv.privacy.person_names import NameFinder, census_names
 
             first, last, _ = census_names()
             person_finder = NameFinder(first, last, *self.own_names)
@@ -359,7 +359,7 @@ def warm_engine() -> bool:
     processes) starts with them, even though it builds its own Redactor from its run's code (which parses
     the census name lists again: they live in this project's modules). Pure Python: no thread, no torch.
     """
-    from fedpriv.config import REDACTION_LOCALES
+    from fedpriv.kernel.config import REDACTION_LOCALES
 
     try:
         Redactor(RedactionConfig(enabled=True, locales=list(REDACTION_LOCALES))).redact([WARM_UP_TEXT])

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from fedpriv.server.ledger_store import LedgerStore
+from fedpriv.server.prompt_grid import failure_reason
+from fedpriv.server.update_checks import Rejection, update_problem
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpriv import protocol
-from server.ledger_store import LedgerStore
-from server.prompt_grid import failure_reason
-from server.update_checks import Rejection, update_problem
+from fedpriv.kernel import protocol
 
 
 class BudgetExhausted(Exception):
@@ -166,9 +166,9 @@ class BudgetGatedStrategy(Strategy):
     """A Flower Message-API strategy with the budget gate and the update checks in front of it.
 
     Every reply's ledger entries are taken first (a node that trained spent privacy, whatever happens to its
-    update); refusals and updates that fail ``server.update_checks`` are left out of the aggregate.
+    update); refusals and updates that fail ``fedpriv.server.update_checks`` are left out of the aggregate.
 
-    With ``client_dp`` (a :class:`server.client_dp.ClientDPAccount`, ``inner`` being its ``OrganisationDP``) the
+    With ``client_dp`` (a :class:`fedpriv.server.client_dp.ClientDPAccount`, ``inner`` being its ``OrganisationDP``) the
     coordinator's own organisation-level budget is checked before each round and each release is recorded.
     With ``round_offset`` (a resumed run) the rounds Flower counts are shifted before anything sees them.
     """
@@ -247,7 +247,9 @@ class BudgetGatedStrategy(Strategy):
         if arrays is not None and self.global_arrays is not None:
             arrays = in_dtypes_of(arrays, self.global_arrays)
         if self.client_dp is not None and arrays is not None:
-            release = self.inner  # server.client_dp.OrganisationDP: what its last release summed, and clipped to
+            release = (
+                self.inner
+            )  # fedpriv.server.client_dp.OrganisationDP: what its last release summed, and clipped to
             self.client_dp.record(
                 server_round, release.released_organisations, arrays, float(release.released_clipping_norm)
             )
@@ -291,7 +293,7 @@ def in_dtypes_of(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
 
 def gate_legacy_strategy(strategy, state: BudgetState, minimum: int = 1):
     """The same gate on a legacy strategy (the SecAgg+ path): filter ``configure_fit``, read fit/evaluate results."""
-    from fedpriv.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
+    from fedpriv.kernel.legacy_messages import legacy_evaluate_metrics_to_content, legacy_fit_metrics_to_content
 
     configure_fit, aggregate_fit = strategy.configure_fit, strategy.aggregate_fit
     aggregate_evaluate = strategy.aggregate_evaluate

@@ -7,7 +7,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save
 
-from fedpriv import atomic_files
+from fedpriv.kernel import atomic_files
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -15,7 +15,7 @@ def checkpoint_path(run_dir: Path, server_round: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord) -> Path:
-    """Write this round's weights (old rounds are pruned by ``server.resume.prune_checkpoints``, after the resume
+    """Write this round's weights (old rounds are pruned by ``fedpriv.server.resume.prune_checkpoints``, after the resume
     point that names this one is written)."""
     path = checkpoint_path(run_dir, server_round)
     state = {name: tensor.contiguous() for name, tensor in arrays.to_torch_state_dict().items()}

@@ -19,9 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedpriv import atomic_files, protocol
-from fedpriv.config import ORG_NAME
-from privacy.ledger import (
+from fedpriv.privacy.ledger import (
     LedgerError,
     append_lines,
     entry_hash,
@@ -32,6 +30,9 @@ from privacy.ledger import (
     read_entries,
     signature_valid,
 )
+
+from fedpriv.kernel import atomic_files, protocol
+from fedpriv.kernel.config import ORG_NAME
 
 LEDGERS_DIR = "ledgers"
 HEADS_FILE = "heads.json"

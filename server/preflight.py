@@ -7,7 +7,7 @@ With ten nodes that work held the first round's SecAgg+ key exchanges back
 found only when round 1 failed. The pre-flight sends every connected node one
 ``query`` message before round 1; the node does that work (client/task.py,
 ``ready_content``; the model template is built by the node's warm run process
-meanwhile, client/superexec.py) and answers with its data sizes, its privacy plan and what
+meanwhile, fedpriv/runtime/superexec.py) and answers with its data sizes, its privacy plan and what
 it has spent. The coordinator prints one line per organisation, as ``fedpriv
 simulate`` prints its plan, and records them in ``summary.json``
 (``preflight``). Nothing is trained and no privacy is spent; a node that fails
@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fedpriv.server.budget_gate import BudgetState
+from fedpriv.server.prompt_grid import failure_reason
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedpriv import protocol
-from fedpriv.config import FedPrivConfig
-from server.budget_gate import BudgetState
-from server.prompt_grid import failure_reason
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import FedPrivConfig
 
 MAX_LINES = 20  # organisations printed one per line; the rest are in summary.json
 NODE_WAIT_POLL_S = 0.5

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpriv import atomic_files
-from server.round_tracker import RoundTracker
+from fedpriv.server.round_tracker import RoundTracker
+
+from fedpriv.kernel import atomic_files
 
 PLOT_FILE = "progress.png"
 CONFUSION_FILE = "confusion.png"

@@ -6,9 +6,9 @@ then waits on average 1.5 s after its last reply arrived. ``PromptGrid`` wraps a
 Grid, delegates everything to it, and only replaces ``send_and_receive``'s wait
 between pulls (the same push, the same pulls, the same timeout semantics): 0.2 s
 after an empty answer, none after a pull that brought replies or that the
-SuperLink held until one arrived (fedpriv-superlink, server/superlink.py). A
+SuperLink held until one arrived (fedpriv-superlink, fedpriv/runtime/superlink.py). A
 reply's arrays that are not on the SuperLink yet are asked for again within
-0.5 s, not after Flower's 1, 2, 4, 8 s back-off (fedpriv/object_pulls.py).
+0.5 s, not after Flower's 1, 2, 4, 8 s back-off (fedpriv/runtime/object_pulls.py).
 
 It also gives every exchange a deadline: Flower's ``default_evaluate_workflow``
 calls ``send_and_receive`` without a timeout, so a node that died mid-round held
@@ -17,7 +17,7 @@ and a node that hangs would hold it for ever. ``default_timeout`` (the run's
 ``strategy.round_timeout``) applies wherever the caller gives none.
 
 Replies pulled through it have their SecAgg+ masked vectors widened from the
-32-bit words the nodes send back to Flower's int64 (fedpriv/masked_vectors.py).
+32-bit words the nodes send back to Flower's int64 (fedpriv/runtime/masked_vectors.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedpriv import masked_vectors, object_pulls
-from fedpriv.protocol import message_round, message_stage
+from fedpriv.kernel.protocol import message_round, message_stage
+from fedpriv.runtime import masked_vectors, object_pulls
 
 PULL_INTERVAL_S = 0.2
 
@@ -157,7 +157,7 @@ def _note_exchange(messages: list[Message], started: float, pushed: float, done:
 
 
 def _widen_masked_vectors(reply: Message) -> None:
-    """SecAgg+ masked vectors back to Flower's int64 (fedpriv/masked_vectors.py); a malformed one turns the
+    """SecAgg+ masked vectors back to Flower's int64 (fedpriv/runtime/masked_vectors.py); a malformed one turns the
     reply into an error reply, so the workflow counts that node as dropped instead of summing garbage."""
     try:
         masked_vectors.widen(reply.content)

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedpriv import atomic_files
-from server.round_tracker import RoundTracker
+from fedpriv.server.round_tracker import RoundTracker
+
+from fedpriv.kernel import atomic_files
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"

@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from fedpriv import atomic_files
-from fedpriv.errors import UserError
+from fedpriv.kernel import atomic_files
+from fedpriv.kernel.errors import UserError
 
 RESUME_FILE = "resume.json"
-SUMMARY_FILE = "summary.json"  # server.reports.SUMMARY_FILE (not imported: this module stays free of matplotlib)
+SUMMARY_FILE = (
+    "summary.json"  # fedpriv.server.reports.SUMMARY_FILE (not imported: this module stays free of matplotlib)
+)
 ENDED = ("completed", "incomplete", "budget_exhausted")  # summary statuses of a run that finished
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT = "fedpriv-resume/1"

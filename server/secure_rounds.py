@@ -17,24 +17,24 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from fedpriv.server.budget_gate import BudgetState, TrainingDiverged, diverged_entry, gate_legacy_strategy
+from fedpriv.server.prompt_grid import PromptGrid, failure_reason
+from fedpriv.server.round_tracker import RoundTracker
+from fedpriv.server.strategy import select_strategy
 from flwr.app import Array, ArrayRecord, Context
 from flwr.common import ndarrays_to_parameters
 from flwr.serverapp import Grid
 
-from fedpriv import protocol
-from fedpriv.config import FedPrivConfig
-from fedpriv.errors import ConfigError
-from fedpriv.legacy_messages import (
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import FedPrivConfig
+from fedpriv.kernel.errors import ConfigError
+from fedpriv.kernel.legacy_messages import (
     Layout,
     flat_vector,
     legacy_evaluate_metrics_to_content,
     legacy_fit_metrics_to_content,
     split_vector,
 )
-from server.budget_gate import BudgetState, TrainingDiverged, diverged_entry, gate_legacy_strategy
-from server.prompt_grid import PromptGrid, failure_reason
-from server.round_tracker import RoundTracker
-from server.strategy import select_strategy
 
 # client/node.py's TrainingDivergedError, as failure_reason() gives it
 _DIVERGED = re.compile(r"^TrainingDivergedError: organisation '([^']+)': (.+)$")

@@ -13,22 +13,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.serverapp import Grid, ServerApp
-
-from fedpriv import atomic_files, protocol
-from fedpriv.config import FedPrivConfig, config_from_dict
-from fedpriv.errors import ConfigError, UserError
-from fedpriv.quiet import quiet_third_party_warnings
-from fedpriv.run_config import RESUME_KEY, config_from_context
-from server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState, TrainingDiverged
-from server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
-from server.ledger_store import LedgerStore
-from server.preflight import preflight_wanted, run_preflight
-from server.progress_plot import ProgressPlots
-from server.prompt_grid import PromptGrid
-from server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_summary
-from server.resume import (
+from fedpriv.server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState, TrainingDiverged
+from fedpriv.server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
+from fedpriv.server.ledger_store import LedgerStore
+from fedpriv.server.preflight import preflight_wanted, run_preflight
+from fedpriv.server.progress_plot import ProgressPlots
+from fedpriv.server.prompt_grid import PromptGrid
+from fedpriv.server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_summary
+from fedpriv.server.resume import (
     ResumeError,
     ResumePoint,
     load_resume_point,
@@ -38,13 +30,21 @@ from server.resume import (
     save_strategy_state,
     write_resume_point,
 )
-from server.round_tracker import RoundTracker
-from server.secure_rounds import run_secure_rounds, secagg_shares
-from server.strategy import build_strategy
-from server.update_checks import Rejection, update_problem
-from shared_models.builder import build_model, build_tokenizer
-from shared_models.export import export_model
-from shared_models.weights import base_model_digest, count_trainable, load_trainable, trainable_arrays
+from fedpriv.server.round_tracker import RoundTracker
+from fedpriv.server.secure_rounds import run_secure_rounds, secagg_shares
+from fedpriv.server.strategy import build_strategy
+from fedpriv.server.update_checks import Rejection, update_problem
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.export import export_model
+from fedpriv.shared_models.weights import base_model_digest, count_trainable, load_trainable, trainable_arrays
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedpriv.kernel import atomic_files, protocol
+from fedpriv.kernel.config import FedPrivConfig, config_from_dict
+from fedpriv.kernel.errors import ConfigError, UserError
+from fedpriv.kernel.quiet import quiet_third_party_warnings
+from fedpriv.kernel.run_config import RESUME_KEY, config_from_context
 
 log = logging.getLogger("fedpriv.server")
 
@@ -82,7 +82,7 @@ def label_names(cfg: FedPrivConfig) -> list[str]:
     """Class names: fixed by the config (always so in deployment), or read from the data the simulation partitions."""
     if cfg.data.labels.names:
         return list(cfg.data.labels.names)
-    from simulations.partitioning import plan_partitions  # simulation only: a deployment run names its classes
+    from fedpriv.simulations.partitioning import plan_partitions  # simulation only: a deployment run names its classes
 
     return list(plan_partitions(cfg).label_names)
 
@@ -365,7 +365,7 @@ def _plain_strategy(
     gate = dict(max_update_norm=cfg.strategy.max_update_norm, round_offset=round_offset, rejections=rejections)
     if not cfg.client_dp.enabled:
         return BudgetGatedStrategy(build_strategy(cfg.strategy, tracker, num_nodes), budget, **gate)
-    from server import client_dp
+    from fedpriv.server import client_dp
 
     inner = build_strategy(cfg.strategy, tracker, num_nodes, weighted_by_key=protocol.UNIT_WEIGHT)
     sampled = cfg.strategy.planned_train_nodes(num_nodes)  # the fixed denominator, set before round 1

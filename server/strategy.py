@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedpriv.server.round_tracker import RoundTracker
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
-from fedpriv import protocol
-from fedpriv.config import StrategyConfig
-from server.round_tracker import RoundTracker
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import StrategyConfig
 
 
 def build_strategy(

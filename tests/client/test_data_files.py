@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from fedpriv.client.data_files import LabelledTexts, load_labelled_file, map_labels, read_records
 
-from client.data_files import LabelledTexts, load_labelled_file, map_labels, read_records
-from fedpriv.config import config_from_dict
-from fedpriv.errors import DataError
+from fedpriv.kernel.config import config_from_dict
+from fedpriv.kernel.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(

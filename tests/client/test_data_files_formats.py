@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedpriv.client.data_files import load_labelled_file, map_labels, read_records
 
-from client.data_files import load_labelled_file, map_labels, read_records
-from fedpriv.config import config_from_dict, load_config
-from fedpriv.errors import ConfigError, DataError
+from fedpriv.kernel.config import config_from_dict, load_config
+from fedpriv.kernel.errors import ConfigError, DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AG_MAP = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}  # AG News' classes.txt order
@@ -167,7 +167,7 @@ def _dataset(texts, labels, names=None):
     import tqdm
 
     datasets.disable_progress_bars()
-    tqdm.tqdm.monitor_interval = 0  # no thread left in this process (tests/client/test_superexec.py forks)
+    tqdm.tqdm.monitor_interval = 0  # no thread left in this process (tests/fedpriv/runtime/test_superexec.py forks)
 
     features = datasets.Features(
         {
@@ -270,7 +270,7 @@ def test_classes_follow_the_order_of_labels_map_and_ranges():
 
 def test_simulation_plan_keeps_labels_map_order(tmp_path):
     """The plan is rebuilt from a JSON key in every process: a sorted key would reorder the classes."""
-    from simulations.partitioning import plan_partitions
+    from fedpriv.simulations.partitioning import plan_partitions
 
     path = ag_news_csv(tmp_path / "train.csv", AG_ROWS * 10)
     overrides = [
@@ -332,8 +332,8 @@ def test_federation_classes_one_class_per_organisation_in_map_order(tmp_path):
     """``federation up`` reads the organisations' files: one may hold a single class, all of them need two."""
     import yaml
 
-    from fedpriv.local_federation import infer_label_names
-    from fedpriv.provisioning.federation import load_federation
+    from fedpriv.commands.local_federation import infer_label_names
+    from fedpriv.commands.provisioning.federation import load_federation
 
     ag_news_csv(tmp_path / "a.csv", [AG_ROWS[0], AG_ROWS[0]])  # Business only
     ag_news_csv(tmp_path / "b.csv", [AG_ROWS[2], AG_ROWS[1]])  # Sports, World
@@ -352,12 +352,12 @@ def test_federation_classes_one_class_per_organisation_in_map_order(tmp_path):
 
 
 def test_reading_parquet_and_save_to_disk_leaves_no_thread_behind(tmp_path):
-    """A deployed node's process forks its ClientApps (client/superexec.py): a thread left running is unsafe."""
+    """A deployed node's process forks its ClientApps (fedpriv/runtime/superexec.py): a thread left running is unsafe."""
     _dataset(["a b", "c d"], ["x", "y"]).save_to_disk(str(tmp_path / "saved"))
     _dataset(["a b", "c d"], ["x", "y"]).to_parquet(str(tmp_path / "data.parquet"))
     code = (
         "import sys, threading\n"
-        "from client.data_files import read_records\n"
+        "from fedpriv.client.data_files import read_records\n"
         "for path in sys.argv[1:]:\n"
         "    read_records(path)\n"
         "print(sorted(t.name for t in threading.enumerate()))\n"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from fedpriv.client.data_files import load_labelled_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.data_files import load_labelled_file
-from fedpriv.config import config_from_dict
-from fedpriv.errors import DataError
+from fedpriv.kernel.config import config_from_dict
+from fedpriv.kernel.errors import DataError
 
 COLUMN = st.sampled_from(["text", "label", "rating", "review", "", "text ", "ТЕКСТ", '"text"', "a,b"])
 CELL = st.one_of(

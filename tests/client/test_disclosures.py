@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client import disclosures
+from fedpriv.client import disclosures
 
 THREAT_MODEL = Path(__file__).resolve().parents[2] / "docs" / "threat-model.md"
 
@@ -16,13 +16,13 @@ def test_the_threat_model_table_is_the_declaration():
     end = text.index(disclosures.TABLE_END) + len(disclosures.TABLE_END)
     assert text[start:end] == disclosures.table_block(), (
         "docs/threat-model.md's 'What leaves a node' table differs from client/disclosures.py:"
-        " python -m client.disclosures --write"
+        " python -m fedpriv.client.disclosures --write"
     )
 
 
 def test_every_reply_field_fedpriv_names_is_declared():
     """The protocol's reply keys, as the handlers build them, each find their declaration."""
-    from fedpriv import protocol
+    from fedpriv.kernel import protocol
 
     train = {
         protocol.ARRAYS: {"base.layer.0.lora_A.weight": 0},

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from fedpriv.client.evaluation import evaluate
+from fedpriv.client.tokenized import TokenizedTexts
 from transformers.modeling_outputs import SequenceClassifierOutput
-
-from client.evaluation import evaluate
-from client.tokenized import TokenizedTexts
 
 
 class Fixed(torch.nn.Module):

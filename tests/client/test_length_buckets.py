@@ -13,12 +13,12 @@ import copy
 
 import pytest
 import torch
+from fedpriv.client.tokenized import PadCollator, TokenizedTexts
+from fedpriv.client.training import length_buckets, micro_batches, train_locally, train_step
+from fedpriv.privacy import NodePrivacy, PrivacyPlan
 
-from client.tokenized import PadCollator, TokenizedTexts
-from client.training import length_buckets, micro_batches, train_locally, train_step
-from fedpriv.config import TrainingConfig, load_config
-from fedpriv.errors import ConfigError
-from privacy import NodePrivacy, PrivacyPlan
+from fedpriv.kernel.config import TrainingConfig, load_config
+from fedpriv.kernel.errors import ConfigError
 from tests.privacy.test_clipping import NUM_LABELS, _tiny_bert
 
 LENGTHS = [40, 3, 17, 2, 33, 9, 5, 26, 12, 38]  # very different lengths, in no order
@@ -105,7 +105,7 @@ def test_micro_batches_give_the_update_of_one_pass_over_the_logical_batch(tmp_pa
 
 def test_an_overwriting_accumulation_would_be_caught(tmp_path, monkeypatch):
     """The check above can fail: if each micro-batch's clipped sum replaced the previous ones', it would."""
-    from privacy.bookkeeping import _optimizer_class
+    from fedpriv.privacy.bookkeeping import _optimizer_class
 
     def overwrite(self):
         for p in self.params:
@@ -158,7 +158,7 @@ def test_sorting_processes_fewer_padded_tokens_than_cutting_in_sampled_order():
 
 @pytest.mark.parametrize("mode", ["bk", "hooks", "ghost"])
 def test_train_locally_accounts_one_step_per_logical_batch(tmp_path, mode):
-    from privacy.calibration import plan_privacy
+    from fedpriv.privacy.calibration import plan_privacy
 
     gen = torch.Generator().manual_seed(5)
     data = _examples([int(n) for n in torch.randint(2, 40, (48,), generator=gen)])

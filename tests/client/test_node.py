@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedpriv.client import node
 from flwr.app import Context, RecordDict
 
-from client import node
-from fedpriv.config import load_config
+from fedpriv.kernel.config import load_config
 
 OVERRIDES = ["model.name=tiny", "data.labels.names=[neg, pos]", "training.batch_size=4", "data.max_length=16"]
 
@@ -87,7 +87,7 @@ def test_the_coordinators_run_config_cannot_switch_off_an_organisations_dp(tmp_p
 
 def test_what_a_deployment_node_shares_is_its_organisations_own_setting_not_the_run_configs(tmp_path, fresh_caches):
     """privacy.share_training_loss / share_per_class_eval and redaction.share come from node.yaml (issue 26)."""
-    from client.disclosures import Sharing
+    from fedpriv.client.disclosures import Sharing
 
     cfg = load_config(
         overrides=[
@@ -136,7 +136,7 @@ def test_a_deployment_node_says_its_class_counts_and_cut_texts_once_and_keeps_th
     in its log and its state folder, never in a reply (issue 27)."""
     import json
 
-    from client.data_report import REPORT_FILE
+    from fedpriv.client.data_report import REPORT_FILE
 
     cfg = load_config(overrides=OVERRIDES)
     context = _write(tmp_path, 40)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-
-from client.progress import INTERVAL_ENV, RoundProgress, progress_interval
+from fedpriv.client.progress import INTERVAL_ENV, RoundProgress, progress_interval
 
 
 class Clock:

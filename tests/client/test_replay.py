@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from fedpriv.client import replay
+from fedpriv.client.client_app import handle_train
+from fedpriv.client.node import NodeSetupError
 from flwr.app import Array, ArrayRecord
 
-from client import replay
-from client.client_app import handle_train
-from client.node import NodeSetupError
-from fedpriv import protocol
-from fedpriv.config import load_config
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import load_config
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

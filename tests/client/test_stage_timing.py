@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from fedpriv.client import stage_timing
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-
-from client import stage_timing
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +30,7 @@ def _context() -> Context:
 
 
 def test_the_client_app_module_imports_without_torch():
-    code = "import sys, client.client_app; print(sorted(m for m in ('torch', 'transformers', 'opacus') if m in sys.modules))"
+    code = "import sys, fedpriv.client.client_app; print(sorted(m for m in ('torch', 'transformers', 'opacus') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from fedpriv.client.tokenized import prepare_texts, tokenize
+from fedpriv.privacy.redaction import Redactor, redactor_for
+from fedpriv.shared_models.builder import build_tokenizer
 
-from client.tokenized import prepare_texts, tokenize
-from fedpriv.config import RedactionConfig
-from privacy.redaction import Redactor, redactor_for
-from shared_models.builder import build_tokenizer
+from fedpriv.kernel.config import RedactionConfig
 
 TEXTS = ["The central bank held rates.", "A late goal won the cup final for the home side.", "Shares fell 3%."]
 
@@ -24,7 +24,7 @@ def test_a_second_process_reads_the_cache_instead_of_tokenising(tmp_path, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr("client.tokenized.tokenize", refuse)
+    monkeypatch.setattr("fedpriv.client.tokenized.tokenize", refuse)
     again = tokenize_cached(TEXTS, [0, 1, 0], tokenizer, 16, tmp_path)
     expected = tokenize(TEXTS, [0, 1, 0], tokenizer, 16)
     assert all(torch.equal(a, b) for a, b in zip(again.input_ids, expected.input_ids, strict=True))
@@ -47,8 +47,9 @@ def test_changed_texts_labels_or_length_make_a_new_entry_and_a_broken_file_is_re
 
 
 def test_a_simulation_process_keeps_the_organisations_it_served(monkeypatch):
-    from client import node
-    from fedpriv.config import load_config
+    from fedpriv.client import node
+
+    from fedpriv.kernel.config import load_config
 
     monkeypatch.setattr(node, "_NODES", type(node._NODES)())
     loads: list[int] = []
@@ -95,7 +96,7 @@ def test_a_redacting_node_keeps_only_redacted_tokens_and_counts_and_never_redact
 def test_the_tokenizer_identity_is_worked_out_once_per_tokenizer_and_again_after_added_tokens(monkeypatch):
     import copy
 
-    from client import tokenized
+    from fedpriv.client import tokenized
 
     tokenizer = copy.deepcopy(build_tokenizer("minilm"))  # its own: build_tokenizer's is shared, and tokens get added
     worked_out = []

@@ -7,13 +7,13 @@ import random
 
 import pytest
 import torch
+from fedpriv.client.tokenized import tokenize
+from fedpriv.client.training import _noise_only_step, _proximal_step, round_learning_rate, train_locally
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.privacy.calibration import compute_epsilon, plan_privacy
+from fedpriv.shared_models.builder import build_model, build_tokenizer
 
-from client.tokenized import tokenize
-from client.training import _noise_only_step, _proximal_step, round_learning_rate, train_locally
-from fedpriv.config import ModelConfig, TrainingConfig
-from privacy.accountant_state import NodePrivacy
-from privacy.calibration import compute_epsilon, plan_privacy
-from shared_models.builder import build_model, build_tokenizer
+from fedpriv.kernel.config import ModelConfig, TrainingConfig
 
 WORDS = "good bad great awful fine poor lovely horrible nice terrible".split()
 
@@ -81,9 +81,8 @@ def test_an_empty_poisson_batch_is_still_a_noised_accounted_step(tmp_path):
     model = build_model(ModelConfig(name="tiny"), ["a", "b"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
+    from fedpriv.client.tokenized import PadCollator
     from torch.utils.data import DataLoader
-
-    from client.tokenized import PadCollator
 
     loader = DataLoader(data, batch_size=8, collate_fn=PadCollator(0))
     model, optimizer, loader = node.make_private(model, optimizer, loader)
@@ -115,7 +114,7 @@ def test_cosine_schedule_runs_from_the_learning_rate_to_its_floor_and_constant_s
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_a_non_finite_loss_stops_the_round_at_its_step_and_the_steps_before_stay_accounted(tmp_path, optimizer):
     """learning_rate 1e30 sends the weights past float32 after one step: the next loss is NaN (issue 27)."""
-    from client.training import TrainingDiverged
+    from fedpriv.client.training import TrainingDiverged
 
     data = _data()
     node = NodePrivacy.open(tmp_path, _plan(len(data)))
@@ -132,7 +131,7 @@ def test_a_non_finite_loss_stops_the_round_at_its_step_and_the_steps_before_stay
 
 def test_an_update_past_float32_stops_the_round_and_its_noised_step_is_accounted(tmp_path):
     """AdamW's first step is learning_rate / 0.1: 3e38 cannot be a float32 (torch raised 'overflow')."""
-    from client.training import TrainingDiverged
+    from fedpriv.client.training import TrainingDiverged
 
     data = _data()
     node = NodePrivacy.open(tmp_path, _plan(len(data)))

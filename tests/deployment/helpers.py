@@ -7,7 +7,7 @@ import random
 import time
 from pathlib import Path
 
-from fedpriv.local_federation import processes_under
+from fedpriv.commands.local_federation import processes_under
 
 WORDS = {
     "sports": "match goal team win league coach player score",

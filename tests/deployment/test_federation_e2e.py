@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fedpriv.privacy.calibration import compute_epsilon
 from safetensors.numpy import load_file
 
-from client.superexec import READY_LINE
-from fedpriv.local_federation import (
+from fedpriv.commands.local_federation import (
     enrol,
     flower_env,
     free_port,
@@ -38,11 +38,11 @@ from fedpriv.local_federation import (
     tail,
     tls_ready,
 )
-from fedpriv.protocol import NODE_CONFIG_FILE
-from fedpriv.provisioning import pki
-from fedpriv.provisioning.federation import load_federation
-from fedpriv.provisioning.kits import CA_KEY_ENV, provision
-from privacy.calibration import compute_epsilon
+from fedpriv.commands.provisioning import pki
+from fedpriv.commands.provisioning.federation import load_federation
+from fedpriv.commands.provisioning.kits import CA_KEY_ENV, provision
+from fedpriv.kernel.protocol import NODE_CONFIG_FILE
+from fedpriv.runtime.superexec import READY_LINE
 from tests.deployment.helpers import processes_after, write_csv
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,7 @@ def finished_run(federation):
     and continues after round 1. The finished run must be indistinguishable, for every organisation's privacy,
     from one that was never interrupted.
     """
-    from fedpriv.local_federation import federation_up
+    from fedpriv.commands.local_federation import federation_up
 
     root, path = federation
     kits = root / "kits"
@@ -223,7 +223,7 @@ def test_every_process_is_stopped_afterwards(finished_run):
 
 
 def test_a_second_run_on_the_same_kits_is_refused_before_starting_anything(federation, finished_run):
-    from fedpriv.local_federation import FederationUpError, federation_up
+    from fedpriv.commands.local_federation import FederationUpError, federation_up
 
     root, path = federation
     with pytest.raises(FederationUpError, match="privacy state from an earlier run"):
@@ -393,7 +393,7 @@ def test_fedpriv_audit_with_the_organisations_kits_passes_strict_and_without_the
 
 def test_the_runs_ledgers_verify_against_the_keys_in_the_organisations_kits(finished_run):
     """An auditor with the coordinator kit's ledger-keys/ (the organisations' own public keys) finds no problem."""
-    from privacy.audit import audit, load_ledger_set
+    from fedpriv.privacy.audit import audit, load_ledger_set
 
     run_dir = finished_run["result"].run_dir
     result = audit(load_ledger_set([run_dir], finished_run["kits"] / "coordinator" / "ledger-keys"), prv=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpriv.local_federation import group_alive
+from fedpriv.commands.local_federation import group_alive
 from tests.deployment.helpers import processes_after, write_csv
 
 pytestmark = pytest.mark.integration
@@ -75,7 +75,7 @@ def _victim_in_masked_stage(timings, processes: dict[str, subprocess.Popen], don
 
 @pytest.fixture(scope="module")
 def dropout_run(tmp_path_factory):
-    from fedpriv.local_federation import federation_up
+    from fedpriv.commands.local_federation import federation_up
 
     root = tmp_path_factory.mktemp("dropout")
     orgs = []
@@ -142,11 +142,11 @@ def test_the_round_completes_without_the_killed_node(dropout_run):
 
 
 def test_the_aggregate_is_the_survivors_small_update_not_leftover_masks(dropout_run):
+    from fedpriv.client.node import fresh_model
+    from fedpriv.shared_models.weights import trainable_state
     from safetensors.numpy import load_file
 
-    from client.node import fresh_model
-    from fedpriv.config import load_config
-    from shared_models.weights import trainable_state
+    from fedpriv.kernel.config import load_config
 
     result = dropout_run["result"]
     model, _ = fresh_model(load_config(overrides=["model.name=tiny"]).model, result.summary["label_names"])

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from client.superexec import READY_LINE
-from fedpriv.app_source import fab_sha256, stage_app
-from fedpriv.local_federation import printed_since, tail
+from fedpriv.commands.app_source import fab_sha256, stage_app
+from fedpriv.commands.local_federation import printed_since, tail
+from fedpriv.runtime.superexec import READY_LINE
 from tests.deployment.helpers import write_csv
 from tests.deployment.netns import NetLab, netns_missing_reason
 
@@ -341,7 +341,7 @@ def _attempts(fx, host: str, home: Path) -> dict[str, subprocess.CompletedProces
     env = _env(home)
     key = home / "own.pub"
     if not key.exists():
-        from fedpriv.provisioning import pki
+        from fedpriv.commands.provisioning import pki
 
         key.write_bytes(pki.ssh_public(pki.new_key().public_key(), "mine@elsewhere"))
     app = home / "app"

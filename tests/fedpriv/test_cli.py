@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpriv.config import config_from_dict, load_config
+from fedpriv.kernel.config import config_from_dict, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

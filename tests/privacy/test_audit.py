@@ -11,10 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting.dp_event import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
-
-from fedpriv.cli import main
-from privacy.audit import audit, load_ledger_set
-from privacy.ledger import (
+from fedpriv.privacy.audit import audit, load_ledger_set
+from fedpriv.privacy.ledger import (
     NodeLedger,
     ensure_signing_key,
     entry_hash,
@@ -22,7 +20,9 @@ from privacy.ledger import (
     read_entries,
     sign,
 )
-from privacy.recompute import prv_epsilon, rdp_epsilons
+from fedpriv.privacy.recompute import prv_epsilon, rdp_epsilons
+
+from fedpriv.cli import main
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 20, 1e-5
 
@@ -338,7 +338,7 @@ def test_the_audit_reports_redaction_as_the_signed_entries_record_it(tmp_path):
 def test_the_audit_reads_new_entries_that_say_only_which_kinds_were_found_or_nothing(tmp_path):
     """redaction.share (issue 26): entries of "kinds" carry ``found`` and no counts, of "none" neither; entries
     written before the setting (counts, no ``share``) read as before, in the same ledger."""
-    from privacy.audit_report import markdown
+    from fedpriv.privacy.audit_report import markdown
 
     key = ensure_signing_key(tmp_path / "org-k.key")
     ledger = NodeLedger.open(tmp_path / "org-k", "org-k", key)
@@ -370,7 +370,7 @@ def test_ledgers_from_before_redaction_was_recorded_say_so(run_dir):
         "org-a": "not recorded",
         "org-b": "not recorded",
     }
-    from privacy.audit_report import markdown
+    from fedpriv.privacy.audit_report import markdown
 
     assert "| org-a | not recorded | 0 of 4 | - | - |" in markdown(result)
 
@@ -392,7 +392,7 @@ def _resign(path: Path, key, change: dict, at: int) -> None:
 
 
 def _org_key(run: Path, org: str):
-    from privacy.ledger import load_signing_key
+    from fedpriv.privacy.ledger import load_signing_key
 
     return load_signing_key(run.parent / "nodes" / f"{org}.key")
 
@@ -559,7 +559,7 @@ def test_the_independent_recomputation_runs_without_opacus(run_dir):
     import sys
 
     probe = (
-        "import sys; from privacy.audit import audit, load_ledger_set;"
+        "import sys; from fedpriv.privacy.audit import audit, load_ledger_set;"
         f"r = audit(load_ledger_set([{str(run_dir)!r}]), pld=True); assert r.ok;"
         "print(sorted(m for m in sys.modules if 'opacus' in m))"
     )
@@ -568,7 +568,7 @@ def test_the_independent_recomputation_runs_without_opacus(run_dir):
 
 
 def test_a_recomputation_that_fails_fails_the_check(run_dir, monkeypatch):
-    from privacy import independent
+    from fedpriv.privacy import independent
 
     def refuse(events, delta):
         raise independent.RecomputationError("refused for the test")
@@ -580,7 +580,7 @@ def test_a_recomputation_that_fails_fails_the_check(run_dir, monkeypatch):
 
 def test_a_round_that_stopped_on_a_non_finite_loss_may_hold_part_of_an_epoch_and_only_then():
     """A node that diverged mid-round records the steps it took (``stopped: diverged``, issue 27)."""
-    from privacy.audit import _parameter_problems
+    from fedpriv.privacy.audit import _parameter_problems
 
     entry = {
         "kind": "dp_round", "noise_multiplier": 1.0, "sample_rate": 0.25, "local_steps": 3, "num_examples": 40,

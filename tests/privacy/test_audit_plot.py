@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import matplotlib
 import pytest
-
-from privacy.audit import AuditResult, OrgAudit, RoundCheck
-from privacy.audit_report import html_page, markdown, plot_figure
+from fedpriv.privacy.audit import AuditResult, OrgAudit, RoundCheck
+from fedpriv.privacy.audit_report import html_page, markdown, plot_figure
 
 matplotlib.use("Agg")
 

@@ -8,10 +8,7 @@ import random
 
 import pytest
 import torch
-
-from fedpriv.config import load_config
-from fedpriv.errors import ConfigError
-from privacy.canaries import (
+from fedpriv.privacy.canaries import (
     epsilon_lower_bound,
     guess_and_bound,
     make_canaries,
@@ -19,7 +16,7 @@ from privacy.canaries import (
     p_value,
     reach_note,
 )
-from privacy.gradient_canaries import (
+from fedpriv.privacy.gradient_canaries import (
     CanaryHookError,
     CanaryInjector,
     attach_to_dp_optimizer,
@@ -28,6 +25,9 @@ from privacy.gradient_canaries import (
     flat_trainable,
     make_dirac_canaries,
 )
+
+from fedpriv.kernel.config import load_config
+from fedpriv.kernel.errors import ConfigError
 
 
 def test_chance_level_guessing_gives_no_bound():
@@ -243,8 +243,8 @@ def test_the_hook_refuses_what_it_cannot_audit():
 def test_only_the_audited_simulated_organisation_gets_canaries(tmp_path):
     from types import SimpleNamespace
 
-    from client import node as nodes
-    from client.task import _gradient_canaries
+    from fedpriv.client import node as nodes
+    from fedpriv.client.task import _gradient_canaries
 
     base = ["model.name=tiny", "model.finetuning=full", "partitioning.num_orgs=2", "partitioning.scheme=iid",
             "data.max_examples=80", "data.max_length=16", "training.batch_size=8", "canary_audit.enabled=true",
@@ -268,12 +268,11 @@ def test_only_the_audited_simulated_organisation_gets_canaries(tmp_path):
 @pytest.mark.parametrize("kind", ["gradient", "text"])
 def test_the_scorer_writes_the_bound_and_the_reach_for_either_kind(tmp_path, kind):
     """An untrained final model (the initial weights as round 1's checkpoint): no canary stands out."""
+    from fedpriv.server.checkpoints import save_checkpoint
+    from fedpriv.shared_models.builder import build_model
+    from fedpriv.shared_models.weights import trainable_state
+    from fedpriv.simulations.canary_audit import EMPIRICAL_FILE, describe, run_canary_audit
     from flwr.app import ArrayRecord
-
-    from server.checkpoints import save_checkpoint
-    from shared_models.builder import build_model
-    from shared_models.weights import trainable_state
-    from simulations.canary_audit import EMPIRICAL_FILE, describe, run_canary_audit
 
     cfg = load_config(None, ["model.name=tiny", "model.finetuning=full", "partitioning.num_orgs=2",
                              "data.max_examples=80", "training.batch_size=8", "canary_audit.enabled=true",

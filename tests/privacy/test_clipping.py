@@ -17,21 +17,19 @@ import copy
 
 import pytest
 import torch
-
-from privacy import NodePrivacy, PrivacyPlan
+from fedpriv.privacy import NodePrivacy, PrivacyPlan
 
 B, L, NUM_LABELS = 6, 12, 3
 LENGTHS = [12, 9, 5, 12, 3, 7]  # padded positions get attention_mask 0
 
 
 def _tiny_bert(finetuning: str, pooling: str = "cls"):
-    """``pooling`` "cls": BertForSequenceClassification; "mean": the mean-pooled head (shared_models.mean_pooling).
+    """``pooling`` "cls": BertForSequenceClassification; "mean": the mean-pooled head (fedpriv.shared_models.mean_pooling).
 
     ``finetuning`` "lora-frozen-a": LoRA with its A matrices frozen (model.lora.freeze_a).
     """
+    from fedpriv.shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
     from transformers import BertConfig, BertForSequenceClassification
-
-    from shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
 
     config_class, model_class = (
         (MeanPooledBertConfig, MeanPooledBertForSequenceClassification)

@@ -8,9 +8,7 @@ import stat
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from fedpriv import protocol
-from privacy.ledger import (
+from fedpriv.privacy.ledger import (
     LedgerError,
     NodeLedger,
     ensure_signing_key,
@@ -19,7 +17,9 @@ from privacy.ledger import (
     public_key_text,
     read_entries,
 )
-from server.ledger_store import LedgerStore
+from fedpriv.server.ledger_store import LedgerStore
+
+from fedpriv.kernel import protocol
 
 FIELDS = {
     "local_steps": 10, "sample_rate": 0.1, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from fedpriv.privacy.ledger import NodeLedger, ensure_signing_key, read_entries
+from fedpriv.server.ledger_store import LedgerStore
 
-from fedpriv.errors import DiskError
-from privacy.ledger import NodeLedger, ensure_signing_key, read_entries
-from server.ledger_store import LedgerStore
+from fedpriv.kernel.errors import DiskError
 from tests.disk_faults import fill, tmpfs
 from tests.privacy.test_ledger import FIELDS, _ledger, _record
 
@@ -51,7 +51,7 @@ def test_the_coordinator_copy_on_a_full_disk_stops_the_run_instead_of_skipping_t
 
 
 def test_a_head_that_cannot_be_recorded_takes_the_copied_entries_back_out(tmp_path, monkeypatch):
-    from server import ledger_store
+    from fedpriv.server import ledger_store
 
     ledger = _ledger(tmp_path, rounds=1)
     store = LedgerStore(tmp_path / "run")

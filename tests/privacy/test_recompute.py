@@ -8,11 +8,10 @@ import sys
 import warnings
 
 import pytest
+from fedpriv.privacy import recompute
+from fedpriv.privacy.independent import bracket_claims
+from fedpriv.privacy.recompute import prv_epsilon, rdp_epsilons
 from opacus.accountants import PRVAccountant, RDPAccountant
-
-from privacy import recompute
-from privacy.independent import bracket_claims
-from privacy.recompute import prv_epsilon, rdp_epsilons
 
 DELTA = 1e-5
 HISTORIES = [
@@ -35,7 +34,7 @@ def test_rdp_and_prv_equal_opacus_accountants_on_the_same_events(history):
 
 def test_recomputing_imports_no_torch():
     code = (
-        "import sys; from privacy.recompute import prv_epsilon, rdp_epsilons;"
+        "import sys; from fedpriv.privacy.recompute import prv_epsilon, rdp_epsilons;"
         "rdp_epsilons([(1.1, 0.05, 20)], 1e-5); prv_epsilon([(1.1, 0.05, 20)], 1e-5);"
         "assert 'torch' not in sys.modules and 'opacus' not in sys.modules, 'torch imported'"
     )

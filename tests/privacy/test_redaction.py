@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from fedpriv.privacy.redaction import PLACEHOLDERS, redactor_for
 
-from fedpriv.config import RedactionConfig, load_config
-from fedpriv.errors import ConfigError
-from privacy.redaction import PLACEHOLDERS, redactor_for
+from fedpriv.kernel.config import RedactionConfig, load_config
+from fedpriv.kernel.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_bad_rule_configuration_is_one_clear_line(override, expected):
 _CHILD = """
 import json, sys
 import regex
-from privacy.redaction import warm_engine
+from fedpriv.privacy.redaction import warm_engine
 if sys.argv[1] == "warm":
     assert warm_engine()
 for name in [n for n in sys.modules if n.partition(".")[0] in ("privacy", "fedpriv")]:
@@ -174,8 +174,8 @@ def spy(pattern, flags, ignore_unused, kwargs, cache_it):
         compiled.append(str(pattern))
     return real(pattern, flags, ignore_unused, kwargs, cache_it)
 regex._main._compile = spy
-from fedpriv.config import RedactionConfig
-from privacy.redaction import Redactor
+from fedpriv.kernel.config import RedactionConfig
+from fedpriv.privacy.redaction import Redactor
 Redactor(RedactionConfig(enabled=True, locales=["de", "us"])).redact(["Call Max Muster on +49 30 1234567 today."])
 print(json.dumps(compiled))
 """

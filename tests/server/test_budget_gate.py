@@ -26,10 +26,10 @@ SCRIPT = textwrap.dedent(
 
     from flwr.simulation import run_simulation
 
-    from client.client_app import build_client_app
-    from fedpriv.config import load_config
-    from server.server_app import build_server_app
-    from simulations.runner import backend_config
+    from fedpriv.client.client_app import build_client_app
+    from fedpriv.kernel.config import load_config
+    from fedpriv.server.server_app import build_server_app
+    from fedpriv.simulations.runner import backend_config
 
     spent, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
     for name, out, overrides in runs:

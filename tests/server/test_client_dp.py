@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
+from fedpriv.server import client_dp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from fedpriv import protocol
-from fedpriv.config import ClientDPConfig
-from fedpriv.errors import ConfigError
-from server import client_dp
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import ClientDPConfig
+from fedpriv.kernel.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -340,7 +340,7 @@ def test_simulation_records_the_epsilon_an_independent_accountant_finds(tmp_path
 
 
 def test_adaptive_clip_norm_is_saved_and_restored_for_a_resume(noise, tmp_path):
-    from server.resume import capture_strategy_state, restore_strategy_state
+    from fedpriv.server.resume import capture_strategy_state, restore_strategy_state
 
     strategy = dp_strategy(adaptive_cfg(), noise)
     release(strategy, 1, np.zeros(DIM), [5.0 * unit()] * PLANNED)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from server.progress_plot import PLOT_FILE, PlotData, ProgressPlots, draw
-from server.round_tracker import RoundRecord, RoundTracker
+from fedpriv.server.progress_plot import PLOT_FILE, PlotData, ProgressPlots, draw
+from fedpriv.server.round_tracker import RoundRecord, RoundTracker
 
 
 def tracker_with(rounds: int, dp: bool = True) -> RoundTracker:
@@ -88,7 +87,7 @@ def test_close_without_rounds_draws_nothing(tmp_path):
 
 
 def test_the_last_rounds_confusion_matrix_is_drawn_beside_the_progress_plot(tmp_path):
-    from server.progress_plot import CONFUSION_FILE
+    from fedpriv.server.progress_plot import CONFUSION_FILE
 
     tracker = tracker_with(2)
     tracker.label_names = ["business", "sports"]

@@ -5,9 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
-from server import prompt_grid
-from server.prompt_grid import PromptGrid
+from fedpriv.server import prompt_grid
+from fedpriv.server.prompt_grid import PromptGrid
 
 
 class SlowRepliesGrid:
@@ -136,7 +135,7 @@ def test_masked_vectors_arrive_widened_and_a_malformed_one_becomes_that_node_s_e
     for name, value in (("_run_id", 7), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
 
-    from fedpriv.masked_vectors import MASKED, SECAGG_CONFIGS
+    from fedpriv.runtime.masked_vectors import MASKED, SECAGG_CONFIGS
 
     def reply(vector, node_id):
         content = RecordDict({SECAGG_CONFIGS: ConfigRecord({MASKED: [ndarray_to_bytes(vector)]})})
@@ -184,7 +183,7 @@ def test_error_replies_go_to_the_failure_listener_as_one_line(monkeypatch):
     content = RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})})
     messages = [Message(content, dst_node_id=node, message_type="train") for node in (1, 2)]
     # Flower's reply for an exception raised in a ClientApp (flwr/supernode/runtime/run_clientapp.py)
-    reason = "<class 'client.node.NodeSetupError'>:<'organisation 'org-0': 16 training examples\nin a.csv'>"
+    reason = "<class 'fedpriv.client.node.NodeSetupError'>:<'organisation 'org-0': 16 training examples\nin a.csv'>"
     failed = Message(Error(code=0, reason=reason), reply_to=messages[1])
     failed.metadata.__dict__["_src_node_id"] = 2
     ok = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"), has_content=lambda: False,

@@ -6,13 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
-
-from fedpriv import protocol
-from server.budget_gate import BudgetGatedStrategy, BudgetState
-from server.ledger_store import LedgerStore
-from server.resume import (
+from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
+from fedpriv.server.ledger_store import LedgerStore
+from fedpriv.server.resume import (
     ResumeError,
     ResumePoint,
     capture_strategy_state,
@@ -24,6 +20,10 @@ from server.resume import (
     save_strategy_state,
     write_resume_point,
 )
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
+
+from fedpriv.kernel import protocol
 
 
 def _point(run_dir, rounds=2, **changes) -> ResumePoint:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedpriv.client.evaluation import macro_f1
+from fedpriv.server.checkpoints import load_checkpoint, save_checkpoint
+from fedpriv.server.round_tracker import RoundTracker
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.evaluation import macro_f1
-from fedpriv import protocol
-from server.checkpoints import load_checkpoint, save_checkpoint
-from server.round_tracker import RoundTracker
+from fedpriv.kernel import protocol
 
 
 def _eval_reply(org, labels, predictions, loss_sum):
@@ -125,7 +125,7 @@ def _without(reply, *keys):
 
 
 def test_a_training_loss_not_shared_is_null_and_a_partly_shared_one_names_who_sent_it():
-    from server.reports import build_summary
+    from fedpriv.server.reports import build_summary
 
     tracker = RoundTracker(num_rounds=2, num_labels=3, dp_enabled=True, printer=lambda _: None)
     agg = tracker.aggregate_train(

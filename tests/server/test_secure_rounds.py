@@ -9,10 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from fedpriv.server.secure_rounds import secagg_shares
 
-from fedpriv.config import load_config
-from fedpriv.errors import ConfigError
-from server.secure_rounds import secagg_shares
+from fedpriv.kernel.config import load_config
+from fedpriv.kernel.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +25,10 @@ SCRIPT = textwrap.dedent(
     from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import handle_evaluate, handle_train, secagg_when_requested
-    from fedpriv.config import load_config
-    from server.server_app import build_server_app
-    from simulations.runner import backend_config
+    from fedpriv.client.client_app import handle_evaluate, handle_train, secagg_when_requested
+    from fedpriv.kernel.config import load_config
+    from fedpriv.server.server_app import build_server_app
+    from fedpriv.simulations.runner import backend_config
 
     out, failing = Path(sys.argv[1]), {int(r): set(ps) for r, ps in json.loads(sys.argv[2]).items()}
     cfg = load_config(overrides=[
@@ -101,12 +101,11 @@ def test_one_dropout_leaves_the_round_to_the_survivors_and_too_many_halt_the_nex
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam")])
 def test_both_paths_pick_the_configured_flower_strategy(name, cls, tmp_path):
     import numpy as np
-
-    from server.budget_gate import BudgetState
-    from server.ledger_store import LedgerStore
-    from server.round_tracker import RoundTracker
-    from server.secure_rounds import _legacy_strategy
-    from server.strategy import build_strategy
+    from fedpriv.server.budget_gate import BudgetState
+    from fedpriv.server.ledger_store import LedgerStore
+    from fedpriv.server.round_tracker import RoundTracker
+    from fedpriv.server.secure_rounds import _legacy_strategy
+    from fedpriv.server.strategy import build_strategy
 
     cfg = load_config(overrides=[f"strategy.name={name}"])
     tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=True)
@@ -120,7 +119,7 @@ def test_both_paths_pick_the_configured_flower_strategy(name, cls, tmp_path):
 def test_failure_lines_name_the_org_once_known_and_stop_after_ten_per_round_and_exchange():
     from types import SimpleNamespace
 
-    from server.secure_rounds import MAX_FAILURES_SAID, FailureReports
+    from fedpriv.server.secure_rounds import MAX_FAILURES_SAID, FailureReports
 
     lines, server_round = [], [1]
     reports = FailureReports(lines.append, 3, {7: "org-7"}, lambda: server_round[0])

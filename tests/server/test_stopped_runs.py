@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from fedpriv.server.resume import ResumeError, ResumePoint, resumable
+from fedpriv.server.round_tracker import RoundTracker
+from fedpriv.server.server_app import stopped_summary
 
-from fedpriv.config import load_config
-from fedpriv.errors import DiskError
-from server.resume import ResumeError, ResumePoint, resumable
-from server.round_tracker import RoundTracker
-from server.server_app import stopped_summary
+from fedpriv.kernel.config import load_config
+from fedpriv.kernel.errors import DiskError
 from tests.disk_faults import tmpfs
 
 FULL = "[Errno 28] No space left on device"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedpriv.server.update_checks import update_problem
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpriv import protocol
-from server.update_checks import update_problem
+from fedpriv.kernel import protocol
 
 GLOBAL = {"head.weight": np.zeros((3, 4), dtype=np.float32), "head.bias": np.zeros(3, dtype=np.float32)}
 
@@ -63,8 +63,8 @@ def test_bytes_that_do_not_match_the_header_are_refused():
 
 
 def test_the_gated_strategy_aggregates_only_the_sound_updates_and_records_the_rest(flower_task_identity, tmp_path):
-    from server.budget_gate import BudgetGatedStrategy, BudgetState
-    from server.ledger_store import LedgerStore
+    from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
+    from fedpriv.server.ledger_store import LedgerStore
 
     class Inner:
         def configure_train(self, server_round, arrays, config, grid):
@@ -94,7 +94,7 @@ def test_the_gated_strategy_aggregates_only_the_sound_updates_and_records_the_re
 
 
 def test_under_secagg_only_the_unmasked_aggregate_s_finiteness_can_be_checked():
-    from server.secure_rounds import aggregate_is_finite
+    from fedpriv.server.secure_rounds import aggregate_is_finite
 
     assert aggregate_is_finite(_arrays({"flat": np.linspace(-8, 8, 50)}))
     assert not aggregate_is_finite(_arrays({"flat": np.array([0.0, np.inf])}))
@@ -104,11 +104,12 @@ def test_under_secagg_only_the_unmasked_aggregate_s_finiteness_can_be_checked():
 # trimmed mean of 2, 3, 4; median; Krum picks one honest update (2: closest to its neighbours, first of a tie)
 @pytest.mark.parametrize(("name", "expected"), [("fedtrimmedavg", 3.0), ("fedmedian", 3.0), ("krum", 2.0)])
 def test_robust_strategies_outvote_an_outlier_that_passes_the_checks(flower_task_identity, tmp_path, name, expected):
-    from fedpriv.config import load_config
-    from server.budget_gate import BudgetGatedStrategy, BudgetState
-    from server.ledger_store import LedgerStore
-    from server.round_tracker import RoundTracker
-    from server.strategy import build_strategy
+    from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
+    from fedpriv.server.ledger_store import LedgerStore
+    from fedpriv.server.round_tracker import RoundTracker
+    from fedpriv.server.strategy import build_strategy
+
+    from fedpriv.kernel.config import load_config
 
     cfg = load_config(overrides=[f"strategy.name={name}", "strategy.num_malicious_nodes=1"])
     tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=False)
@@ -133,8 +134,8 @@ def test_robust_strategies_outvote_an_outlier_that_passes_the_checks(flower_task
 
 
 def test_robust_strategies_are_refused_with_secure_aggregation():
-    from fedpriv.config import load_config
-    from fedpriv.errors import ConfigError
+    from fedpriv.kernel.config import load_config
+    from fedpriv.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError, match="strategy.name: krum compares the organisations' individual updates"):
         load_config(overrides=["strategy.name=krum", "secure_aggregation.enabled=true"])
@@ -144,7 +145,7 @@ def test_robust_strategies_are_refused_with_secure_aggregation():
 
 def test_an_aggregate_in_float64_goes_back_to_the_models_dtype():
     """FedAdam and Flower's DP wrappers return float64: round 2's updates (float32) must still match it."""
-    from server.budget_gate import in_dtypes_of
+    from fedpriv.server.budget_gate import in_dtypes_of
 
     like = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)), "b": Array(np.zeros(2, np.float32))})
     aggregate = ArrayRecord({"w": Array(np.full((2, 2), 0.1)), "b": Array(np.ones(2, np.float32))})

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.export import export_model
+from fedpriv.shared_models.sources import minilm_dir, resolve_pooling
 
-from fedpriv.config import ModelConfig
-from fedpriv.errors import ConfigError
-from shared_models.builder import build_model, build_tokenizer
-from shared_models.export import export_model
-from shared_models.sources import minilm_dir, resolve_pooling
+from fedpriv.kernel.config import ModelConfig
+from fedpriv.kernel.errors import ConfigError
 
 LABELS = ["neg", "pos"]
 
@@ -87,7 +87,7 @@ def test_pooling_that_does_not_fit_the_checkpoint_is_a_one_line_config_error(tmp
     with pytest.raises(ConfigError, match=r"1_Pooling/config.json: cannot read the sentence-transformers pooling"):
         resolve_pooling(damaged, "auto")
     with pytest.raises(ConfigError, match="model.pooling"):
-        from fedpriv.config import load_config
+        from fedpriv.kernel.config import load_config
 
         load_config(None, ["model.pooling=max"])
 

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
-
-from fedpriv.config import LoraConfig, ModelConfig
-from fedpriv.errors import ConfigError
-from shared_models.builder import build_model, build_tokenizer
-from shared_models.export import export_model
-from shared_models.weights import (
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.export import export_model
+from fedpriv.shared_models.weights import (
     WeightMismatchError,
     base_model_digest,
     load_trainable,
     trainable_arrays,
     trainable_state,
 )
+from flwr.app import ArrayRecord
+
+from fedpriv.kernel.config import LoraConfig, ModelConfig
+from fedpriv.kernel.errors import ConfigError
 
 LABELS = ["neg", "neu", "pos"]
 

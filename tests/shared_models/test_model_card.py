@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.export import export_model
 
-from fedpriv.config import ModelConfig
-from shared_models.builder import build_model, build_tokenizer
-from shared_models.export import export_model
+from fedpriv.kernel.config import ModelConfig
 
 
 def run_card_code(model_dir: Path) -> str:

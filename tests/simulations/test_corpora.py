@@ -6,10 +6,10 @@ import importlib.metadata
 from collections import Counter
 
 import pytest
+from fedpriv.simulations import corpora
+from fedpriv.simulations.corpora import BUILTIN_CORPORA, load_builtin
 
-from fedpriv.errors import DataError
-from simulations import corpora
-from simulations.corpora import BUILTIN_CORPORA, load_builtin
+from fedpriv.kernel.errors import DataError
 
 
 def test_bbc_news_has_2225_articles_in_5_topics():

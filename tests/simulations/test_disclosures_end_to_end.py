@@ -17,9 +17,9 @@ import sys
 import textwrap
 
 import pytest
+from fedpriv.client import disclosures
 
-from client import disclosures
-from fedpriv import protocol
+from fedpriv.kernel import protocol
 from tests.handler_messages import HANDLER_RUN
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
 
     from flwr.clientapp import ClientApp
 
-    import client.client_app as client_app
+    import fedpriv.client.client_app as client_app
     from fedpriv.cli import main
 
     runs = json.loads(sys.argv[1])

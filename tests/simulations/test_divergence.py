@@ -51,7 +51,7 @@ def test_a_loss_that_becomes_non_finite_stops_the_run_in_one_line_with_its_priva
         assert entries[0]["local_steps"] == stopped["step"] - 1 == summary["privacy"][org]["steps"]
         assert summary["privacy"][org]["epsilon"] == pytest.approx(entries[0]["epsilon"]) and entries[0]["epsilon"] > 0
         assert summary["data"]["truncation"][org]["max_length"] == 32  # the plan's data report, kept
-    from privacy.audit import audit, load_ledger_set
+    from fedpriv.privacy.audit import audit, load_ledger_set
 
     result = audit(load_ledger_set([str(out)], None), pld=False)
     assert result.ok, [f.to_dict() if hasattr(f, "to_dict") else f for f in getattr(result, "findings", [])]
@@ -78,6 +78,6 @@ def test_under_secure_aggregation_a_diverging_node_drops_out_and_the_run_still_s
         assert [(e["round"], e.get("stopped"), e["local_steps"]) for e in entries] == [
             (1, "diverged", stopped["step"] - 1)
         ]
-    from privacy.audit import audit, load_ledger_set
+    from fedpriv.privacy.audit import audit, load_ledger_set
 
     assert audit(load_ledger_set([str(out)], None), pld=False).ok

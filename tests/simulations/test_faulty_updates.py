@@ -27,11 +27,11 @@ SCRIPT = textwrap.dedent(
     from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import handle_evaluate, handle_train
-    from fedpriv import protocol
-    from fedpriv.config import load_config
-    from server.server_app import build_server_app
-    from simulations.runner import backend_config
+    from fedpriv.client.client_app import handle_evaluate, handle_train
+    from fedpriv.kernel import protocol
+    from fedpriv.kernel.config import load_config
+    from fedpriv.server.server_app import build_server_app
+    from fedpriv.simulations.runner import backend_config
 
     out = Path(sys.argv[1])
     cfg = load_config(overrides=[

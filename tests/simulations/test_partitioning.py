@@ -11,10 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fedpriv.simulations.partitioning import PartitionPlan, load_corpus, plan_partitions
 
-from fedpriv.config import load_config
-from fedpriv.errors import DataError
-from simulations.partitioning import PartitionPlan, load_corpus, plan_partitions
+from fedpriv.kernel.config import load_config
+from fedpriv.kernel.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"
@@ -179,8 +179,8 @@ def test_same_plan_in_another_process():
     overrides = ["training.batch_size=8", "partitioning.alpha=0.5", "data.max_examples=600"]
     script = (
         "import hashlib, json, sys\n"
-        "from fedpriv.config import load_config\n"
-        "from simulations.partitioning import plan_partitions\n"
+        "from fedpriv.kernel.config import load_config\n"
+        "from fedpriv.simulations.partitioning import plan_partitions\n"
         "plan = plan_partitions(load_config(overrides=json.loads(sys.argv[1])))\n"
         "rows = [(o.name, o.train.texts, o.train.labels, o.test.texts, o.test.labels) for o in plan.orgs]\n"
         "print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())\n"
@@ -365,9 +365,8 @@ def test_unknown_partition_id():
 def test_iid_shards_are_flower_datasets_iid_partitions_of_the_shuffled_order(n, num_orgs):
     import datasets
     import numpy as np
+    from fedpriv.simulations.partitioning import _iid
     from flwr_datasets.partitioner import IidPartitioner
-
-    from simulations.partitioning import _iid
 
     order = np.random.default_rng(3).permutation(n).tolist()
     partitioner = IidPartitioner(num_partitions=num_orgs)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import client.node
-from fedpriv.config import load_config
-from simulations.runner import preflight
+import fedpriv.client.node
+from fedpriv.simulations.runner import preflight
+
+from fedpriv.kernel.config import load_config
 
 
 def test_preflight_calibrates_each_distinct_plan_once(monkeypatch):
     calls = []
-    calibrate = client.node.org_privacy_plan
+    calibrate = fedpriv.client.node.org_privacy_plan
 
     def counted(cfg, org, num_train, *args, **kwargs):
         calls.append((org, num_train))
         return calibrate(cfg, org, num_train, *args, **{**kwargs, "calibrate": False})  # the count is the point
 
-    monkeypatch.setattr(client.node, "org_privacy_plan", counted)
+    monkeypatch.setattr(fedpriv.client.node, "org_privacy_plan", counted)
     cfg = load_config(
         overrides=[
             "model.name=tiny",

@@ -6,10 +6,10 @@ import dataclasses
 import math
 
 import pytest
+from fedpriv.simulations.runner import describe_plan, preflight, resolve_run_dir
 
-from fedpriv.config import load_config
-from fedpriv.errors import ConfigError
-from simulations.runner import describe_plan, preflight, resolve_run_dir
+from fedpriv.kernel.config import load_config
+from fedpriv.kernel.errors import ConfigError
 
 TINY = ["model.name=tiny", "partitioning.num_orgs=3", "data.max_examples=300", "training.batch_size=16"]
 
@@ -52,7 +52,7 @@ def test_dp_off_plan_says_so():
 def test_quiet_flower_logs_still_show_a_node_error_reply():
     import logging
 
-    from simulations.runner import NodeFailuresOnly
+    from fedpriv.simulations.runner import NodeFailuresOnly
 
     keep = NodeFailuresOnly()
 
@@ -67,7 +67,7 @@ def test_quiet_flower_logs_still_show_a_node_error_reply():
 
 
 def test_the_final_report_of_a_run_whose_last_round_was_not_evaluated_is_a_sentence_not_a_crash():
-    from simulations.runner import final_report
+    from fedpriv.simulations.runner import final_report
 
     summary = {"status": "incomplete", "rounds": [{}], "final": {"accuracy": None, "macro_f1": None, "loss": None}}
     report = final_report(summary)
@@ -80,8 +80,8 @@ def test_the_final_report_of_a_run_whose_last_round_was_not_evaluated_is_a_sente
 def test_the_default_gradient_canaries_fit_the_model_and_the_plan_says_how_far_they_reach():
     """The tiny model with LoRA has 4,421 trainable coordinates: the default audit uses them all and says it
     cannot reach epsilon 8; a number asked for explicitly that does not fit stops the run before training."""
-    from client.node import trainable_layout
-    from simulations.canary_audit import fitted
+    from fedpriv.client.node import trainable_layout
+    from fedpriv.simulations.canary_audit import fitted
 
     cfg = load_config(overrides=[*TINY, "canary_audit.enabled=true"])
     plan = preflight(cfg)
@@ -118,7 +118,7 @@ def test_the_plan_shows_each_organisations_class_counts_names_a_rare_label_and_c
     """A mistyped label became a class of its own unseen; Dirichlet skew and cut texts were invisible (issue 27)."""
     from collections import Counter
 
-    from shared_models.builder import build_tokenizer
+    from fedpriv.shared_models.builder import build_tokenizer
 
     long_text = " ".join(["word"] * 40)  # far past data.max_length=16 tokens
     rows = [(long_text if i % 4 == 0 else f"short text {i}", "pos" if i % 2 else "neg") for i in range(60)]

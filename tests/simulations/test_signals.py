@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fedpriv.server.resume import load_resume_point, resumable
 
-from fedpriv.interrupts import alive, process_tree
-from server.resume import load_resume_point, resumable
+from fedpriv.commands.interrupts import alive, process_tree
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedpriv.privacy.calibration import compute_epsilon
 
-from fedpriv import protocol
-from privacy.calibration import compute_epsilon
+from fedpriv.kernel import protocol
 from tests.shared_runs import TINY_DP_RUN, simulate_in_sequence
 
 SUMMARY_ROUND_FIELDS = {"round", "accuracy", "macro_f1", "loss", "epsilon"}
@@ -115,7 +115,7 @@ def test_every_reported_epsilon_is_recomputable_from_the_record(tiny_run):
 
 
 def test_the_runs_ledgers_are_complete_and_audit_clean(tiny_run):
-    from privacy.audit import audit, load_ledger_set
+    from fedpriv.privacy.audit import audit, load_ledger_set
 
     _, out = tiny_run
     summary = json.loads((out / "summary.json").read_text())
@@ -166,7 +166,7 @@ def test_a_killed_coordinator_resumes_and_ends_where_an_uninterrupted_run_does(t
     The run uses FedAdam, whose moments must come back after the restart; the reference is the FedAvg tiny run of
     the same data, batches and rounds: an organisation's epsilon depends on its plan, not on the strategy.
     """
-    from privacy.audit import audit, load_ledger_set
+    from fedpriv.privacy.audit import audit, load_ledger_set
 
     _, reference = tiny_run
     out = tmp_path / "run"
@@ -205,8 +205,8 @@ def test_a_killed_coordinator_resumes_and_ends_where_an_uninterrupted_run_does(t
 
 def test_organisation_level_dp_is_recorded_audited_and_stops_the_run_at_its_budget(runs):
     """The fixed-denominator clipped, noised sum (around FedProx); the coordinator's ledger; a budget that fits 2 of 3."""
-    from privacy.audit import audit, load_ledger_set
-    from privacy.recompute import rdp_epsilons
+    from fedpriv.privacy.audit import audit, load_ledger_set
+    from fedpriv.privacy.recompute import rdp_epsilons
 
     code, stdout, out = runs["client_dp"]
     assert code == 1, stdout[-3000:]  # stopped at its budget
@@ -270,12 +270,11 @@ def _final_weights(out: Path) -> dict:
 def _plain_fedavg(cfg, run_dir: Path) -> dict:
     """Round 1 of plain FedAvg, computed here: every organisation's ClientApp trains (same seed, same code as in
     the simulation's actors), the updates are averaged weighted by their training examples."""
+    from fedpriv.client.client_app import handle_train
+    from fedpriv.client.node import fresh_model
+    from fedpriv.shared_models.weights import trainable_arrays
+    from fedpriv.simulations.partitioning import plan_partitions
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-
-    from client.client_app import handle_train
-    from client.node import fresh_model
-    from shared_models.weights import trainable_arrays
-    from simulations.partitioning import plan_partitions
 
     model, digest = fresh_model(cfg.model, plan_partitions(cfg).label_names)
     total, weighted = 0, {}
@@ -296,7 +295,7 @@ def test_secure_aggregation_gives_the_plain_aggregate_within_quantisation_error(
     """Same seed, DP off (reproducible local rounds): SecAgg+ must give plain FedAvg's aggregate."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpriv.config import load_config
+    from fedpriv.kernel.config import load_config
 
     for name in ("_run_id", "_node_id", "_task_id"):  # what Flower's runtime sets before messages are made
         monkeypatch.setattr(TaskIdentity, name, 1)
