@@ -23,7 +23,7 @@ class NotAnAppCheckout(Exception):
 
 def project_root() -> Path:
     """The checkout this fedpriv runs from, when it is a Flower app folder."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # fedpriv/commands/ -> the checkout
     pyproject = root / "pyproject.toml"
     if not pyproject.exists() or FLWR_APP_TABLE not in pyproject.read_text(encoding="utf-8"):
         raise NotAnAppCheckout(f"{root}: no pyproject.toml with {FLWR_APP_TABLE}; run from a checkout of fedpriv")

@@ -48,7 +48,7 @@ def test_staging_again_replaces_the_folder(tmp_path):
 def test_a_folder_without_a_flower_app_is_refused(tmp_path, monkeypatch):
     import fedpriv.commands.app_source as app_source
 
-    fake = tmp_path / "site-packages" / "fedpriv" / "app_source.py"
+    fake = tmp_path / "site-packages" / "fedpriv" / "commands" / "app_source.py"
     fake.parent.mkdir(parents=True)
     monkeypatch.setattr(app_source, "__file__", str(fake))
     with pytest.raises(NotAnAppCheckout, match=r"site-packages: no pyproject.toml with \[tool.flwr.app\]"):

@@ -11,7 +11,7 @@ from flwr.serverapp import ServerApp
 
 from fedpriv.kernel.run_config import config_from_context
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _context(run_config: dict) -> Context:

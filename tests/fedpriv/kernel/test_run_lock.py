@@ -18,7 +18,7 @@ from fedpriv.kernel.errors import ConfigError
 from fedpriv.kernel.run_lock import LOCK_FILE, RunFolderBusy, lock_run_dir
 from tests.deployment.helpers import write_csv
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HOLD = "import sys, time\nfrom fedpriv.kernel.run_lock import lock_run_dir\nlock_run_dir(sys.argv[1], fresh=True)\n"
 HOLD += "print('locked', flush=True)\ntime.sleep(600)\n"
 TINY = ["model.name=tiny", "partitioning.num_orgs=2", "partitioning.scheme=iid", "data.max_examples=200"]

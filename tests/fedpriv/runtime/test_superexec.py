@@ -191,7 +191,7 @@ def warm_runs(tmp_path_factory):
     steps = [[1, "run1-a/query"], [1, "run1-b"], ["append-rows", 8], [1, "run1-c"], [2, "run2-a/secagg:setup"]]
     steps.append([2, "run2-b"])
     (work / "plan.json").write_text(json.dumps({"steps": steps, "rows": 40, "warm_runs": 1}))
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(
         [sys.executable, "-m", "tests.fedpriv.runtime.warm_run_scenario", str(work)],

@@ -11,7 +11,7 @@ from fedpriv.commands.provisioning.join import init_org
 from fedpriv.commands.provisioning.kits import provision
 from fedpriv.kernel.config import load_node_config
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "FEDERATION.yaml"
+EXAMPLE = Path(__file__).resolve().parents[4] / "examples" / "FEDERATION.yaml"
 
 
 def test_shipped_example_provisions_every_party_from_join_requests(tmp_path):
