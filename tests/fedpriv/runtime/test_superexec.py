@@ -166,11 +166,11 @@ def test_frames_survive_a_pipe_in_pieces():
 def test_app_modules_from_another_folder_are_noticed(tmp_path, monkeypatch):
     import types
 
-    stray = types.ModuleType("client.stray_for_test")
-    stray.__file__ = str(tmp_path / "elsewhere" / "client" / "stray_for_test.py")
-    monkeypatch.setitem(sys.modules, "client.stray_for_test", stray)
-    assert "client.stray_for_test" in superexec.app_modules_outside(tmp_path / "fab")
-    assert "client.stray_for_test" not in superexec.app_modules_outside(tmp_path / "elsewhere")
+    stray = types.ModuleType("fedpriv.client.stray_for_test")  # an app module (one import root: fedpriv)
+    stray.__file__ = str(tmp_path / "elsewhere" / "fedpriv" / "client" / "stray_for_test.py")
+    monkeypatch.setitem(sys.modules, "fedpriv.client.stray_for_test", stray)
+    assert "fedpriv.client.stray_for_test" in superexec.app_modules_outside(tmp_path / "fab")
+    assert "fedpriv.client.stray_for_test" not in superexec.app_modules_outside(tmp_path / "elsewhere")
 
 
 def test_warm_run_settings_are_checked(monkeypatch):
