@@ -50,6 +50,7 @@ children get the thread count back.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import importlib
@@ -568,6 +569,7 @@ def noted_pull(pull_task_input):
     """Flower's ``pull_task_input``, keeping the task's context and run, and (with stage timings on) noting
     when the message and its arrays were in hand (wall clock), which the ClientApp's stage timing reads back."""
 
+    @functools.wraps(pull_task_input)  # the same signature: patch_points checks it
     def pull(client):
         note_step("connected")
         message, context, run, fab = result = pull_task_input(client)
@@ -589,6 +591,7 @@ def remembered_install(install_from_fab):
     a child of a warm run process only checks the digest and that the installed folder is there.
     """
 
+    @functools.wraps(install_from_fab)
     def install(fab_file, install_dir=None, skip_prompt=False):
         digest = hashlib.sha256(fab_file).hexdigest() if isinstance(fab_file, bytes) else None
         known = _verified_fabs.get(digest) if digest and install_dir is None else None
@@ -613,6 +616,7 @@ def checked_loader(get_load_client_app_fn, report_fd: int | None):
     go to the run process, which warms itself with them.
     """
 
+    @functools.wraps(get_load_client_app_fn)
     def get_load(*args, **kwargs):
         load = get_load_client_app_fn(*args, **kwargs)
 
@@ -783,6 +787,9 @@ READY_LINE = "fedpriv-superexec: warm"  # printed once imports and caches are in
 
 def main() -> None:
     """``fedpriv-superexec``: ``flower-superexec`` with warm, forked ClientApp processes."""
+    from fedpriv.runtime import patch_points
+
+    patch_points.refuse_unless_fits("fedpriv-superexec")  # one line and exit 2 where Flower moved a patch point
     # started by fedpriv-supernode, whose AcquireTask waits for a task itself (fedpriv/runtime/node_wakeups.py): ask again
     # at once; from any other SuperNode, every 0.2 s
     os.environ.setdefault(POLL_ENV, LONG_POLL_INTERVAL_S if os.environ.get(LONG_POLL_ENV) else DEFAULT_POLL_S)

@@ -10,16 +10,16 @@ import time
 import pytest
 from flwr.supernode import start_client_internal
 
-from fedpriv.runtime import node_wakeups, supernode
+from fedpriv.runtime import node_wakeups, patch_points, supernode
 
 
 def test_the_patch_points_exist_in_this_flower_release():
-    supernode.check_patch_points(start_client_internal)  # fails loudly when a Flower upgrade moves them
+    assert patch_points.refusal("fedpriv-supernode") is None  # fails loudly when a Flower upgrade moves them
 
 
-def test_patch_points_that_moved_are_refused():
-    with pytest.raises(SystemExit, match="run flower-supernode instead"):
-        supernode.check_patch_points(subprocess)  # a module without Flower's SuperNode loop
+def test_patch_points_that_moved_are_refused(monkeypatch):
+    monkeypatch.delattr(start_client_internal, "subprocess")  # Flower's SuperNode loop no longer starts a SuperExec
+    assert "start_client_internal.subprocess is missing" in patch_points.refusal("fedpriv-supernode")
 
 
 def test_install_shortens_the_idle_wait_and_starts_the_warm_superexec(monkeypatch):
