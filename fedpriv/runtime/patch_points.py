@@ -245,7 +245,7 @@ NODE_OBJECT_PULLS = Patch(
 
 WARM_SUPEREXEC = Patch(
     "the warm SuperExec",
-    "fedpriv/runtime/superexec.py",
+    "fedpriv/runtime/superexec_patch.py, fedpriv/runtime/clientapp_child.py",
     (
         function(SUPEREXEC, "get_executor", "executor_type", "executor_config"),
         calls(SUPEREXEC, "get_executor("),
