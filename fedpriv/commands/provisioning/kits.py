@@ -487,7 +487,8 @@ Files
   nodes/ORG.pub     each enrolled organisation's SuperNode public key (OpenSSH, EC P-384)
   ledger-keys/ORG.pub  each organisation's privacy-ledger key: `fedpriv audit RUN_DIR --keys ledger-keys/`
   start-superlink.sh  starts fedpriv-superlink (flower-superlink that hands nodes their messages at once) with TLS
-                    and SuperNode authentication; it refuses to start where it can read the CA's key
+                    and SuperNode authentication; it refuses to start where it can read the CA's key, and runs
+                    Flower's own flower-superlink where the installed Flower moved what fedpriv patches
 {front}
   enroll-nodes.sh   registers nodes/*.pub with the running SuperLink (flwr supernode register)
 
@@ -542,7 +543,8 @@ Files
   state/            (after the first round) privacy plan, accountant and ledger.jsonl: never delete it
   start-supernode.sh  starts fedpriv-supernode (flower-supernode with warm ClientApps and the approved-app check),
                     dialling the coordinator at {cfg.dial_address}; `fedpriv org accept` writes your own copy from
-                    fedpriv's template (federation.json: the federation's name and that address)
+                    fedpriv's template (federation.json: the federation's name and that address); where the
+                    installed Flower moved what the speed-ups patch, it starts without them (Flower's own loop)
 
 {setup}
 Run: ./start-supernode.sh      (the folder can be copied anywhere; paths are relative to the script)
