@@ -40,7 +40,15 @@ from fedpriv.commands.provisioning.federation import (
     FederationConfig,
     load_federation,
 )
-from fedpriv.commands.provisioning.kits import CA_KEY_ENV, SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
+from fedpriv.commands.provisioning.kits import (
+    CA_KEY_ENV,
+    NODE_FALLBACK_LINE,
+    SPEEDUPS_ENV,
+    SUPERLINK,
+    SUPERLINK_ENV,
+    SUPERNODE,
+    SUPERNODE_ENV,
+)
 from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
 from fedpriv.kernel.run_lock import lock_run_dir
@@ -680,12 +688,17 @@ def _start_and_run(
 
     _wait(f"waiting for {n} SuperNodes to come online", all_online, procs, START_TIMEOUT_S)
     say(f"{n} SuperNodes online: {', '.join(o.name for o in cfg.organisations)}; logs in {logs}")
-    if (os.environ.get(SUPERNODE_ENV) or SUPERNODE) == SUPERNODE:
+    if (os.environ.get(SUPERNODE_ENV) or SUPERNODE) == SUPERNODE and os.environ.get(SPEEDUPS_ENV) != "0":
         # each node's fedpriv-superexec imports torch & co. and builds its caches once (seconds of CPU per
         # node, 10 nodes sharing this machine's cores): the run starts once they have, as in a federation
-        # whose nodes were started ahead of it, so that its first round does not pay for their start-up
+        # whose nodes were started ahead of it, so that its first round does not pay for their start-up. A node
+        # whose kit fell back to Flower's own SuperExec (a Flower that moved a patch point) has nothing to warm.
+        def warm(name: str, start: int) -> bool:
+            log = procs[name][1]
+            return printed_since(log, start, READY_LINE) or printed_since(log, start, NODE_FALLBACK_LINE)
+
         def all_warm() -> bool:
-            return all(printed_since(procs[name][1], start, READY_LINE) for name, start in log_starts.items())
+            return all(warm(name, start) for name, start in log_starts.items())
 
         _wait("waiting for the SuperNodes' fedpriv-superexec to warm up", all_warm, procs, WARM_TIMEOUT_S)
         say(f"{n} SuperNodes warm (torch, transformers, PEFT, Opacus and the redaction rules loaded)")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+from fedpriv.runtime.patch_points import FLOWER_RANGE
+
 INITIAL_BACKOFF_S = 0.05
 BACKOFF_CAP_S = 0.5
 SERVER_ERROR_TRIES = 20  # transient server errors ridden out per object (about 8 s at the capped back-off)
@@ -79,6 +81,6 @@ def install(module: ModuleType) -> None:
     original = getattr(module, "pull_objects", None)
     if not callable(original):
         raise SystemExit(
-            f"fedpriv: {module.__name__} has no pull_objects in this Flower release (flwr 1.41.x expected)"
+            f"fedpriv: {module.__name__} has no pull_objects in this Flower release (flwr{FLOWER_RANGE} expected)"
         )
     module.pull_objects = prompt(original)

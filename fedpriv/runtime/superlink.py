@@ -24,44 +24,22 @@ thousands of nodes falls back to plain polling instead of starving the
 ServerApp's requests.
 
 Patched into Flower's Fleet and Runtime API handler modules (looked up by name
-on every request); ``check_patch_points`` fails loudly if a Flower release
-moves them (flwr is pinned to 1.41.x).
+on every request); fedpriv/runtime/patch_points.py checks them before anything
+is patched and refuses, in one line, a Flower release that moved them.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
+from fedpriv.runtime import patch_points
 from fedpriv.runtime.wakeups import Wakeups, held, noting
 
 HOLD_S = 2.0  # the longest a node's empty PullMessages waits for a message
 MAX_HELD = 24  # node pulls held at once (the HTTP server's thread pool has 40 workers)
 REPLY_HOLD_S = 2.0  # the longest the ServerApp's empty PullMessages waits for a reply
 MAX_HELD_REPLY_PULLS = 4  # ServerApp pulls held at once (one per running ServerApp)
-FLEET_ROUTER = "flwr.superlink.routers.fleet.router"
-RUNTIME_ROUTER = "flwr.supercore.routers.runtime.router"
 
 WAKEUPS = Wakeups()  # the ServerApp pushed messages (for the nodes)
 REPLIES = Wakeups()  # a node pushed messages (replies, for the ServerApp)
-
-
-def check_patch_points(fleet_handlers, runtime_handlers) -> None:
-    """Fail loudly when the Flower release no longer calls what the patches wrap."""
-    for module, name, router in (
-        (fleet_handlers, "pull_messages", FLEET_ROUTER),
-        (fleet_handlers, "push_messages", FLEET_ROUTER),
-        (runtime_handlers, "push_messages", RUNTIME_ROUTER),
-        (runtime_handlers, "pull_messages", RUNTIME_ROUTER),
-    ):
-        caller = f"{'fleet_handlers' if module is fleet_handlers else 'handlers'}.{name}("
-        if not callable(getattr(module, name, None)) or caller not in inspect.getsource(
-            importlib.import_module(router)
-        ):
-            raise SystemExit(
-                f"fedpriv-superlink: {module.__name__}.{name} is not called as `{caller}` in this Flower release;"
-                " run flower-superlink instead"
-            )
 
 
 def _empty(response) -> bool:
@@ -100,11 +78,11 @@ def _keyword_request(pull):
 
 
 def main() -> None:
+    patch_points.refuse_unless_fits("fedpriv-superlink")  # one line and exit 2 where Flower moved a patch point
     from flwr.superlink.cli.flower_superlink import flower_superlink
     from flwr.superlink.servicer.fleet import fleet_handlers
     from flwr.superlink.servicer.runtime import runtime_handlers
 
-    check_patch_points(fleet_handlers, runtime_handlers)
     install(fleet_handlers, runtime_handlers)
     flower_superlink()
 

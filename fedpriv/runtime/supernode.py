@@ -22,8 +22,11 @@ waiting out of a round:
 
 They are patched into the module that holds Flower's SuperNode loop
 (``flwr.supernode.start_client_internal``) and its Runtime API handlers;
-``check_patch_points`` fails loudly if a Flower release moves them (flwr is
-pinned to 1.41.x).
+fedpriv/runtime/patch_points.py checks them (and the approved-app check's) before
+anything is patched and refuses, in one line, a Flower release that moved them.
+With ``FEDPRIV_NODE_SPEEDUPS=0`` only the approved-app check is installed:
+Flower's own SuperNode loop, idle poll and ``flower-superexec`` (what the kit's
+start-supernode.sh falls back to when the speed-ups do not fit the installed Flower).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import sys
 import time
 
 from fedpriv.kernel.env_settings import env_number
-from fedpriv.runtime import node_wakeups
+from fedpriv.runtime import node_wakeups, patch_points
 from fedpriv.runtime.node_wakeups import PULL_CLOCK, LocalWaits, PullClock
 
 POLL_ENV = "FEDPRIV_NODE_POLL_S"
@@ -91,26 +94,12 @@ def superexec_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "fedpriv.runtime.superexec"]
 
 
-def check_patch_points(module) -> None:
-    """Fail loudly when the Flower release no longer has what the patches replace."""
-    import inspect
-
-    source = inspect.getsource(module)
-    for needle in (f"time.sleep({FLOWER_IDLE_WAIT_S})", f'["{FLOWER_SUPEREXEC}"]', "subprocess.Popen(command)"):
-        if needle not in source:
-            raise SystemExit(
-                f"fedpriv-supernode: {module.__name__} has no `{needle}` in this Flower release; "
-                "run flower-supernode instead"
-            )
-
-
 def install(poll_s: float) -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.servicer.runtime import runtime_handlers
 
     from fedpriv.runtime import object_pulls
 
-    check_patch_points(start_client_internal)
     object_pulls.install(start_client_internal)  # the arrays of a message, from the SuperLink
     node_wakeups.install(runtime_handlers, start_client_internal)  # waits that end when something arrives
     start_client_internal.time = ShortWaits(poll_s)
@@ -154,18 +143,38 @@ def load_own_settings(argv: list[str]):
         raise SystemExit(f"fedpriv-supernode: {exc}") from None
 
 
-def main() -> None:
+def speedups_on() -> bool:
+    """Whether this node runs with its speed-ups (``FEDPRIV_NODE_SPEEDUPS``, 1 by default; 0: the approved-app check
+    only, on Flower's own SuperNode loop and flower-superexec)."""
+    raw = os.environ.get(patch_points.SPEEDUPS_ENV) or "1"
+    if raw not in ("0", "1"):
+        raise SystemExit(f"fedpriv-supernode: {patch_points.SPEEDUPS_ENV}={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
+def _or_stop(step):
+    """``step()``; its SystemExit message becomes one line on stderr and exit code 2 (a mistake in the setup)."""
     try:
-        path, node = load_own_settings(sys.argv[1:])
-    except SystemExit as exc:  # one line, exit 2 (a configuration mistake), before Flower starts anything
+        return step()
+    except SystemExit as exc:
         print(exc.code, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main() -> None:
+    speedups = _or_stop(speedups_on)
+    # before anything is patched: one line and exit 2 where Flower moved a patch point (or --check-flower alone)
+    patch_points.refuse_unless_fits(
+        "fedpriv-supernode", patch_points.COMMANDS["fedpriv-supernode"] if speedups else (patch_points.APPROVED_APPS,)
+    )
+    path, node = _or_stop(lambda: load_own_settings(sys.argv[1:]))  # before Flower starts anything
     from flwr.supernode import start_client_internal
 
     from fedpriv.client import app_approval
 
     app_approval.install(start_client_internal, node.approved_apps, path)
-    install(poll_interval())
+    if speedups:
+        install(poll_interval())
     from flwr.supernode.cli import flower_supernode
 
     flower_supernode()

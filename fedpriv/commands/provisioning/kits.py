@@ -103,6 +103,26 @@ def _in_kit(path: str) -> str:
 
 SUPERLINK = "fedpriv-superlink"
 SUPERLINK_ENV = "FEDPRIV_SUPERLINK"
+CHECK_FLOWER = "--check-flower"  # fedpriv/runtime/patch_points.py: exit 2 when the installed Flower moved a patch point
+SPEEDUPS_ENV = "FEDPRIV_NODE_SPEEDUPS"  # 0: fedpriv-supernode with the approved-app check only (Flower's own loop)
+# what start-supernode.sh prints when it starts the node without its speed-ups (`fedpriv federation up` reads it)
+NODE_FALLBACK_LINE = "start-supernode.sh: starting fedpriv-supernode without its speed-ups"
+
+
+def flower_check(script: str, variable: str, command: str, fallback: list[str]) -> list[str]:
+    """Shell lines that ask ``command --check-flower`` whether its patches fit the installed Flower, and run
+    ``fallback`` (shell lines) when it refuses (exit 2; its own line names the patch point and the Flower)."""
+    return [
+        f'if [ "${variable}" = {command} ]; then',
+        "  status=0",
+        f"  {command} {CHECK_FLOWER} || status=$?",
+        '  case "$status" in',
+        "    0) ;;",
+        "    2) " + "; ".join(fallback) + " ;;",
+        f'    *) echo "{script}: {command} {CHECK_FLOWER} failed (exit $status)" >&2; exit "$status" ;;',
+        "  esac",
+        "fi",
+    ]
 
 
 def superlink_command(cfg: FederationConfig) -> list[str]:
@@ -113,7 +133,7 @@ def superlink_command(cfg: FederationConfig) -> list[str]:
     """
     co = cfg.coordinator
     return [
-        f'"${{{SUPERLINK_ENV}:-{SUPERLINK}}}"',
+        '"$SUPERLINK"',
         '--ssl-ca-certfile "$KIT/ca.crt"',
         '--ssl-certfile "$KIT/superlink.crt"',
         '--ssl-keyfile "$KIT/superlink.key"',
@@ -164,6 +184,17 @@ def start_superlink_sh(cfg: FederationConfig) -> str:
         *_kit_prelude("start-superlink.sh"),
         *ca_key_guard("start-superlink.sh"),
         *([f"mkdir -p {db_dir}"] if db_dir else []),
+        f'SUPERLINK="${{{SUPERLINK_ENV}:-{SUPERLINK}}}"',
+        f"# a Flower release that moved what {SUPERLINK} patches: Flower's own flower-superlink (same flags)",
+        *flower_check(
+            "start-superlink.sh",
+            "SUPERLINK",
+            SUPERLINK,
+            [
+                'echo "start-superlink.sh: running Flower\'s own flower-superlink instead" >&2',
+                "SUPERLINK=flower-superlink",
+            ],
+        ),
         "exec " + " \\\n    ".join(superlink_command(cfg)) + ' \\\n    "$@"',
     ]
     return "\n".join(lines) + "\n"
@@ -355,7 +386,7 @@ def supernode_command(dial_address: str) -> list[str]:
     # fedpriv-supernode is flower-supernode (same flags) with warm ClientApp processes and a short idle poll;
     # FEDPRIV_SUPERNODE=flower-supernode runs Flower's own instead
     return [
-        f'"${{{SUPERNODE_ENV}:-{SUPERNODE}}}"',
+        '"$SUPERNODE"',
         f"--superlink {dial_address}",
         '--root-certificates "$KIT/ca.crt"',
         '--auth-supernode-private-key "$KIT/node.key"',
@@ -374,6 +405,15 @@ def start_supernode_sh(federation: str, dial_address: str, org: str) -> str:
         f"# {SUPERNODE_ENV}=flower-supernode ./start-supernode.sh runs Flower's stock SuperNode (cold ClientApps, and",
         "# no approved-app check: it runs any app).",
         *_kit_prelude("start-supernode.sh"),
+        f'SUPERNODE="${{{SUPERNODE_ENV}:-{SUPERNODE}}}"',
+        f"# a Flower release that moved what {SUPERNODE}'s speed-ups patch: Flower's own SuperNode loop and",
+        "# flower-superexec, still with the approved-app check (fedpriv-supernode refuses to start without it)",
+        *flower_check(
+            "start-supernode.sh",
+            "SUPERNODE",
+            SUPERNODE,
+            [f'echo "{NODE_FALLBACK_LINE} ({SPEEDUPS_ENV}=0)" >&2', f"export {SPEEDUPS_ENV}=0"],
+        ),
         "exec " + " \\\n    ".join(supernode_command(dial_address)) + ' \\\n    "$@"',
     ]
     return "\n".join(lines) + "\n"
@@ -447,7 +487,8 @@ Files
   nodes/ORG.pub     each enrolled organisation's SuperNode public key (OpenSSH, EC P-384)
   ledger-keys/ORG.pub  each organisation's privacy-ledger key: `fedpriv audit RUN_DIR --keys ledger-keys/`
   start-superlink.sh  starts fedpriv-superlink (flower-superlink that hands nodes their messages at once) with TLS
-                    and SuperNode authentication; it refuses to start where it can read the CA's key
+                    and SuperNode authentication; it refuses to start where it can read the CA's key, and runs
+                    Flower's own flower-superlink where the installed Flower moved what fedpriv patches
 {front}
   enroll-nodes.sh   registers nodes/*.pub with the running SuperLink (flwr supernode register)
 
@@ -502,7 +543,8 @@ Files
   state/            (after the first round) privacy plan, accountant and ledger.jsonl: never delete it
   start-supernode.sh  starts fedpriv-supernode (flower-supernode with warm ClientApps and the approved-app check),
                     dialling the coordinator at {cfg.dial_address}; `fedpriv org accept` writes your own copy from
-                    fedpriv's template (federation.json: the federation's name and that address)
+                    fedpriv's template (federation.json: the federation's name and that address); where the
+                    installed Flower moved what the speed-ups patch, it starts without them (Flower's own loop)
 
 {setup}
 Run: ./start-supernode.sh      (the folder can be copied anywhere; paths are relative to the script)

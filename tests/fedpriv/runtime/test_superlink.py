@@ -6,22 +6,20 @@ import threading
 import time
 from types import SimpleNamespace
 
-import pytest
 from flwr.superlink.servicer.fleet import fleet_handlers
-from flwr.superlink.servicer.runtime import runtime_handlers
 
-from fedpriv.runtime import superlink
+from fedpriv.runtime import patch_points, superlink
 from fedpriv.runtime.wakeups import Wakeups
 
 
 def test_the_patch_points_exist_in_this_flower_release():
-    superlink.check_patch_points(fleet_handlers, runtime_handlers)  # fails loudly when a Flower upgrade moves them
+    assert patch_points.refusal("fedpriv-superlink") is None  # fails loudly when a Flower upgrade moves them
 
 
-def test_patch_points_that_moved_are_refused():
-    moved = SimpleNamespace(__name__="fleet", pull_messages=None)
-    with pytest.raises(SystemExit, match="fleet.pull_messages is not called.*run flower-superlink instead"):
-        superlink.check_patch_points(moved, runtime_handlers)
+def test_patch_points_that_moved_are_refused(monkeypatch):
+    monkeypatch.setattr(fleet_handlers, "pull_messages", None)
+    line = patch_points.refusal("fedpriv-superlink")
+    assert "fleet_handlers.pull_messages is not a function" in line and line.endswith("run flower-superlink instead")
 
 
 def fake_link(pull_messages=None, push_ins=None, pull_replies=None, push_replies=None):

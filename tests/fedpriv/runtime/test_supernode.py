@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from flwr.supernode import start_client_internal
 
-from fedpriv.runtime import node_wakeups, supernode
+from fedpriv.runtime import node_wakeups, patch_points, supernode
 
 
 def test_the_patch_points_exist_in_this_flower_release():
-    supernode.check_patch_points(start_client_internal)  # fails loudly when a Flower upgrade moves them
+    assert patch_points.refusal("fedpriv-supernode") is None  # fails loudly when a Flower upgrade moves them
 
 
-def test_patch_points_that_moved_are_refused():
-    with pytest.raises(SystemExit, match="run flower-supernode instead"):
-        supernode.check_patch_points(subprocess)  # a module without Flower's SuperNode loop
+def test_patch_points_that_moved_are_refused(monkeypatch):
+    monkeypatch.delattr(start_client_internal, "subprocess")  # Flower's SuperNode loop no longer starts a SuperExec
+    assert "start_client_internal.subprocess is missing" in patch_points.refusal("fedpriv-supernode")
 
 
 def test_install_shortens_the_idle_wait_and_starts_the_warm_superexec(monkeypatch):
@@ -73,3 +74,21 @@ def test_the_poll_interval_defaults_and_can_be_set(monkeypatch):
     assert supernode.poll_interval() == supernode.DEFAULT_POLL_S
     monkeypatch.setenv(supernode.POLL_ENV, "1.5")
     assert supernode.poll_interval() == 1.5
+
+
+def test_without_its_speed_ups_the_node_keeps_the_approved_app_check_on_flowers_own_loop(tmp_path, monkeypatch):
+    """What start-supernode.sh falls back to where Flower moved a speed-up's patch point (FEDPRIV_NODE_SPEEDUPS=0)."""
+    from fedpriv.client import app_approval
+    from flwr.supernode import cli
+
+    node_yaml = tmp_path / "node.yaml"
+    node_yaml.write_text("org: hospital-a\ndata: {path: notes.csv}\nprivacy: {target_epsilon: 8}\n")
+    gated, started = [], []
+    monkeypatch.setattr(app_approval, "install", lambda module, approved, path: gated.append(path))
+    monkeypatch.setattr(supernode, "install", lambda poll_s: pytest.fail("speed-ups installed"))
+    monkeypatch.setattr(cli, "flower_supernode", lambda: started.append(True))
+    monkeypatch.setattr(sys, "argv", ["fedpriv-supernode", "--node-config", f"node-config='{node_yaml}'"])
+    monkeypatch.setenv(patch_points.SPEEDUPS_ENV, "0")
+    monkeypatch.delattr(start_client_internal, "time")  # a speed-up's patch point, moved: not needed now
+    supernode.main()
+    assert gated == [str(node_yaml)] and started == [True]

@@ -1,6 +1,6 @@
 """Messages of two runs through ``ForkExecutor`` with warm run processes, in a fresh interpreter.
 
-Run by tests/fedpriv/runtime/test_superexec.py as ``python -m tests.fedpriv.runtime.warm_run_scenario WORKDIR``: a process of
+Run by tests/fedpriv/runtime/test_run_process.py as ``python -m tests.fedpriv.runtime.warm_run_scenario WORKDIR``: a process of
 its own, because the run processes run torch (the model template) and a process forked from one that used an
 OpenMP thread pool (an earlier test in the same pytest process) would hang. Flower's ``run_clientapp`` is
 replaced by what it does up to the handler: pull the task (a made-up context per token), load the ClientApp
@@ -56,7 +56,7 @@ def main(work: Path) -> None:
     from flwr.supernode.runtime import run_clientapp as runtime
 
     from fedpriv.commands.app_source import stage_app
-    from fedpriv.runtime import superexec
+    from fedpriv.runtime import clientapp_child, fork_executor
 
     for fab_hash in FAB_HASHES.values():  # what Flower's install_from_fab leaves: the app under FLWR_HOME
         stage_app(get_project_dir(FAB_ID, FAB_VERSION, fab_hash))
@@ -113,13 +113,13 @@ def main(work: Path) -> None:
         template, _ = node._template(cfg.model, local.label_names)
         record = {
             "token": kwargs["token"].partition("/")[0],
-            "waited_for_run_process": "waited" in superexec._task,
+            "waited_for_run_process": "waited" in clientapp_child.current_task,
             "token_cache_before_load": bool(cache),
             "pid": os.getpid(),
             "ppid": os.getppid(),
             "comm": Path("/proc/self/comm").read_text().strip(),
             "parent_comm": Path(f"/proc/{os.getppid()}/comm").read_text().strip(),
-            "warm_env": bool(os.environ.get(superexec.WARM_ENV)),
+            "warm_env": bool(os.environ.get(clientapp_child.WARM_ENV)),
             "fab_unzipped_and_verified": bool(os.environ.get("SCENARIO_INSTALLED")),
             "held_before_load": held,
             "node_reused": any(local is kept for kept in cached.values()),
@@ -137,7 +137,7 @@ def main(work: Path) -> None:
     runtime.install_from_fab = install_from_fab
     runtime.run_clientapp = run_clientapp
 
-    executor = superexec.ForkExecutor(warm_runs=plan.get("warm_runs", 2), idle_s=600)
+    executor = fork_executor.ForkExecutor(warm_runs=plan.get("warm_runs", 2), idle_s=600)
     done = 0
     for step in plan["steps"]:
         if step[0] == "append-rows":

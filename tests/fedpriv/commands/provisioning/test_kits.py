@@ -378,3 +378,66 @@ def test_reprovisioning_moves_a_ca_key_out_of_the_coordinator_kit(kits: Path, fe
         kits / "coordinator-ca" / "ca.key"
     ) == 0o600
     assert ("removed", kits / "coordinator" / "ca.key") in [(c.action, c.path) for c in outcome.changes]
+
+
+def _fake_commands(tmp_path: Path, check_exit: int) -> dict[str, str]:
+    """PATH with stand-ins for fedpriv's and Flower's commands: ``--check-flower`` exits ``check_exit`` (2: a Flower
+    release that moved a patch point); otherwise each prints its name, what it was started with, and the speed-ups
+    setting it sees."""
+    import os
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    for name in ("fedpriv-superlink", "flower-superlink", "fedpriv-supernode", "flower-supernode"):
+        (fake_bin / name).write_text(
+            "#!/bin/sh\n"
+            f'if [ "${{1:-}}" = --check-flower ]; then echo "{name}: refusing to patch Flower: moved" >&2;'
+            f" exit {check_exit}; fi\n"
+            f'echo "{name} speedups=${{FEDPRIV_NODE_SPEEDUPS:-unset}} $1"\n'
+        )
+        (fake_bin / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "FEDPRIV_ALLOW_READABLE_CA_KEY": "1"}
+
+
+@pytest.mark.parametrize(
+    ("check_exit", "superlink", "supernode"),
+    [
+        (0, "fedpriv-superlink speedups=unset", "fedpriv-supernode speedups=unset"),
+        (2, "flower-superlink speedups=unset", "fedpriv-supernode speedups=0"),  # Flower moved a patch point
+    ],
+)
+def test_start_scripts_fall_back_to_flowers_own_commands_when_the_patches_do_not_fit(
+    kits: Path, tmp_path: Path, check_exit: int, superlink: str, supernode: str
+):
+    """A Flower release that moved a patch point: the SuperLink is Flower's own, the SuperNode runs Flower's loop
+    and flower-superexec but keeps the approved-app check (fedpriv-supernode with its speed-ups off)."""
+    import subprocess
+
+    env = _fake_commands(tmp_path, check_exit)
+    link = subprocess.run(
+        ["sh", str(kits / "coordinator" / "start-superlink.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
+    node = subprocess.run(
+        ["sh", str(kits / "hospital-a" / "start-supernode.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert link.returncode == 0 and node.returncode == 0, link.stderr + node.stderr
+    assert link.stdout.startswith(superlink + " --ssl-ca-certfile") and node.stdout.startswith(
+        supernode + " --superlink"
+    )
+    if check_exit:  # the refusal's own line, then what the script does instead
+        assert "running Flower's own flower-superlink instead" in link.stderr
+        assert "starting fedpriv-supernode without its speed-ups (FEDPRIV_NODE_SPEEDUPS=0)" in node.stderr
+
+
+def test_start_scripts_stop_when_the_flower_check_itself_fails(kits: Path, tmp_path: Path):
+    import subprocess
+
+    env = _fake_commands(tmp_path, 1)  # not a refusal: a broken installation, shown as it is
+    for script in (kits / "coordinator" / "start-superlink.sh", kits / "hospital-a" / "start-supernode.sh"):
+        done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1 and "--check-flower failed (exit 1)" in done.stderr and not done.stdout
+    env["FEDPRIV_SUPERLINK"], env["FEDPRIV_SUPERNODE"] = "flower-superlink", "flower-supernode"  # no check asked
+    done = subprocess.run(
+        ["sh", str(kits / "coordinator" / "start-superlink.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0 and done.stdout.startswith("flower-superlink")
