@@ -37,8 +37,9 @@ from fedpriv.shared_models.weights import base_model_digest
 from flwr.app import Context
 
 from fedpriv.kernel import atomic_files, protocol
-from fedpriv.kernel.config import FedPrivConfig, ModelConfig, RedactionConfig, load_node_config
+from fedpriv.kernel.config import FedPrivConfig, ModelConfig, RedactionConfig
 from fedpriv.kernel.file_stamps import file_stamp
+from fedpriv.kernel.node_config import load_node_config
 
 
 class NodeSetupError(RuntimeError):

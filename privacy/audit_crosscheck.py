@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedpriv.privacy.audit import OrgAudit
 from fedpriv.privacy.audit_input import COORDINATOR, LedgerSet
+from fedpriv.privacy.audit_result import OrgAudit
 
 # summary.json's privacy.<org> fields and what the ledger's DP entries hold for each
 _SAME_AS_LAST_ENTRY = {

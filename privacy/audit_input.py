@@ -143,7 +143,7 @@ def load_ledger_set(
         if path.is_file():
             files.append(path)
             own_copies.add(path)
-            org = _org_of(path, _read(path))
+            org = _org_of(path, read_entries(path))
             for candidate in (path.with_suffix(".pub"), path.parent / PUBLIC_KEY_FILE):
                 if candidate.exists():
                     add_key(org, candidate, f"beside the ledger copy {path}: {candidate}")
@@ -178,7 +178,7 @@ def load_ledger_set(
     # the audited folders' ledgers first: a file given on its own is a copy to compare them with
     for path in sorted(files, key=lambda p: p in own_copies):
         named = _named_after_its_org(path)
-        entries = None if named and named not in ledgers else _read(path)  # None: read where it is audited
+        entries = None if named and named not in ledgers else read_entries(path)  # None: read where it is audited
         org = named or _org_of(path, entries)
         if org in ledgers:
             copies.setdefault(org, []).append((path, entries))
@@ -212,7 +212,7 @@ def _named_after_its_org(path: Path) -> str | None:
     return path.stem if isinstance(first, dict) and first.get("org") == path.stem else None
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
+def read_entries(path: Path) -> list[dict[str, Any]]:
     """A ledger's lines; a line that is not a JSON object becomes a marker the audit reports as malformed."""
     try:
         text = path.read_text(encoding="utf-8")

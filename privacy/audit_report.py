@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from fedpriv.privacy.audit import RDP_TOLERANCE, AuditResult
+from fedpriv.privacy.audit_result import RDP_TOLERANCE, AuditResult
 
 from fedpriv.kernel import atomic_files
 

@@ -18,34 +18,26 @@ accounting too (``plan_privacy`` checks it with the full orders before use).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
 MAX_SIGMA = 1e6  # Opacus's get_noise_multiplier gives up at the same noise multiplier
-# Opacus's RDPAccountant.DEFAULT_ALPHAS, written out so that an audit never imports torch (a test compares them)
+# Opacus's RDPAccountant.DEFAULT_ALPHAS, written out so that importing this module (privacy/independent.py reads
+# them) imports no torch (a test compares them)
 ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
 
 
-@functools.cache
 def analysis():
-    """Opacus's RDP analysis of the sampled Gaussian mechanism (``opacus.accountants.analysis.rdp``), loaded alone.
+    """Opacus's RDP analysis of the sampled Gaussian mechanism: its public ``opacus.accountants.analysis.rdp``.
 
-    The module needs only numpy and scipy; importing it through the ``opacus`` package would import torch
-    (seconds), which an audit of ledgers never needs.
+    Imported on first use, not with this module: importing ``opacus`` imports torch (about 2 s), which a node
+    has loaded anyway, and an audit only for an RDP claim that dp-accounting leaves open (privacy/audit_epsilon.py).
     """
-    spec = importlib.util.find_spec("opacus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("opacus is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
-    module_spec = importlib.util.spec_from_file_location("fedpriv_opacus_rdp_analysis", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    from opacus.accountants.analysis import rdp
+
+    return rdp
 
 
 def orders() -> tuple[float, ...]:

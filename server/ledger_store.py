@@ -32,7 +32,7 @@ from fedpriv.privacy.ledger import (
 )
 
 from fedpriv.kernel import atomic_files, protocol
-from fedpriv.kernel.config import ORG_NAME
+from fedpriv.kernel.node_config import ORG_NAME
 
 LEDGERS_DIR = "ledgers"
 HEADS_FILE = "heads.json"

@@ -279,7 +279,7 @@ def _check_node_configs(kits: Path, cfg: FederationConfig, app_hash: str | None 
     A mistake there would otherwise surface as failed replies once the run is under way; a node.yaml that does
     not approve this app would have its node refuse every message of the run.
     """
-    from fedpriv.kernel.config import load_node_config
+    from fedpriv.kernel.node_config import load_node_config
     from fedpriv.privacy.person_names import read_extra_names
 
     for org in cfg.organisations:

@@ -1,121 +1,48 @@
-"""The one place where configuration is parsed and validated.
+"""The run's config: its schema (frozen dataclasses), the packaged default, and the rules across fields.
 
 A run is described by one YAML file (the packaged default when none is given)
 plus ``key=value`` overrides. Everything is turned into frozen dataclasses here;
 no other module reads raw dicts. Unknown keys, wrong types and out-of-range
-values raise :class:`ConfigError` with one line naming the key.
+values raise :class:`ConfigError` with one line naming the key (the reading and
+typing: fedpriv/kernel/typed_yaml.py; an organisation's node.yaml:
+fedpriv/kernel/node_config.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.kernel.typed_yaml import (
+    build_dataclass,
+    deep_merge,
+    field_check,
+    fraction_check,
+    load_yaml,
+    parse_overrides,
+    positive_check,
+    read_yaml,
+    shown,
+)
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-6`` is a float (YAML 1.1 needs a dot: ``1.0e-6``), as users write it."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-# what PyYAML itself can raise on odd input: a bad document, an int over Python's digit limit, deep nesting
-_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A mapping that gives one key twice: YAML lets the last one win silently, a config must not."""
-
-    def __init__(self, key: str, first_line: int, second_line: int):
-        lines = f"line {first_line}" if first_line == second_line else f"lines {first_line} and {second_line}"
-        super().__init__(f"key '{key}' is given twice ({lines}); keep one (YAML would silently use the last)")
-        self.key, self.first_line, self.second_line = key, first_line, second_line
-
-
-def _refuse_duplicate_keys(root: yaml.Node) -> None:
-    """Walk the composed document in order; raise :class:`DuplicateKeyError` naming the dotted key and its lines."""
-    walked: set[int] = set()  # anchors and aliases share (or even nest) nodes: each is walked once
-    stack: list[tuple[yaml.Node, str]] = [(root, "")]
-    while stack:
-        node, where = stack.pop()
-        if id(node) in walked:
-            continue
-        walked.add(id(node))
-        children: list[tuple[yaml.Node, str]] = []
-        if isinstance(node, yaml.SequenceNode):
-            children = [(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
-        elif isinstance(node, yaml.MappingNode):
-            lines: dict[tuple[str, str], int] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    children.append((value_node, where))  # a merge (<<) or a complex key: no dotted name to give
-                    continue
-                dotted = f"{where}.{_show(key_node.value)}" if where else _show(key_node.value)
-                line = key_node.start_mark.line + 1
-                identity = (key_node.tag, key_node.value)  # 1 and "1" are different keys, as YAML constructs them
-                if identity in lines:
-                    raise DuplicateKeyError(dotted, lines[identity], line)
-                lines[identity] = line
-                children.append((value_node, dotted))
-        stack.extend(reversed(children))
-
-
-def _yaml_load(text: str) -> Any:
-    """``yaml.load`` with :class:`_Loader` (a SafeLoader: no arbitrary objects), refusing duplicate keys."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _refuse_duplicate_keys(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _show(key: Any) -> str:
-    """A key or name as it goes into a one-line message: line breaks and other control characters escaped."""
-    text = str(key)
-    return text if text.isprintable() else repr(text)[1:-1]
-
-
-def _check(predicate, expected: str):
-    """Attach a range check to a field: ``field(metadata=_check(lambda v: v > 0, "> 0"))``."""
-    return {"check": predicate, "expected": expected}
-
-
-def _positive(expected="a number > 0"):
-    return _check(lambda v: v > 0, expected)
-
-
-def _fraction(expected="a number in [0, 1]"):
-    return _check(lambda v: 0.0 <= v <= 1.0, expected)
-
-
 def _seed():
     # numpy refuses negative seeds and torch.manual_seed overflows past 2**64 (run.seed is also scaled per round)
-    return _check(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
+    return field_check(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
 
 
-_DEVICE = _check(lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N")
+DEVICE_CHECK = field_check(
+    lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"
+)
 
 
 @dataclass(frozen=True)
@@ -167,7 +94,7 @@ class DataConfig:
     format: Literal["auto", "csv", "tsv", "jsonl", "orange", "parquet", "hf_disk"] = "auto"
     encoding: str = "utf-8"
     header: bool = True
-    skip_rows: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    skip_rows: int = field(default=0, metadata=field_check(lambda v: v >= 0, "an integer >= 0"))
     text_column: Column | list[Column] = "text"
     text_separator: str = " "
     label_column: Column = "label"
@@ -176,19 +103,19 @@ class DataConfig:
     test_path: str | None = None
     test_text_column: Column | list[Column] | None = None
     test_split: str = "test"
-    test_fraction: float = field(default=0.2, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
-    max_examples: int | None = field(default=None, metadata=_positive("an integer > 0"))
+    test_fraction: float = field(default=0.2, metadata=field_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    max_examples: int | None = field(default=None, metadata=positive_check("an integer > 0"))
     html_unescape: bool = False
-    max_length: int = field(default=128, metadata=_check(lambda v: 8 <= v <= 4096, "an integer in [8, 4096]"))
+    max_length: int = field(default=128, metadata=field_check(lambda v: 8 <= v <= 4096, "an integer in [8, 4096]"))
 
 
 @dataclass(frozen=True)
 class PartitioningConfig:
     scheme: Literal["iid", "dirichlet", "natural"] = "iid"
-    num_orgs: int = field(default=4, metadata=_positive("an integer > 0"))
-    alpha: float = field(default=0.5, metadata=_positive())
+    num_orgs: int = field(default=4, metadata=positive_check("an integer > 0"))
+    alpha: float = field(default=0.5, metadata=positive_check())
     column: Column | None = None  # a name, or a 0-based number with data.header: false
-    min_partition_size: int = field(default=10, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    min_partition_size: int = field(default=10, metadata=field_check(lambda v: v >= 0, "an integer >= 0"))
 
 
 @dataclass(frozen=True)
@@ -200,9 +127,9 @@ class LoraConfig:
     halves (FFA-LoRA, Sun et al., ICLR 2024).
     """
 
-    r: int = field(default=8, metadata=_positive("an integer > 0"))
-    alpha: float = field(default=16.0, metadata=_positive())
-    dropout: float = field(default=0.0, metadata=_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"))
+    r: int = field(default=8, metadata=positive_check("an integer > 0"))
+    alpha: float = field(default=16.0, metadata=positive_check())
+    dropout: float = field(default=0.0, metadata=field_check(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"))
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     freeze_a: bool = False
 
@@ -226,31 +153,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    rounds: int = field(default=3, metadata=_positive("an integer > 0"))
-    local_epochs: int = field(default=1, metadata=_positive("an integer > 0"))
-    batch_size: int = field(default=32, metadata=_positive("an integer > 0"))
-    eval_batch_size: int = field(default=64, metadata=_positive("an integer > 0"))
+    rounds: int = field(default=3, metadata=positive_check("an integer > 0"))
+    local_epochs: int = field(default=1, metadata=positive_check("an integer > 0"))
+    batch_size: int = field(default=32, metadata=positive_check("an integer > 0"))
+    eval_batch_size: int = field(default=64, metadata=positive_check("an integer > 0"))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     # float32 weights cannot take a larger step: torch's optimizers fail on one (a diverging smaller one stops the
     # run with its round and organisation, client/training.py)
     learning_rate: float = field(
-        default=5e-4, metadata=_check(lambda v: 0 < v <= FLOAT32_MAX, "a number > 0 and <= 3.4e38 (float32's largest)")
+        default=5e-4,
+        metadata=field_check(lambda v: 0 < v <= FLOAT32_MAX, "a number > 0 and <= 3.4e38 (float32's largest)"),
     )
     # The learning rate across rounds: constant, or cosine from learning_rate in round 1 down to
     # learning_rate x min_lr_ratio in the last planned round (a function of the round number only: it reads no
     # data, so it costs no privacy, and a resumed run gets the same rates).
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = field(default=0.1, metadata=_fraction())
-    weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
-    device: str = field(default="auto", metadata=_DEVICE)
+    min_lr_ratio: float = field(default=0.1, metadata=fraction_check())
+    weight_decay: float = field(default=0.0, metadata=field_check(lambda v: v >= 0, "a number >= 0"))
+    device: str = field(default="auto", metadata=DEVICE_CHECK)
     # auto: bf16 autocast on a CUDA device that supports it, fp32 elsewhere (bf16 on CPU is opt-in: slow without AMX)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Micro-batching inside each logical batch (the Poisson sample under DP): examples sorted by length are cut
     # into micro-batches of at most max_batch_tokens padded tokens and/or max_physical_batch_size examples, their
     # clipped gradients summed, and ONE optimizer step (one noise draw, one accounted step) taken per logical
     # batch. null and null: the whole batch in one pass, padded to its longest example.
-    max_batch_tokens: int | None = field(default=None, metadata=_positive("an integer > 0 or null"))
-    max_physical_batch_size: int | None = field(default=None, metadata=_positive("an integer > 0 or null"))
+    max_batch_tokens: int | None = field(default=None, metadata=positive_check("an integer > 0 or null"))
+    max_physical_batch_size: int | None = field(default=None, metadata=positive_check("an integer > 0 or null"))
     sort_by_length: bool = True  # sort each logical batch by length before cutting it (false: cut in sampled order)
 
 
@@ -266,14 +194,14 @@ class OrgPrivacyConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = True
-    target_epsilon: float = field(default=8.0, metadata=_positive("a number > 0"))
-    delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
-    max_grad_norm: float = field(default=1.0, metadata=_positive())
+    target_epsilon: float = field(default=8.0, metadata=positive_check("a number > 0"))
+    delta: float = field(default=1e-5, metadata=field_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    max_grad_norm: float = field(default=1.0, metadata=positive_check())
     accountant: Literal["rdp", "prv"] = "rdp"
     # per-example clipping: auto = book-keeping ("bk") when every trainable layer supports it, else Opacus "hooks"
     grad_sample_mode: Literal["auto", "bk", "hooks", "ghost"] = "auto"
     # the hard budget: a node refuses any round that would take it past this (null: target_epsilon)
-    max_epsilon: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
+    max_epsilon: float | None = field(default=None, metadata=positive_check("a number > 0 or null"))
     orgs: dict[str, OrgPrivacyConfig] = field(default_factory=dict)
     # simulation: what every virtual organisation sends beside its update (deployment: each node.yaml decides;
     # see client/disclosures.py and docs/threat-model.md, "What leaves a node")
@@ -298,35 +226,35 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class FedAdamConfig:
-    eta: float = field(default=1e-2, metadata=_positive())
-    eta_l: float = field(default=1e-1, metadata=_positive())
-    beta_1: float = field(default=0.9, metadata=_fraction())
-    beta_2: float = field(default=0.99, metadata=_fraction())
-    tau: float = field(default=1e-3, metadata=_positive())
+    eta: float = field(default=1e-2, metadata=positive_check())
+    eta_l: float = field(default=1e-1, metadata=positive_check())
+    beta_1: float = field(default=0.9, metadata=fraction_check())
+    beta_2: float = field(default=0.99, metadata=fraction_check())
+    tau: float = field(default=1e-3, metadata=positive_check())
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
     # fedtrimmedavg, fedmedian, krum: robust aggregation of individual updates (plain path only)
     name: Literal["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian", "krum"] = "fedavg"
-    fraction_train: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
-    fraction_evaluate: float = field(default=1.0, metadata=_fraction())
-    min_train_nodes: int = field(default=2, metadata=_positive("an integer > 0"))
-    min_evaluate_nodes: int = field(default=2, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    fraction_train: float = field(default=1.0, metadata=field_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
+    fraction_evaluate: float = field(default=1.0, metadata=fraction_check())
+    min_train_nodes: int = field(default=2, metadata=positive_check("an integer > 0"))
+    min_evaluate_nodes: int = field(default=2, metadata=field_check(lambda v: v >= 0, "an integer >= 0"))
     # nodes the server waits for before round 1; None = partitioning.num_orgs (deployment: the enrolled organisations)
-    min_available_nodes: int | None = field(default=None, metadata=_positive("an integer > 0 or null"))
-    proximal_mu: float = field(default=0.01, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    min_available_nodes: int | None = field(default=None, metadata=positive_check("an integer > 0 or null"))
+    proximal_mu: float = field(default=0.01, metadata=field_check(lambda v: v >= 0, "a number >= 0"))
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
-    round_timeout: float = field(default=3600.0, metadata=_positive())
+    round_timeout: float = field(default=3600.0, metadata=positive_check())
     # ask every node to load its data and model and plan its noise before round 1 (server/preflight.py);
     # auto: in deployment only (a simulation plans every organisation itself)
     preflight: Literal["auto", "always", "never"] = "auto"
     # reject a node's update whose L2 distance from the round's global weights exceeds this (null: no bound)
-    max_update_norm: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
+    max_update_norm: float | None = field(default=None, metadata=positive_check("a number > 0 or null"))
     trim_fraction: float = field(  # fedtrimmedavg: cut this fraction of the values at each end, per coordinate
-        default=0.2, metadata=_check(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)")
+        default=0.2, metadata=field_check(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)")
     )
-    num_malicious_nodes: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))  # krum
+    num_malicious_nodes: int = field(default=0, metadata=field_check(lambda v: v >= 0, "an integer >= 0"))  # krum
 
     def planned_train_nodes(self, num_nodes: int) -> int:
         """How many nodes a round samples for training out of ``num_nodes`` (Flower's FedAvg sampling rule)."""
@@ -348,21 +276,21 @@ class SecureAggregationConfig:
     """
 
     enabled: bool = False
-    num_shares: int | None = field(default=None, metadata=_check(lambda v: v >= 3, "an integer >= 3 or null"))
+    num_shares: int | None = field(default=None, metadata=field_check(lambda v: v >= 3, "an integer >= 3 or null"))
     reconstruction_threshold: int | None = field(
-        default=None, metadata=_check(lambda v: v >= 2, "an integer >= 2 or null")
+        default=None, metadata=field_check(lambda v: v >= 2, "an integer >= 2 or null")
     )
-    clipping_range: float = field(default=8.0, metadata=_positive())
+    clipping_range: float = field(default=8.0, metadata=positive_check())
     quantization_range: int = field(
-        default=2**22, metadata=_check(lambda v: 2**8 <= v <= 2**24, "an integer in [256, 16777216]")
+        default=2**22, metadata=field_check(lambda v: 2**8 <= v <= 2**24, "an integer in [256, 16777216]")
     )
-    max_weight: float = field(default=1_000.0, metadata=_positive())
+    max_weight: float = field(default=1_000.0, metadata=positive_check())
 
 
 @dataclass(frozen=True)
 class ClientResources:
-    num_cpus: int = field(default=1, metadata=_positive("an integer > 0"))
-    num_gpus: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    num_cpus: int = field(default=1, metadata=positive_check("an integer > 0"))
+    num_gpus: float = field(default=0.0, metadata=field_check(lambda v: v >= 0, "a number >= 0"))
 
 
 def _ray_address_ok(value: str) -> bool:
@@ -377,7 +305,7 @@ class SimulationConfig:
     # prints) or auto (RAY_ADDRESS, else the cluster `ray start` last started here); null: a private Ray instance
     ray_address: str | None = field(
         default=None,
-        metadata=_check(
+        metadata=field_check(
             _ray_address_ok, "HOST:PORT of a running Ray cluster's head (`ray start --head` prints it), auto or null"
         ),
     )
@@ -385,7 +313,7 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    keep_checkpoints: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 keeps all)"))
+    keep_checkpoints: int = field(default=0, metadata=field_check(lambda v: v >= 0, "an integer >= 0 (0 keeps all)"))
     export_model: bool = True
 
 
@@ -408,13 +336,13 @@ class ClientDPConfig:
 
     enabled: bool = False
     clipping: Literal["fixed", "adaptive"] = "fixed"
-    noise_multiplier: float = field(default=1.0, metadata=_positive())
-    clipping_norm: float = field(default=1.0, metadata=_positive())  # adaptive: the initial norm
-    target_clipped_quantile: float = field(default=0.5, metadata=_fraction())
-    clip_norm_lr: float = field(default=0.2, metadata=_positive())
-    clipped_count_stddev: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
-    delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
-    max_epsilon: float = field(default=10.0, metadata=_positive())
+    noise_multiplier: float = field(default=1.0, metadata=positive_check())
+    clipping_norm: float = field(default=1.0, metadata=positive_check())  # adaptive: the initial norm
+    target_clipped_quantile: float = field(default=0.5, metadata=fraction_check())
+    clip_norm_lr: float = field(default=0.2, metadata=positive_check())
+    clipped_count_stddev: float | None = field(default=None, metadata=positive_check("a number > 0 or null"))
+    delta: float = field(default=1e-5, metadata=field_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    max_epsilon: float = field(default=10.0, metadata=positive_check())
 
     def count_stddev(self, organisations: int) -> float:
         """Adaptive clipping: the std of the noise on the count of unclipped updates (Andrew et al.: n/20)."""
@@ -462,10 +390,10 @@ class CanaryAuditConfig:
 
     enabled: bool = False
     kind: Literal["gradient", "text"] = "gradient"
-    canaries: int | None = field(default=None, metadata=_positive("an integer > 0 or null (the kind's default)"))
-    guesses: int | None = field(default=None, metadata=_positive("an integer > 0 or null (the kind's default)"))
-    org: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (a partition index)"))
-    confidence: float = field(default=0.95, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
+    canaries: int | None = field(default=None, metadata=positive_check("an integer > 0 or null (the kind's default)"))
+    guesses: int | None = field(default=None, metadata=positive_check("an integer > 0 or null (the kind's default)"))
+    org: int = field(default=0, metadata=field_check(lambda v: v >= 0, "an integer >= 0 (a partition index)"))
+    confidence: float = field(default=0.95, metadata=field_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
     seed: int = field(default=0, metadata=_seed())
 
     @property
@@ -501,7 +429,7 @@ REDACTION_LOCALES = ("us", "uk", "ca", "au", "in", "es", "it", "pl", "sg", "fi",
 
 
 def _distinct_within(allowed: tuple[str, ...], what: str):
-    return _check(
+    return field_check(
         lambda v: bool(v) and set(v) <= set(allowed) and len(set(v)) == len(v),
         f"a non-empty list of distinct {what} from: {', '.join(allowed)}",
     )
@@ -523,7 +451,7 @@ class RedactionConfig:
     enabled: bool = False
     rules: str = field(
         default="fedpriv-pii",
-        metadata=_check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) is not None,
+        metadata=field_check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) is not None,
                         "a name of letters, digits, '.', '_' or '-' (at most 64)"),
     )  # fmt: skip
     kinds: list[str] = field(
@@ -532,7 +460,7 @@ class RedactionConfig:
     locales: list[str] = field(
         default_factory=lambda: ["us", "uk"], metadata=_distinct_within(REDACTION_LOCALES, "locales")
     )
-    min_score: float = field(default=0.4, metadata=_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
+    min_score: float = field(default=0.4, metadata=field_check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
     extra_names: str | None = None
     # what leaves the node about what was redacted (replies, signed ledger entries, summary.json, model card):
     # kinds = which kinds were found, not how many; counts = exact matches per kind (outside the DP guarantee);
@@ -565,103 +493,7 @@ class FedPrivConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-# --------------------------------------------------------------------------- parsing
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp, key: str) -> Any:
-    """Convert a YAML value to ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config: {key}: expected a mapping, got {value!r}")
-        _, val_tp = typing.get_args(tp)
-        return {str(k): _convert(v, val_tp, f"{key}.{_show(k)}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an int too large for a float
-                number = math.inf
-            if math.isfinite(number):
-                return number
-            raise ConfigError(f"config: {key}: expected a finite number, got {value!r}")
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls, raw: Any, prefix: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config: {prefix or '<top level>'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            where = f"{prefix}.{_show(key)}" if prefix else _show(key)
-            raise ConfigError(f"config: unknown key '{where}' (known: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in raw:
-            continue
-        key = f"{prefix}.{name}" if prefix else name
-        value = _convert(raw[name], hints[name], key)
-        check = f.metadata.get("check")
-        if check is not None and value is not None and not check(value):
-            raise ConfigError(f"config: {key}: expected {f.metadata['expected']}, got {raw[name]!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _check_data_columns(data: DataConfig, prefix: str) -> None:
+def check_data_columns(data: DataConfig, prefix: str) -> None:
     """Column settings that only make sense together (header, numbers, lists); ``prefix`` starts each message."""
     for key, value in (("text_column", data.text_column), ("test_text_column", data.test_text_column)):
         if isinstance(value, list) and not value:
@@ -677,7 +509,7 @@ def _check_data_columns(data: DataConfig, prefix: str) -> None:
             )
         if not data.header and isinstance(value, str) and not value.isdigit():
             raise ConfigError(
-                f"{prefix}data.{key}: {_show(value)!r} is a column name, but data.header is false (no header row):"
+                f"{prefix}data.{key}: {shown(value)!r} is a column name, but data.header is false (no header row):"
                 " give the column's 0-based number, for example 0 for the first column"
             )
     if not data.header and data.format in SCHEMA_FORMATS:
@@ -689,7 +521,7 @@ def _check_data_columns(data: DataConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}data.labels.names: expected at least two distinct class names, got {names}")
     if names is not None and len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"{prefix}data.labels.names: {_show(twice[0])!r} is listed more than once")
+        raise ConfigError(f"{prefix}data.labels.names: {shown(twice[0])!r} is listed more than once")
 
 
 def _cross_checks(cfg: FedPrivConfig) -> None:
@@ -699,27 +531,27 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
         raise ConfigError("config: data.path: required when data.source is 'file'")
     if part.scheme == "natural" and not part.column:
         raise ConfigError("config: partitioning.column: required when partitioning.scheme is 'natural'")
-    _check_data_columns(data, "config: ")
+    check_data_columns(data, "config: ")
     if data.labels.map and data.labels.ranges:
         raise ConfigError("config: data.labels: give either 'map' or 'ranges', not both")
     for name, bounds in data.labels.ranges.items():
         if len(bounds) != 2 or bounds[0] > bounds[1]:
             raise ConfigError(
-                f"config: data.labels.ranges.{_show(name)}: expected [low, high] with low <= high, got {bounds}"
+                f"config: data.labels.ranges.{shown(name)}: expected [low, high] with low <= high, got {bounds}"
             )
     if cfg.model.finetuning == "lora" and not cfg.model.lora.target_modules:
         raise ConfigError("config: model.lora.target_modules: expected at least one module name")
     for org, override in cfg.privacy.orgs.items():
         if override.target_epsilon is not None and override.target_epsilon <= 0:
-            raise ConfigError(f"config: privacy.orgs.{_show(org)}.target_epsilon: expected a number > 0")
+            raise ConfigError(f"config: privacy.orgs.{shown(org)}.target_epsilon: expected a number > 0")
         if override.delta is not None and not 0 < override.delta < 1:
-            raise ConfigError(f"config: privacy.orgs.{_show(org)}.delta: expected a number in (0, 1)")
+            raise ConfigError(f"config: privacy.orgs.{shown(org)}.delta: expected a number in (0, 1)")
         if override.max_epsilon is not None and override.max_epsilon <= 0:
-            raise ConfigError(f"config: privacy.orgs.{_show(org)}.max_epsilon: expected a number > 0")
+            raise ConfigError(f"config: privacy.orgs.{shown(org)}.max_epsilon: expected a number > 0")
     for org in ["", *cfg.privacy.orgs]:
         target, budget = cfg.privacy.target_for(org)[0], cfg.privacy.budget_for(org)
         if budget < target:
-            where = f"privacy.orgs.{_show(org)}" if org else "privacy"
+            where = f"privacy.orgs.{shown(org)}" if org else "privacy"
             raise ConfigError(
                 f"config: {where}.max_epsilon: {budget} is below target_epsilon {target}; the noise is calibrated"
                 " to reach the target, so the budget must be at least that"
@@ -777,74 +609,13 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
         )
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``a.b=1`` strings into a nested dict; values are YAML scalars/lists."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        shown = _show(item)
-        if "=" not in item:
-            raise ConfigError(f"override '{shown}': expected key=value, for example training.rounds=5")
-        key, _, text = item.partition("=")
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{shown}': expected a dotted key such as training.rounds")
-        try:
-            value = _yaml_load(text) if text.strip() else None
-        except DuplicateKeyError as exc:
-            raise ConfigError(f"override '{shown}': {exc}") from None
-        except _YAML_ERRORS:
-            raise ConfigError(f"override '{shown}': value is not valid YAML") from None
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            existing = node.setdefault(part, {})
-            if not isinstance(existing, dict):
-                raise ConfigError(f"override '{shown}': '{_show(part)}' is set to a value and cannot have sub-keys")
-            node = existing
-        node[parts[-1]] = value
-    return nested
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def default_config_text() -> str:
     """The packaged default config (what ``fedpriv simulate`` runs with no arguments)."""
     return resources.files("fedpriv.simulations.configs").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    shown = _show(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {shown}: not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {shown}: cannot be read ({exc.__class__.__name__})") from None
-    try:
-        raw = _yaml_load(text)
-    except DuplicateKeyError as exc:
-        raise ConfigError(f"config file {shown}: {exc}") from None
-    except _YAML_ERRORS as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {shown}: not valid YAML{where}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {shown}: expected a mapping at the top level")
-    return raw
-
-
 def config_from_dict(raw: dict[str, Any]) -> FedPrivConfig:
-    cfg = _build(FedPrivConfig, raw, "")
+    cfg = build_dataclass(FedPrivConfig, raw, "")
     _cross_checks(cfg)
     return cfg
 
@@ -855,14 +626,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     A user config is layered on top of the packaged default, so it only needs
     the keys it changes.
     """
-    raw = _yaml_load(default_config_text()) or {}
+    raw = load_yaml(default_config_text()) or {}
     if path is not None:
-        user = _read_yaml(Path(path))
-        raw = _deep_merge(raw, user)
+        user = read_yaml(Path(path))
+        raw = deep_merge(raw, user)
         base = Path(path).resolve().parent
         raw = _resolve_relative_paths(raw, base, user)
     if overrides:
-        raw = _deep_merge(raw, parse_overrides(overrides))
+        raw = deep_merge(raw, parse_overrides(overrides))
     return config_from_dict(raw)
 
 
@@ -890,117 +661,9 @@ def config_from_json(text: str) -> FedPrivConfig:
     return config_from_dict(json.loads(text))
 
 
-# --------------------------------------------------------------------------- an organisation's node config
-
-
-@dataclass(frozen=True)
-class NodePrivacyConfig:
-    """The organisation's own budget: the coordinator cannot raise it."""
-
-    target_epsilon: float = field(default=8.0, metadata=_positive("a number > 0"))
-    delta: float = field(default=1e-5, metadata=_check(lambda v: 0.0 < v < 1.0, "a number in (0, 1)"))
-    # the hard budget: the node refuses any round that would take it past this (null: target_epsilon)
-    max_epsilon: float | None = field(default=None, metadata=_positive("a number > 0 or null"))
-    # whether this node may take part in a run the coordinator started without DP (privacy.enabled=false in its
-    # run config): no by default, such a run is refused before the node reads its data
-    allow_non_private: bool = False
-    # what this node sends beside its update (client/disclosures.py, docs/threat-model.md "What leaves a node"):
-    # the exact mean training loss of each round is outside the DP guarantee, so it stays here unless turned on
-    share_training_loss: bool = False
-    # per-class counts (tp/fp/fn) on this node's test split in evaluate replies: the run's macro-F1 needs them
-    share_per_class_eval: bool = True
-
-    @property
-    def budget(self) -> float:
-        return self.target_epsilon if self.max_epsilon is None else self.max_epsilon
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """What an organisation decides for itself in deployment (``node.yaml`` in its kit).
-
-    The federation-wide run config (model, rounds, optimiser) comes from the
-    coordinator; the data, the privacy budget, the device and where the
-    node's privacy state lives never do.
-    """
-
-    org: str = ""
-    data: DataConfig = field(default_factory=lambda: DataConfig(source="file"))
-    privacy: NodePrivacyConfig = field(default_factory=NodePrivacyConfig)
-    device: str = field(default="auto", metadata=_DEVICE)
-    state_dir: str = "state"
-    # the organisation's Ed25519 key that signs its privacy ledger (written by `fedpriv provision`)
-    ledger_key: str = "ledger.key"
-    # on by default: an organisation's own text may hold personal data (a simulation of a public corpus: off)
-    redaction: RedactionConfig = field(default_factory=lambda: RedactionConfig(enabled=True))
-    # the apps this organisation reviewed: SHA-256 of their Flower FAB (`fedpriv app hash`). fedpriv-supernode
-    # refuses a run of any other app before its code runs or this node's data and keys are read; empty: none
-    approved_apps: list[str] = field(
-        default_factory=list,
-        metadata=_check(
-            lambda v: all(isinstance(h, str) and SHA256_HEX.fullmatch(h) for h in v),
-            "a list of FAB SHA-256 digests (64 lower-case hex characters each, from `fedpriv app hash`)",
-        ),
-    )
-
-
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-ORG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def load_node_config(path: str | Path) -> NodeConfig:
-    """Parse and validate an organisation's ``node.yaml``; relative paths are relative to the file."""
-    path = Path(path)
-    raw = _read_yaml(path)
-    base = path.resolve().parent
-    data = raw.get("data")
-    if isinstance(data, dict):
-        data = dict(data)
-        data.setdefault("source", "file")
-        for key in ("path", "test_path"):
-            if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
-                data[key] = str(base / data[key])
-        raw = dict(raw, data=data)
-    redaction = raw.get("redaction")
-    if isinstance(redaction, dict):
-        redaction = {"enabled": True, **redaction}  # on in a node.yaml unless it says enabled: false
-        if isinstance(redaction.get("extra_names"), str) and redaction["extra_names"]:
-            if not Path(redaction["extra_names"]).is_absolute():
-                redaction["extra_names"] = str(base / redaction["extra_names"])
-        raw = dict(raw, redaction=redaction)
-    for key in ("state_dir", "ledger_key"):
-        value = raw.get(key, getattr(NodeConfig, key))
-        if isinstance(value, str) and not Path(value).is_absolute():
-            raw = dict(raw, **{key: str(base / value)})
-    where = f"node config {_show(path)}"
-    try:
-        node = _build(NodeConfig, raw, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {str(exc).removeprefix('config: ')}") from None
-    if not ORG_NAME.fullmatch(node.org):
-        raise ConfigError(
-            f"{where}: org: expected a name of letters, digits, '.', '_' or '-' (at most 64), got {node.org!r}"
-        )
-    if node.data.source != "file" or not node.data.path:
-        raise ConfigError(
-            f"{where}: data.path: required (the organisation's own CSV / TSV / JSONL / Parquet file or"
-            " save_to_disk folder)"
-        )
-    _check_data_columns(node.data, f"{where}: ")
-    names = node.redaction.extra_names
-    if node.redaction.enabled and names and not Path(names).is_file():
-        raise ConfigError(f"{where}: redaction.extra_names: {_show(names)} is not a file (one name per line)")
-    if node.privacy.budget < node.privacy.target_epsilon:
-        raise ConfigError(
-            f"{where}: privacy.max_epsilon: {node.privacy.max_epsilon} is below target_epsilon"
-            f" {node.privacy.target_epsilon}; the budget must be at least the target"
-        )
-    return node
-
-
 def redaction_from_dict(raw: Any, where: str) -> RedactionConfig:
     """A redaction rule set stored as data (an exported model's ``redaction.json``), validated like a config."""
     try:
-        return _build(RedactionConfig, raw, "")
+        return build_dataclass(RedactionConfig, raw, "")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {str(exc).removeprefix('config: ')}") from None

@@ -127,8 +127,8 @@ def node_config_path(argv: list[str]) -> str | None:
 
 def load_own_settings(argv: list[str]):
     """The organisation's node.yaml, validated before anything starts: a mistake stops the node with one line."""
-    from fedpriv.kernel.config import load_node_config
     from fedpriv.kernel.errors import ConfigError
+    from fedpriv.kernel.node_config import load_node_config
     from fedpriv.kernel.protocol import NODE_CONFIG_FILE
 
     path = node_config_path(argv)

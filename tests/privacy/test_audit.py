@@ -580,16 +580,16 @@ def test_a_recomputation_that_fails_fails_the_check(run_dir, monkeypatch):
 
 def test_a_round_that_stopped_on_a_non_finite_loss_may_hold_part_of_an_epoch_and_only_then():
     """A node that diverged mid-round records the steps it took (``stopped: diverged``, issue 27)."""
-    from fedpriv.privacy.audit import _parameter_problems
+    from fedpriv.privacy.audit_entries import parameter_problems
 
     entry = {
         "kind": "dp_round", "noise_multiplier": 1.0, "sample_rate": 0.25, "local_steps": 3, "num_examples": 40,
         "delta": 1e-5, "epsilon": 1.0, "local_epochs": 1,
     }  # fmt: skip
-    assert any("whole number of epochs" in p for p in _parameter_problems(entry))
-    assert _parameter_problems({**entry, "stopped": "diverged"}) == []
-    assert _parameter_problems({**entry, "stopped": "diverged", "local_steps": 5})  # more than the round's 4 steps
-    assert _parameter_problems({**entry, "stopped": "diverged", "local_steps": 0})  # nothing taken: no entry
+    assert any("whole number of epochs" in p for p in parameter_problems(entry))
+    assert parameter_problems({**entry, "stopped": "diverged"}) == []
+    assert parameter_problems({**entry, "stopped": "diverged", "local_steps": 5})  # more than the round's 4 steps
+    assert parameter_problems({**entry, "stopped": "diverged", "local_steps": 0})  # nothing taken: no entry
 
 
 def test_a_run_with_dp_off_says_in_one_line_that_there_is_no_guarantee_to_audit(tmp_path, capsys):

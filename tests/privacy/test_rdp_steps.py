@@ -92,7 +92,7 @@ def _plan():
 
 def _count_rdp_orders(monkeypatch) -> list[float]:
     seen: list[float] = []
-    loaded = rdp_steps.analysis()  # the copy rdp_steps loads without torch
+    loaded = rdp_steps.analysis()  # Opacus's own opacus.accountants.analysis.rdp
     original = loaded._compute_rdp
 
     def counting(q, sigma, alpha):

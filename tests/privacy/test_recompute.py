@@ -32,13 +32,25 @@ def test_rdp_and_prv_equal_opacus_accountants_on_the_same_events(history):
         assert prv_epsilon(history, DELTA) == pytest.approx(prv.get_epsilon(DELTA), rel=1e-9)
 
 
-def test_recomputing_imports_no_torch():
+def test_importing_the_recomputation_imports_no_torch():
+    """Opacus (and torch, seconds) is imported when a recomputation asks for it, not with these modules."""
     code = (
         "import sys; from fedpriv.privacy.recompute import prv_epsilon, rdp_epsilons;"
-        "rdp_epsilons([(1.1, 0.05, 20)], 1e-5); prv_epsilon([(1.1, 0.05, 20)], 1e-5);"
+        "from fedpriv.privacy import independent, rdp_steps;"
         "assert 'torch' not in sys.modules and 'opacus' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_recomputation_runs_opacus_own_public_modules_not_copies_loaded_by_path():
+    """A copy of Opacus's sources loaded by path beside the real one could drift from what the nodes ran."""
+    import opacus.accountants.analysis.rdp
+    from fedpriv.privacy import rdp_steps
+
+    assert rdp_steps.analysis() is opacus.accountants.analysis.rdp
+    rdp_epsilons([(1.3, 0.02, 7)], DELTA)
+    prv_epsilon([(1.3, 0.02, 7)], DELTA)
+    assert [name for name in sys.modules if "opacus" in name and not name.startswith("opacus")] == []
 
 
 def _node_claims(rounds: int, sigma: float = 1.0, q: float = 0.05, steps: int = 20) -> list[float]:

@@ -1,6 +1,6 @@
 """FEDERATION.yaml: the one place it is parsed and validated, into frozen dataclasses.
 
-It reuses :mod:`fedpriv.kernel.config`'s machinery, so mistakes read like every other
+It reuses :mod:`fedpriv.kernel.typed_yaml` (and the run schema's data and redaction sections), so mistakes read like every other
 config mistake: one line naming the file and the key.
 """
 
@@ -13,20 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpriv.kernel.config import (
-    _DEVICE,
-    ORG_NAME,
-    SHA256_HEX,
-    DataConfig,
-    NodePrivacyConfig,
-    RedactionConfig,
-    _build,
-    _check,
-    _check_data_columns,
-    _read_yaml,
-    _show,
-)
+from fedpriv.kernel.config import DEVICE_CHECK, DataConfig, RedactionConfig, check_data_columns
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.kernel.node_config import ORG_NAME, SHA256_HEX, NodePrivacyConfig
+from fedpriv.kernel.typed_yaml import build_dataclass, field_check, read_yaml, shown
 
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -65,12 +55,12 @@ class CoordinatorConfig:
     """Where the SuperLink runs. ``addresses`` become the certificate's SANs; SuperNodes dial the first one."""
 
     addresses: list[str] = field(
-        default_factory=list, metadata=_check(_addresses_ok, "a non-empty list of DNS names and/or IP addresses")
+        default_factory=list, metadata=field_check(_addresses_ok, "a non-empty list of DNS names and/or IP addresses")
     )
-    port: int = field(default=9092, metadata=_check(lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"))
+    port: int = field(default=9092, metadata=field_check(lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"))
     bind_host: str = field(
         default="0.0.0.0",
-        metadata=_check(
+        metadata=field_check(
             lambda v: isinstance(parse_address(v), (ipaddress.IPv4Address, ipaddress.IPv6Address)), "an IP address"
         ),
     )
@@ -78,7 +68,7 @@ class CoordinatorConfig:
     # node keys; or IN_MEMORY_DATABASE: faster rounds, but every restart needs ./enroll-nodes.sh again
     database: str = field(
         default="state/superlink.db",
-        metadata=_check(lambda v: bool(v.strip()), f"a file path or {IN_MEMORY_DATABASE!r}"),
+        metadata=field_check(lambda v: bool(v.strip()), f"a file path or {IN_MEMORY_DATABASE!r}"),
     )
     # Flower 1.41 has no separate Control API address (see _cross_checks): the key is accepted only to refuse it clearly
     control_address: str | None = None
@@ -86,8 +76,10 @@ class CoordinatorConfig:
     # only what a SuperNode needs (the Fleet API and /health) to the SuperLink, which listens on 127.0.0.1:local_port
     # only, so registering nodes and submitting, listing or stopping runs stay on the coordinator host. "none":
     # the SuperLink itself on port (every API: Fleet, Control, Runtime), only for a coordinator on loopback
-    gateway: str = field(default="nginx", metadata=_check(lambda v: v in GATEWAYS, f"one of {', '.join(GATEWAYS)}"))
-    local_port: int = field(default=9093, metadata=_check(lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"))
+    gateway: str = field(
+        default="nginx", metadata=field_check(lambda v: v in GATEWAYS, f"one of {', '.join(GATEWAYS)}")
+    )
+    local_port: int = field(default=9093, metadata=field_check(lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"))
 
     @property
     def database_in_memory(self) -> bool:
@@ -96,8 +88,8 @@ class CoordinatorConfig:
 
 @dataclass(frozen=True)
 class ValidityDays:
-    ca: int = field(default=1825, metadata=_check(lambda v: v > 0, "an integer > 0 (days)"))
-    server: int = field(default=397, metadata=_check(lambda v: v > 0, "an integer > 0 (days)"))
+    ca: int = field(default=1825, metadata=field_check(lambda v: v > 0, "an integer > 0 (days)"))
+    server: int = field(default=397, metadata=field_check(lambda v: v > 0, "an integer > 0 (days)"))
 
 
 @dataclass(frozen=True)
@@ -111,7 +103,9 @@ class AppConfig:
     path: str = ""
     fab_sha256: list[str] = field(
         default_factory=list,
-        metadata=_check(lambda v: all(SHA256_HEX.fullmatch(h) for h in v), "a list of SHA-256 hex digests (64 0-9a-f)"),
+        metadata=field_check(
+            lambda v: all(SHA256_HEX.fullmatch(h) for h in v), "a list of SHA-256 hex digests (64 0-9a-f)"
+        ),
     )
 
 
@@ -121,7 +115,7 @@ class OrganisationConfig:
 
     name: str = ""
     contact: str = ""
-    device: str = field(default="auto", metadata=_DEVICE)
+    device: str = field(default="auto", metadata=DEVICE_CHECK)
     privacy: NodePrivacyConfig = field(default_factory=NodePrivacyConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(source="file"))
     state_dir: str = "state"
@@ -152,9 +146,9 @@ class FederationConfig:
         """
         seen: list[str] = []
         for text in [*self.coordinator.addresses, *LOOPBACK]:
-            shown = str(parse_address(text))
-            if shown not in seen:
-                seen.append(shown)
+            normalised = str(parse_address(text))
+            if normalised not in seen:
+                seen.append(normalised)
         return seen
 
     @property
@@ -231,7 +225,7 @@ def _cross_checks(cfg: FederationConfig) -> None:
         seen.add(org.name.lower())
         if org.data.source != "file" or not org.data.path:
             raise ConfigError(f"{key}.data.path: required (the organisation's own CSV / TSV / JSONL file)")
-        _check_data_columns(org.data, f"{key}.")
+        check_data_columns(org.data, f"{key}.")
 
 
 def federation_from_dict(raw: Any, where: str = "federation") -> FederationConfig:
@@ -239,7 +233,7 @@ def federation_from_dict(raw: Any, where: str = "federation") -> FederationConfi
     try:
         if not isinstance(raw, dict):
             raise ConfigError("expected a mapping at the top level")
-        cfg = _build(FederationConfig, _prepare(raw), "")
+        cfg = build_dataclass(FederationConfig, _prepare(raw), "")
         _cross_checks(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {str(exc).removeprefix('config: ')}") from None
@@ -250,10 +244,10 @@ def load_federation(path: str | Path) -> FederationConfig:
     """Parse and validate FEDERATION.yaml."""
     path = Path(path)
     try:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("config file", "federation file", 1)) from None
-    cfg = federation_from_dict(raw, f"federation file {_show(path)}")
+    cfg = federation_from_dict(raw, f"federation file {shown(path)}")
     return _relative_to(cfg, path.resolve().parent)
 
 

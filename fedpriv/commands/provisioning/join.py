@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedpriv.commands.provisioning import ProvisioningError, pki
 from fedpriv.commands.provisioning.federation import RESERVED_KITS
-from fedpriv.kernel.config import ORG_NAME
 from fedpriv.kernel.key_files import key_type
+from fedpriv.kernel.node_config import ORG_NAME
 from fedpriv.privacy.ledger import PUBLIC_KEY_FILE as LEDGER_PUB
 from fedpriv.privacy.ledger import SIGNING_KEY_FILE as LEDGER_KEY
 from fedpriv.privacy.ledger import LedgerError, key_fingerprint, load_signing_key, public_key_text
@@ -300,7 +300,7 @@ def _connection(path: Path, org: str) -> tuple[str, str]:
 def _summary(node_yaml: Path) -> str:
     """What an organisation must check in a proposal it adopts: its limits, data and the apps it would run."""
     try:
-        from fedpriv.kernel.config import load_node_config
+        from fedpriv.kernel.node_config import load_node_config
 
         node = load_node_config(node_yaml)
     except Exception as exc:  # noqa: BLE001 - a proposal that does not load is reported, the node refuses it later

@@ -1,4 +1,4 @@
-"""The one config schema: packaged default, overrides, layering, validation errors, round trips."""
+"""The run config's schema: packaged default, overrides, layering, validation errors, round trips."""
 
 from __future__ import annotations
 
@@ -14,27 +14,14 @@ from hypothesis import strategies as st
 from fedpriv.kernel.config import (
     FedPrivConfig,
     OrgPrivacyConfig,
-    RedactionConfig,
     config_from_dict,
     config_from_json,
     default_config_text,
     load_config,
-    parse_overrides,
 )
 from fedpriv.kernel.errors import ConfigError, UserError
-
-
-def config_error(fn, *args, names: tuple[str, ...] | str = ()) -> str:
-    """Call ``fn(*args)``; it must raise ConfigError with a one-line message naming every string in ``names``."""
-    with pytest.raises(ConfigError) as info:
-        fn(*args)
-    message = str(info.value)
-    assert message.strip(), "empty error message"
-    assert len(message.splitlines()) == 1, f"error message spans several lines: {message!r}"
-    assert "Traceback" not in message
-    for name in (names,) if isinstance(names, str) else names:
-        assert name in message, f"{name!r} not named in {message!r}"
-    return message
+from fedpriv.kernel.typed_yaml import parse_overrides
+from tests.fedpriv.kernel.one_line_errors import config_error
 
 
 def overrides_error(*overrides: str, names: tuple[str, ...] | str) -> str:
@@ -136,14 +123,6 @@ def test_later_overrides_win_and_merge():
     assert cfg.privacy.orgs == {"a": OrgPrivacyConfig(target_epsilon=2.0, delta=1e-7)}
     cfg = load_config(None, ["model.lora.target_modules=[query]", "model.lora.target_modules=[key, value]"])
     assert cfg.model.lora.target_modules == ["key", "value"]
-
-
-def test_parse_overrides_nests_keys():
-    assert parse_overrides(["a.b.c=1", "a.b.d=x", "e=[1, 2]", "f="]) == {
-        "a": {"b": {"c": 1, "d": "x"}},
-        "e": [1, 2],
-        "f": None,
-    }
 
 
 def test_user_file_layers_over_default(tmp_path):
@@ -483,39 +462,6 @@ def test_a_budget_below_the_target_is_refused_in_one_line(override, where):
     assert where in str(info.value) and "\n" not in str(info.value)
 
 
-def test_node_yaml_budget_defaults_to_its_target_and_must_not_be_lower(tmp_path):
-    from fedpriv.kernel.config import load_node_config
-
-    (tmp_path / "d.csv").write_text("text,label\na,b\n")
-    path = tmp_path / "node.yaml"
-    path.write_text("org: lab\ndata: {path: d.csv}\nprivacy: {target_epsilon: 3}\n")
-    node = load_node_config(path)
-    assert node.privacy.budget == 3.0 and node.ledger_key == str(tmp_path / "ledger.key")
-    path.write_text("org: lab\ndata: {path: d.csv}\nprivacy: {target_epsilon: 3, max_epsilon: 2}\n")
-    with pytest.raises(ConfigError, match=r"node\.yaml.*privacy\.max_epsilon: 2\.0 is below target_epsilon 3"):
-        load_node_config(path)
-
-
-def test_node_yaml_redacts_by_default_and_its_names_file_is_relative_to_it(tmp_path):
-    from fedpriv.kernel.config import load_node_config
-
-    (tmp_path / "d.csv").write_text("text,label\na,b\n")
-    path = tmp_path / "node.yaml"
-    path.write_text("org: lab\ndata: {path: d.csv}\n")
-    node = load_node_config(path)
-    assert node.redaction.enabled and node.redaction.kinds == list(RedactionConfig().kinds)
-    assert not load_config().redaction.enabled  # simulations of public corpora: off unless asked for
-    path.write_text("org: lab\ndata: {path: d.csv}\nredaction: {extra_names: staff.txt, locales: [uk]}\n")
-    with pytest.raises(ConfigError, match=r"node\.yaml: redaction\.extra_names: .*staff\.txt is not a file"):
-        load_node_config(path)
-    (tmp_path / "staff.txt").write_text("Ann Lee\n")
-    node = load_node_config(path)
-    assert node.redaction.extra_names == str(tmp_path / "staff.txt") and node.redaction.locales == ["uk"]
-    path.write_text("org: lab\ndata: {path: d.csv}\nredaction: {kinds: [mail]}\n")
-    with pytest.raises(ConfigError, match=r"node\.yaml: redaction\.kinds: expected a non-empty list"):
-        load_node_config(path)
-
-
 # --------------------------------------------------------------------------- property: junk never crashes
 
 
@@ -618,18 +564,6 @@ def test_a_key_given_twice_in_a_config_file_is_refused_with_both_lines(tmp_path)
 
 def test_a_key_given_twice_in_an_override_value_is_refused():
     overrides_error("privacy.orgs={org-1: {target_epsilon: 2}, org-1: {target_epsilon: 9}}", names="'org-1'")
-
-
-def test_a_key_given_twice_in_a_node_config_is_refused(tmp_path):
-    from fedpriv.kernel.config import load_node_config
-
-    path = tmp_path / "node.yaml"
-    path.write_text(
-        "org: clinic-a\ndata: {path: notes.csv}\nprivacy:\n  target_epsilon: 1\n  delta: 1.0e-6\n"
-        "  target_epsilon: 50\n",
-        encoding="utf-8",
-    )
-    config_error(load_node_config, path, names=(str(path), "'privacy.target_epsilon'", "lines 4 and 6"))
 
 
 def test_a_key_given_twice_in_a_federation_file_is_refused(tmp_path):

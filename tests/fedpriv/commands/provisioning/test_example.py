@@ -9,7 +9,7 @@ from fedpriv.commands.app_source import fab_sha256, stage_app
 from fedpriv.commands.provisioning.federation import load_federation
 from fedpriv.commands.provisioning.join import init_org
 from fedpriv.commands.provisioning.kits import provision
-from fedpriv.kernel.config import load_node_config
+from fedpriv.kernel.node_config import load_node_config
 
 EXAMPLE = Path(__file__).resolve().parents[4] / "examples" / "FEDERATION.yaml"
 

@@ -16,8 +16,8 @@ from fedpriv.commands.provisioning import ProvisioningError, pki
 from fedpriv.commands.provisioning.federation import load_federation
 from fedpriv.commands.provisioning.join import accept_reply, init_org, load_join_request
 from fedpriv.commands.provisioning.kits import provision
-from fedpriv.kernel.config import load_node_config
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.kernel.node_config import load_node_config
 
 from .conftest import federation_dict, snapshot, write_federation
 
