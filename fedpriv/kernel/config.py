@@ -817,7 +817,7 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def default_config_text() -> str:
     """The packaged default config (what ``fedpriv simulate`` runs with no arguments)."""
-    return resources.files("fedpriv.simulations.configs").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+    return resources.files("fedpriv.kernel.configs").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

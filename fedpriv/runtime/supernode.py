@@ -162,7 +162,7 @@ def main() -> None:
         raise SystemExit(2) from None
     from flwr.supernode import start_client_internal
 
-    from fedpriv.client import app_approval
+    from fedpriv.runtime import app_approval
 
     app_approval.install(start_client_internal, node.approved_apps, path)
     install(poll_interval())

@@ -11,12 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from fedpriv.simulations.partitioning import PartitionPlan, load_corpus, plan_partitions
 
+from fedpriv.data.partitioning import PartitionPlan, load_corpus, plan_partitions
 from fedpriv.kernel.config import load_config
 from fedpriv.kernel.errors import DataError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"shared test data not found at {SHARED_DATA} (present in CI and dev machines)"
@@ -180,7 +180,7 @@ def test_same_plan_in_another_process():
     script = (
         "import hashlib, json, sys\n"
         "from fedpriv.kernel.config import load_config\n"
-        "from fedpriv.simulations.partitioning import plan_partitions\n"
+        "from fedpriv.data.partitioning import plan_partitions\n"
         "plan = plan_partitions(load_config(overrides=json.loads(sys.argv[1])))\n"
         "rows = [(o.name, o.train.texts, o.train.labels, o.test.texts, o.test.labels) for o in plan.orgs]\n"
         "print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())\n"
@@ -365,8 +365,9 @@ def test_unknown_partition_id():
 def test_iid_shards_are_flower_datasets_iid_partitions_of_the_shuffled_order(n, num_orgs):
     import datasets
     import numpy as np
-    from fedpriv.simulations.partitioning import _iid
     from flwr_datasets.partitioner import IidPartitioner
+
+    from fedpriv.data.partitioning import _iid
 
     order = np.random.default_rng(3).permutation(n).tolist()
     partitioner = IidPartitioner(num_partitions=num_orgs)

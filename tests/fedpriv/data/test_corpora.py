@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 from fedpriv.simulations import corpora
-from fedpriv.simulations.corpora import BUILTIN_CORPORA, load_builtin
 
+from fedpriv.data.corpora import BUILTIN_CORPORA, load_builtin
 from fedpriv.kernel.errors import DataError
 
 
