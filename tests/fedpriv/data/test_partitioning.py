@@ -255,6 +255,37 @@ def test_natural_needs_enough_groups(tmp_path):
     assert [o.name for o in ok.orgs] == ["site0", "site1", "site2"]  # equal-ish sizes: largest first, then name
 
 
+def test_natural_groups_are_planned_with_no_mock_no_datasets_import_and_no_progress_bar(tmp_path):
+    """Grouping rows by a column needs neither Flower Datasets' partitioner (seconds of imports, a progress bar in
+    every process that plans) nor ``unittest.mock`` in product code to silence it."""
+    path = synthetic_file(tmp_path, n=90)  # 3 sites, rows interleaved
+    overrides = [
+        "data.source=file",
+        f"data.path={path}",
+        "partitioning.scheme=natural",
+        "partitioning.column=site",
+        "partitioning.num_orgs=2",
+        "training.batch_size=4",
+    ]
+    script = (
+        "import json, sys\n"
+        "from fedpriv.kernel.config import load_config\n"
+        "from fedpriv.data.partitioning import plan_partitions\n"
+        "plan = plan_partitions(load_config(overrides=json.loads(sys.argv[1])))\n"
+        "rows = sorted(int(t.split()[-1]) for o in plan.orgs for part in (o.train, o.test) for t in part.texts)\n"
+        "loaded = [m for m in ('datasets', 'flwr_datasets', 'unittest.mock') if m in sys.modules]\n"
+        "print(json.dumps({'orgs': [o.name for o in plan.orgs], 'rows': rows, 'loaded': loaded}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(overrides)], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout)
+    assert result["loaded"] == []
+    assert out.stderr == ""  # no progress bar
+    assert result["orgs"] == ["site0", "site1"]
+    assert result["rows"] == [i for i in range(90) if i % 3 in (0, 1)]  # each site's rows, every one of them
+
+
 def test_natural_column_missing(tmp_path):
     path = synthetic_file(tmp_path)
     cfg = cfg_of(
