@@ -6,8 +6,8 @@ import importlib.metadata
 from collections import Counter
 
 import pytest
-from fedpriv.data import corpora
 
+from fedpriv.data import corpora
 from fedpriv.data.corpora import BUILTIN_CORPORA, load_builtin
 from fedpriv.kernel.errors import DataError
 
