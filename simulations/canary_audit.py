@@ -10,7 +10,8 @@ model against the canary's direction; text: the canary's loss), and the
 one-run bound is written to ``empirical_audit.json`` next to the
 organisation's claimed epsilon and the largest bound the settings can reach
 (``max_reachable_epsilon``). The canaries are a deterministic function of the
-config, so the scoring side rebuilds exactly the set the node used.
+config, drawn in ``privacy/audit_canaries.py`` by the node and by this scoring
+side alike, so the scorer rebuilds exactly the set the node used.
 """
 
 from __future__ import annotations
