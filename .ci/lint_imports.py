@@ -4,6 +4,7 @@ import-linter reads a package from the folder Python finds it in, but in a sourc
 (client/, server/, ...) sit beside fedpriv/ and join it only at import time (pyproject's package-dir,
 fedpriv/__init__.py). So this builds the installed layout out of symlinks in a temporary folder and runs
 import-linter there: every module is checked under its installed name. Run by .ci/run and ``make lint``.
+(A plain ``lint-imports`` in a checkout sees only fedpriv/ and stops: the contract's app layers are missing.)
 """
 
 import os
