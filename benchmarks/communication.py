@@ -310,7 +310,8 @@ def measure(model_name: str, finetuning: str, args: dict, root: Path, plans: dic
     from fedpriv.client.node import fresh_model, trainable_names
     from fedpriv.shared_models.builder import build_model
     from fedpriv.shared_models.weights import count_trainable
-    from fedpriv.simulations.partitioning import plan_partitions
+
+    from fedpriv.data.partitioning import plan_partitions
 
     started = time.perf_counter()
     cfg = settings(model_name, finetuning, args, len(NODE_IDS))  # the same partitions with or without SecAgg+

@@ -29,8 +29,8 @@ from fedpriv.privacy.accountant_state import NodePrivacy
 from fedpriv.privacy.calibration import plan_privacy
 from fedpriv.shared_models.builder import build_model, build_tokenizer
 from fedpriv.shared_models.weights import load_trainable, trainable_state
-from fedpriv.simulations.partitioning import plan_partitions
 
+from fedpriv.data.partitioning import plan_partitions
 from fedpriv.kernel.config import LoraConfig, ModelConfig, TrainingConfig, load_config
 
 DEFAULTS = {

@@ -78,7 +78,8 @@ def batches(args: dict, count: int, num_labels: int = 5) -> list[tuple[torch.Ten
     """Fixed batches of real text: full-length BBC News articles (longer than 128 tokens), or SST-2 sentences
     of varied lengths, each batch padded to its longest as the training loop's collator does."""
     from fedpriv.shared_models.builder import build_tokenizer
-    from fedpriv.simulations.corpora import load_bbc_news
+
+    from fedpriv.data.corpora import load_bbc_news
 
     tokenizer = build_tokenizer("minilm" if args["model"] in ("minilm", "tiny") else args["model"])
     size = args["batch"]
@@ -98,8 +99,9 @@ def batches(args: dict, count: int, num_labels: int = 5) -> list[tuple[torch.Ten
 def sst2_batches(args: dict, tokenizer, count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     import random
 
-    from fedpriv.client.data_files import read_records
     from fedpriv.client.tokenized import PadCollator, tokenize
+
+    from fedpriv.data.data_files import read_records
 
     rows = random.Random(0).sample(read_records(args["sst2"], "tsv"), args["batch"] * count)
     data = tokenize([r["sentence"] for r in rows], [int(r["label"]) for r in rows], tokenizer, args["seq"])

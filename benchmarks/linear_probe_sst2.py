@@ -103,7 +103,8 @@ def main(argv: list[str]) -> dict:
     import torch
     from fedpriv.shared_models.builder import build_model, build_tokenizer
     from fedpriv.shared_models.sources import resolve_pooling
-    from fedpriv.simulations.partitioning import plan_partitions
+
+    from fedpriv.data.partitioning import plan_partitions
 
     cfg = probe_config(args)
     plan = plan_partitions(cfg)

@@ -385,9 +385,10 @@ def fedpriv_upload(cfg, out: Path) -> dict:
     from communication import plain_round
     from fedpriv.client.client_app import build_client_app
     from fedpriv.client.node import fresh_model
-    from fedpriv.simulations.partitioning import plan_partitions
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpriv.data.partitioning import plan_partitions
 
     torch.set_num_threads(os.cpu_count() or 1)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0x5DEECE66D2B7E151, SUPERLINK_NODE_ID, 1
@@ -471,8 +472,7 @@ def main(argv: list[str]) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from fedpriv.simulations.partitioning import plan_partitions
-
+    from fedpriv.data.partitioning import plan_partitions
     from fedpriv.kernel.config import load_config
     from fedpriv.kernel.quiet import quiet_third_party_warnings
 

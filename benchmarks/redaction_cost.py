@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 from benchmark_settings import parse_settings
-from fedpriv.client.node import fresh_model, org_privacy_plan
+from fedpriv.client.node import fresh_model
 from fedpriv.client.tokenized import redact_visible, tokenize
 from fedpriv.client.training import train_locally
 from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.privacy.org_plan import org_privacy_plan, org_target
 from fedpriv.privacy.redaction import Redactor
 from fedpriv.shared_models.builder import build_tokenizer
-from fedpriv.simulations.partitioning import plan_partitions
 
+from fedpriv.data.partitioning import plan_partitions
 from fedpriv.kernel.config import RedactionConfig, load_config
 
 DEFAULTS = {"model": "minilm", "examples": 0, "batch": 0, "org": 0, "threads": 2, "out": ""}  # 0: the demo's
@@ -64,7 +65,9 @@ def main(argv: list[str]) -> dict:
     train_texts = redacted[: len(org.train.texts)]
     train = tokenize(train_texts, org.train.labels, tokenizer, cfg.data.max_length)
     model, _ = fresh_model(cfg.model, list(plan.label_names))
-    privacy = NodePrivacy.open(tempfile.mkdtemp(), org_privacy_plan(cfg, org.name, len(train)))
+    privacy = NodePrivacy.open(
+        tempfile.mkdtemp(), org_privacy_plan(cfg, org.name, len(train), org_target(cfg, org.name))
+    )
     started = time.perf_counter()
     train_locally(
         model, train, cfg=cfg.training, pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"),

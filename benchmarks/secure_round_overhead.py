@@ -65,7 +65,7 @@ def parse(argv: list[str]) -> dict:
 
 def write_federation(root: Path, nodes: int, examples: int) -> Path:
     """N organisations, each with ``examples`` distinct BBC News articles of its own (IID)."""
-    from fedpriv.simulations.corpora import load_bbc_news
+    from fedpriv.data.corpora import load_bbc_news
 
     texts, labels = load_bbc_news()
     order = list(range(len(texts)))

@@ -74,7 +74,7 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def train_share(examples_per_org: int) -> int:
-    """Training rows per organisation: what fedpriv.client.data_files.split_indices leaves after the test share."""
+    """Training rows per organisation: what fedpriv.data.data_files.split_indices leaves after the test share."""
     n_test = min(max(int(round(examples_per_org * TEST_FRACTION)), 1), examples_per_org - 1)
     return examples_per_org - n_test
 

@@ -16,10 +16,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpriv.client.node import LocalNode, org_privacy_plan
+from fedpriv.client.node import LocalNode
 from fedpriv.privacy.accountant_state import NodePrivacy
 from fedpriv.privacy.calibration import dp_steps_per_epoch
 from fedpriv.privacy.ledger import SIGNING_KEY_FILE, NodeLedger, ensure_signing_key, public_key_text
+from fedpriv.privacy.org_plan import org_privacy_plan
 from flwr.app import ConfigRecord
 
 from fedpriv.kernel import protocol
@@ -66,7 +67,7 @@ class NodeBudget:
             cfg,
             node.org,
             len(node.train),
-            target=(node.target_epsilon, node.delta),
+            (node.target_epsilon, node.delta),  # its own (node.yaml), or the run config's for it in a simulation
             calibrate=calibrate and needs_plan,
         )
         privacy = NodePrivacy.open(folder, plan)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from fedpriv.client.tokenized import PadCollator, TokenizedTexts
+from fedpriv.shared_models.class_scores import macro_f1
 from torch.utils.data import DataLoader
 
 
@@ -34,35 +35,6 @@ class EvalCounts:
     @property
     def macro_f1(self) -> float:
         return macro_f1(self.true_positive, self.false_positive, self.false_negative)
-
-
-def _ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
-
-
-def per_class_scores(labels: list[str], tp: list[float], fp: list[float], fn: list[float]) -> list[dict]:
-    """Precision, recall, F1 and support of each class from summed counts; None where a ratio is undefined
-    (no prediction of the class, no example of it), as :func:`macro_f1` leaves such a class out."""
-    return [
-        {
-            "label": label,
-            "precision": _ratio(t, t + p),
-            "recall": _ratio(t, t + n),
-            "f1": _ratio(2 * t, 2 * t + p + n),
-            "support": int(t + n),
-        }
-        for label, t, p, n in zip(labels, tp, fp, fn, strict=True)
-    ]
-
-
-def macro_f1(tp: list[float], fp: list[float], fn: list[float]) -> float:
-    """Mean F1 over classes that occur in the labels or the predictions."""
-    scores = []
-    for t, p, n in zip(tp, fp, fn, strict=True):
-        if t + p + n == 0:
-            continue
-        scores.append(2 * t / (2 * t + p + n))
-    return sum(scores) / len(scores) if scores else 0.0
 
 
 @torch.no_grad()

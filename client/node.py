@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fedpriv.client.data_files import load_labelled_file, split_indices
 from fedpriv.client.data_report import keep_own_report
 from fedpriv.client.disclosures import Sharing, shared_redaction
 from fedpriv.client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
-from fedpriv.privacy.calibration import PrivacyPlan, plan_privacy
+from fedpriv.privacy.org_plan import org_target
 from fedpriv.privacy.redaction import DISABLED_SPEC, Redactor, redactor_for
 from fedpriv.shared_models.builder import build_model, build_tokenizer
 from fedpriv.shared_models.weights import base_model_digest
 from flwr.app import Context
 
+from fedpriv.data.data_files import load_labelled_file, split_indices
 from fedpriv.kernel import atomic_files, protocol
 from fedpriv.kernel.config import FedPrivConfig, ModelConfig, RedactionConfig
 from fedpriv.kernel.file_stamps import file_stamp
@@ -108,13 +108,13 @@ def _cached(cfg: FedPrivConfig, which: object, load) -> LocalNode:
 
 
 def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
-    from fedpriv.simulations.partitioning import plan_partitions  # simulation only: deployment nodes never import it
+    from fedpriv.data.partitioning import plan_partitions  # simulation only: deployment nodes never import it
 
     plan = plan_partitions(cfg)
     org = plan.org(partition_id)
     tokenizer = build_tokenizer(cfg.model.name)
     max_length = cfg.data.max_length
-    target_epsilon, delta = cfg.privacy.target_for(org.name)
+    target_epsilon, delta = org_target(cfg, org.name)
     redactor = _redactor(cfg.redaction)
     test = prepare_texts(org.test.texts, org.test.labels, tokenizer, max_length, redactor=redactor)
     texts, labels, redacted = org.train.texts, org.train.labels, None
@@ -122,7 +122,7 @@ def _load_partition(cfg: FedPrivConfig, partition_id: int) -> LocalNode:
         texts, redacted = redact_visible(texts, tokenizer, max_length, redactor)
     audited = cfg.canary_audit.enabled and partition_id == cfg.canary_audit.org
     if audited and cfg.canary_audit.kind == "text":  # the audited organisation also trains on the canaries "in"
-        from fedpriv.simulations.canary_audit import with_canaries
+        from fedpriv.privacy.audit_canaries import with_canaries
 
         texts, labels = with_canaries(cfg, partition_id, texts, labels, len(plan.label_names), tokenizer)
     return LocalNode(
@@ -263,33 +263,6 @@ def state_dir(node: LocalNode, run_dir: str) -> Path:
     path = node.state_dir or Path(run_dir) / "nodes" / node.org
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def org_privacy_plan(
-    cfg: FedPrivConfig,
-    org: str,
-    num_train: int,
-    target: tuple[float, float] | None = None,
-    calibrate: bool = True,
-) -> PrivacyPlan:
-    """One organisation's DP plan; the same call on the node and in the pre-flight check.
-
-    ``target`` (epsilon, delta) is the organisation's own budget in deployment;
-    in simulation it comes from the run config.
-    """
-    target_epsilon, delta = target or cfg.privacy.target_for(org)
-    return plan_privacy(
-        org=org,
-        num_examples=num_train,
-        batch_size=cfg.training.batch_size,
-        local_epochs=cfg.training.local_epochs,
-        rounds=cfg.training.rounds,
-        target_epsilon=target_epsilon,
-        delta=delta,
-        max_grad_norm=cfg.privacy.max_grad_norm,
-        accountant=cfg.privacy.accountant,
-        calibrate=calibrate,
-    )
 
 
 def _template_key(model_cfg: ModelConfig, label_names: list[str]) -> str:

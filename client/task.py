@@ -185,7 +185,7 @@ def _gradient_canaries(cfg: FedPrivConfig, node: LocalNode, model: torch.nn.Modu
     """The Dirac canaries of a simulation's gradient canary audit, for the audited organisation only (else None)."""
     if not (node.audited and cfg.canary_audit.enabled and cfg.canary_audit.kind == "gradient"):
         return None
-    from fedpriv.simulations.canary_audit import gradient_canaries_for  # simulation only: deployment never imports it
+    from fedpriv.privacy.audit_canaries import gradient_canaries_for  # a simulation's canary audit only
 
     return gradient_canaries_for(cfg, sum(p.numel() for p in model.parameters() if p.requires_grad))
 

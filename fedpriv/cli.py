@@ -227,8 +227,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         cfg = config_from_dict(resume.config)
     else:
         cfg = _load(ns.args)  # before the heavy imports below: a config mistake is reported in well under a second
+    from fedpriv.data.partitioning import plan_partitions
     from fedpriv.shared_models.sources import model_source
-    from fedpriv.simulations.partitioning import plan_partitions
 
     model_source(cfg.model.name)  # the model folder and the data files next: their mistakes too, before torch
     plan_partitions(cfg)  # (memoised for the run)
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "audit": cmd_audit,
         "predict": cmd_predict,
     }
-    from fedpriv.commands.interrupts import Interrupted, terminal_signals
+    from fedpriv.kernel.interrupts import Interrupted, terminal_signals
 
     try:
         with terminal_signals():  # SIGTERM unwinds like Ctrl-C, once: one line, no traceback

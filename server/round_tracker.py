@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpriv.client.evaluation import macro_f1, per_class_scores
+from fedpriv.shared_models.class_scores import macro_f1, per_class_scores
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedpriv.kernel import protocol

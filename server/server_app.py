@@ -13,6 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from fedpriv.privacy.org_plan import org_target
 from fedpriv.server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState, TrainingDiverged
 from fedpriv.server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from fedpriv.server.ledger_store import LedgerStore
@@ -82,7 +83,7 @@ def label_names(cfg: FedPrivConfig) -> list[str]:
     """Class names: fixed by the config (always so in deployment), or read from the data the simulation partitions."""
     if cfg.data.labels.names:
         return list(cfg.data.labels.names)
-    from fedpriv.simulations.partitioning import plan_partitions  # simulation only: a deployment run names its classes
+    from fedpriv.data.partitioning import plan_partitions  # simulation only: a deployment run names its classes
 
     return list(plan_partitions(cfg).label_names)
 
@@ -384,11 +385,13 @@ def _after_round(run_dir, server_round, arrays, tracker, cfg, extra, plots: Prog
     save_checkpoint(run_dir, server_round, arrays)
     write_summary(run_dir, build_summary(tracker, cfg.to_dict(), extra))
     write_metrics_csv(run_dir, tracker)
-    # a deployment node reports its own target (its node.yaml); a simulated one the run config's
-    targets = {
-        org: report.get("target_epsilon") or cfg.privacy.target_for(org)[0] for org, report in tracker.privacy.items()
-    }
-    plots.submit(tracker, targets)
+    plots.submit(tracker, epsilon_targets(cfg, tracker.privacy))
+
+
+def epsilon_targets(cfg: FedPrivConfig, reports: dict[str, dict]) -> dict[str, float]:
+    """Each reporting organisation's target epsilon, for the progress plot: what its node reported (a deployment
+    node's own node.yaml), else the run config's for it."""
+    return {org: org_target(cfg, org, report)[0] for org, report in reports.items()}
 
 
 def build_server_app(

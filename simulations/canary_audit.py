@@ -10,72 +10,26 @@ model against the canary's direction; text: the canary's loss), and the
 one-run bound is written to ``empirical_audit.json`` next to the
 organisation's claimed epsilon and the largest bound the settings can reach
 (``max_reachable_epsilon``). The canaries are a deterministic function of the
-config, so the scoring side rebuilds exactly the set the node used.
+config, drawn in ``privacy/audit_canaries.py`` by the node and by this scoring
+side alike, so the scorer rebuilds exactly the set the node used.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from fedpriv.privacy.canaries import (
-    Canaries,
-    guess_and_bound,
-    make_canaries,
-    max_reachable_epsilon,
-    reach_note,
-    word_vocabulary,
-)
-from fedpriv.privacy.gradient_canaries import DiracCanaries, dirac_scores, flat_trainable, make_dirac_canaries
+from fedpriv.privacy.audit_canaries import canaries_for, fitted, gradient_canaries_for
+from fedpriv.privacy.canaries import Canaries, guess_and_bound, max_reachable_epsilon, reach_note
+from fedpriv.privacy.gradient_canaries import dirac_scores, flat_trainable
+from fedpriv.privacy.org_plan import org_target
 
 from fedpriv.kernel import atomic_files
-from fedpriv.kernel.config import CanaryAuditConfig, ConfigError, FedPrivConfig
+from fedpriv.kernel.config import FedPrivConfig
 
 EMPIRICAL_FILE = "empirical_audit.json"
-
-
-def canaries_for(cfg: FedPrivConfig, num_labels: int, tokenizer) -> Canaries:
-    audit = cfg.canary_audit
-    return make_canaries(audit.count, num_labels, audit.seed, word_vocabulary(tokenizer))
-
-
-def fitted(cfg: FedPrivConfig, num_coordinates: int) -> CanaryAuditConfig:
-    """The audit with its number of canaries fixed for this model.
-
-    Gradient canaries need a trainable coordinate each: left at its default (``canaries: null``), their number
-    is the default or the model's trainable coordinates, whichever is fewer (the tiny model with LoRA has 4,421),
-    and the plan says how far that audit can reach; a number set explicitly is kept (``check_fits``).
-    """
-    audit = cfg.canary_audit
-    if audit.kind == "gradient" and audit.canaries is None and audit.count > num_coordinates:
-        return dataclasses.replace(audit, canaries=num_coordinates)
-    return audit
-
-
-def gradient_canaries_for(cfg: FedPrivConfig, num_coordinates: int) -> DiracCanaries:
-    """The Dirac canaries over ``num_coordinates`` trainable coordinates (the node and the scorer draw the same)."""
-    audit = fitted(cfg, num_coordinates)
-    return _dirac(audit.count, num_coordinates, audit.seed, cfg.privacy.max_grad_norm)
-
-
-@functools.lru_cache(maxsize=4)
-def _dirac(count: int, num_coordinates: int, seed: int, norm: float) -> DiracCanaries:
-    return make_dirac_canaries(count, num_coordinates, seed, norm)
-
-
-def check_fits(cfg: FedPrivConfig, num_coordinates: int) -> None:
-    """ConfigError before any training when the gradient canaries asked for outnumber the trainable coordinates."""
-    audit = fitted(cfg, num_coordinates)
-    if audit.enabled and audit.kind == "gradient" and audit.count > num_coordinates:
-        raise ConfigError(
-            f"config: canary_audit.canaries: {audit.count} gradient canaries need as many trainable coordinates;"
-            f" model {cfg.model.name} ({cfg.model.finetuning}) has {num_coordinates}: set canary_audit.canaries"
-            f" (the reachable bound falls with it) or fine-tune more of the model"
-        )
 
 
 def plan_line(cfg: FedPrivConfig, org: str, delta: float, num_coordinates: int | None = None) -> str:
@@ -92,19 +46,9 @@ def plan_line(cfg: FedPrivConfig, org: str, delta: float, num_coordinates: int |
         f"Canary audit: {audit.count} {what}, each with probability 1/2, in {org} only; {guesses} guesses each way"
         f" can show at most epsilon >= {reach:.2f} ({audit.confidence:.0%} confidence, delta {delta:g})"
     )
-    claimed = cfg.privacy.target_for(org)[0] if cfg.privacy.enabled else None
+    claimed = org_target(cfg, org)[0] if cfg.privacy.enabled else None
     note = reach_note(reach, claimed) if claimed is not None and reach < claimed else ""
     return line + (f": {note}" if note else "")
-
-
-def with_canaries(
-    cfg: FedPrivConfig, partition_id: int, texts: list[str], labels: list[int], num_labels: int, tokenizer
-) -> tuple[list[str], list[int]]:
-    """The organisation's training texts/labels, plus the "in" canaries when it is the audited one."""
-    if not cfg.canary_audit.enabled or partition_id != cfg.canary_audit.org:
-        return list(texts), list(labels)
-    extra_texts, extra_labels = canaries_for(cfg, num_labels, tokenizer).inserted()
-    return list(texts) + extra_texts, list(labels) + extra_labels
 
 
 @torch.no_grad()
@@ -128,7 +72,7 @@ def canary_scores(model: torch.nn.Module, canaries: Canaries, tokenizer, max_len
 
 def audited_org(cfg: FedPrivConfig) -> str:
     """The name of the organisation at partition index ``canary_audit.org``."""
-    from fedpriv.simulations.partitioning import plan_partitions
+    from fedpriv.data.partitioning import plan_partitions
 
     return plan_partitions(cfg).orgs[cfg.canary_audit.org].name
 
@@ -164,7 +108,7 @@ def run_canary_audit(cfg: FedPrivConfig, run_dir: Path, summary: dict[str, Any])
     org = audited_org(cfg)
     report = summary.get("privacy", {}).get(org, {})
     claimed = report.get("epsilon") if summary.get("dp_enabled") else None
-    delta = report.get("delta") or cfg.privacy.target_for(org)[1]
+    delta = org_target(cfg, org, report)[1]
     result = {
         "org": org,
         "method": method,

@@ -22,12 +22,12 @@ from typing import Any
 from fedpriv.client.data_report import RARE_LABEL_COUNT, Truncation
 from fedpriv.privacy.calibration import PrivacyPlan
 from fedpriv.server.resume import ResumePoint
-from fedpriv.simulations.partitioning import PartitionPlan, plan_partitions
 
-from fedpriv.commands.interrupts import Interrupted
+from fedpriv.data.partitioning import PartitionPlan, plan_partitions
 from fedpriv.kernel import atomic_files
 from fedpriv.kernel.config import FedPrivConfig
 from fedpriv.kernel.errors import ConfigError, UserError
+from fedpriv.kernel.interrupts import Interrupted
 from fedpriv.kernel.quiet import VERBOSE_ENV, quiet_third_party_warnings
 from fedpriv.kernel.run_lock import RunLock, lock_run_dir
 
@@ -55,8 +55,8 @@ class SimulationPlan:
 def preflight(cfg: FedPrivConfig) -> SimulationPlan:
     """Load and partition the data, check model and device, calibrate every organisation's noise."""
     from fedpriv.client.device import resolve_device
-    from fedpriv.client.node import org_privacy_plan
     from fedpriv.client.progress import progress_interval
+    from fedpriv.privacy.org_plan import org_privacy_plan, org_target
     from fedpriv.shared_models.sources import model_source
 
     model_source(cfg.model.name)
@@ -69,9 +69,10 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
         # each distinct one once (10,000 IID shares have 2-3 sizes; calibration takes about a second each).
         calibrated: dict[tuple[int, tuple[float, float]], PrivacyPlan] = {}
         for org in partitions.orgs:
-            key = (len(org.train), cfg.privacy.target_for(org.name))
+            target = org_target(cfg, org.name)
+            key = (len(org.train), target)
             if key not in calibrated:
-                calibrated[key] = org_privacy_plan(cfg, org.name, len(org.train))
+                calibrated[key] = org_privacy_plan(cfg, org.name, len(org.train), target)
             privacy[org.name] = calibrated[key]
     if cfg.secure_aggregation.enabled:
         from fedpriv.server.secure_rounds import secagg_shares
@@ -83,7 +84,7 @@ def preflight(cfg: FedPrivConfig) -> SimulationPlan:
         raise ConfigError(f"config: privacy.orgs: unknown organisation(s) {unknown}; organisations are: {names}")
     if cfg.canary_audit.enabled and cfg.canary_audit.kind == "gradient":
         from fedpriv.client.node import trainable_layout
-        from fedpriv.simulations.canary_audit import check_fits
+        from fedpriv.privacy.audit_canaries import check_fits
 
         layout = trainable_layout(cfg.model, partitions.label_names)
         check_fits(cfg, sum(math.prod(shape) for _, shape in layout))
@@ -100,7 +101,8 @@ def _truncation(cfg: FedPrivConfig, partitions: PartitionPlan) -> dict[str, Trun
     """
     from fedpriv.client.data_report import truncation
     from fedpriv.shared_models.builder import build_tokenizer
-    from fedpriv.simulations.partitioning import plan_key
+
+    from fedpriv.data.partitioning import plan_key
 
     key = (cfg.model.name, plan_key(cfg))
     if key not in _TRUNCATION_MEMO:
@@ -135,6 +137,7 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
             f" {', '.join(red.locales)}): each node redacts its text once when it first loads it"
         )
     if cfg.canary_audit.enabled:
+        from fedpriv.privacy.org_plan import org_target
         from fedpriv.simulations.canary_audit import plan_line
 
         audited = parts.orgs[cfg.canary_audit.org].name
@@ -143,7 +146,7 @@ def describe_plan(cfg: FedPrivConfig, plan: SimulationPlan) -> str:
             from fedpriv.client.node import trainable_layout
 
             coordinates = sum(math.prod(shape) for _, shape in trainable_layout(cfg.model, parts.label_names))
-        lines.append(plan_line(cfg, audited, cfg.privacy.target_for(audited)[1], coordinates))
+        lines.append(plan_line(cfg, audited, org_target(cfg, audited)[1], coordinates))
     from fedpriv.server.preflight import describe_row
 
     width = max(len(org.name) for org in parts.orgs)
@@ -294,7 +297,7 @@ def _run_locked(
     summary = json.loads(summary_path.read_text())
     if code != 0 and summary.get("status") not in ENDED:
         return {"status": "failed", "exit_code": code}  # the child said why (one error line, or its traceback)
-    from fedpriv.server.reports import write_summary
+    from fedpriv.server.reports import final_report, write_summary
 
     summary["data"] = plan.data_report()  # the simulation's own view of the data it partitioned (nothing sent)
     write_summary(run_dir, summary)
@@ -323,9 +326,11 @@ def _simulate_in_child(
 
     The same ServerApp and ClientApp as in-process, only in a process this one can stop: on Ctrl-C or SIGTERM
     the child and everything under it (Ray) is killed, the run folder marked ``interrupted`` and Interrupted
-    raised (fedpriv/commands/interrupts.py says why Flower's own threads cannot be interrupted in-process).
+    raised (fedpriv/kernel/interrupts.py says why Flower's own threads cannot be interrupted in-process).
     """
-    from fedpriv.commands import interrupts
+    from fedpriv.server.reports import mark_interrupted
+
+    from fedpriv.kernel import interrupts
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -353,7 +358,7 @@ def _simulate_in_child(
                 return _exit_code(os.waitstatus_to_exitcode(status), run_dir)
             time.sleep(0.2)
         left = interrupts.stop_tree(pid)  # a second Ctrl-C meanwhile is only noted: the cleanup always finishes
-        rounds = interrupts.mark_interrupted(run_dir, stop.signum)
+        rounds = mark_interrupted(run_dir, stop.signum)
     name = signal.Signals(stop.signum).name
     stopped = f"{len(left)} process(es) could not be stopped: {sorted(left)}" if left else "every process stopped"
     raise Interrupted(
@@ -394,88 +399,8 @@ def _simulate_here(cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: b
     stopped = outcome.get("summary") if (outcome.get("summary") or {}).get("error") else None
     if stopped is None:
         return 0
+    from fedpriv.server.reports import final_report
+
     if "config" in stopped:  # a disk error after the run was built (one line already): its report, even if
         print(final_report(stopped), flush=True)  # summary.json could not be updated to say it
     return STOPPED_EXIT
-
-
-def redaction_found(report: dict[str, Any]) -> str:
-    """What one organisation's redaction report says was found: matches per kind, the kinds, or not shared."""
-    if "counts" in report:
-        return ", ".join(f"{kind} {n}" for kind, n in report["counts"].items() if n) or "nothing found"
-    if "found" in report:
-        found = ", ".join(report["found"]) or "nothing"
-        return f"found {found} (kinds only: the organisation does not share how many)"
-    return "what was found is not shared by the organisation"
-
-
-def per_class_lines(final: dict[str, Any]) -> list[str]:
-    """The last round's precision / recall / F1 per class (summary.json's ``per_class``), one line each."""
-    rows = final.get("per_class")
-    if not rows:
-        return ["Per class: not shared by the organisations (privacy.share_per_class_eval)"]
-    width = max(len(str(row["label"])) for row in rows)
-
-    def fmt(value: float | None) -> str:
-        return "  n/a" if value is None else f"{value:.3f}"
-
-    lines = ["Per class (precision / recall / F1; test examples):"]
-    for row in rows:
-        lines.append(
-            f"  {str(row['label']):<{width}}  {fmt(row['precision'])} / {fmt(row['recall'])} / {fmt(row['f1'])};"
-            f" {row['support']}"
-        )
-    return lines
-
-
-def final_report(summary: dict[str, Any]) -> str:
-    final = summary.get("final") or {}
-    lines = [
-        "",
-        f"Run {summary.get('status')}: {len(summary.get('rounds', []))} rounds in {summary.get('wall_time_s')} s",
-    ]
-    if final and final.get("accuracy") is not None:
-        f1 = "not shared by the organisations" if final.get("macro_f1") is None else f"{final['macro_f1']:.3f}"
-        lines.append(
-            f"Global model: accuracy {final['accuracy']:.3f}, macro-F1 {f1},"
-            f" loss {final['loss']:.3f} (on the organisations' own test data)"
-        )
-        lines += per_class_lines(final)
-    if final and final.get("trained_orgs"):
-        if final.get("train_loss") is None:
-            lines.append("Mean training loss: not shared by the organisations (privacy.share_training_loss is off)")
-        else:
-            lines.append(
-                f"Mean training loss (last round, outside the DP guarantee; sent by"
-                f" {', '.join(final.get('train_loss_orgs') or final['trained_orgs'])}): {final['train_loss']:.3f}"
-            )
-    elif final:
-        lines.append("Global model: not evaluated in the last round (no organisation answered; see the errors above)")
-    if summary.get("dp_enabled"):
-        lines.append("Privacy spent (epsilon at delta; target):")
-        for org, p in summary.get("privacy", {}).items():
-            lines.append(
-                f"  {org}: epsilon {p['epsilon']:.3f} at delta {p['delta']:g} (target {p['target_epsilon']:g},"
-                f" sigma {p['noise_multiplier']:.3f}, q {p['sample_rate']:.4f}, {p['steps']} steps)"
-            )
-    else:
-        lines.append("DP was OFF: these results carry no privacy guarantee.")
-    redacted = {org: r for org, r in (summary.get("redaction") or {}).items() if r.get("enabled")}
-    if redacted:
-        lines.append("Redacted before tokenisation (train + test; as each organisation shares it: redaction.share):")
-        for org, report in redacted.items():
-            lines.append(f"  {org}: {redaction_found(report)}")
-    client_dp = summary.get("client_dp")
-    if client_dp:
-        lines.append(
-            f"Organisation-level DP ({client_dp['clipping']} clipping, noise multiplier {client_dp['noise_multiplier']}):"
-            f" epsilon {client_dp['epsilon']:.3f} at delta {client_dp['delta']:g} over {client_dp['rounds']} rounds"
-            f" (budget {client_dp['max_epsilon']:g}); it protects {client_dp['protects']}"
-        )
-    budget = summary.get("budget") or {}
-    if budget.get("stopped_reason"):
-        lines.append(f"Stopped early: {budget['stopped_reason']}")
-    run_dir = summary.get("run_dir", "")
-    confusion = ", confusion.png" if final and final.get("confusion_matrix") else ""
-    lines.append(f"Files: {run_dir}/summary.json, metrics.csv, progress.png{confusion}, model/")
-    return "\n".join(lines)

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from fedpriv.commands import interrupts
 from fedpriv.commands.provisioning import ProvisioningError
 from fedpriv.commands.provisioning.federation import (
     IN_MEMORY_DATABASE,
@@ -49,6 +48,7 @@ from fedpriv.commands.provisioning.kits import (
     SUPERNODE,
     SUPERNODE_ENV,
 )
+from fedpriv.kernel import interrupts
 from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
 from fedpriv.kernel.run_lock import lock_run_dir
@@ -314,7 +314,7 @@ def infer_label_names(cfg: FederationConfig) -> list[str]:
 
     One organisation may hold a single class; the federation needs two.
     """
-    from fedpriv.client.data_files import class_order, load_labelled_file
+    from fedpriv.data.data_files import class_order, load_labelled_file
     from fedpriv.kernel.errors import DataError
 
     names: dict[str, None] = {}
@@ -425,7 +425,7 @@ def federation_up(
     authentication, the baseline that the cost of the secure transport is measured against.
 
     The run folder is locked (fedpriv/kernel/run_lock.py) from before the first process starts to the end. Ctrl-C or
-    SIGTERM stops every process, marks the run ``interrupted`` and raises Interrupted (fedpriv/commands/interrupts.py).
+    SIGTERM stops every process, marks the run ``interrupted`` and raises Interrupted (fedpriv/kernel/interrupts.py).
     """
     with ExitStack() as held:
         return _federation_up(
@@ -554,7 +554,7 @@ def _federation_up(
     if summary is None:
         say(f"no summary.json in {run_dir}: the run did not start or failed; see {logs}")
         return UpResult(run_dir, None, returncode or 1)
-    from fedpriv.simulations.runner import final_report
+    from fedpriv.server.reports import final_report
 
     say(final_report(summary))
     say("every process stopped")
@@ -590,6 +590,7 @@ def _stop_all(procs: dict[str, tuple[subprocess.Popen, Path]], kits: Path, say: 
 
 def _interrupted(run_dir: Path, signum: int, federation_path: Path, kits: Path, run_cfg) -> interrupts.Interrupted:
     """The one line of a stopped ``federation up``: its processes are stopped; the run folder marked."""
+    from fedpriv.server.reports import mark_interrupted
     from fedpriv.server.resume import resume_path
 
     name = signal.Signals(signum).name
@@ -598,7 +599,7 @@ def _interrupted(run_dir: Path, signum: int, federation_path: Path, kits: Path, 
             f"interrupted ({name}): every process stopped before the run's first round; {run_dir} holds no round",
             signum,
         )
-    rounds = interrupts.mark_interrupted(run_dir, signum)
+    rounds = mark_interrupted(run_dir, signum)
     return interrupts.Interrupted(
         f"interrupted ({name}): every process stopped; {run_dir} marked interrupted after round {rounds} of"
         f" {run_cfg.training.rounds}; continue it with: fedpriv federation up {federation_path} --kits {kits}"

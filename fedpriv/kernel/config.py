@@ -611,7 +611,7 @@ def _cross_checks(cfg: FedPrivConfig) -> None:
 
 def default_config_text() -> str:
     """The packaged default config (what ``fedpriv simulate`` runs with no arguments)."""
-    return resources.files("fedpriv.simulations.configs").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+    return resources.files("fedpriv.kernel.configs").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
 
 
 def config_from_dict(raw: dict[str, Any]) -> FedPrivConfig:

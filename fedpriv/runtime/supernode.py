@@ -170,7 +170,7 @@ def main() -> None:
     path, node = _or_stop(lambda: load_own_settings(sys.argv[1:]))  # before Flower starts anything
     from flwr.supernode import start_client_internal
 
-    from fedpriv.client import app_approval
+    from fedpriv.runtime import app_approval
 
     app_approval.install(start_client_internal, node.approved_apps, path)
     if speedups:

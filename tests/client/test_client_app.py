@@ -9,9 +9,9 @@ from fedpriv.client.client_app import handle_evaluate, handle_query, handle_trai
 from fedpriv.client.node import NodeSetupError, fresh_model
 from fedpriv.privacy.calibration import compute_epsilon
 from fedpriv.shared_models.weights import trainable_arrays
-from fedpriv.simulations.partitioning import plan_partitions
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from fedpriv.data.partitioning import plan_partitions
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import load_config
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context

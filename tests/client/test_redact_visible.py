@@ -6,8 +6,8 @@ import pytest
 from fedpriv.client.tokenized import VISIBLE_MARGIN, redact_visible, tokenize
 from fedpriv.privacy.redaction import redactor_for
 from fedpriv.shared_models.builder import build_tokenizer
-from fedpriv.simulations.corpora import load_bbc_news
 
+from fedpriv.data.corpora import load_bbc_news
 from fedpriv.kernel.config import RedactionConfig
 
 IDENTIFIERS = [

@@ -11,9 +11,9 @@ from fedpriv.server.budget_gate import BudgetState
 from fedpriv.server.ledger_store import LedgerStore
 from fedpriv.server.preflight import preflight_wanted, run_preflight
 from fedpriv.server.prompt_grid import PromptGrid
-from fedpriv.simulations.partitioning import plan_partitions
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
+from fedpriv.data.partitioning import plan_partitions
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import load_config
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedpriv.client.evaluation import macro_f1
 from fedpriv.server.checkpoints import load_checkpoint, save_checkpoint
 from fedpriv.server.round_tracker import RoundTracker
+from fedpriv.shared_models.class_scores import macro_f1
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpriv.kernel import protocol

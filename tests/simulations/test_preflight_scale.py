@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fedpriv.client.node
+import fedpriv.privacy.org_plan
 from fedpriv.simulations.runner import preflight
 
 from fedpriv.kernel.config import load_config
@@ -10,13 +10,13 @@ from fedpriv.kernel.config import load_config
 
 def test_preflight_calibrates_each_distinct_plan_once(monkeypatch):
     calls = []
-    calibrate = fedpriv.client.node.org_privacy_plan
+    calibrate = fedpriv.privacy.org_plan.org_privacy_plan
 
     def counted(cfg, org, num_train, *args, **kwargs):
         calls.append((org, num_train))
         return calibrate(cfg, org, num_train, *args, **{**kwargs, "calibrate": False})  # the count is the point
 
-    monkeypatch.setattr(fedpriv.client.node, "org_privacy_plan", counted)
+    monkeypatch.setattr(fedpriv.privacy.org_plan, "org_privacy_plan", counted)
     cfg = load_config(
         overrides=[
             "model.name=tiny",

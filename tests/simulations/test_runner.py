@@ -67,7 +67,7 @@ def test_quiet_flower_logs_still_show_a_node_error_reply():
 
 
 def test_the_final_report_of_a_run_whose_last_round_was_not_evaluated_is_a_sentence_not_a_crash():
-    from fedpriv.simulations.runner import final_report
+    from fedpriv.server.reports import final_report
 
     summary = {"status": "incomplete", "rounds": [{}], "final": {"accuracy": None, "macro_f1": None, "loss": None}}
     report = final_report(summary)
@@ -81,7 +81,7 @@ def test_the_default_gradient_canaries_fit_the_model_and_the_plan_says_how_far_t
     """The tiny model with LoRA has 4,421 trainable coordinates: the default audit uses them all and says it
     cannot reach epsilon 8; a number asked for explicitly that does not fit stops the run before training."""
     from fedpriv.client.node import trainable_layout
-    from fedpriv.simulations.canary_audit import fitted
+    from fedpriv.privacy.audit_canaries import fitted
 
     cfg = load_config(overrides=[*TINY, "canary_audit.enabled=true"])
     plan = preflight(cfg)

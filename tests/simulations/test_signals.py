@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from fedpriv.server.resume import load_resume_point, resumable
 
-from fedpriv.commands.interrupts import alive, process_tree
+from fedpriv.kernel.interrupts import alive, process_tree
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 TINY_PAIR = [
     "model.name=tiny",
     "partitioning.num_orgs=2",
-    "partitioning.scheme=iid",  # the Dirichlet path has its own tests (tests/simulations/test_partitioning.py)
+    "partitioning.scheme=iid",  # the Dirichlet path has its own tests (tests/fedpriv/data/test_partitioning.py)
     "data.max_examples=120",
     "training.batch_size=16",
     "data.max_length=32",
@@ -273,8 +273,9 @@ def _plain_fedavg(cfg, run_dir: Path) -> dict:
     from fedpriv.client.client_app import handle_train
     from fedpriv.client.node import fresh_model
     from fedpriv.shared_models.weights import trainable_arrays
-    from fedpriv.simulations.partitioning import plan_partitions
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from fedpriv.data.partitioning import plan_partitions
 
     model, digest = fresh_model(cfg.model, plan_partitions(cfg).label_names)
     total, weighted = 0, {}

@@ -29,7 +29,7 @@ def test_the_staged_fab_carries_every_app_module_and_config_and_nothing_else(tmp
         for path in (root / package).rglob("*")
         if path.suffix in {".py", ".yaml"} and "__pycache__" not in path.parts
     }
-    assert "simulations/configs/default.yaml" in expected
+    assert "fedpriv/kernel/configs/default.yaml" in expected
     assert "client/client_app.py" in expected and "server/server_app.py" in expected
     assert expected <= names
     outside = {name.partition("/")[0] for name in names - expected}

@@ -17,12 +17,11 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from unittest import mock
 
 import numpy as np
-from fedpriv.client.data_files import LabelledTexts, load_labelled_file, map_labels, split_indices
-from fedpriv.simulations.corpora import load_builtin
 
+from fedpriv.data.corpora import load_builtin
+from fedpriv.data.data_files import LabelledTexts, load_labelled_file, map_labels, split_indices
 from fedpriv.kernel.config import FedPrivConfig, config_from_dict
 from fedpriv.kernel.errors import DataError
 
@@ -183,18 +182,13 @@ def _natural(values: Sequence[str], cfg: FedPrivConfig, source: str) -> tuple[li
             " use fewer organisations or another partitioning.column"
         )
     chosen = sorted(counts, key=lambda v: (-counts[v], v))[: part.num_orgs]
-    import datasets
-    from flwr_datasets.partitioner import NaturalIdPartitioner
-    from flwr_datasets.partitioner import natural_id_partitioner as _natural_id_module
-
-    partitioner = NaturalIdPartitioner(partition_by="group")
-    partitioner.dataset = datasets.Dataset.from_dict({"row": list(range(len(values))), "group": list(values)})
-    # silence its tqdm progress bar (it would be printed by every process that plans the partitions)
-    with mock.patch.object(_natural_id_module, "tqdm", lambda iterable, **_: iterable):
-        _ = partitioner.num_partitions  # builds its natural-id <-> partition-id mapping
-        id_of = {name: pid for pid, name in partitioner.partition_id_to_natural_id.items()}
-        rows = [list(partitioner.load_partition(id_of[name])["row"]) for name in chosen]
-    return chosen, rows
+    # Each kept group's rows, in file order: what Flower Datasets' NaturalIdPartitioner gives, without the seconds
+    # of imports (datasets) or the progress bar it prints in every process that plans the partitions.
+    rows: dict[str, list[int]] = {name: [] for name in chosen}
+    for index, value in enumerate(values):
+        if value in rows:
+            rows[value].append(index)
+    return chosen, [rows[name] for name in chosen]
 
 
 def _build_plan(cfg: FedPrivConfig) -> PartitionPlan:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from fedpriv.client.data_files import load_labelled_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedpriv.data.data_files import load_labelled_file
 from fedpriv.kernel.config import config_from_dict
 from fedpriv.kernel.errors import DataError
 

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from fedpriv.client.data_files import load_labelled_file, map_labels, read_records
 
+from fedpriv.data.data_files import load_labelled_file, map_labels, read_records
 from fedpriv.kernel.config import config_from_dict, load_config
 from fedpriv.kernel.errors import ConfigError, DataError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 AG_MAP = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}  # AG News' classes.txt order
 AG_ROWS = [
     [
@@ -270,7 +270,7 @@ def test_classes_follow_the_order_of_labels_map_and_ranges():
 
 def test_simulation_plan_keeps_labels_map_order(tmp_path):
     """The plan is rebuilt from a JSON key in every process: a sorted key would reorder the classes."""
-    from fedpriv.simulations.partitioning import plan_partitions
+    from fedpriv.data.partitioning import plan_partitions
 
     path = ag_news_csv(tmp_path / "train.csv", AG_ROWS * 10)
     overrides = [
@@ -357,13 +357,13 @@ def test_reading_parquet_and_save_to_disk_leaves_no_thread_behind(tmp_path):
     _dataset(["a b", "c d"], ["x", "y"]).to_parquet(str(tmp_path / "data.parquet"))
     code = (
         "import sys, threading\n"
-        "from fedpriv.client.data_files import read_records\n"
+        "from fedpriv.data.data_files import read_records\n"
         "for path in sys.argv[1:]:\n"
         "    read_records(path)\n"
         "print(sorted(t.name for t in threading.enumerate()))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "saved"), str(tmp_path / "data.parquet")],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[3],
     )  # fmt: skip
     assert out.stdout.strip().splitlines()[-1] == "['MainThread']"

@@ -9,26 +9,23 @@ dump on SIGTERM. So a run's training processes live in a session of their own
 (``fedpriv simulate``: a forked child; ``federation up``: each started process),
 and the command's own process, which never starts Ray, takes the signal, kills
 what it started (SIGKILL: every file a run writes is atomic or replayed, see
-server/resume.py), and marks ``summary.json`` ``interrupted``: a resumable
-status, like ``running``.
+server/resume.py), and marks ``summary.json`` ``interrupted`` (server/reports.py): a resumable
+status, like ``running``. Nothing here knows a run's files: the signals and the process table only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-INTERRUPTED = "interrupted"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -188,42 +185,3 @@ def stop_tree(root: int) -> dict[int, str]:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(root, 0)
     return left
-
-
-# --------------------------------------------------------------------------- the run folder
-
-
-def mark_interrupted(run_dir: Path, signum: int) -> int:
-    """Set ``summary.json``'s status to ``interrupted`` (unless the run had ended); the complete rounds.
-
-    Fields are only added (``interrupted``: the signal, when, after which round). A summary that is missing
-    (stopped in round 1) or unreadable is written from the resume point, which is what ``--resume`` reads.
-    """
-    from fedpriv.server.reports import SUMMARY_FILE, write_summary
-    from fedpriv.server.resume import ENDED, ResumeError, load_resume_point
-
-    path = Path(run_dir) / SUMMARY_FILE
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(summary, dict):
-            raise ValueError("not an object")
-    except (OSError, UnicodeDecodeError, ValueError):
-        summary = None
-    if summary is not None and summary.get("status") in ENDED:
-        return len(summary.get("rounds") or [])
-    if summary is None:
-        try:
-            point = load_resume_point(run_dir)
-            rounds, config = point.rounds, point.config
-        except ResumeError:
-            rounds, config = [], {}
-        summary = {"run_dir": str(run_dir), "config": config, "rounds": rounds}
-    done = len(summary.get("rounds") or [])
-    summary["status"] = INTERRUPTED
-    summary["interrupted"] = {
-        "signal": signal.Signals(signum).name,
-        "at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "after_round": done,
-    }
-    write_summary(Path(run_dir), summary)
-    return done

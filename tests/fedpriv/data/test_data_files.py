@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from fedpriv.client.data_files import LabelledTexts, load_labelled_file, map_labels, read_records
 
+from fedpriv.data.data_files import LabelledTexts, load_labelled_file, map_labels, read_records
 from fedpriv.kernel.config import config_from_dict
 from fedpriv.kernel.errors import DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"shared test data not found at {SHARED_DATA} (present in CI and dev machines)"
 )

@@ -1,6 +1,6 @@
 """Labelled data that Hugging Face ``datasets`` wrote: a Parquet file or a ``save_to_disk`` folder.
 
-Read into memory and turned into the rows of strings that client/data_files.py
+Read into memory and turned into the rows of strings that fedpriv/data/data_files.py
 checks, so the same one-line errors apply. Nothing is written: ``datasets``'
 own ``Dataset.from_parquet`` copies the file into an Arrow cache folder
 (measured: ``<cache_dir>/parquet/...``), and an organisation's text must not

@@ -10,7 +10,7 @@ its CSV loader (pandas) reports a bad row as "An error occurred while
 generating the dataset" without its line, turns ``"3"`` into an integer and
 ``nan`` into a missing value, takes a headerless file's first row as its
 header and writes a cache folder. Parquet files and ``save_to_disk`` folders
-are read with ``datasets`` (client/arrow_files.py) and checked here like the
+are read with ``datasets`` (fedpriv/data/arrow_files.py) and checked here like the
 rest.
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fedpriv.client.arrow_files import is_saved_dataset, read_parquet, read_saved_dataset
 
+from fedpriv.data.arrow_files import is_saved_dataset, read_parquet, read_saved_dataset
 from fedpriv.kernel.config import DataConfig, LabelConfig
 from fedpriv.kernel.errors import DataError
 

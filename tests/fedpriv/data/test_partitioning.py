@@ -11,12 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from fedpriv.simulations.partitioning import PartitionPlan, load_corpus, plan_partitions
 
+from fedpriv.data.partitioning import PartitionPlan, load_corpus, plan_partitions
 from fedpriv.kernel.config import load_config
 from fedpriv.kernel.errors import DataError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"shared test data not found at {SHARED_DATA} (present in CI and dev machines)"
@@ -180,7 +180,7 @@ def test_same_plan_in_another_process():
     script = (
         "import hashlib, json, sys\n"
         "from fedpriv.kernel.config import load_config\n"
-        "from fedpriv.simulations.partitioning import plan_partitions\n"
+        "from fedpriv.data.partitioning import plan_partitions\n"
         "plan = plan_partitions(load_config(overrides=json.loads(sys.argv[1])))\n"
         "rows = [(o.name, o.train.texts, o.train.labels, o.test.texts, o.test.labels) for o in plan.orgs]\n"
         "print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())\n"
@@ -253,6 +253,37 @@ def test_natural_needs_enough_groups(tmp_path):
         )
     )
     assert [o.name for o in ok.orgs] == ["site0", "site1", "site2"]  # equal-ish sizes: largest first, then name
+
+
+def test_natural_groups_are_planned_with_no_mock_no_datasets_import_and_no_progress_bar(tmp_path):
+    """Grouping rows by a column needs neither Flower Datasets' partitioner (seconds of imports, a progress bar in
+    every process that plans) nor ``unittest.mock`` in product code to silence it."""
+    path = synthetic_file(tmp_path, n=90)  # 3 sites, rows interleaved
+    overrides = [
+        "data.source=file",
+        f"data.path={path}",
+        "partitioning.scheme=natural",
+        "partitioning.column=site",
+        "partitioning.num_orgs=2",
+        "training.batch_size=4",
+    ]
+    script = (
+        "import json, sys\n"
+        "from fedpriv.kernel.config import load_config\n"
+        "from fedpriv.data.partitioning import plan_partitions\n"
+        "plan = plan_partitions(load_config(overrides=json.loads(sys.argv[1])))\n"
+        "rows = sorted(int(t.split()[-1]) for o in plan.orgs for part in (o.train, o.test) for t in part.texts)\n"
+        "loaded = [m for m in ('datasets', 'flwr_datasets', 'unittest.mock') if m in sys.modules]\n"
+        "print(json.dumps({'orgs': [o.name for o in plan.orgs], 'rows': rows, 'loaded': loaded}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(overrides)], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout)
+    assert result["loaded"] == []
+    assert out.stderr == ""  # no progress bar
+    assert result["orgs"] == ["site0", "site1"]
+    assert result["rows"] == [i for i in range(90) if i % 3 in (0, 1)]  # each site's rows, every one of them
 
 
 def test_natural_column_missing(tmp_path):
@@ -365,8 +396,9 @@ def test_unknown_partition_id():
 def test_iid_shards_are_flower_datasets_iid_partitions_of_the_shuffled_order(n, num_orgs):
     import datasets
     import numpy as np
-    from fedpriv.simulations.partitioning import _iid
     from flwr_datasets.partitioner import IidPartitioner
+
+    from fedpriv.data.partitioning import _iid
 
     order = np.random.default_rng(3).permutation(n).tolist()
     partitioner = IidPartitioner(num_partitions=num_orgs)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fedpriv.client import app_approval
+
+from fedpriv.runtime import app_approval
 
 APPROVED = b"the FAB the organisation reviewed"
 CHANGED = b"the FAB with one changed line"

@@ -6,9 +6,9 @@ import importlib.metadata
 from collections import Counter
 
 import pytest
-from fedpriv.simulations import corpora
-from fedpriv.simulations.corpora import BUILTIN_CORPORA, load_builtin
 
+from fedpriv.data import corpora
+from fedpriv.data.corpora import BUILTIN_CORPORA, load_builtin
 from fedpriv.kernel.errors import DataError
 
 
