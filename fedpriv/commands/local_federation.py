@@ -40,7 +40,7 @@ from fedpriv.commands.provisioning.federation import (
     FederationConfig,
     load_federation,
 )
-from fedpriv.commands.provisioning.kits import CA_KEY_ENV, SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
+from fedpriv.commands.provisioning.kit_templates import CA_KEY_ENV, SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
 from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
 from fedpriv.kernel.run_lock import lock_run_dir
