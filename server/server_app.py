@@ -19,7 +19,7 @@ from fedpriv.server.ledger_store import LedgerStore
 from fedpriv.server.preflight import preflight_wanted, run_preflight
 from fedpriv.server.progress_plot import ProgressPlots
 from fedpriv.server.prompt_grid import PromptGrid
-from fedpriv.server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_summary
+from fedpriv.server.reports import build_summary, write_metrics_csv, write_summary
 from fedpriv.server.resume import (
     ResumeError,
     ResumePoint,
@@ -45,6 +45,7 @@ from fedpriv.kernel.config import FedPrivConfig, config_from_dict
 from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.quiet import quiet_third_party_warnings
 from fedpriv.kernel.run_config import RESUME_KEY, config_from_context
+from fedpriv.kernel.run_lock import new_run_problem
 
 log = logging.getLogger("fedpriv.server")
 
@@ -64,15 +65,14 @@ def new_run_dir(base: str | Path = "runs") -> Path:
 
 
 def run_dir_for(cfg: FedPrivConfig) -> Path:
-    """``run.out_dir`` itself when set (refused if a run already wrote there), else a fresh ``runs/<timestamp>/``."""
+    """``run.out_dir`` itself when set (refused unless a new run may use it: fedpriv.kernel.run_lock.new_run_problem,
+    the rule ``fedpriv simulate`` and ``fedpriv federation up`` follow too), else a fresh ``runs/<timestamp>/``."""
     if not cfg.run.out_dir:
         return new_run_dir("runs")
     path = Path(cfg.run.out_dir).resolve()
-    if path.is_file() or (path / SUMMARY_FILE).exists():
-        raise ConfigError(
-            f"run.out_dir {path}: already holds a run (or is a file); choose a new run folder"
-            " (a run's files are never overwritten by another run)"
-        )
+    problem = new_run_problem(path)
+    if problem is not None:
+        raise ConfigError(f"run.out_dir {path}: {problem}")
     atomic_files.make_folder(path)
     atomic_files.check_writable(path)
     return path

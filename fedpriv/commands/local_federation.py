@@ -43,7 +43,7 @@ from fedpriv.commands.provisioning.federation import (
 from fedpriv.commands.provisioning.kit_templates import CA_KEY_ENV, SUPERLINK, SUPERLINK_ENV, SUPERNODE, SUPERNODE_ENV
 from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
-from fedpriv.kernel.run_lock import lock_run_dir
+from fedpriv.kernel.run_lock import lock_run_dir, new_run_problem
 from fedpriv.runtime.superexec import READY_LINE
 
 START_TIMEOUT_S = 60.0
@@ -427,9 +427,11 @@ def federation_up(
         )  # fmt: skip
 
 
-def _refuse_a_finished_run(run_dir: Path) -> None:
-    if (run_dir / "summary.json").exists():
-        raise FederationUpError(f"--out {run_dir}: already holds a run; choose a new folder")
+def _refuse_a_used_folder(run_dir: Path) -> None:
+    """The rule every new run follows (fedpriv.kernel.run_lock.new_run_problem), checked before any process starts."""
+    problem = new_run_problem(run_dir)
+    if problem is not None:
+        raise FederationUpError(f"--out {run_dir}: {problem}")
 
 
 def _federation_up(
@@ -489,11 +491,11 @@ def _federation_up(
         overrides.append(f"strategy.min_available_nodes={n}")
     if point is None:
         run_dir = Path(out).resolve() if out else (Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-        _refuse_a_finished_run(run_dir)
+        _refuse_a_used_folder(run_dir)
         overrides.append(f"run.out_dir={json.dumps(str(run_dir))}")
         run_cfg = load_config(config_path, overrides)  # a config mistake stops here, before any process starts
         held.enter_context(lock_run_dir(run_dir, fresh=False))  # one run at a time in it, held to the end
-        _refuse_a_finished_run(run_dir)  # again, now that it is ours
+        _refuse_a_used_folder(run_dir)  # again, now that it is ours
 
     _check_kits_are_local(kits, cfg)
     spent = _spent_state(cfg, kits)
