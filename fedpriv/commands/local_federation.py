@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpriv.commands import interrupts
 from fedpriv.commands.provisioning import ProvisioningError
@@ -45,6 +46,10 @@ from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
 from fedpriv.kernel.run_lock import lock_run_dir, new_run_problem
 from fedpriv.runtime.superexec import READY_LINE
+
+if TYPE_CHECKING:
+    from fedpriv.kernel.config import FedPrivConfig
+    from fedpriv.server.resume import ResumePoint
 
 START_TIMEOUT_S = 60.0
 WARM_TIMEOUT_S = 300.0  # N nodes' imports on one machine: seconds of CPU each, all nodes sharing its cores
@@ -439,10 +444,10 @@ class _LocalRun:
     """What one ``federation up`` runs: the local federation, and the run's config and (locked) folder."""
 
     federation: FederationConfig  # the federation file's, on 127.0.0.1 at a free port, data paths absolute
-    run_cfg: object  # fedpriv.kernel.config.FedPrivConfig: the run's resolved config
+    run_cfg: FedPrivConfig  # the run's resolved config
     run_dir: Path
     overrides: list[str]  # what `flwr run` is given (a new run)
-    point: object | None = None  # fedpriv.server.resume.ResumePoint: the run continued (--resume)
+    point: ResumePoint | None = None  # the run continued (--resume)
     first_run: tuple[str | None, list[str]] | None = None  # a resumed run's first config and overrides
 
 
