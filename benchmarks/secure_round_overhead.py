@@ -160,7 +160,7 @@ def run_one(
     superlink: str = "fedpriv",
 ) -> dict:
     from fedpriv.commands.local_federation import federation_up
-    from fedpriv.commands.provisioning.kits import SUPERLINK_ENV, SUPERNODE_ENV
+    from fedpriv.commands.provisioning.kit_templates import SUPERLINK_ENV, SUPERNODE_ENV
 
     arm = {"update": update, "mode": mode, "supernode": supernode, "superlink": superlink, "run": rerun + 1}
     label = _label(arm)

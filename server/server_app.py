@@ -9,29 +9,20 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
-from fedpriv.privacy.org_plan import org_target
-from fedpriv.server.budget_gate import BudgetExhausted, BudgetGatedStrategy, BudgetState, TrainingDiverged
-from fedpriv.server.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
-from fedpriv.server.ledger_store import LedgerStore
+from fedpriv.server.budget_gate import BudgetExhausted, BudgetGatedStrategy, TrainingDiverged
+from fedpriv.server.checkpoints import load_checkpoint
 from fedpriv.server.preflight import preflight_wanted, run_preflight
-from fedpriv.server.progress_plot import ProgressPlots
 from fedpriv.server.prompt_grid import PromptGrid
-from fedpriv.server.reports import SUMMARY_FILE, build_summary, write_metrics_csv, write_summary
 from fedpriv.server.resume import (
     ResumeError,
     ResumePoint,
     load_resume_point,
-    prune_checkpoints,
-    restore_strategy_state,
     resumable,
-    save_strategy_state,
-    write_resume_point,
 )
-from fedpriv.server.round_tracker import RoundTracker
+from fedpriv.server.run_record import RunRecord
 from fedpriv.server.secure_rounds import run_secure_rounds, secagg_shares
 from fedpriv.server.strategy import build_strategy
 from fedpriv.server.update_checks import Rejection, update_problem
@@ -46,6 +37,7 @@ from fedpriv.kernel.config import FedPrivConfig, config_from_dict
 from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.quiet import quiet_third_party_warnings
 from fedpriv.kernel.run_config import RESUME_KEY, config_from_context
+from fedpriv.kernel.run_lock import new_run_problem
 
 log = logging.getLogger("fedpriv.server")
 
@@ -65,15 +57,14 @@ def new_run_dir(base: str | Path = "runs") -> Path:
 
 
 def run_dir_for(cfg: FedPrivConfig) -> Path:
-    """``run.out_dir`` itself when set (refused if a run already wrote there), else a fresh ``runs/<timestamp>/``."""
+    """``run.out_dir`` itself when set (refused unless a new run may use it: fedpriv.kernel.run_lock.new_run_problem,
+    the rule ``fedpriv simulate`` and ``fedpriv federation up`` follow too), else a fresh ``runs/<timestamp>/``."""
     if not cfg.run.out_dir:
         return new_run_dir("runs")
     path = Path(cfg.run.out_dir).resolve()
-    if path.is_file() or (path / SUMMARY_FILE).exists():
-        raise ConfigError(
-            f"run.out_dir {path}: already holds a run (or is a file); choose a new run folder"
-            " (a run's files are never overwritten by another run)"
-        )
+    problem = new_run_problem(path)
+    if problem is not None:
+        raise ConfigError(f"run.out_dir {path}: {problem}")
     atomic_files.make_folder(path)
     atomic_files.check_writable(path)
     return path
@@ -99,71 +90,30 @@ def run_federation(
     """Run all rounds (after ``resume.round`` when resuming); returns the summary (also in ``run_dir/summary.json``).
 
     A file that cannot be written (full disk, read-only folder) or another one-line error stops the run: the
-    line is printed, and the summary says ``incomplete`` with the line in ``error`` (see :func:`stopped_summary`).
+    line is printed, and the summary says ``incomplete`` with the line in ``error`` (see :meth:`RunRecord.stopped`).
     """
-    plots = ProgressPlots(run_dir)  # progress.png, drawn beside the rounds
-    state: dict = {}  # what _run_federation has built so far: the summary of a run stopped half-way needs it
-    try:
-        return _run_federation(grid, context, cfg, run_dir, num_nodes, resume, plots, state)
-    except Exception as exc:
-        if isinstance(exc, UserError):
-            error = exc
-        elif atomic_files.is_disk_failure(exc):  # a write no call site translated: name what the error names
-            error = atomic_files.disk_error(getattr(exc, "filename", None) or run_dir, exc)
-        else:
-            raise
-        return stopped_summary(run_dir, cfg, state, error)
-    finally:
-        plots.close()
-
-
-def stopped_summary(run_dir: Path, cfg: FedPrivConfig, state: dict, error: UserError) -> dict:
-    """Print ``error`` as one line and write the summary of the rounds done, status ``incomplete``.
-
-    The resume point (written after each complete round) stays as it was: once the cause is fixed, ``--resume``
-    continues the run. If the summary itself cannot be written, the same line says so.
-    """
-    tracker, extra = state.get("tracker"), state.get("extra")
-    if tracker is None or extra is None:  # stopped before anything of the run was built: nothing to summarise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return {"status": "incomplete", "error": str(error), "run_dir": str(run_dir)}
-    done = len(tracker.rounds)
-    extra = {**extra, "status": "incomplete", "error": str(error)}
-    budget = state.get("budget")
-    if budget is not None and "budget" not in extra:
-        extra["budget"] = {
-            "stopped_reason": budget.stopped_reason,
-            "refusals": budget.refusals,
-            "ledgers": {org: dict(head) for org, head in sorted(budget.ledgers.heads.items())},
-        }
-    extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
-    extra["wall_time_s"] = round(time.monotonic() - state.get("started", time.monotonic()), 1)
-    summary = build_summary(tracker, cfg.to_dict(), extra)
-    where = f"the run stopped after round {done} of {cfg.training.rounds}"
-    try:
-        write_summary(run_dir, summary)
-    except UserError as again:
-        print(f"error: {error}; {where}, and its summary could not be updated: {again}", file=sys.stderr, flush=True)
-        return summary
-    print(
-        f"error: {error}; {where} (summary.json status 'incomplete'; once fixed, --resume {run_dir} continues it)",
-        file=sys.stderr,
-        flush=True,
-    )
-    return summary
+    with RunRecord(run_dir, cfg, resume) as record:
+        try:
+            return _run_federation(grid, context, cfg, num_nodes, resume, record)
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                error = exc
+            elif atomic_files.is_disk_failure(exc):  # a write no call site translated: name what the error names
+                error = atomic_files.disk_error(getattr(exc, "filename", None) or run_dir, exc)
+            else:
+                raise
+            return record.stopped(error)
 
 
 def _run_federation(
     grid: Grid,
     context: Context,
     cfg: FedPrivConfig,
-    run_dir: Path,
     num_nodes: int,
     resume: ResumePoint | None,
-    plots: ProgressPlots,
-    state: dict,
+    record: RunRecord,
 ) -> dict:
-    started = time.monotonic() - (resume.elapsed_s if resume else 0.0)
+    run_dir = record.run_dir
     labels = label_names(cfg)
     model = build_model(cfg.model, labels)
     trainable, total = count_trainable(model)
@@ -172,73 +122,15 @@ def _run_federation(
     done = resume.round if resume else 0
     if resume is not None and resume.checkpoint_path is not None:
         initial = checkpoint_like(resume.checkpoint_path, initial)
-    keep = cfg.output.keep_checkpoints
-    latest = {"arrays": initial}
-    stateful: list = []  # the strategy whose round-to-round state goes into every resume point
-
-    def round_end(server_round: int, arrays) -> None:
-        latest["arrays"] = arrays
-        if strategy_holder:
-            extra["rejected_updates"] = [r.to_dict() for r in strategy_holder[0].rejections]
-        if strategy_holder and strategy_holder[0].client_dp is not None:
-            extra["client_dp"] = strategy_holder[0].client_dp.summary()
-        _after_round(run_dir, server_round, arrays, tracker, cfg, extra, plots)
-        point = ResumePoint(
-            run_dir=run_dir,
-            round=server_round,
-            config=cfg.to_dict(),
-            rounds=[record.to_dict() for record in tracker.rounds],
-            privacy=tracker.privacy,
-            rejected_updates=extra["rejected_updates"],
-            refusals=budget.refusals,
-            elapsed_s=tracker.elapsed_s,
-            checkpoint=checkpoint_path(run_dir, server_round).name,
-            strategy_state=save_strategy_state(run_dir, server_round, stateful[0]) if stateful else None,
-            resumes=extra["resumes"],
-            redaction=tracker.redaction,
-        )
-        write_resume_point(point)
-        prune_checkpoints(run_dir, point, keep)
-
-    tracker = RoundTracker(
-        num_rounds=cfg.training.rounds,
-        num_labels=len(labels),
-        dp_enabled=cfg.privacy.enabled,
-        on_round_end=round_end,
-        label_names=labels,
-    )
-    budget = BudgetState(LedgerStore(run_dir, warn=tracker.printer), say=tracker.printer)
-    extra = {
-        "run_dir": str(run_dir),
-        "label_names": labels,
-        "model": {
-            "name": cfg.model.name,
-            "finetuning": cfg.model.finetuning,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "upload_bytes_per_round": upload_bytes,
-        },
-        "status": "running",
-        "rejected_updates": [],  # plain path: updates that failed server/update_checks.py (SecAgg+: none can be)
-        "resumes": [],  # the rounds after which a restarted coordinator resumed the run
+    model_facts = {
+        "name": cfg.model.name,
+        "finetuning": cfg.model.finetuning,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "upload_bytes_per_round": upload_bytes,
     }
-    state.update(tracker=tracker, extra=extra, budget=budget, started=started)
-    if resume is None:
-        write_resume_point(
-            ResumePoint(run_dir, 0, cfg.to_dict(), [], {}, [], [], 0.0, checkpoint=None, strategy_state=None)
-        )
-    else:
-        tracker.restore(resume.rounds, resume.privacy, resume.elapsed_s, resume.redaction)
-        budget.refusals = list(resume.refusals)
-        extra["rejected_updates"] = list(resume.rejected_updates)
-        extra["resumes"] = [*resume.resumes, done]
-
-    def adopt_strategy(strategy) -> None:
-        """Called by either path with its strategy: restore a resumed run's strategy state, keep it for saving."""
-        if resume is not None and resume.strategy_state_path is not None:
-            restored = restore_strategy_state(strategy, resume.strategy_state_path)
-            tracker.printer(f"strategy state after round {done} restored: {', '.join(restored)}")
-        stateful.append(strategy)
+    record.begin(labels, model_facts, initial)
+    tracker, budget = record.tracker, record.budget
 
     digest = base_model_digest(model)
     if not cfg.privacy.enabled:
@@ -246,10 +138,10 @@ def _run_federation(
     if cfg.secure_aggregation.enabled:
         shares, threshold = secagg_shares(cfg, num_nodes)
         tracker.printer(f"secure aggregation (SecAgg+): {shares} shares, rounds need {threshold} organisations")
-        extra["secure_aggregation"] = {"num_shares": shares, "reconstruction_threshold": threshold}
+        record.secure_aggregation = {"num_shares": shares, "reconstruction_threshold": threshold}
     node_config = {protocol.RUN_DIR: str(run_dir), protocol.BASE_DIGEST: digest}
     if cfg.training.rounds - done > 0 and preflight_wanted(cfg, grid):
-        extra["preflight"] = run_preflight(
+        record.preflight = run_preflight(
             grid,
             cfg,
             node_config=node_config,
@@ -258,8 +150,7 @@ def _run_federation(
             say=tracker.printer,
             elapsed=lambda: tracker.elapsed_s,
         )
-        tracker.nodes_prepared = bool(extra["preflight"]["ready"])
-    strategy_holder: list[BudgetGatedStrategy] = []
+        tracker.nodes_prepared = bool(record.preflight["ready"])
     remaining = cfg.training.rounds - done
     try:
         if remaining <= 0:
@@ -276,13 +167,13 @@ def _run_federation(
                 budget=budget,
                 say=tracker.printer,
                 round_offset=done,
-                adopt_strategy=adopt_strategy,
+                adopt_strategy=record.adopt_strategy,
             )
         else:
-            rejections = [Rejection(**raw) for raw in extra["rejected_updates"]]
-            strategy = _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, extra, done, rejections)
-            strategy_holder.append(strategy)
-            adopt_strategy(strategy)
+            rejections = [Rejection(**raw) for raw in record.rejected_updates]
+            strategy = _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, done, rejections)
+            record.watch_gate(strategy)
+            record.adopt_strategy(strategy)
             final = strategy.start(
                 grid=grid,
                 initial_arrays=initial,
@@ -294,57 +185,35 @@ def _run_federation(
             ).arrays
     except BudgetExhausted as exc:
         tracker.printer(f"run ended after round {len(tracker.rounds)} of {cfg.training.rounds}: {exc}")
-        final = latest["arrays"]
+        final = record.latest
     except TrainingDiverged as exc:  # the last complete round's model stays the run's model
         stopped_in = budget.diverged[-1]["round"] if budget.diverged else len(tracker.rounds) + 1
         tracker.printer(f"run stopped in round {stopped_in} of {cfg.training.rounds}: local training diverged")
-        extra["stopped_reason"] = str(exc)
-        for report in budget.diverged_privacy:
-            tracker.note_privacy(report)
-        final = latest["arrays"]
-    trained = [record for record in tracker.rounds if record.trained_orgs]
-    if strategy_holder:
-        extra["rejected_updates"] = [r.to_dict() for r in strategy_holder[0].rejections]
-    if strategy_holder and strategy_holder[0].client_dp is not None:
-        extra["client_dp"] = strategy_holder[0].client_dp.summary()
-    extra["diverged"] = list(budget.diverged)  # organisations whose local training stopped being finite
-    if budget.stopped_reason:
-        extra["status"] = "budget_exhausted"
-    elif "stopped_reason" in extra:
-        extra["status"] = "failed"
-    else:
-        extra["status"] = "completed" if len(trained) == cfg.training.rounds else "incomplete"
-    extra["budget"] = {
-        "stopped_reason": budget.stopped_reason,
-        "refusals": budget.refusals,
-        "ledgers": {org: dict(head) for org, head in sorted(budget.ledgers.heads.items())},
-    }
-    extra["rounds_without_training"] = [record.round for record in tracker.rounds if not record.trained_orgs]
-    if cfg.output.export_model and len(final) > 0:
-        load_trainable(model, final)
-        target = run_dir / "model"
-        with atomic_files.replacing_folder(target) as folder:  # a full disk leaves no half-exported model
-            paths = export_model(
-                model,
-                build_tokenizer(cfg.model.name),
-                folder,
-                tracker.redaction,
-                max_length=_trained_max_length(cfg, grid, extra),
-                summary=build_summary(tracker, cfg.to_dict(), extra),  # the card names its results and privacy
-            )
-        extra["model"]["export"] = {name: atomic_files.relocated(p, folder, target) for name, p in paths.items()}
-    extra["wall_time_s"] = round(time.monotonic() - started, 1)
-    summary = build_summary(tracker, cfg.to_dict(), extra)
-    write_summary(run_dir, summary)
-    return summary
+        record.stop_on_divergence(str(exc))
+        final = record.latest
+    summary = record.conclude()
+    if not (cfg.output.export_model and len(final) > 0):
+        return record.write_final(summary)
+    load_trainable(model, final)
+    target = run_dir / "model"
+    with atomic_files.replacing_folder(target) as folder:  # a full disk leaves no half-exported model
+        paths = export_model(
+            model,
+            build_tokenizer(cfg.model.name),
+            folder,
+            tracker.redaction,
+            max_length=_trained_max_length(cfg, grid, summary),
+            summary=summary,  # the card names its results and privacy
+        )
+    return record.write_final(summary, {name: atomic_files.relocated(p, folder, target) for name, p in paths.items()})
 
 
-def _trained_max_length(cfg: FedPrivConfig, grid: Grid, extra: dict) -> int | None:
+def _trained_max_length(cfg: FedPrivConfig, grid: Grid, summary: dict) -> int | None:
     """The tokens per text the organisations trained at: what their nodes said before round 1 (in a deployment
     each node.yaml sets its own; the largest), else in a simulation the run config's; None when unknown."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    said = [row["max_length"] for row in (extra.get("preflight") or {}).get("ready", []) if "max_length" in row]
+    said = [row["max_length"] for row in (summary.get("preflight") or {}).get("ready", []) if "max_length" in row]
     if said:
         return max(said)
     return cfg.data.max_length if isinstance(getattr(grid, "grid", grid), InMemoryGrid) else None
@@ -359,9 +228,7 @@ def checkpoint_like(path: Path, model_arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({name: saved[name] for name in model_arrays})
 
 
-def _plain_strategy(
-    cfg, tracker, num_nodes, budget, run_dir, extra, round_offset=0, rejections=()
-) -> BudgetGatedStrategy:
+def _plain_strategy(cfg, tracker, num_nodes, budget, run_dir, round_offset=0, rejections=()) -> BudgetGatedStrategy:
     """Flower's strategy, behind organisation-level DP's fixed-denominator release when it is on, then the budget gate."""
     gate = dict(max_update_norm=cfg.strategy.max_update_norm, round_offset=round_offset, rejections=rejections)
     if not cfg.client_dp.enabled:
@@ -371,7 +238,6 @@ def _plain_strategy(
     inner = build_strategy(cfg.strategy, tracker, num_nodes, weighted_by_key=protocol.UNIT_WEIGHT)
     sampled = cfg.strategy.planned_train_nodes(num_nodes)  # the fixed denominator, set before round 1
     account = client_dp.ClientDPAccount(cfg.client_dp, run_dir, sampled, say=tracker.printer)
-    extra["client_dp"] = account.summary()
     tracker.printer(
         f"organisation-level DP: {cfg.client_dp.clipping} clipping, noise multiplier {cfg.client_dp.noise_multiplier},"
         f" {sampled} organisations per round, budget epsilon {cfg.client_dp.max_epsilon:g} at delta"
@@ -379,19 +245,6 @@ def _plain_strategy(
     )
     wrapped = client_dp.wrap(cfg.client_dp, inner, sampled)
     return BudgetGatedStrategy(wrapped, budget, client_dp=account, **gate)
-
-
-def _after_round(run_dir, server_round, arrays, tracker, cfg, extra, plots: ProgressPlots) -> None:
-    save_checkpoint(run_dir, server_round, arrays)
-    write_summary(run_dir, build_summary(tracker, cfg.to_dict(), extra))
-    write_metrics_csv(run_dir, tracker)
-    plots.submit(tracker, epsilon_targets(cfg, tracker.privacy))
-
-
-def epsilon_targets(cfg: FedPrivConfig, reports: dict[str, dict]) -> dict[str, float]:
-    """Each reporting organisation's target epsilon, for the progress plot: what its node reported (a deployment
-    node's own node.yaml), else the run config's for it."""
-    return {org: org_target(cfg, org, report)[0] for org, report in reports.items()}
 
 
 def build_server_app(

@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpriv.commands.provisioning import ProvisioningError
 from fedpriv.commands.provisioning.federation import (
@@ -39,7 +40,7 @@ from fedpriv.commands.provisioning.federation import (
     FederationConfig,
     load_federation,
 )
-from fedpriv.commands.provisioning.kits import (
+from fedpriv.commands.provisioning.kit_templates import (
     CA_KEY_ENV,
     NODE_FALLBACK_LINE,
     SPEEDUPS_ENV,
@@ -51,8 +52,12 @@ from fedpriv.commands.provisioning.kits import (
 from fedpriv.kernel import interrupts
 from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
-from fedpriv.kernel.run_lock import lock_run_dir
+from fedpriv.kernel.run_lock import lock_run_dir, new_run_problem
 from fedpriv.runtime.superexec import READY_LINE
+
+if TYPE_CHECKING:
+    from fedpriv.kernel.config import FedPrivConfig
+    from fedpriv.server.resume import ResumePoint
 
 START_TIMEOUT_S = 60.0
 WARM_TIMEOUT_S = 300.0  # N nodes' imports on one machine: seconds of CPU each, all nodes sharing its cores
@@ -435,9 +440,23 @@ def federation_up(
         )  # fmt: skip
 
 
-def _refuse_a_finished_run(run_dir: Path) -> None:
-    if (run_dir / "summary.json").exists():
-        raise FederationUpError(f"--out {run_dir}: already holds a run; choose a new folder")
+def _refuse_a_used_folder(run_dir: Path) -> None:
+    """The rule every new run follows (fedpriv.kernel.run_lock.new_run_problem), checked before any process starts."""
+    problem = new_run_problem(run_dir)
+    if problem is not None:
+        raise FederationUpError(f"--out {run_dir}: {problem}")
+
+
+@dataclass
+class _LocalRun:
+    """What one ``federation up`` runs: the local federation, and the run's config and (locked) folder."""
+
+    federation: FederationConfig  # the federation file's, on 127.0.0.1 at a free port, data paths absolute
+    run_cfg: FedPrivConfig  # the run's resolved config
+    run_dir: Path
+    overrides: list[str]  # what `flwr run` is given (a new run)
+    point: ResumePoint | None = None  # the run continued (--resume)
+    first_run: tuple[str | None, list[str]] | None = None  # a resumed run's first config and overrides
 
 
 def _federation_up(
@@ -456,18 +475,36 @@ def _federation_up(
     plaintext: bool,
     resume: str | Path | None,
 ) -> UpResult:
-    """federation_up's work; ``held`` keeps the run folder's lock until federation_up returns."""
-    from fedpriv.commands.provisioning.kits import provision
-    from fedpriv.kernel.config import load_config
-
+    """federation_up's steps; ``held`` keeps the run folder's lock until federation_up returns."""
     federation_path = Path(federation_path)
     kits = Path(kits).resolve()
+    run = _plan_run(federation_path, held, overrides, rounds, config_path, out, resume)
+    _prepare_kits(run, kits, say)
+    returncode = _run_processes(
+        run, kits, federation_path, config_path, run_timeout, verbose, say, processes, plaintext
+    )
+    return _report(run.run_dir, returncode, say)
+
+
+def _plan_run(
+    federation_path: Path,
+    held: ExitStack,
+    overrides: list[str] | None,
+    rounds: int | None,
+    config_path: str | None,
+    out: str | Path | None,
+    resume: str | Path | None,
+) -> _LocalRun:
+    """The local federation, the run's config (a config mistake stops here, before any process starts) and its
+    folder, locked in ``held``: a new one (``out``), or the stopped run ``resume`` continues."""
+    from fedpriv.kernel.config import load_config
+
     base = load_federation(federation_path)
     cfg = local_federation(_absolute_data(base, federation_path.resolve().parent), free_port())
     n = len(cfg.organisations)
 
     overrides = list(overrides or [])
-    point = None
+    point = first_run = None
     if resume is not None:
         from fedpriv.kernel.config import config_from_dict
         from fedpriv.server.resume import load_resume_point, resumable
@@ -497,15 +534,22 @@ def _federation_up(
         overrides.append(f"strategy.min_available_nodes={n}")
     if point is None:
         run_dir = Path(out).resolve() if out else (Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-        _refuse_a_finished_run(run_dir)
+        _refuse_a_used_folder(run_dir)
         overrides.append(f"run.out_dir={json.dumps(str(run_dir))}")
         run_cfg = load_config(config_path, overrides)  # a config mistake stops here, before any process starts
         held.enter_context(lock_run_dir(run_dir, fresh=False))  # one run at a time in it, held to the end
-        _refuse_a_finished_run(run_dir)  # again, now that it is ours
+        _refuse_a_used_folder(run_dir)  # again, now that it is ours
+    return _LocalRun(cfg, run_cfg, run_dir, overrides, point, first_run)
 
+
+def _prepare_kits(run: _LocalRun, kits: Path, say: Callable[[str], None]) -> None:
+    """Check the kits (on this machine, no privacy spent by an earlier run), then provision or bring them up to date."""
+    from fedpriv.commands.provisioning.kits import provision
+
+    cfg = run.federation
     _check_kits_are_local(kits, cfg)
     spent = _spent_state(cfg, kits)
-    if spent and run_cfg.privacy.enabled and point is None:  # a resumed run continues the nodes' own accounting
+    if spent and run.run_cfg.privacy.enabled and run.point is None:  # a resumed run continues the nodes' accounting
         raise FederationUpError(
             "privacy state from an earlier run in " + ", ".join(spent) + ": a node never resets its accountant,"
             " so it would refuse to train past its budget. Delete those folders for a fresh try-out"
@@ -527,8 +571,22 @@ def _federation_up(
             say(f"  re-issued {change.path} ({change.reason})")
     _check_node_configs(kits, cfg, app_hash)
 
+
+def _run_processes(
+    run: _LocalRun,
+    kits: Path,
+    federation_path: Path,
+    config_path: str | None,
+    run_timeout: float | None,
+    verbose: bool,
+    say: Callable[[str], None],
+    processes: dict[str, subprocess.Popen] | None,
+    plaintext: bool,
+) -> int:
+    """Start every process, run the run, stop every process (also on errors, Ctrl-C and SIGTERM: then the run is
+    marked interrupted and Interrupted raised); `flwr run`'s exit code."""
+    cfg, run_dir = run.federation, run.run_dir
     logs = run_dir / "logs"
-    co_kit = kits / "coordinator"
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     caught: list[int] = []  # the signal that stopped the run (Ctrl-C: SIGINT)
     try:
@@ -540,19 +598,22 @@ def _federation_up(
                 previous = {sig: signal.signal(sig, _note_and_interrupt(caught)) for sig in interrupts.SIGNALS}
                 for sig, handler in previous.items():
                     stack.callback(signal.signal, sig, handler)
-            returncode = _start_and_run(
-                cfg, kits, co_kit, logs, homes, procs, run_dir, run_cfg, point, first_run if point else None,
-                config_path, overrides, run_timeout, verbose, say, processes, plaintext,
+            return _start_and_run(
+                cfg, kits, kits / "coordinator", logs, homes, procs, run, config_path, run_timeout, verbose, say,
+                processes, plaintext,
             )  # fmt: skip
     except KeyboardInterrupt:
         with interrupts.deferred_signals():  # a second Ctrl-C must not cut the marking short
-            stopped = _interrupted(run_dir, caught[0] if caught else signal.SIGINT, federation_path, kits, run_cfg)
+            stopped = _interrupted(run_dir, caught[0] if caught else signal.SIGINT, federation_path, kits, run.run_cfg)
         raise stopped from None
 
+
+def _report(run_dir: Path, returncode: int, say: Callable[[str], None]) -> UpResult:
+    """What the run left: its final report (exit code 0 only for a completed run), or where to look."""
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
     if summary is None:
-        say(f"no summary.json in {run_dir}: the run did not start or failed; see {logs}")
+        say(f"no summary.json in {run_dir}: the run did not start or failed; see {run_dir / 'logs'}")
         return UpResult(run_dir, None, returncode or 1)
     from fedpriv.server.reports import final_report
 
@@ -631,12 +692,8 @@ def _start_and_run(
     logs: Path,
     homes: Path,
     procs: dict[str, tuple[subprocess.Popen, Path]],
-    run_dir: Path,
-    run_cfg,
-    point,
-    first_run: tuple[str | None, list[str]] | None,
+    run: _LocalRun,
     config_path: str | None,
-    overrides: list[str],
     run_timeout: float | None,
     verbose: bool,
     say: Callable[[str], None],
@@ -644,8 +701,24 @@ def _start_and_run(
     plaintext: bool,
 ) -> int:
     """Start the SuperLink and the SuperNodes, enrol them, run ``flwr run``; its exit code."""
-    n = len(cfg.organisations)
     env = flower_env(homes / "cli")
+    cli_home = _start_superlink(cfg, co_kit, logs, homes, procs, env, say, plaintext)
+    _start_supernodes(cfg, kits, logs, homes, procs, cli_home, env, say, processes, plaintext)
+    return _submit_run(cfg, logs, homes, cli_home, env, run, config_path, run_timeout, verbose, say)
+
+
+def _start_superlink(
+    cfg: FederationConfig,
+    co_kit: Path,
+    logs: Path,
+    homes: Path,
+    procs: dict[str, tuple[subprocess.Popen, Path]],
+    env: dict[str, str],
+    say: Callable[[str], None],
+    plaintext: bool,
+) -> Path:
+    """Start the SuperLink (the kit's start-superlink.sh), wait until it accepts connections, enrol the nodes;
+    the FLWR_HOME that reaches it."""
     port = cfg.coordinator.port
     log = logs / "superlink.log"
     if plaintext:
@@ -669,6 +742,24 @@ def _start_and_run(
         with ThreadPoolExecutor(max_workers=ENROL_WORKERS) as pool:  # each is a `flwr` CLI start (~1.5 s CPU)
             for name, outcome in zip(names, pool.map(lambda name: enrol(co_kit, name, env), names), strict=True):
                 say(f"  enrolled {name}: {outcome}")
+    return cli_home
+
+
+def _start_supernodes(
+    cfg: FederationConfig,
+    kits: Path,
+    logs: Path,
+    homes: Path,
+    procs: dict[str, tuple[subprocess.Popen, Path]],
+    cli_home: Path,
+    env: dict[str, str],
+    say: Callable[[str], None],
+    processes: dict[str, subprocess.Popen] | None,
+    plaintext: bool,
+) -> None:
+    """Start one SuperNode per organisation (its kit's start-supernode.sh); wait until all are online and warm."""
+    n = len(cfg.organisations)
+    port = cfg.coordinator.port
     log_starts: dict[str, int] = {}
     for org in cfg.organisations:
         kit = kits / org.name
@@ -704,11 +795,25 @@ def _start_and_run(
         _wait("waiting for the SuperNodes' fedpriv-superexec to warm up", all_warm, procs, WARM_TIMEOUT_S)
         say(f"{n} SuperNodes warm (torch, transformers, PEFT, Opacus and the redaction rules loaded)")
 
-    if point is not None:  # the first run's config and overrides (the ClientApps read them too), plus resume
-        run_config = write_run_config(logs / "run-config.resume.toml", *first_run, resume=point.run_dir)
-        say(f"resuming {run_dir} after round {point.round} of {run_cfg.training.rounds}")
+
+def _submit_run(
+    cfg: FederationConfig,
+    logs: Path,
+    homes: Path,
+    cli_home: Path,
+    env: dict[str, str],
+    run: _LocalRun,
+    config_path: str | None,
+    run_timeout: float | None,
+    verbose: bool,
+    say: Callable[[str], None],
+) -> int:
+    """Write the run config and submit the run with ``flwr run --stream``, streaming it; its exit code."""
+    if run.point is not None:  # the first run's config and overrides (the ClientApps read them too), plus resume
+        run_config = write_run_config(logs / "run-config.resume.toml", *run.first_run, resume=run.point.run_dir)
+        say(f"resuming {run.run_dir} after round {run.point.round} of {run.run_cfg.training.rounds}")
     else:
-        run_config = write_run_config(logs / "run-config.toml", config_path, overrides)
+        run_config = write_run_config(logs / "run-config.toml", config_path, run.overrides)
     command = [
         "flwr",
         "run",

@@ -102,14 +102,47 @@ def lock_run_dir(folder: str | Path, *, fresh: bool, flag: str = "--out") -> Run
 
 
 def _check_empty(folder: Path, flag: str, *, probe: bool) -> None:
-    """ConfigError unless ``folder`` holds nothing but the lock file; ``probe``: say so first if a run holds it."""
-    if any(entry.name != LOCK_FILE for entry in folder.iterdir()):
+    """ConfigError unless a new run may use ``folder`` (:func:`new_run_problem`); ``probe``: say so first if a run holds it."""
+    problem = new_run_problem(folder)
+    if problem is not None:
         if probe and _held_by_other(folder):
             raise _busy(folder, flag)
-        raise ConfigError(
-            f"{flag} {folder}: already exists and is not an empty folder; choose a new run folder"
+        raise ConfigError(f"{flag} {folder}: {problem}")
+
+
+SUMMARY_FILE = "summary.json"  # fedpriv.server.reports.SUMMARY_FILE: what a run that ran leaves
+LOGS_DIR = "logs"  # `fedpriv federation up` writes its processes' logs here before the ServerApp starts
+
+
+def new_run_problem(folder: str | Path) -> str | None:
+    """Why a new run may not write into ``folder`` (None: it may): the one rule for every way a run starts.
+
+    ``fedpriv simulate`` (through :func:`lock_run_dir`), `fedpriv federation up` and the ServerApp itself
+    (``run.out_dir``) all ask this. A missing folder, or one holding nothing but the run lock and ``logs/``
+    (what `fedpriv federation up` puts there before its ServerApp starts), may be used; anything else is
+    refused, because a run's privacy state (ledgers, checkpoints, resume point) must never be reused by
+    another run. This is the simulator's rule (the stricter of the two there were: the ServerApp and `fedpriv
+    federation up` refused only a folder with a summary, and would mix a new run into a crashed run's
+    ledgers); both messages are kept, each for its own case: a folder with a summary "already exists and holds
+    a run", any other leftover makes it "already exists and is not an empty folder".
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        return "is a file, not a run folder; choose a new run folder"
+    if not folder.is_dir():
+        return None
+    if (folder / SUMMARY_FILE).exists():
+        return (
+            "already exists and holds a run (its summary.json); choose a new run folder"
+            " (a run's files are never overwritten by another run)"
+        )
+    leftovers = [e for e in folder.iterdir() if e.name != LOCK_FILE and not (e.name == LOGS_DIR and e.is_dir())]
+    if leftovers:
+        return (
+            "already exists and is not an empty folder; choose a new run folder"
             " (a run's privacy state is never reused by another run)"
         )
+    return None
 
 
 def _held_by_other(folder: Path) -> bool:

@@ -40,7 +40,8 @@ from fedpriv.commands.local_federation import (
 )
 from fedpriv.commands.provisioning import pki
 from fedpriv.commands.provisioning.federation import load_federation
-from fedpriv.commands.provisioning.kits import CA_KEY_ENV, provision
+from fedpriv.commands.provisioning.kit_templates import CA_KEY_ENV
+from fedpriv.commands.provisioning.kits import provision
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
 from fedpriv.runtime.superexec import READY_LINE
 from tests.deployment.helpers import processes_after, write_csv

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fedpriv.commands.local_federation import federation_up, group_alive, tail
-from fedpriv.commands.provisioning.kits import SUPERLINK_ENV, SUPERNODE_ENV
+from fedpriv.commands.provisioning.kit_templates import SUPERLINK_ENV, SUPERNODE_ENV
 from fedpriv.runtime.superexec import READY_LINE
 from tests.deployment.helpers import processes_after, write_csv
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fedpriv.client import node
 from fedpriv.privacy.org_plan import org_privacy_plan, org_target
-from fedpriv.server.server_app import epsilon_targets
+from fedpriv.server.run_record import epsilon_targets
 from fedpriv.simulations.runner import preflight
 from flwr.app import Context, RecordDict
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from fedpriv.server.budget_gate import BudgetState
+from fedpriv.server.ledger_store import LedgerStore
 from fedpriv.server.resume import ResumeError, ResumePoint, resumable
 from fedpriv.server.round_tracker import RoundTracker
-from fedpriv.server.server_app import stopped_summary
+from fedpriv.server.run_record import RunRecord
 
 from fedpriv.kernel.config import load_config
 from fedpriv.kernel.errors import DiskError
@@ -16,15 +18,18 @@ from tests.disk_faults import tmpfs
 FULL = "[Errno 28] No space left on device"
 
 
-def _state() -> dict:
-    tracker = RoundTracker(num_rounds=3, num_labels=2, dp_enabled=False)
-    return {"tracker": tracker, "extra": {"status": "running", "run_dir": "x"}, "started": 0.0}
+def stopped_summary(run_dir, cfg, error: DiskError) -> dict:
+    """RunRecord.stopped for a run whose two classes and model were built, before its first round ended."""
+    with RunRecord(run_dir, cfg) as record:
+        record.tracker = RoundTracker(num_rounds=3, num_labels=2, dp_enabled=False)
+        record.budget = BudgetState(LedgerStore(run_dir))
+        return record.stopped(error)
 
 
 def test_the_summary_says_incomplete_with_the_line_and_how_to_continue(tmp_path, capsys):
     cfg = load_config(overrides=["model.name=tiny", "training.rounds=3"])
     error = DiskError(f"cannot write {tmp_path / 'checkpoints' / 'round-0002.safetensors'}: {FULL}")
-    summary = stopped_summary(tmp_path, cfg, _state(), error)
+    summary = stopped_summary(tmp_path, cfg, error)
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["status"] == summary["status"] == "incomplete" and written["error"] == str(error)
     err = capsys.readouterr().err.strip()
@@ -38,7 +43,7 @@ def test_a_summary_that_cannot_be_written_is_said_in_the_same_line(tmp_path, cap
     cfg = load_config(overrides=["model.name=tiny", "training.rounds=3"])
     with tmpfs(tmp_path / "run", size="64k", read_only=True) as run:
         error = DiskError(f"cannot write {run / 'metrics.csv'}: [Errno 30] Read-only file system")
-        assert stopped_summary(run, cfg, _state(), error)["status"] == "incomplete"
+        assert stopped_summary(run, cfg, error)["status"] == "incomplete"
         err = capsys.readouterr().err.strip()
         assert err == (
             f"error: {error}; the run stopped after round 0 of 3, and its summary could not be updated:"

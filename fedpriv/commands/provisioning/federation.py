@@ -38,7 +38,9 @@ def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return None
 
 
-RESERVED_KITS = ("coordinator", "coordinator-ca")  # kit folders that are not organisations
+COORDINATOR = "coordinator"
+CA_KIT = "coordinator-ca"  # the CA's private key, apart from everything the SuperLink and its ServerApps can read
+RESERVED_KITS = (COORDINATOR, CA_KIT)  # kit folders that are not organisations
 
 
 def _is_loopback(text: str) -> bool:

@@ -40,7 +40,7 @@ PRIVATE, PUBLIC, SCRIPT = 0o600, 0o644, 0o755
 PRIVATE_MARK = "PRIVATE KEY"  # in every PEM / OpenSSH private key's armour
 # what a coordinator's reply may hold, and how each is taken into the organisation's kit
 REPLY_FILES = {"ca.crt": PUBLIC, NODE_PUB: PUBLIC, LEDGER_PUB: PUBLIC, "README.txt": PUBLIC}
-CONNECTION_FILE = "federation.json"  # the federation's name and the address to dial (kits.connection_json)
+CONNECTION_FILE = "federation.json"  # the federation's name and the address to dial (kit_templates.connection_json)
 START_SCRIPT = "start-supernode.sh"  # written here from fedpriv's own template: no code from the reply runs
 NODE_YAML = "node.yaml"
 
@@ -191,7 +191,7 @@ def accept_reply(reply: str | Path, kit: str | Path) -> AcceptOutcome:
     Refused (nothing written): a reply holding any private key, public keys that are not this kit's own, or a CA
     other than the one the kit already trusts. The organisation's own node.yaml is never replaced.
     """
-    from fedpriv.commands.provisioning.kits import start_supernode_sh
+    from fedpriv.commands.provisioning.kit_templates import start_supernode_sh
     from fedpriv.kernel.atomic_files import write_all
 
     reply, kit = Path(reply), Path(kit)

@@ -321,7 +321,7 @@ def test_the_gateway_forwards_exactly_what_flowers_supernode_calls_with_an_enrol
     import flwr.supernode.fleet_http_client as client
     from flwr.superlink.routers.fleet import router
 
-    from fedpriv.commands.provisioning.kits import FLEET_PATHS
+    from fedpriv.commands.provisioning.kit_templates import FLEET_PATHS
 
     called = set(re.findall(r'path="/v1/fleet/([a-z-]+)"', Path(client.__file__).read_text()))
     assert set(FLEET_PATHS) == called - {"register-node", "unregister-node"}
