@@ -1,0 +1,114 @@
+"""The plan's count of texts cut at ``data.max_length``, kept on disk across ``fedpriv simulate`` processes.
+
+Counting needs every text tokenised in full (the median length of a 2,225-article corpus is ~420 tokens,
+so no bound by characters decides it) and the tokenizer loaded, which imports transformers: about 2.5 s
+that every ``fedpriv simulate`` and ``--dry-run`` of the same data paid again. An organisation's counts
+are kept in ``$FEDPRIV_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fedpriv``, else ``~/.cache/fedpriv``) under
+a digest of everything that decides them: the organisation's texts in order, ``max_length``, the
+tokenizer's files and the transformers and tokenizers versions. A file holds what summary.json shows
+(counts and the median), never a text nor a per-text digest; one that is missing, unreadable or does
+not fit is counted again, and a disk that refuses the write costs only the counting next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from fedpriv.client.data_report import Truncation
+
+CACHE_ENV = "FEDPRIV_CACHE_DIR"
+FOLDER = "truncation"  # inside the cache folder
+FORMAT = "fedpriv-truncation/1"
+KEEP_FILES = 512  # more than this: the oldest half is removed
+# files of a model folder that never decide how its tokenizer splits text (the weights: large)
+_WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt", ".gguf"}
+
+
+def cache_folder() -> Path:
+    """Where the counts are kept: ``$FEDPRIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedpriv``, else ~/.cache/fedpriv."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen:
+        return Path(chosen).expanduser() / FOLDER
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(base) / "fedpriv" / FOLDER
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def tokenizer_digest(source: Path) -> str:
+    """A digest of the files the tokenizer of model folder ``source`` is read from (all but the weights) and of
+    the libraries that apply them: any change there counts again."""
+    digest = hashlib.sha256(f"{_version('transformers')}:{_version('tokenizers')}".encode())
+    for path in sorted(p for p in Path(source).iterdir() if p.is_file() and p.suffix not in _WEIGHTS):
+        digest.update(path.name.encode() + b"\x00" + path.read_bytes() + b"\x00")
+    return digest.hexdigest()
+
+
+def _file_name(tokenizer: str, max_length: int, texts: Sequence[str]) -> str:
+    digest = hashlib.sha256(json.dumps([FORMAT, tokenizer, max_length, len(texts)]).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+    return f"{digest.hexdigest()[:40]}.json"
+
+
+def _read(path: Path, texts: int, max_length: int) -> Truncation | None:
+    """The stored counts, or None when missing, unreadable or not those of ``texts`` texts at ``max_length``."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        cut = Truncation(int(raw["texts"]), int(raw["truncated"]), float(raw["median_tokens"]), int(raw["max_length"]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if cut.texts != texts or cut.max_length != max_length or not 0 <= cut.truncated <= texts:
+        return None
+    return cut
+
+
+def _write(folder: Path, path: Path, cut: Truncation) -> None:
+    """Keep ``cut`` at ``path`` (atomically: a concurrent reader sees all of it or none); a failure is ignored."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(cut.to_dict()), encoding="utf-8")
+        partial.replace(path)
+        kept = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+        for old in kept[: len(kept) // 2] if len(kept) > KEEP_FILES else []:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a cache only: a read-only or full disk costs counting again next time
+
+
+def plan_truncation(
+    source: Path, build_tokenizer, texts_by_org: dict[str, Sequence[str]], max_length: int
+) -> dict[str, Truncation]:
+    """Each organisation's :class:`Truncation` of its texts at ``max_length``: the kept one where it fits, else
+    counted with ``build_tokenizer()`` (called at most once; tokenizer files in folder ``source``) and kept."""
+    from fedpriv.client.data_report import truncation
+
+    folder = cache_folder()
+    try:
+        tokenizer_key = tokenizer_digest(source)
+    except OSError:  # the model folder cannot be read: the tokenizer load says why
+        tokenizer_key = None
+    cuts: dict[str, Truncation] = {}
+    tokenizer = None
+    for org, texts in texts_by_org.items():
+        path = folder / _file_name(tokenizer_key, max_length, texts) if tokenizer_key else None
+        cut = _read(path, len(texts), max_length) if path else None
+        if cut is None:
+            if tokenizer is None:
+                tokenizer = build_tokenizer()
+            cut = truncation(texts, tokenizer, max_length)
+            if path:
+                _write(folder, path, cut)
+        cuts[org] = cut
+    return cuts
