@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import functools
 import html
+import importlib
 import json
+import sys
+import types
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -129,6 +132,42 @@ def _concat(a: LabelledTexts, b: LabelledTexts) -> LabelledTexts:
 
 # --------------------------------------------------------------------------- partitioning
 
+_PLOTS = "flwr_datasets.visualization"
+
+
+class _PlotsOnFirstUse(types.ModuleType):
+    """Stands for Flower Datasets' plotting module until something reads from it, then loads the real one."""
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if sys.modules.get(_PLOTS) is self:
+            del sys.modules[_PLOTS]
+        return getattr(importlib.import_module(_PLOTS), attr)
+
+
+def _flower_partitioners():
+    """``flwr_datasets.partitioner``, imported without the plotting module that ``flwr_datasets`` imports first.
+
+    The package's ``__init__`` imports its visualization (seaborn, matplotlib, scipy.stats: 1-2 s) that no
+    partitioner uses, and every process that plans a Dirichlet or natural split paid it: the command and each
+    Ray worker of every run. A stand-in takes its place while the package loads; the first read from it loads
+    the real module.
+    """
+    if "flwr_datasets" not in sys.modules and _PLOTS not in sys.modules:
+        stand_in = _PlotsOnFirstUse(_PLOTS)
+        sys.modules[_PLOTS] = stand_in
+        try:
+            import flwr_datasets
+        except BaseException:
+            if sys.modules.get(_PLOTS) is stand_in:
+                del sys.modules[_PLOTS]
+            raise
+        flwr_datasets.visualization = stand_in  # what ``flwr_datasets.visualization.X`` reads until then
+    from flwr_datasets import partitioner
+
+    return partitioner
+
 
 def _iid(n: int, num_orgs: int, seed: int) -> list[list[int]]:
     # Flower Datasets' IidPartitioner's contiguous shards of a shuffled order (corpora are often sorted by
@@ -143,9 +182,8 @@ def _dirichlet(labels: Sequence[int], cfg: FedPrivConfig) -> list[list[int]]:
     if part.num_orgs > n:
         raise DataError(f"partitioning.num_orgs: {part.num_orgs} organisations but only {n} examples")
     import datasets  # Flower Datasets and HF datasets: seconds of imports that IID runs never need
-    from flwr_datasets.partitioner import DirichletPartitioner
 
-    partitioner = DirichletPartitioner(
+    partitioner = _flower_partitioners().DirichletPartitioner(
         num_partitions=part.num_orgs,
         partition_by="label",
         alpha=float(part.alpha),
@@ -184,10 +222,10 @@ def _natural(values: Sequence[str], cfg: FedPrivConfig, source: str) -> tuple[li
         )
     chosen = sorted(counts, key=lambda v: (-counts[v], v))[: part.num_orgs]
     import datasets
-    from flwr_datasets.partitioner import NaturalIdPartitioner
-    from flwr_datasets.partitioner import natural_id_partitioner as _natural_id_module
 
-    partitioner = NaturalIdPartitioner(partition_by="group")
+    flower = _flower_partitioners()
+    _natural_id_module = flower.natural_id_partitioner
+    partitioner = flower.NaturalIdPartitioner(partition_by="group")
     partitioner.dataset = datasets.Dataset.from_dict({"row": list(range(len(values))), "group": list(values)})
     # silence its tqdm progress bar (it would be printed by every process that plans the partitions)
     with mock.patch.object(_natural_id_module, "tqdm", lambda iterable, **_: iterable):

@@ -394,3 +394,25 @@ def test_natural_by_a_column_number_in_a_file_without_a_header(tmp_path):
     )
     assert [o.name for o in plan.orgs] == ["site0", "site1", "site2"]
     assert sum(len(o.train) + len(o.test) for o in plan.orgs) == 120
+
+
+_DIRICHLET_THEN_PLOTS = """
+import json, sys
+from fedpriv.kernel.config import load_config
+from fedpriv.simulations.partitioning import plan_partitions
+
+plan_partitions(load_config(overrides=["data.max_examples=600", "training.batch_size=8"]))  # Dirichlet
+loaded = sorted(m for m in ("seaborn", "matplotlib", "scipy.stats") if m in sys.modules)
+import flwr_datasets
+from flwr_datasets.visualization import plot_label_distributions
+usable = callable(plot_label_distributions) and callable(flwr_datasets.visualization.plot_comparison_label_distribution)
+print(json.dumps([loaded, usable, "seaborn" in sys.modules]))
+"""
+
+
+def test_a_dirichlet_plan_loads_flower_datasets_plotting_only_when_it_is_used():
+    """Flower Datasets' ``__init__`` imports seaborn, matplotlib and scipy.stats (1-2 s) that no partitioner
+    needs: every Ray worker of every Dirichlet run paid them (the plan itself: test_same_plan_in_another_process)."""
+    proc = subprocess.run([sys.executable, "-c", _DIRICHLET_THEN_PLOTS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [[], True, True]
