@@ -26,15 +26,19 @@ FOLDER = "truncation"  # inside the cache folder
 FORMAT = "fedpriv-truncation/1"
 KEEP_FILES = 512  # more than this: the oldest half is removed
 # files of a model folder that never decide how its tokenizer splits text (the weights: large)
-_WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt", ".gguf"}
+_WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt", ".gguf", ".ot"}
 
 
-def cache_folder() -> Path:
-    """Where the counts are kept: ``$FEDPRIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedpriv``, else ~/.cache/fedpriv."""
-    chosen = os.environ.get(CACHE_ENV)
-    if chosen:
-        return Path(chosen).expanduser() / FOLDER
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+def cache_folder() -> Path | None:
+    """Where the counts are kept: ``$FEDPRIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedpriv``, else ~/.cache/fedpriv;
+    None when there is no home folder to put it in (nothing is kept)."""
+    try:
+        chosen = os.environ.get(CACHE_ENV)
+        if chosen:
+            return Path(chosen).expanduser() / FOLDER
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    except RuntimeError:  # no $HOME and no password entry: counted every time
+        return None
     return Path(base) / "fedpriv" / FOLDER
 
 
@@ -73,8 +77,9 @@ def _read(path: Path, texts: int, max_length: int) -> Truncation | None:
     return cut
 
 
-def _write(folder: Path, path: Path, cut: Truncation) -> None:
+def _write(path: Path, cut: Truncation) -> None:
     """Keep ``cut`` at ``path`` (atomically: a concurrent reader sees all of it or none); a failure is ignored."""
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -96,19 +101,19 @@ def plan_truncation(
 
     folder = cache_folder()
     try:
-        tokenizer_key = tokenizer_digest(source)
+        tokenizer_key = tokenizer_digest(source) if folder is not None else None
     except OSError:  # the model folder cannot be read: the tokenizer load says why
         tokenizer_key = None
     cuts: dict[str, Truncation] = {}
     tokenizer = None
     for org, texts in texts_by_org.items():
-        path = folder / _file_name(tokenizer_key, max_length, texts) if tokenizer_key else None
+        path = folder / _file_name(tokenizer_key, max_length, texts) if folder and tokenizer_key else None
         cut = _read(path, len(texts), max_length) if path else None
         if cut is None:
             if tokenizer is None:
                 tokenizer = build_tokenizer()
             cut = truncation(texts, tokenizer, max_length)
-            if path:
-                _write(folder, path, cut)
+            if path is not None:
+                _write(path, cut)
         cuts[org] = cut
     return cuts

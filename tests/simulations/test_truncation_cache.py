@@ -117,3 +117,16 @@ def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_folder() == tmp_path / "home" / ".cache" / "fedpriv" / "truncation"
+
+
+def test_without_a_home_folder_nothing_is_kept_and_the_counts_are_the_same(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    assert cache_folder() is None
+    builds = Builds()
+    assert plan_truncation(cache, builds, TEXTS, 5) == {
+        org: truncation(t, WordTokenizer(), 5) for org, t in TEXTS.items()
+    }
+    assert builds.calls == 1
