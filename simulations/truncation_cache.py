@@ -2,12 +2,13 @@
 
 Counting needs every text tokenised in full (the median length of a 2,225-article corpus is ~420 tokens,
 so no bound by characters decides it) and the tokenizer loaded, which imports transformers: about 2.5 s
-that every ``fedpriv simulate`` and ``--dry-run`` of the same data paid again. An organisation's counts
-are kept in ``$FEDPRIV_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fedpriv``, else ``~/.cache/fedpriv``) under
-a digest of everything that decides them: the organisation's texts in order, ``max_length``, the
-tokenizer's files and the transformers and tokenizers versions. A file holds what summary.json shows
-(counts and the median), never a text nor a per-text digest; one that is missing, unreadable or does
-not fit is counted again, and a disk that refuses the write costs only the counting next time.
+that every ``fedpriv simulate`` and ``--dry-run`` of the same data paid again. The organisations' counts
+are kept in ``$FEDPRIV_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fedpriv``, else ``~/.cache/fedpriv``), one
+small file per plan, under a digest of everything that decides them: the organisations and their texts
+in order, ``max_length``, the tokenizer's files and the transformers and tokenizers versions. A file
+holds what summary.json shows (counts and medians), never a text nor a per-text digest; one that is
+missing, unreadable or does not fit is counted again, and a disk that refuses the write costs only the
+counting next time.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from fedpriv.client.data_report import Truncation
 
 CACHE_ENV = "FEDPRIV_CACHE_DIR"
 FOLDER = "truncation"  # inside the cache folder
-FORMAT = "fedpriv-truncation/1"
-KEEP_FILES = 512  # more than this: the oldest half is removed
+FORMAT = "fedpriv-truncation/2"  # 2: one file per plan
+KEEP_FILES = 256  # plans; more than this: the oldest half is removed
 # files of a model folder that never decide how its tokenizer splits text (the weights: large)
 _WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt", ".gguf", ".ot"}
 
@@ -58,32 +59,42 @@ def tokenizer_digest(source: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_name(tokenizer: str, max_length: int, texts: Sequence[str]) -> str:
-    digest = hashlib.sha256(json.dumps([FORMAT, tokenizer, max_length, len(texts)]).encode())
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+def _file_name(tokenizer: str, max_length: int, texts_by_org: dict[str, Sequence[str]]) -> str:
+    sizes = [[org, len(texts)] for org, texts in texts_by_org.items()]
+    digest = hashlib.sha256(json.dumps([FORMAT, tokenizer, max_length, sizes]).encode())
+    for texts in texts_by_org.values():
+        for text in texts:
+            raw = text.encode("utf-8", "surrogatepass")
+            digest.update(len(raw).to_bytes(8, "big") + raw)  # length first: no two lists of texts give one stream
     return f"{digest.hexdigest()[:40]}.json"
 
 
-def _read(path: Path, texts: int, max_length: int) -> Truncation | None:
-    """The stored counts, or None when missing, unreadable or not those of ``texts`` texts at ``max_length``."""
+def _read(path: Path, texts_by_org: dict[str, Sequence[str]], max_length: int) -> dict[str, Truncation] | None:
+    """The stored counts, or None when missing, unreadable or not those of these organisations at ``max_length``."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        cut = Truncation(int(raw["texts"]), int(raw["truncated"]), float(raw["median_tokens"]), int(raw["max_length"]))
+        cuts = {
+            org: Truncation(int(c["texts"]), int(c["truncated"]), float(c["median_tokens"]), int(c["max_length"]))
+            for org, c in raw["orgs"].items()
+        }
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    if cut.texts != texts or cut.max_length != max_length or not 0 <= cut.truncated <= texts:
+    if list(cuts) != list(texts_by_org):
         return None
-    return cut
+    for org, cut in cuts.items():
+        n = len(texts_by_org[org])
+        if cut.texts != n or cut.max_length != max_length or not 0 <= cut.truncated <= n:
+            return None
+    return cuts
 
 
-def _write(path: Path, cut: Truncation) -> None:
-    """Keep ``cut`` at ``path`` (atomically: a concurrent reader sees all of it or none); a failure is ignored."""
+def _write(path: Path, cuts: dict[str, Truncation]) -> None:
+    """Keep ``cuts`` at ``path`` (atomically: a concurrent reader sees all of it or none); a failure is ignored."""
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(cut.to_dict()), encoding="utf-8")
+        partial.write_text(json.dumps({"orgs": {org: cut.to_dict() for org, cut in cuts.items()}}), encoding="utf-8")
         partial.replace(path)
         kept = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
         for old in kept[: len(kept) // 2] if len(kept) > KEEP_FILES else []:
@@ -95,8 +106,8 @@ def _write(path: Path, cut: Truncation) -> None:
 def plan_truncation(
     source: Path, build_tokenizer, texts_by_org: dict[str, Sequence[str]], max_length: int
 ) -> dict[str, Truncation]:
-    """Each organisation's :class:`Truncation` of its texts at ``max_length``: the kept one where it fits, else
-    counted with ``build_tokenizer()`` (called at most once; tokenizer files in folder ``source``) and kept."""
+    """Each organisation's :class:`Truncation` of its texts at ``max_length``: the kept ones when they fit, else
+    counted with ``build_tokenizer()`` (tokenizer files in folder ``source``) and kept, one file per plan."""
     from fedpriv.client.data_report import truncation
 
     folder = cache_folder()
@@ -104,16 +115,11 @@ def plan_truncation(
         tokenizer_key = tokenizer_digest(source) if folder is not None else None
     except OSError:  # the model folder cannot be read: the tokenizer load says why
         tokenizer_key = None
-    cuts: dict[str, Truncation] = {}
-    tokenizer = None
-    for org, texts in texts_by_org.items():
-        path = folder / _file_name(tokenizer_key, max_length, texts) if folder and tokenizer_key else None
-        cut = _read(path, len(texts), max_length) if path else None
-        if cut is None:
-            if tokenizer is None:
-                tokenizer = build_tokenizer()
-            cut = truncation(texts, tokenizer, max_length)
-            if path is not None:
-                _write(path, cut)
-        cuts[org] = cut
+    path = folder / _file_name(tokenizer_key, max_length, texts_by_org) if folder and tokenizer_key else None
+    cuts = _read(path, texts_by_org, max_length) if path is not None else None
+    if cuts is None:
+        tokenizer = build_tokenizer()
+        cuts = {org: truncation(texts, tokenizer, max_length) for org, texts in texts_by_org.items()}
+        if path is not None:
+            _write(path, cuts)
     return cuts

@@ -54,18 +54,23 @@ def test_counts_are_kept_and_read_back_without_the_tokenizer(cache):
     again = Builds()
     assert plan_truncation(cache, again, TEXTS, 5) == counted
     assert again.calls == 0  # another process: read back, the tokenizer never loaded
-    kept = sorted(cache_folder().glob("*.json"))
-    assert len(kept) == 2
-    for path in kept:  # counts only: no text, no per-text digest
-        assert set(json.loads(path.read_text())) == {"texts", "truncated", "median_tokens", "max_length", "share"}
+    (kept,) = cache_folder().glob("*.json")  # one file per plan
+    stored = json.loads(kept.read_text())
+    assert list(stored) == ["orgs"] and list(stored["orgs"]) == ["org-a", "org-b"]
+    for counts in stored["orgs"].values():  # counts only: no text, no per-text digest
+        assert set(counts) == {"texts", "truncated", "median_tokens", "max_length", "share"}
 
 
-@pytest.mark.parametrize("change", ["text", "max_length", "tokenizer file", "library version"])
+@pytest.mark.parametrize(
+    "change", ["text", "text moved to the other organisation", "max_length", "tokenizer file", "library version"]
+)
 def test_anything_that_decides_the_counts_counts_again(cache, monkeypatch, change):
     plan_truncation(cache, Builds(), TEXTS, 5)
     texts, max_length = {org: list(t) for org, t in TEXTS.items()}, 5
     if change == "text":
         texts["org-a"][0] += " four"
+    elif change == "text moved to the other organisation":
+        texts["org-b"].append(texts["org-a"].pop())
     elif change == "max_length":
         max_length = 6
     elif change == "tokenizer file":
@@ -95,7 +100,8 @@ def test_a_damaged_file_is_counted_again_and_rewritten(cache, damage):
             path.mkdir()
         else:
             raw = {"texts": 99, "truncated": 0, "median_tokens": 1, "max_length": 5}
-            path.write_text({"garbage": "{not json", "empty": "", "wrong counts": json.dumps(raw)}[damage])
+            wrong = {"orgs": {"org-a": raw, "org-b": raw}}
+            path.write_text({"garbage": "{not json", "empty": "", "wrong counts": json.dumps(wrong)}[damage])
     builds = Builds()
     assert plan_truncation(cache, builds, TEXTS, 5) == counted
     assert builds.calls == 1
