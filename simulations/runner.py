@@ -97,22 +97,25 @@ _TRUNCATION_MEMO: dict[tuple[str, str], dict[str, Truncation]] = {}
 def _truncation(cfg: FedPrivConfig, partitions: PartitionPlan) -> dict[str, Truncation]:
     """Each organisation's share of texts (train + test, before redaction) cut at ``data.max_length``.
 
-    Memoised like the partitions (same key, plus the tokenizer's model): tokenising a corpus takes seconds.
+    Memoised like the partitions (same key, plus the tokenizer's model), and kept on disk for the next
+    process (simulations/truncation_cache.py): tokenising a corpus takes seconds.
     """
-    from fedpriv.client.data_report import truncation
     from fedpriv.shared_models.builder import build_tokenizer
+    from fedpriv.shared_models.sources import minilm_dir, model_source
+    from fedpriv.simulations.truncation_cache import plan_truncation
 
     from fedpriv.data.partitioning import plan_key
 
     key = (cfg.model.name, plan_key(cfg))
     if key not in _TRUNCATION_MEMO:
-        tokenizer = build_tokenizer(cfg.model.name)
         if len(_TRUNCATION_MEMO) >= 8:
             _TRUNCATION_MEMO.pop(next(iter(_TRUNCATION_MEMO)))
-        _TRUNCATION_MEMO[key] = {
-            org.name: truncation(org.train.texts + org.test.texts, tokenizer, cfg.data.max_length)
-            for org in partitions.orgs
-        }
+        _TRUNCATION_MEMO[key] = plan_truncation(
+            model_source(cfg.model.name) or minilm_dir(),
+            lambda: build_tokenizer(cfg.model.name),
+            {org.name: org.train.texts + org.test.texts for org in partitions.orgs},
+            cfg.data.max_length,
+        )
     return dict(_TRUNCATION_MEMO[key])
 
 

@@ -44,7 +44,7 @@ def simulate(
 
 # Several `fedpriv simulate` runs in one process, one after the other: the interpreter, the imports and the
 # ServerApp's first model build are paid once (two canary runs: 36 s, not 43 s); each run still starts its own
-# Ray and its own nodes.
+# Ray and its own nodes. Each run's start is marked on stdout and on stderr.
 _MARK = "=== fedpriv simulate run: "
 _EXIT = "=== exit code: "
 _SEQUENCE = f"""
@@ -53,23 +53,35 @@ from fedpriv.cli import main
 
 for name, args in json.loads(sys.argv[1]):
     print({_MARK!r} + name, flush=True)
+    print({_MARK!r} + name, file=sys.stderr, flush=True)
     code = main(["simulate", *args])
     print({_EXIT!r} + str(code), flush=True)
 """
 
 
-def simulate_in_sequence(cwd: Path, runs: dict[str, list[str]], timeout: int = 900) -> dict[str, tuple[int, str, Path]]:
+def _parts(stream: str) -> dict[str, str]:
+    parts = {}
+    for part in stream.split(_MARK)[1:]:
+        name, _, rest = part.partition("\n")
+        parts[name] = rest
+    return parts
+
+
+def simulate_in_sequence(
+    cwd: Path, runs: dict[str, list[str]], timeout: int = 900, stderr: bool = False
+) -> dict[str, tuple]:
     """``fedpriv simulate ARGS --out CWD/NAME`` for each NAME: ARGS of ``runs``, in one process; {NAME: (exit code,
-    its stdout, its run folder)}. Fails (with the output) only if the process itself failed."""
+    its stdout, its run folder)}, or with ``stderr`` {NAME: (exit code, its stdout, its stderr, its run folder)}.
+    Fails (with the output) only if the process itself failed."""
     todo = [(name, [*args, "--out", str(cwd / name)]) for name, args in runs.items()]
     proc = subprocess.run(
         [sys.executable, "-c", _SEQUENCE, json.dumps(todo)], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = _parts(proc.stderr)
     results = {}
-    for part in proc.stdout.split(_MARK)[1:]:
-        name, _, rest = part.partition("\n")
+    for name, rest in _parts(proc.stdout).items():
         output, _, code = rest.rpartition(_EXIT)
-        results[name] = (int(code.split()[0]), output, cwd / name)
+        results[name] = (int(code.split()[0]), output, *([errors.get(name, "")] if stderr else []), cwd / name)
     assert sorted(results) == sorted(runs), proc.stdout[-3000:] + proc.stderr[-3000:]
     return results

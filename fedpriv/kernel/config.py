@@ -76,7 +76,7 @@ SCHEMA_FORMATS = ("jsonl", "parquet", "hf_disk")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """A labelled text file or folder (client/data_files.py reads it).
+    """A labelled text file or folder (fedpriv/data/data_files.py reads it).
 
     ``text_column`` may list several columns, joined with ``text_separator``
     (AG News: title and description). ``header: false`` reads a CSV/TSV file
@@ -401,7 +401,7 @@ class CanaryAuditConfig:
         """The number of canaries: ``canaries``, or the kind's default (gradient 16,000; text 200).
 
         A simulation fits the gradient default to the model's trainable coordinates when it has fewer
-        (simulations/canary_audit.py ``fitted``)."""
+        (privacy/audit_canaries.py ``fitted``)."""
         return self.canaries if self.canaries is not None else DEFAULT_CANARIES[self.kind]
 
     @property

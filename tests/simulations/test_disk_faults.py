@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.disk_faults import fill, tmpfs
+from tests.shared_runs import simulate_in_sequence
 
 TINY = [
     "model.name=tiny",
@@ -36,11 +37,16 @@ def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_simulate_out_on_a_read_only_folder_stops_before_training_with_exit_2(tmp_path):
     with tmpfs(tmp_path / "ro", size="64k", read_only=True) as folder:
-        for out in (folder / "run", folder):  # a new folder inside it; the (existing, empty) folder itself
-            proc = _simulate(tmp_path, *TINY, "training.rounds=1", "--out", str(out))
-            assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-            assert _error_lines(proc) == [f"error: cannot write {out}: [Errno 30] Read-only file system"]
-            assert "[round" not in proc.stdout
+        # --out a new folder inside it, and the (existing, empty) folder itself: both in one process (shared_runs)
+        args = [*TINY, "training.rounds=1"]
+        runs = simulate_in_sequence(folder, {"run": args, ".": args}, stderr=True)
+        for code, stdout, stderr, out in runs.values():
+            assert code == 2, stdout[-2000:] + stderr[-2000:]
+            assert "Traceback" not in stdout + stderr, stderr[-3000:]
+            errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+            assert errors == [f"error: cannot write {out}: [Errno 30] Read-only file system"]
+            assert "[round" not in stdout
+        assert sorted(str(out) for *_, out in runs.values()) == sorted([str(folder), str(folder / "run")])
 
 
 def test_a_disk_too_small_for_the_exported_model_ends_incomplete_in_one_line(tmp_path):

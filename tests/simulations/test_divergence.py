@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
+
+from tests.shared_runs import simulate_in_sequence
 
 pytestmark = pytest.mark.integration
 
 ARGS = [
-    "simulate", "model.name=tiny", "training.learning_rate=1e30", "training.rounds=2", "data.max_examples=200",
+    "model.name=tiny", "training.learning_rate=1e30", "training.rounds=2", "data.max_examples=200",
     "data.max_length=32", "partitioning.num_orgs=2", "partitioning.scheme=iid", "output.export_model=false",
 ]  # fmt: skip
 LINE = re.compile(
@@ -26,16 +26,27 @@ LINE = re.compile(
 )
 
 
-def test_a_loss_that_becomes_non_finite_stops_the_run_in_one_line_with_its_privacy_accounted(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", *ARGS, "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    shown = f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    assert proc.returncode == 1, shown
-    assert "Traceback" not in proc.stdout + proc.stderr, shown
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+# Both runs in one process (tests.shared_runs.simulate_in_sequence): the imports and the plan are paid once; each
+# run still starts its own simulation process, Ray and nodes.
+RUNS = {
+    "plain": ARGS,
+    # SecAgg+ needs three organisations
+    "secagg": [*ARGS, "partitioning.num_orgs=3", "training.batch_size=16", "secure_aggregation.enabled=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{name: (exit code, stdout, stderr, run folder)} of RUNS."""
+    return simulate_in_sequence(tmp_path_factory.mktemp("diverging-runs"), RUNS, timeout=480, stderr=True)
+
+
+def test_a_loss_that_becomes_non_finite_stops_the_run_in_one_line_with_its_privacy_accounted(runs):
+    code, stdout, stderr, out = runs["plain"]
+    shown = f"exit {code}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    assert code == 1, shown
+    assert "Traceback" not in stdout + stderr, shown
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and LINE.match(errors[0]), shown
 
     summary = json.loads((out / "summary.json").read_text())
@@ -57,18 +68,13 @@ def test_a_loss_that_becomes_non_finite_stops_the_run_in_one_line_with_its_priva
     assert result.ok, [f.to_dict() if hasattr(f, "to_dict") else f for f in getattr(result, "findings", [])]
 
 
-def test_under_secure_aggregation_a_diverging_node_drops_out_and_the_run_still_stops_in_one_line(tmp_path):
+def test_under_secure_aggregation_a_diverging_node_drops_out_and_the_run_still_stops_in_one_line(runs):
     """SecAgg+ has no reply that can say "diverged": the node fails its round with TrainingDivergedError, whose
     name the coordinator reads in the error reply; its ledger entry arrives with the evaluate reply."""
-    out = tmp_path / "run"
-    args = [*ARGS, "partitioning.num_orgs=3", "training.batch_size=16", "secure_aggregation.enabled=true"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", *args, "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    shown = f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    assert proc.returncode == 1, shown
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    code, stdout, stderr, out = runs["secagg"]
+    shown = f"exit {code}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    assert code == 1, shown
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and LINE.match(errors[0]), shown
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["stopped_reason"] == errors[0].removeprefix("error: ")
