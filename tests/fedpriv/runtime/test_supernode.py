@@ -78,8 +78,9 @@ def test_the_poll_interval_defaults_and_can_be_set(monkeypatch):
 
 def test_without_its_speed_ups_the_node_keeps_the_approved_app_check_on_flowers_own_loop(tmp_path, monkeypatch):
     """What start-supernode.sh falls back to where Flower moved a speed-up's patch point (FEDPRIV_NODE_SPEEDUPS=0)."""
-    from fedpriv.runtime import app_approval
     from flwr.supernode import cli
+
+    from fedpriv.runtime import app_approval
 
     node_yaml = tmp_path / "node.yaml"
     node_yaml.write_text("org: hospital-a\ndata: {path: notes.csv}\nprivacy: {target_epsilon: 8}\n")
