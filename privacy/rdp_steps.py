@@ -19,7 +19,7 @@ accounting too (``plan_privacy`` checks it with the full orders before use).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -92,24 +92,49 @@ def epsilon(history: Iterable[tuple[float, float, int]], delta: float) -> float:
     return float(eps)
 
 
+class _SearchEpsilon:
+    """``search_epsilon`` in two parts: the integer orders at once, the fractional ones only when asked.
+
+    The epsilon over the integer orders alone (``bound``) is never below the search epsilon (a minimum over
+    fewer orders), so a comparison it already settles needs no fractional order: those cost forty times the
+    integer ones, and most of the calibration's comparisons are settled by the bound alone.
+    """
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> None:
+        self._args = (noise_multiplier, sample_rate, steps, delta)
+        sgm = analysis()
+        coarse = [a for a in orders() if a == int(a)]
+        rdp = sgm.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=coarse)
+        eps, best = sgm.get_privacy_spent(orders=coarse, rdp=rdp, delta=delta)
+        self.bound = float(eps)
+        self._near = [a for a in orders() if a != int(a) and abs(a - best) < 1] if math.isfinite(best) else []
+        self._value: float | None = None if self._near else self.bound
+
+    def value(self) -> float:
+        if self._value is None:
+            noise_multiplier, sample_rate, steps, delta = self._args
+            sgm = analysis()
+            rdp = sgm.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=self._near)
+            eps_near, _ = sgm.get_privacy_spent(orders=self._near, rdp=rdp, delta=delta)
+            self._value = float(min(self.bound, eps_near))
+        return self._value
+
+    def holds(self, test: Callable[[float], bool]) -> bool:
+        """``test(value())``, for a ``test`` that holds for an epsilon whenever it holds for a larger one."""
+        return test(self.bound) or test(self.value())
+
+    def exceeds(self, limit: float) -> bool:
+        """``value() > limit``."""
+        return self.bound > limit and self.value() > limit
+
+
 def search_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Epsilon over the integer orders and the fractional ones next to the best of them.
 
     Never below ``epsilon([(noise_multiplier, sample_rate, steps)], delta)`` (a minimum over a subset of its
     orders), equal to it when the best order is among them; about a fifth of the cost.
     """
-    sgm = analysis()
-    coarse = [a for a in orders() if a == int(a)]
-    rdp = sgm.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=coarse)
-    eps, best = sgm.get_privacy_spent(orders=coarse, rdp=rdp, delta=delta)
-    if not math.isfinite(best):
-        return float(eps)
-    near = [a for a in orders() if a != int(a) and abs(a - best) < 1]
-    if not near:
-        return float(eps)
-    rdp = sgm.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=near)
-    eps_near, _ = sgm.get_privacy_spent(orders=near, rdp=rdp, delta=delta)
-    return float(min(eps, eps_near))
+    return _SearchEpsilon(noise_multiplier, sample_rate, steps, delta).value()
 
 
 def noise_multiplier_for(
@@ -118,18 +143,20 @@ def noise_multiplier_for(
     """Opacus's ``get_noise_multiplier`` search (double, then bisect) over ``search_epsilon``.
 
     Returns the smallest noise multiplier found whose search epsilon is within ``tolerance`` below the
-    target. Raises ValueError when even ``MAX_SIGMA`` does not reach it (Opacus's message).
+    target. Raises ValueError when even ``MAX_SIGMA`` does not reach it (Opacus's message). Each comparison
+    computes the fractional orders only when the integer ones leave it open (``_SearchEpsilon``): the same
+    decisions, so the same noise multiplier, in about half the time.
     """
-    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
-    while eps_high > target_epsilon:
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, None
+    while eps_high is None or eps_high.exceeds(target_epsilon):
         sigma_high *= 2
         if sigma_high > MAX_SIGMA:
             raise ValueError("The privacy budget is too low.")
-        eps_high = search_epsilon(sigma_high, sample_rate, steps, delta)
-    while target_epsilon - eps_high > tolerance:
+        eps_high = _SearchEpsilon(sigma_high, sample_rate, steps, delta)
+    while eps_high.holds(lambda eps: target_epsilon - eps > tolerance):
         sigma = (sigma_low + sigma_high) / 2
-        eps = search_epsilon(sigma, sample_rate, steps, delta)
-        if eps < target_epsilon:
+        eps = _SearchEpsilon(sigma, sample_rate, steps, delta)
+        if eps.holds(lambda eps: eps < target_epsilon):
             sigma_high, eps_high = sigma, eps
         else:
             sigma_low = sigma

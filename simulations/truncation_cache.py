@@ -22,7 +22,10 @@ from pathlib import Path
 
 from fedpriv.client.data_report import Truncation
 
-CACHE_ENV = "FEDPRIV_CACHE_DIR"
+from fedpriv.kernel.cache_home import CACHE_ENV, cache_home
+
+__all__ = ["CACHE_ENV", "cache_folder", "plan_truncation"]
+
 FOLDER = "truncation"  # inside the cache folder
 FORMAT = "fedpriv-truncation/2"  # 2: one file per plan
 KEEP_FILES = 256  # plans; more than this: the oldest half is removed
@@ -31,16 +34,10 @@ _WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", "
 
 
 def cache_folder() -> Path | None:
-    """Where the counts are kept: ``$FEDPRIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedpriv``, else ~/.cache/fedpriv;
-    None when there is no home folder to put it in (nothing is kept)."""
-    try:
-        chosen = os.environ.get(CACHE_ENV)
-        if chosen:
-            return Path(chosen).expanduser() / FOLDER
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-    except RuntimeError:  # no $HOME and no password entry: counted every time
-        return None
-    return Path(base) / "fedpriv" / FOLDER
+    """Where the counts are kept: ``truncation`` in fedpriv's cache folder (fedpriv/kernel/cache_home.py); None
+    when there is no home folder to put it in (nothing is kept)."""
+    home = cache_home()
+    return home / FOLDER if home is not None else None
 
 
 def _version(package: str) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedpriv.data.corpora import load_builtin
 from fedpriv.data.data_files import LabelledTexts, load_labelled_file, map_labels, split_indices
+from fedpriv.data.split_cache import kept_split
 from fedpriv.kernel.config import FedPrivConfig, config_from_dict
 from fedpriv.kernel.errors import DataError
 
@@ -141,6 +142,18 @@ def _dirichlet(labels: Sequence[int], cfg: FedPrivConfig) -> list[list[int]]:
     n = len(labels)
     if part.num_orgs > n:
         raise DataError(f"partitioning.num_orgs: {part.num_orgs} organisations but only {n} examples")
+    settings = {
+        "num_orgs": part.num_orgs,
+        "alpha": float(part.alpha),
+        "min_partition_size": part.min_partition_size,
+        "seed": cfg.run.seed,
+    }
+    return kept_split(labels, settings, lambda: _dirichlet_split(labels, cfg))
+
+
+def _dirichlet_split(labels: Sequence[int], cfg: FedPrivConfig) -> list[list[int]]:
+    part = cfg.partitioning
+    n = len(labels)
     import datasets  # Flower Datasets and HF datasets: seconds of imports that IID runs never need
     from flwr_datasets.partitioner import DirichletPartitioner
 

@@ -80,6 +80,13 @@ def test_ray_init_gets_the_address_or_a_private_instance():
     json.dumps(joined)  # Flower hands the backend config on as JSON
 
 
+def test_only_a_private_instance_is_told_to_start_no_idle_workers():
+    private = backend_config(load_config(), verbose=False)["init_args"]["_system_config"]
+    assert private == {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+    joined = backend_config(load_config(overrides=["simulation.ray_address=127.0.0.1:6379"]), verbose=False)
+    assert "_system_config" not in joined["init_args"]  # Ray refuses one when joining a cluster
+
+
 # --------------------------------------------------------------------------- a real cluster
 
 

@@ -174,7 +174,7 @@ def test_max_examples_is_a_deterministic_subsample():
     assert len(set(a.labels)) == 5  # random, not the first 300 (which would all be 'business')
 
 
-def test_same_plan_in_another_process():
+def test_same_plan_in_another_process(tmp_path):
     """Server and Ray actors plan independently: hash randomisation must not change the result."""
     overrides = ["training.batch_size=8", "partitioning.alpha=0.5", "data.max_examples=600"]
     script = (
@@ -188,7 +188,7 @@ def test_same_plan_in_another_process():
     plan = plan_partitions(cfg_of(*overrides))
     rows = [(o.name, o.train.texts, o.train.labels, o.test.texts, o.test.labels) for o in plan.orgs]
     expected = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-    env = dict(os.environ, PYTHONHASHSEED="12345")
+    env = dict(os.environ, PYTHONHASHSEED="12345", FEDPRIV_CACHE_DIR=str(tmp_path))  # split again, not read back
     out = subprocess.run(
         [sys.executable, "-c", script, json.dumps(overrides)],
         cwd=REPO_ROOT,
