@@ -30,13 +30,19 @@ def stage_installed_layout(stage: Path, root: Path = ROOT) -> None:
             target.symlink_to(root / folder, target_is_directory=True)
 
 
-def main() -> int:
+def lint(stage: Path) -> int:
+    """import-linter's exit code for the layout staged in ``stage`` (found first on the path, whatever else is)."""
     from importlinter.cli import lint_imports
 
+    os.chdir(stage)
+    sys.path.insert(0, str(stage))
+    return lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
+
+
+def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedpriv-layers-") as stage:
         stage_installed_layout(Path(stage))
-        os.chdir(stage)
-        return lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
+        return lint(Path(stage))
 
 
 if __name__ == "__main__":
