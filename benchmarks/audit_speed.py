@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from benchmark_settings import parse_settings
+
 from fedpriv.privacy.audit import audit, load_ledger_set
 from fedpriv.privacy.ledger import (
     FORMAT,

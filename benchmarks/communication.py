@@ -167,10 +167,10 @@ def _org_of(reply) -> str:
 
 def plain_round(cfg, app, template, digest: str, run_dir: Path) -> dict:
     """The node's replies to one train and one evaluate message (new-API records)."""
-    from fedpriv.shared_models.weights import trainable_arrays
     from flwr.app import ConfigRecord, MessageType, RecordDict
 
     from fedpriv.kernel import protocol
+    from fedpriv.shared_models.weights import trainable_arrays
 
     context = _context(NODE_IDS[0], 0, cfg.partitioning.num_orgs)
     config = _server_config(run_dir, digest, {})
@@ -193,13 +193,13 @@ def plain_round(cfg, app, template, digest: str, run_dir: Path) -> dict:
 
 def secagg_round(cfg, app, template, digest: str, names: list[str], run_dir: Path) -> dict:
     """The measured node's replies to the four SecAgg+ stages and one legacy evaluate message."""
-    from fedpriv.server.secure_rounds import secagg_shares
     from flwr.app import ConfigRecord, MessageType, RecordDict
     from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
     from flwr.compat.common import recorddict_compat as compat
 
     from fedpriv.kernel.legacy_messages import flat_vector
+    from fedpriv.server.secure_rounds import secagg_shares
 
     secure = cfg.secure_aggregation
     shares, threshold = secagg_shares(cfg, len(NODE_IDS))
@@ -308,10 +308,9 @@ def _keep_plan(run_dir: Path, org: str, plans: dict[str, str]) -> None:
 def measure(model_name: str, finetuning: str, args: dict, root: Path, plans: dict[str, str]) -> dict:
     from fedpriv.client.client_app import build_client_app
     from fedpriv.client.node import fresh_model, trainable_names
+    from fedpriv.data.partitioning import plan_partitions
     from fedpriv.shared_models.builder import build_model
     from fedpriv.shared_models.weights import count_trainable
-
-    from fedpriv.data.partitioning import plan_partitions
 
     started = time.perf_counter()
     cfg = settings(model_name, finetuning, args, len(NODE_IDS))  # the same partitions with or without SecAgg+

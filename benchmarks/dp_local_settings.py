@@ -22,16 +22,16 @@ import warnings
 
 import torch
 from benchmark_settings import parse_settings
+
 from fedpriv.client.evaluation import evaluate
 from fedpriv.client.tokenized import tokenize
 from fedpriv.client.training import train_locally
+from fedpriv.data.partitioning import plan_partitions
+from fedpriv.kernel.config import LoraConfig, ModelConfig, TrainingConfig, load_config
 from fedpriv.privacy.accountant_state import NodePrivacy
 from fedpriv.privacy.calibration import plan_privacy
 from fedpriv.shared_models.builder import build_model, build_tokenizer
 from fedpriv.shared_models.weights import load_trainable, trainable_state
-
-from fedpriv.data.partitioning import plan_partitions
-from fedpriv.kernel.config import LoraConfig, ModelConfig, TrainingConfig, load_config
 
 DEFAULTS = {
     "batch": 32, "epochs": 1, "lr": 0.005, "max_length": 128, "examples": 560, "rounds": 3,

@@ -77,9 +77,8 @@ def entry_name(mode: str, budget: int) -> str:
 def batches(args: dict, count: int, num_labels: int = 5) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Fixed batches of real text: full-length BBC News articles (longer than 128 tokens), or SST-2 sentences
     of varied lengths, each batch padded to its longest as the training loop's collator does."""
-    from fedpriv.shared_models.builder import build_tokenizer
-
     from fedpriv.data.corpora import load_bbc_news
+    from fedpriv.shared_models.builder import build_tokenizer
 
     tokenizer = build_tokenizer("minilm" if args["model"] in ("minilm", "tiny") else args["model"])
     size = args["batch"]
@@ -100,7 +99,6 @@ def sst2_batches(args: dict, tokenizer, count: int) -> list[tuple[torch.Tensor, 
     import random
 
     from fedpriv.client.tokenized import PadCollator, tokenize
-
     from fedpriv.data.data_files import read_records
 
     rows = random.Random(0).sample(read_records(args["sst2"], "tsv"), args["batch"] * count)
@@ -113,9 +111,8 @@ def sst2_batches(args: dict, tokenizer, count: int) -> list[tuple[torch.Tensor, 
 
 
 def build(args: dict, finetuning: str) -> torch.nn.Module:
-    from fedpriv.shared_models.builder import build_model
-
     from fedpriv.kernel.config import ModelConfig
+    from fedpriv.shared_models.builder import build_model
 
     labels = ["business", "entertainment", "politics", "sport", "tech"]
     return build_model(ModelConfig(name=args["model"], finetuning=finetuning), labels)
@@ -125,10 +122,10 @@ class Trainer:
     """One mode's model, optimizer and loss, stepping on given batches."""
 
     def __init__(self, mode: str, model: torch.nn.Module, args: dict, device: torch.device, budget: int = 0):
-        from fedpriv.privacy.accountant_state import NodePrivacy, PrivacyPlan
         from torch.utils.data import DataLoader, TensorDataset
 
         from fedpriv.kernel.config import TrainingConfig
+        from fedpriv.privacy.accountant_state import NodePrivacy, PrivacyPlan
 
         self.mode, self.device = mode, device
         self.autocast = args["precision"] == "bf16"

@@ -101,10 +101,10 @@ def main(argv: list[str]) -> dict:
     out = prepare(args, "fedpriv-sst2-probe-")
     started = time.monotonic()
     import torch
-    from fedpriv.shared_models.builder import build_model, build_tokenizer
-    from fedpriv.shared_models.sources import resolve_pooling
 
     from fedpriv.data.partitioning import plan_partitions
+    from fedpriv.shared_models.builder import build_model, build_tokenizer
+    from fedpriv.shared_models.sources import resolve_pooling
 
     cfg = probe_config(args)
     plan = plan_partitions(cfg)

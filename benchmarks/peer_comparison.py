@@ -143,11 +143,12 @@ class PeerObserver:
 def make_peer_app(orgs: list, data: dict, sigmas: dict, args: dict, template, pad_token_id: int, observer):
     """The peer's ClientApp: a NumPyClient built per message by client_fn, as in the example."""
     import torch
-    from fedpriv.client.evaluation import evaluate
-    from fedpriv.client.tokenized import PadCollator
     from flwr.client import ClientApp, NumPyClient
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
+
+    from fedpriv.client.evaluation import evaluate
+    from fedpriv.client.tokenized import PadCollator
 
     device = torch.device("cpu")
 
@@ -213,8 +214,9 @@ def weighted_average(metrics: list[tuple[int, dict]]) -> float:
 
 def calibrate_peer(orgs: list, args: dict) -> dict:
     """Per organisation: the sigma whose ONE-round report meets the target, and what all rounds needed."""
-    from fedpriv.privacy.calibration import compute_epsilon, dp_steps_per_epoch
     from opacus.accountants.utils import get_noise_multiplier
+
+    from fedpriv.privacy.calibration import compute_epsilon, dp_steps_per_epoch
 
     plans, cache = {}, {}
     for org in orgs:
@@ -256,8 +258,6 @@ def composed_epsilon(histories: list[list[tuple[float, float, int]]], delta: flo
 def run_peer(args: dict, partitions, out: Path) -> dict:
     import torch
     from communication import _context, _server_message, upload_bytes
-    from fedpriv.client.tokenized import tokenize
-    from fedpriv.shared_models.builder import build_model, build_tokenizer
     from flwr.app import MessageType
     from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -265,7 +265,9 @@ def run_peer(args: dict, partitions, out: Path) -> dict:
     from flwr.server.strategy.aggregate import aggregate
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedpriv.client.tokenized import tokenize
     from fedpriv.kernel.config import ModelConfig
+    from fedpriv.shared_models.builder import build_model, build_tokenizer
 
     started, cpu_started = time.monotonic(), time.process_time()
     torch.set_num_threads(args["threads"] or os.cpu_count() or 1)
@@ -383,11 +385,11 @@ def fedpriv_upload(cfg, out: Path) -> dict:
     """One organisation's real replies (train + evaluate) in round 1, sized as a SuperNode ships them."""
     import torch
     from communication import plain_round
-    from fedpriv.client.client_app import build_client_app
-    from fedpriv.client.node import fresh_model
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedpriv.client.client_app import build_client_app
+    from fedpriv.client.node import fresh_model
     from fedpriv.data.partitioning import plan_partitions
 
     torch.set_num_threads(os.cpu_count() or 1)

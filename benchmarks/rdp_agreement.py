@@ -19,6 +19,7 @@ import random
 import sys
 
 from benchmark_settings import parse_settings
+
 from fedpriv.privacy import independent
 from fedpriv.privacy.recompute import rdp_epsilons
 

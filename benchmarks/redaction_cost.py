@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 from benchmark_settings import parse_settings
+
 from fedpriv.client.node import fresh_model
 from fedpriv.client.tokenized import redact_visible, tokenize
 from fedpriv.client.training import train_locally
+from fedpriv.data.partitioning import plan_partitions
+from fedpriv.kernel.config import RedactionConfig, load_config
 from fedpriv.privacy.accountant_state import NodePrivacy
 from fedpriv.privacy.org_plan import org_privacy_plan, org_target
 from fedpriv.privacy.redaction import Redactor
 from fedpriv.shared_models.builder import build_tokenizer
-
-from fedpriv.data.partitioning import plan_partitions
-from fedpriv.kernel.config import RedactionConfig, load_config
 
 DEFAULTS = {"model": "minilm", "examples": 0, "batch": 0, "org": 0, "threads": 2, "out": ""}  # 0: the demo's
 

@@ -16,15 +16,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr.app import ConfigRecord
+
 from fedpriv.client.node import LocalNode
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import FedPrivConfig
 from fedpriv.privacy.accountant_state import NodePrivacy
 from fedpriv.privacy.calibration import dp_steps_per_epoch
 from fedpriv.privacy.ledger import SIGNING_KEY_FILE, NodeLedger, ensure_signing_key, public_key_text
 from fedpriv.privacy.org_plan import org_privacy_plan
-from flwr.app import ConfigRecord
-
-from fedpriv.kernel import protocol
-from fedpriv.kernel.config import FedPrivConfig
 
 
 @dataclass(frozen=True)

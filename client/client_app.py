@@ -7,11 +7,11 @@ module-level ``app`` reads ``config``/``overrides`` from the run config.
 
 from __future__ import annotations
 
-from fedpriv.client.stage_timing import phase, stage_timings
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from fedpriv.client.stage_timing import phase, stage_timings
 from fedpriv.kernel import protocol
 from fedpriv.kernel.atomic_files import disk_error, is_disk_failure
 from fedpriv.kernel.config import FedPrivConfig

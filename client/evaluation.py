@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import DataLoader
+
 from fedpriv.client.tokenized import PadCollator, TokenizedTexts
 from fedpriv.shared_models.class_scores import macro_f1
-from torch.utils.data import DataLoader
 
 
 @dataclass(frozen=True)

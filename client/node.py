@@ -26,20 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from flwr.app import Context
+
 from fedpriv.client.data_report import keep_own_report
 from fedpriv.client.disclosures import Sharing, shared_redaction
 from fedpriv.client.tokenized import TokenizedTexts, prepare_texts, redact_visible, tokenize
-from fedpriv.privacy.org_plan import org_target
-from fedpriv.privacy.redaction import DISABLED_SPEC, Redactor, redactor_for
-from fedpriv.shared_models.builder import build_model, build_tokenizer
-from fedpriv.shared_models.weights import base_model_digest
-from flwr.app import Context
-
 from fedpriv.data.data_files import load_labelled_file, split_indices
 from fedpriv.kernel import atomic_files, protocol
 from fedpriv.kernel.config import FedPrivConfig, ModelConfig, RedactionConfig
 from fedpriv.kernel.file_stamps import file_stamp
 from fedpriv.kernel.node_config import load_node_config
+from fedpriv.privacy.org_plan import org_target
+from fedpriv.privacy.redaction import DISABLED_SPEC, Redactor, redactor_for
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.weights import base_model_digest
 
 
 class NodeSetupError(RuntimeError):

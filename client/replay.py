@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedpriv.client.node import NodeSetupError
 from safetensors.torch import load_file, save
 
+from fedpriv.client.node import NodeSetupError
 from fedpriv.kernel import atomic_files
 
 META_FILE = "train-reply.json"

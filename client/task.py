@@ -11,6 +11,8 @@ import dataclasses
 import json
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
 from fedpriv.client import replay
 from fedpriv.client.budget import NodeBudget, round_steps
 from fedpriv.client.device import resolve_device
@@ -19,12 +21,10 @@ from fedpriv.client.node import LocalNode, NodeSetupError, fresh_model, local_no
 from fedpriv.client.progress import RoundProgress
 from fedpriv.client.stage_timing import phase
 from fedpriv.client.training import TrainingDiverged, round_learning_rate, train_locally
-from fedpriv.privacy.accountant_state import NodePrivacy
-from fedpriv.shared_models.weights import arrays_digest, load_trainable, trainable_state
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import FedPrivConfig
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.shared_models.weights import arrays_digest, load_trainable, trainable_state
 
 
 def prepare(cfg: FedPrivConfig, content: RecordDict, context: Context) -> tuple[LocalNode, torch.nn.Module]:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from fedpriv.client.tokenized import PadCollator, TokenizedTexts
-from fedpriv.privacy.accountant_state import NodePrivacy
-from fedpriv.privacy.bookkeeping import BookkeepingClipping, choose_clipping_mode
 from torch.utils.data import DataLoader
 
+from fedpriv.client.tokenized import PadCollator, TokenizedTexts
 from fedpriv.kernel.config import TrainingConfig
+from fedpriv.privacy.accountant_state import NodePrivacy
+from fedpriv.privacy.bookkeeping import BookkeepingClipping, choose_clipping_mode
 
 if TYPE_CHECKING:
     from fedpriv.privacy.gradient_canaries import DiracCanaries

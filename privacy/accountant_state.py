@@ -12,11 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedpriv.privacy import rdp_steps
-from fedpriv.privacy.calibration import PrivacyPlan
-
 from fedpriv.kernel import atomic_files
 from fedpriv.kernel.errors import PrivacyError
+from fedpriv.privacy import rdp_steps
+from fedpriv.privacy.calibration import PrivacyPlan
 
 PLAN_FILE = "privacy_plan.json"
 ACCOUNTANT_FILE = "accountant.json"
@@ -218,8 +217,9 @@ class NodePrivacy:
 
     def _make_private_bookkeeping(self, module, optimizer, data_loader, loss_reduction: str):
         """Book-keeping clipping (privacy/bookkeeping.py) with Opacus's Poisson loader, noise and accounting."""
-        from fedpriv.privacy.bookkeeping import BookkeepingClipping, bookkeeping_optimizer
         from opacus.data_loader import DPDataLoader
+
+        from fedpriv.privacy.bookkeeping import BookkeepingClipping, bookkeeping_optimizer
 
         clipping = BookkeepingClipping(module, max_grad_norm=self.plan.max_grad_norm, loss_reduction=loss_reduction)
         loader = DPDataLoader.from_data_loader(data_loader)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from fedpriv.kernel.config import CanaryAuditConfig, ConfigError, FedPrivConfig
 from fedpriv.privacy.canaries import Canaries, make_canaries, word_vocabulary
 from fedpriv.privacy.gradient_canaries import DiracCanaries, make_dirac_canaries
-
-from fedpriv.kernel.config import CanaryAuditConfig, ConfigError, FedPrivConfig
 
 
 def canaries_for(cfg: FedPrivConfig, num_labels: int, tokenizer) -> Canaries:

@@ -8,9 +8,8 @@ import io
 import json
 from pathlib import Path
 
-from fedpriv.privacy.audit_result import RDP_TOLERANCE, AuditResult
-
 from fedpriv.kernel import atomic_files
+from fedpriv.privacy.audit_result import RDP_TOLERANCE, AuditResult
 
 JSON_FILE, MARKDOWN_FILE, HTML_FILE = "audit.json", "audit.md", "audit.html"
 MAX_PLOTTED_ORGS = 20  # beyond this the plot shows the 20 organisations closest to their budgets

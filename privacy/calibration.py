@@ -12,9 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fedpriv.privacy import rdp_steps
-
 from fedpriv.kernel.errors import PrivacyError
+from fedpriv.privacy import rdp_steps
 
 ACCOUNTANTS = ("rdp", "prv")
 

@@ -29,6 +29,7 @@ import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+
 from fedpriv.privacy.rdp_steps import ORDERS as OPACUS_ORDERS
 
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)

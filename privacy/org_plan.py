@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fedpriv.privacy.calibration import PrivacyPlan, plan_privacy
-
 from fedpriv.kernel.config import FedPrivConfig
+from fedpriv.privacy.calibration import PrivacyPlan, plan_privacy
 
 
 def org_target(cfg: FedPrivConfig, org: str, reported: Mapping | None = None) -> tuple[float, float]:

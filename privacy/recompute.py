@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+
 from fedpriv.privacy import rdp_steps
 
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from fedpriv.server.ledger_store import LedgerStore
-from fedpriv.server.prompt_grid import failure_reason
-from fedpriv.server.update_checks import Rejection, update_problem
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpriv.kernel import protocol
+from fedpriv.server.ledger_store import LedgerStore
+from fedpriv.server.prompt_grid import failure_reason
+from fedpriv.server.update_checks import Rejection, update_problem
 
 
 class BudgetExhausted(Exception):

@@ -55,16 +55,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from fedpriv.privacy.ledger import NodeLedger, ensure_signing_key, public_key_text
-from fedpriv.privacy.recompute import rdp_epsilons
-from fedpriv.server.ledger_store import KEYS_DIR, LEDGERS_DIR
-from fedpriv.shared_models.weights import arrays_digest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedpriv.kernel import atomic_files
 from fedpriv.kernel.config import ClientDPConfig
+from fedpriv.privacy.ledger import NodeLedger, ensure_signing_key, public_key_text
+from fedpriv.privacy.recompute import rdp_epsilons
+from fedpriv.server.ledger_store import KEYS_DIR, LEDGERS_DIR
+from fedpriv.shared_models.weights import arrays_digest
 
 log = logging.getLogger("fedpriv.server")
 

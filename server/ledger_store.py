@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedpriv.kernel import atomic_files, protocol
+from fedpriv.kernel.node_config import ORG_NAME
 from fedpriv.privacy.ledger import (
     LedgerError,
     append_lines,
@@ -30,9 +32,6 @@ from fedpriv.privacy.ledger import (
     read_entries,
     signature_valid,
 )
-
-from fedpriv.kernel import atomic_files, protocol
-from fedpriv.kernel.node_config import ORG_NAME
 
 LEDGERS_DIR = "ledgers"
 HEADS_FILE = "heads.json"

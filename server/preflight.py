@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedpriv.server.budget_gate import BudgetState
-from fedpriv.server.prompt_grid import failure_reason
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import FedPrivConfig
+from fedpriv.server.budget_gate import BudgetState
+from fedpriv.server.prompt_grid import failure_reason
 
 MAX_LINES = 20  # organisations printed one per line; the rest are in summary.json
 NODE_WAIT_POLL_S = 0.5

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpriv.server.round_tracker import RoundTracker
-
 from fedpriv.kernel import atomic_files
+from fedpriv.server.round_tracker import RoundTracker
 
 PLOT_FILE = "progress.png"
 CONFUSION_FILE = "confusion.png"

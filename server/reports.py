@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedpriv.server.round_tracker import RoundTracker
-
 from fedpriv.kernel import atomic_files
+from fedpriv.server.round_tracker import RoundTracker
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpriv.shared_models.class_scores import macro_f1, per_class_scores
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedpriv.kernel import protocol
+from fedpriv.shared_models.class_scores import macro_f1, per_class_scores
 
 # Privacy fields every organisation's summary entry carries (null when DP is off).
 NO_DP_FIELDS = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps")

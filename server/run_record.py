@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord
+
+from fedpriv.kernel.config import FedPrivConfig
+from fedpriv.kernel.errors import UserError
 from fedpriv.privacy.org_plan import org_target
 from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
 from fedpriv.server.checkpoints import checkpoint_path, save_checkpoint
@@ -28,10 +32,6 @@ from fedpriv.server.resume import (
     write_resume_point,
 )
 from fedpriv.server.round_tracker import RoundTracker
-from flwr.app import ArrayRecord
-
-from fedpriv.kernel.config import FedPrivConfig
-from fedpriv.kernel.errors import UserError
 
 
 class RunRecord:

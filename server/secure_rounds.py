@@ -17,10 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from fedpriv.server.budget_gate import BudgetState, TrainingDiverged, diverged_entry, gate_legacy_strategy
-from fedpriv.server.prompt_grid import PromptGrid, failure_reason
-from fedpriv.server.round_tracker import RoundTracker
-from fedpriv.server.strategy import select_strategy
 from flwr.app import Array, ArrayRecord, Context
 from flwr.common import ndarrays_to_parameters
 from flwr.serverapp import Grid
@@ -35,6 +31,10 @@ from fedpriv.kernel.legacy_messages import (
     legacy_fit_metrics_to_content,
     split_vector,
 )
+from fedpriv.server.budget_gate import BudgetState, TrainingDiverged, diverged_entry, gate_legacy_strategy
+from fedpriv.server.prompt_grid import PromptGrid, failure_reason
+from fedpriv.server.round_tracker import RoundTracker
+from fedpriv.server.strategy import select_strategy
 
 # client/node.py's TrainingDivergedError, as failure_reason() gives it
 _DIVERGED = re.compile(r"^TrainingDivergedError: organisation '([^']+)': (.+)$")

@@ -12,6 +12,15 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedpriv.kernel import atomic_files, protocol
+from fedpriv.kernel.config import FedPrivConfig, config_from_dict
+from fedpriv.kernel.errors import ConfigError, UserError
+from fedpriv.kernel.quiet import quiet_third_party_warnings
+from fedpriv.kernel.run_config import RESUME_KEY, config_from_context
+from fedpriv.kernel.run_lock import new_run_problem
 from fedpriv.server.budget_gate import BudgetExhausted, BudgetGatedStrategy, TrainingDiverged
 from fedpriv.server.checkpoints import load_checkpoint
 from fedpriv.server.preflight import preflight_wanted, run_preflight
@@ -29,15 +38,6 @@ from fedpriv.server.update_checks import Rejection, update_problem
 from fedpriv.shared_models.builder import build_model, build_tokenizer
 from fedpriv.shared_models.export import export_model
 from fedpriv.shared_models.weights import base_model_digest, count_trainable, load_trainable, trainable_arrays
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.serverapp import Grid, ServerApp
-
-from fedpriv.kernel import atomic_files, protocol
-from fedpriv.kernel.config import FedPrivConfig, config_from_dict
-from fedpriv.kernel.errors import ConfigError, UserError
-from fedpriv.kernel.quiet import quiet_third_party_warnings
-from fedpriv.kernel.run_config import RESUME_KEY, config_from_context
-from fedpriv.kernel.run_lock import new_run_problem
 
 log = logging.getLogger("fedpriv.server")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpriv.server.round_tracker import RoundTracker
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import StrategyConfig
+from fedpriv.server.round_tracker import RoundTracker
 
 
 def build_strategy(

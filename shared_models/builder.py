@@ -15,10 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run tim
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
-from fedpriv.shared_models.sources import minilm_dir, model_source, resolve_pooling  # noqa: E402
 
 from fedpriv.kernel.config import ModelConfig  # noqa: E402
 from fedpriv.kernel.errors import ConfigError  # noqa: E402
+from fedpriv.shared_models.sources import minilm_dir, model_source, resolve_pooling  # noqa: E402
 
 # Embeddings that Opacus cannot give correct per-sample gradients for when
 # transformers creates their index tensors with batch size 1 (see stack facts);
@@ -63,8 +63,9 @@ def _label_maps(label_names: list[str]) -> dict:
 
 
 def _base_model(cfg: ModelConfig, label_names: list[str]):
-    from fedpriv.shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from fedpriv.shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
 
     mean = resolve_pooling(cfg.name, cfg.pooling) == "mean"
     source = model_source(cfg.name)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fedpriv.privacy.redaction import PLACEHOLDERS
 from fedpriv.shared_models.sources import MEAN_POOLED_MODEL_TYPE
 from fedpriv.shared_models.weights import unwrap

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fedpriv.privacy.redaction import Redactor, redactor_for
-from fedpriv.shared_models.export import MODEL_INFO_FILE, MODEL_INFO_FORMAT, REDACTION_FILE, REDACTION_FORMAT
 
 from fedpriv.kernel.config import RedactionConfig, redaction_from_dict
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.privacy.redaction import Redactor, redactor_for
+from fedpriv.shared_models.export import MODEL_INFO_FILE, MODEL_INFO_FORMAT, REDACTION_FILE, REDACTION_FORMAT
 
 # an export from before fedpriv-model.json recorded the training max_length
 FALLBACK_MAX_LENGTH = 128
@@ -72,8 +72,9 @@ class Predictor:
 
     def __init__(self, model_dir: str | Path, max_length: int | None = None):
         """``max_length``: tokens kept per text; None: what the model was trained with (else 128)."""
-        import fedpriv.shared_models.mean_pooling  # noqa: F401  (registers fedpriv's mean-pooled classifier: no remote code)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        import fedpriv.shared_models.mean_pooling  # noqa: F401  (registers fedpriv's mean-pooled classifier: no remote code)
 
         model_dir = Path(model_dir)
         merged = model_dir / "merged"

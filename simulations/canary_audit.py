@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedpriv.kernel import atomic_files
+from fedpriv.kernel.config import FedPrivConfig
 from fedpriv.privacy.audit_canaries import canaries_for, fitted, gradient_canaries_for
 from fedpriv.privacy.canaries import Canaries, guess_and_bound, max_reachable_epsilon, reach_note
 from fedpriv.privacy.gradient_canaries import dirac_scores, flat_trainable
 from fedpriv.privacy.org_plan import org_target
-
-from fedpriv.kernel import atomic_files
-from fedpriv.kernel.config import FedPrivConfig
 
 EMPIRICAL_FILE = "empirical_audit.json"
 

@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.client.data_report import RARE_LABEL_COUNT, Truncation
-from fedpriv.privacy.calibration import PrivacyPlan
-from fedpriv.server.resume import ResumePoint
-
 from fedpriv.data.partitioning import PartitionPlan, plan_partitions
 from fedpriv.kernel import atomic_files
 from fedpriv.kernel.config import FedPrivConfig
@@ -30,6 +27,8 @@ from fedpriv.kernel.errors import ConfigError, UserError
 from fedpriv.kernel.interrupts import Interrupted
 from fedpriv.kernel.quiet import VERBOSE_ENV, quiet_third_party_warnings
 from fedpriv.kernel.run_lock import RunLock, lock_run_dir
+from fedpriv.privacy.calibration import PrivacyPlan
+from fedpriv.server.resume import ResumePoint
 
 
 @dataclass(frozen=True)
@@ -100,11 +99,10 @@ def _truncation(cfg: FedPrivConfig, partitions: PartitionPlan) -> dict[str, Trun
     Memoised like the partitions (same key, plus the tokenizer's model), and kept on disk for the next
     process (simulations/truncation_cache.py): tokenising a corpus takes seconds.
     """
+    from fedpriv.data.partitioning import plan_key
     from fedpriv.shared_models.builder import build_tokenizer
     from fedpriv.shared_models.sources import minilm_dir, model_source
     from fedpriv.simulations.truncation_cache import plan_truncation
-
-    from fedpriv.data.partitioning import plan_key
 
     key = (cfg.model.name, plan_key(cfg))
     if key not in _TRUNCATION_MEMO:
@@ -339,9 +337,8 @@ def _simulate_in_child(
     the child and everything under it (Ray) is killed, the run folder marked ``interrupted`` and Interrupted
     raised (fedpriv/kernel/interrupts.py says why Flower's own threads cannot be interrupted in-process).
     """
-    from fedpriv.server.reports import mark_interrupted
-
     from fedpriv.kernel import interrupts
+    from fedpriv.server.reports import mark_interrupted
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -394,9 +391,10 @@ def _exit_code(code: int, run_dir: Path) -> int:
 
 def _simulate_here(cfg: FedPrivConfig, run_dir: Path, num_nodes: int, verbose: bool, resume: ResumePoint | None) -> int:
     """Flower's simulation in this process; 0, or STOPPED_EXIT when an error stopped the run (already said)."""
+    from flwr.simulation import run_simulation
+
     from fedpriv.client.client_app import build_client_app
     from fedpriv.server.server_app import build_server_app
-    from flwr.simulation import run_simulation
 
     _quiet_logs(verbose)
     outcome: dict = {}

@@ -21,7 +21,6 @@ from importlib import metadata
 from pathlib import Path
 
 from fedpriv.client.data_report import Truncation
-
 from fedpriv.kernel.cache_home import CACHE_ENV, cache_home
 
 __all__ = ["CACHE_ENV", "cache_folder", "plan_truncation"]

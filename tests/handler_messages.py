@@ -20,12 +20,12 @@ HANDLER_RUN = [
 
 def node_message(cfg, run_dir, server_round, message_type="train", digest=None):
     """What the coordinator sends a node for ``server_round``: the global trainable weights and its config."""
-    from fedpriv.client.node import fresh_model
-    from fedpriv.shared_models.weights import trainable_arrays
     from flwr.app import ConfigRecord, Message, RecordDict
 
+    from fedpriv.client.node import fresh_model
     from fedpriv.data.partitioning import plan_partitions
     from fedpriv.kernel import protocol
+    from fedpriv.shared_models.weights import trainable_arrays
 
     model, base_digest = fresh_model(cfg.model, plan_partitions(cfg).label_names)
     config = ConfigRecord(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fedpriv.privacy.audit import RDP_TOLERANCE
-
 from tests.benchmarks.scripts import benchmark_module
 
 

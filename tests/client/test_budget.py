@@ -6,15 +6,16 @@ import functools
 from types import SimpleNamespace
 
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedpriv.client.budget import NodeBudget
 from fedpriv.privacy.accountant_state import NodePrivacy
 from fedpriv.privacy.calibration import dp_steps_per_epoch, plan_privacy
 from fedpriv.privacy.ledger import NodeLedger, ensure_signing_key
 from fedpriv.privacy.recompute import rdp_epsilons
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 N, BATCH = 48, 16
 

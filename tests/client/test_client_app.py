@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from fedpriv.client.client_app import handle_evaluate, handle_query, handle_train
-from fedpriv.client.node import NodeSetupError, fresh_model
-from fedpriv.privacy.calibration import compute_epsilon
-from fedpriv.shared_models.weights import trainable_arrays
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from fedpriv.client.client_app import handle_evaluate, handle_query, handle_train
+from fedpriv.client.node import NodeSetupError, fresh_model
 from fedpriv.data.partitioning import plan_partitions
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import load_config
+from fedpriv.privacy.calibration import compute_epsilon
+from fedpriv.shared_models.weights import trainable_arrays
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -188,11 +188,11 @@ def test_more_local_epochs_than_planned_cannot_overspend(tmp_path):
 
 def test_legacy_fit_records_of_the_secagg_workflow_train_the_same_model(tmp_path):
     """SecAgg+ sends unnamed ``fitins`` arrays; the node trains and answers ``fitres`` with its privacy report."""
-    from fedpriv.client.node import trainable_layout
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
     from flwr.compat.common.typing import FitIns
 
+    from fedpriv.client.node import trainable_layout
     from fedpriv.kernel.legacy_messages import flat_vector, legacy_fit_metrics_to_content, split_vector
 
     cfg = load_config(overrides=HANDLER_RUN)

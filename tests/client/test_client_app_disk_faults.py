@@ -6,8 +6,8 @@ import errno
 import os
 
 import pytest
-from fedpriv.client.client_app import answer_disk_errors, handle_train
 
+from fedpriv.client.client_app import answer_disk_errors, handle_train
 from fedpriv.kernel.config import load_config
 from tests.disk_faults import tmpfs
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
+
 from fedpriv.client.evaluation import evaluate
 from fedpriv.client.tokenized import TokenizedTexts
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class Fixed(torch.nn.Module):

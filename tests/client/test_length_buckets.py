@@ -13,12 +13,12 @@ import copy
 
 import pytest
 import torch
+
 from fedpriv.client.tokenized import PadCollator, TokenizedTexts
 from fedpriv.client.training import length_buckets, micro_batches, train_locally, train_step
-from fedpriv.privacy import NodePrivacy, PrivacyPlan
-
 from fedpriv.kernel.config import TrainingConfig, load_config
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.privacy import NodePrivacy, PrivacyPlan
 from tests.privacy.test_clipping import NUM_LABELS, _tiny_bert
 
 LENGTHS = [40, 3, 17, 2, 33, 9, 5, 26, 12, 38]  # very different lengths, in no order

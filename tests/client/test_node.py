@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedpriv.client import node
 from flwr.app import Context, RecordDict
 
+from fedpriv.client import node
 from fedpriv.kernel.config import load_config
 
 OVERRIDES = ["model.name=tiny", "data.labels.names=[neg, pos]", "training.batch_size=4", "data.max_length=16"]

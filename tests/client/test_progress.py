@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+
 from fedpriv.client.progress import INTERVAL_ENV, RoundProgress, progress_interval
 
 

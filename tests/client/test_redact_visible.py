@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from fedpriv.client.tokenized import VISIBLE_MARGIN, redact_visible, tokenize
-from fedpriv.privacy.redaction import redactor_for
-from fedpriv.shared_models.builder import build_tokenizer
 
+from fedpriv.client.tokenized import VISIBLE_MARGIN, redact_visible, tokenize
 from fedpriv.data.corpora import load_bbc_news
 from fedpriv.kernel.config import RedactionConfig
+from fedpriv.privacy.redaction import redactor_for
+from fedpriv.shared_models.builder import build_tokenizer
 
 IDENTIFIERS = [
     "tessaly.okonkwo@riverside-health-example.org",

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
+
 from fedpriv.client import replay
 from fedpriv.client.client_app import handle_train
 from fedpriv.client.node import NodeSetupError
-from flwr.app import Array, ArrayRecord
-
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import load_config
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from fedpriv.client import stage_timing
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedpriv.client import stage_timing
 
 
 @pytest.fixture(autouse=True)

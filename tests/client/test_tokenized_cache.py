@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+
 from fedpriv.client.tokenized import prepare_texts, tokenize
+from fedpriv.kernel.config import RedactionConfig
 from fedpriv.privacy.redaction import Redactor, redactor_for
 from fedpriv.shared_models.builder import build_tokenizer
-
-from fedpriv.kernel.config import RedactionConfig
 
 TEXTS = ["The central bank held rates.", "A late goal won the cup final for the home side.", "Shares fell 3%."]
 
@@ -48,7 +48,6 @@ def test_changed_texts_labels_or_length_make_a_new_entry_and_a_broken_file_is_re
 
 def test_a_simulation_process_keeps_the_organisations_it_served(monkeypatch):
     from fedpriv.client import node
-
     from fedpriv.kernel.config import load_config
 
     monkeypatch.setattr(node, "_NODES", type(node._NODES)())

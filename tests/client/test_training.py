@@ -7,13 +7,13 @@ import random
 
 import pytest
 import torch
+
 from fedpriv.client.tokenized import tokenize
 from fedpriv.client.training import _noise_only_step, _proximal_step, round_learning_rate, train_locally
+from fedpriv.kernel.config import ModelConfig, TrainingConfig
 from fedpriv.privacy.accountant_state import NodePrivacy
 from fedpriv.privacy.calibration import compute_epsilon, plan_privacy
 from fedpriv.shared_models.builder import build_model, build_tokenizer
-
-from fedpriv.kernel.config import ModelConfig, TrainingConfig
 
 WORDS = "good bad great awful fine poor lovely horrible nice terrible".split()
 
@@ -81,8 +81,9 @@ def test_an_empty_poisson_batch_is_still_a_noised_accounted_step(tmp_path):
     model = build_model(ModelConfig(name="tiny"), ["a", "b"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
-    from fedpriv.client.tokenized import PadCollator
     from torch.utils.data import DataLoader
+
+    from fedpriv.client.tokenized import PadCollator
 
     loader = DataLoader(data, batch_size=8, collate_fn=PadCollator(0))
     model, optimizer, loader = node.make_private(model, optimizer, loader)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fedpriv.privacy.calibration import compute_epsilon
 from safetensors.numpy import load_file
 
 from fedpriv.commands.local_federation import (
@@ -43,6 +42,7 @@ from fedpriv.commands.provisioning.federation import load_federation
 from fedpriv.commands.provisioning.kit_templates import CA_KEY_ENV
 from fedpriv.commands.provisioning.kits import provision
 from fedpriv.kernel.protocol import NODE_CONFIG_FILE
+from fedpriv.privacy.calibration import compute_epsilon
 from fedpriv.runtime.superexec import READY_LINE
 from tests.deployment.helpers import processes_after, write_csv
 

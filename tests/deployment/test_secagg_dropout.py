@@ -142,11 +142,11 @@ def test_the_round_completes_without_the_killed_node(dropout_run):
 
 
 def test_the_aggregate_is_the_survivors_small_update_not_leftover_masks(dropout_run):
-    from fedpriv.client.node import fresh_model
-    from fedpriv.shared_models.weights import trainable_state
     from safetensors.numpy import load_file
 
+    from fedpriv.client.node import fresh_model
     from fedpriv.kernel.config import load_config
+    from fedpriv.shared_models.weights import trainable_state
 
     result = dropout_run["result"]
     model, _ = fresh_model(load_config(overrides=["model.name=tiny"]).model, result.summary["label_names"])

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import yaml
-from fedpriv.server.resume import ResumePoint, write_resume_point
 
 from fedpriv.cli import main
+from fedpriv.server.resume import ResumePoint, write_resume_point
 from tests.deployment.helpers import write_csv
 
 

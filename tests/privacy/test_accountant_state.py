@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-from fedpriv.privacy import NodePrivacy, compute_epsilon, plan_privacy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpriv.kernel.errors import PrivacyError
+from fedpriv.privacy import NodePrivacy, compute_epsilon, plan_privacy
 
 N, BATCH, LOCAL_EPOCHS, ROUNDS = 64, 16, 1, 2
 

@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting.dp_event import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
+from fedpriv.cli import main
 from fedpriv.privacy.audit import audit, load_ledger_set
 from fedpriv.privacy.ledger import (
     NodeLedger,
@@ -21,8 +23,6 @@ from fedpriv.privacy.ledger import (
     sign,
 )
 from fedpriv.privacy.recompute import prv_epsilon, rdp_epsilons
-
-from fedpriv.cli import main
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 20, 1e-5
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import matplotlib
 import pytest
+
 from fedpriv.privacy.audit import AuditResult, OrgAudit, RoundCheck
 from fedpriv.privacy.audit_report import html_page, markdown, plot_figure
 

@@ -10,14 +10,14 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from fedpriv.privacy.bookkeeping import (
     BookkeepingClipping,
     UnsupportedForBookkeeping,
     choose_clipping_mode,
     unsupported_reason,
 )
-from torch import nn
-
 from tests.privacy.test_clipping import B, _batch, _reference_per_example_grads, _tiny_bert
 
 
@@ -91,10 +91,9 @@ def test_evaluation_without_gradients_is_the_plain_model_and_records_nothing():
 def test_train_locally_uses_bookkeeping_accounts_every_step_and_removes_its_hooks(tmp_path):
     from fedpriv.client.tokenized import TokenizedTexts
     from fedpriv.client.training import train_locally
+    from fedpriv.kernel.config import TrainingConfig
     from fedpriv.privacy import NodePrivacy
     from fedpriv.privacy.calibration import plan_privacy
-
-    from fedpriv.kernel.config import TrainingConfig
 
     model = _tiny_bert("lora")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -122,7 +121,6 @@ def test_train_locally_uses_bookkeeping_accounts_every_step_and_removes_its_hook
 def test_an_empty_poisson_batch_is_a_noise_only_accounted_step(tmp_path):
     from fedpriv.client.training import _noise_only_step
     from fedpriv.privacy import NodePrivacy
-
     from tests.privacy.test_clipping import _plan
 
     model = _tiny_bert("lora")
@@ -159,7 +157,6 @@ def test_under_bf16_autocast_norms_and_sums_are_kept_in_float32_and_stay_close_t
 def test_an_empty_poisson_batch_after_a_trained_one_is_still_a_noise_only_step(tmp_path, mode):
     from fedpriv.client.training import _noise_only_step
     from fedpriv.privacy import NodePrivacy
-
     from tests.privacy.test_clipping import _plan
 
     model = _tiny_bert("lora")
@@ -177,13 +174,13 @@ def test_an_empty_poisson_batch_after_a_trained_one_is_still_a_noise_only_step(t
 
 def test_dp_batches_are_not_drawn_from_the_public_run_seed(tmp_path, monkeypatch):
     """Poisson sampling's amplification assumes nobody can predict the batches: not the coordinator, not a peer."""
-    from fedpriv.client.tokenized import TokenizedTexts
-    from fedpriv.client.training import train_locally
-    from fedpriv.privacy import NodePrivacy
-    from fedpriv.privacy.calibration import plan_privacy
     from opacus.data_loader import DPDataLoader
 
+    from fedpriv.client.tokenized import TokenizedTexts
+    from fedpriv.client.training import train_locally
     from fedpriv.kernel.config import TrainingConfig
+    from fedpriv.privacy import NodePrivacy
+    from fedpriv.privacy.calibration import plan_privacy
 
     seeds: list[int] = []
     original = DPDataLoader.from_data_loader.__func__

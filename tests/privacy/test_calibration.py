@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from fedpriv.privacy import PrivacyPlan, compute_epsilon, dp_steps_per_epoch, plan_privacy
 
 from fedpriv.kernel.errors import PrivacyError
+from fedpriv.privacy import PrivacyPlan, compute_epsilon, dp_steps_per_epoch, plan_privacy
 
 COMBOS = [
     # (num_examples, batch_size, local_epochs, rounds, target_epsilon, delta)

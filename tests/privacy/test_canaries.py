@@ -8,6 +8,9 @@ import random
 
 import pytest
 import torch
+
+from fedpriv.kernel.config import load_config
+from fedpriv.kernel.errors import ConfigError
 from fedpriv.privacy.canaries import (
     epsilon_lower_bound,
     guess_and_bound,
@@ -25,9 +28,6 @@ from fedpriv.privacy.gradient_canaries import (
     flat_trainable,
     make_dirac_canaries,
 )
-
-from fedpriv.kernel.config import load_config
-from fedpriv.kernel.errors import ConfigError
 
 
 def test_chance_level_guessing_gives_no_bound():
@@ -268,11 +268,12 @@ def test_only_the_audited_simulated_organisation_gets_canaries(tmp_path):
 @pytest.mark.parametrize("kind", ["gradient", "text"])
 def test_the_scorer_writes_the_bound_and_the_reach_for_either_kind(tmp_path, kind):
     """An untrained final model (the initial weights as round 1's checkpoint): no canary stands out."""
+    from flwr.app import ArrayRecord
+
     from fedpriv.server.checkpoints import save_checkpoint
     from fedpriv.shared_models.builder import build_model
     from fedpriv.shared_models.weights import trainable_state
     from fedpriv.simulations.canary_audit import EMPIRICAL_FILE, describe, run_canary_audit
-    from flwr.app import ArrayRecord
 
     cfg = load_config(None, ["model.name=tiny", "model.finetuning=full", "partitioning.num_orgs=2",
                              "data.max_examples=80", "training.batch_size=8", "canary_audit.enabled=true",

@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+
 from fedpriv.privacy import NodePrivacy, PrivacyPlan
 
 B, L, NUM_LABELS = 6, 12, 3
@@ -28,8 +29,9 @@ def _tiny_bert(finetuning: str, pooling: str = "cls"):
 
     ``finetuning`` "lora-frozen-a": LoRA with its A matrices frozen (model.lora.freeze_a).
     """
-    from fedpriv.shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
     from transformers import BertConfig, BertForSequenceClassification
+
+    from fedpriv.shared_models.mean_pooling import MeanPooledBertConfig, MeanPooledBertForSequenceClassification
 
     config_class, model_class = (
         (MeanPooledBertConfig, MeanPooledBertForSequenceClassification)

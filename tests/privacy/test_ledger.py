@@ -8,6 +8,8 @@ import stat
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedpriv.kernel import protocol
 from fedpriv.privacy.ledger import (
     LedgerError,
     NodeLedger,
@@ -18,8 +20,6 @@ from fedpriv.privacy.ledger import (
     read_entries,
 )
 from fedpriv.server.ledger_store import LedgerStore
-
-from fedpriv.kernel import protocol
 
 FIELDS = {
     "local_steps": 10, "sample_rate": 0.1, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5,

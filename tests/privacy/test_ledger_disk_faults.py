@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from fedpriv.privacy.ledger import NodeLedger, ensure_signing_key, read_entries
-from fedpriv.server.ledger_store import LedgerStore
 
 from fedpriv.kernel.errors import DiskError
+from fedpriv.privacy.ledger import NodeLedger, ensure_signing_key, read_entries
+from fedpriv.server.ledger_store import LedgerStore
 from tests.disk_faults import fill, tmpfs
 from tests.privacy.test_ledger import FIELDS, _ledger, _record
 

@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import pytest
+from flwr.app import Context, RecordDict
+
 from fedpriv.client import node
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import load_config
 from fedpriv.privacy.org_plan import org_privacy_plan, org_target
 from fedpriv.server.run_record import epsilon_targets
 from fedpriv.simulations.runner import preflight
-from flwr.app import Context, RecordDict
-
-from fedpriv.kernel import protocol
-from fedpriv.kernel.config import load_config
 
 OVERRIDES = [
     "model.name=tiny",

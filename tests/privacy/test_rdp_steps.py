@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from fedpriv.privacy import NodePrivacy, plan_privacy, rdp_steps
-from fedpriv.privacy.accountant_state import RDP_FILE
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from fedpriv.privacy import NodePrivacy, plan_privacy, rdp_steps
+from fedpriv.privacy.accountant_state import RDP_FILE
 
 PLAN_SETTINGS = (
     ("org", "org-a"),

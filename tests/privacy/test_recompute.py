@@ -8,10 +8,11 @@ import sys
 import warnings
 
 import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
 from fedpriv.privacy import recompute
 from fedpriv.privacy.independent import bracket_claims
 from fedpriv.privacy.recompute import prv_epsilon, rdp_epsilons
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 DELTA = 1e-5
 HISTORIES = [
@@ -45,6 +46,7 @@ def test_importing_the_recomputation_imports_no_torch():
 def test_the_recomputation_runs_opacus_own_public_modules_not_copies_loaded_by_path():
     """A copy of Opacus's sources loaded by path beside the real one could drift from what the nodes ran."""
     import opacus.accountants.analysis.rdp
+
     from fedpriv.privacy import rdp_steps
 
     assert rdp_steps.analysis() is opacus.accountants.analysis.rdp

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from fedpriv.privacy.redaction import PLACEHOLDERS, redactor_for
 
 from fedpriv.kernel.config import RedactionConfig, load_config
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.privacy.redaction import PLACEHOLDERS, redactor_for
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ not called then)."""
 from __future__ import annotations
 
 import pytest
-from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
-from fedpriv.server.ledger_store import LedgerStore
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
+
+from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
+from fedpriv.server.ledger_store import LedgerStore
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
-from fedpriv.server import client_dp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import ClientDPConfig
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.server import client_dp
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

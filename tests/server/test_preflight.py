@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+
 from fedpriv.client.client_app import handle_query, handle_train
+from fedpriv.data.partitioning import plan_partitions
+from fedpriv.kernel import protocol
+from fedpriv.kernel.config import load_config
 from fedpriv.server import preflight
 from fedpriv.server.budget_gate import BudgetState
 from fedpriv.server.ledger_store import LedgerStore
 from fedpriv.server.preflight import preflight_wanted, run_preflight
 from fedpriv.server.prompt_grid import PromptGrid
-from flwr.app import ConfigRecord, Error, Message, RecordDict
-
-from fedpriv.data.partitioning import plan_partitions
-from fedpriv.kernel import protocol
-from fedpriv.kernel.config import load_config
 from tests.handler_messages import HANDLER_RUN, node_message, partition_context
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -118,8 +118,9 @@ def test_auto_runs_it_in_deployment_only():
 
 
 def test_each_node_says_the_length_it_cuts_texts_to_and_the_export_records_the_largest(tmp_path):
-    from fedpriv.server.server_app import _trained_max_length
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fedpriv.server.server_app import _trained_max_length
 
     cfg = load_config(overrides=[*HANDLER_RUN, "privacy.enabled=false", "data.max_length=48"])
     block, _ = _run(cfg, NodesGrid(cfg), tmp_path, [])

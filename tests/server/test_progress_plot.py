@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from fedpriv.server.progress_plot import PLOT_FILE, PlotData, ProgressPlots, draw
 from fedpriv.server.round_tracker import RoundRecord, RoundTracker
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from fedpriv.server import prompt_grid
 from fedpriv.server.prompt_grid import PromptGrid
 

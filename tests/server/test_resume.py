@@ -6,6 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
+
+from fedpriv.kernel import protocol
 from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
 from fedpriv.server.ledger_store import LedgerStore
 from fedpriv.server.resume import (
@@ -20,10 +24,6 @@ from fedpriv.server.resume import (
     save_strategy_state,
     write_resume_point,
 )
-from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
-
-from fedpriv.kernel import protocol
 
 
 def _point(run_dir, rounds=2, **changes) -> ResumePoint:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedpriv.server.checkpoints import load_checkpoint, save_checkpoint
-from fedpriv.server.round_tracker import RoundTracker
-from fedpriv.shared_models.class_scores import macro_f1
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpriv.kernel import protocol
+from fedpriv.server.checkpoints import load_checkpoint, save_checkpoint
+from fedpriv.server.round_tracker import RoundTracker
+from fedpriv.shared_models.class_scores import macro_f1
 
 
 def _eval_reply(org, labels, predictions, loss_sum):

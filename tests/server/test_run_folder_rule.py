@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-from fedpriv.server.server_app import run_dir_for
-from fedpriv.simulations.runner import resolve_run_dir
 
 from fedpriv.commands.local_federation import _refuse_a_used_folder
 from fedpriv.kernel.config import load_config
 from fedpriv.kernel.errors import UserError
+from fedpriv.server.server_app import run_dir_for
+from fedpriv.simulations.runner import resolve_run_dir
 
 
 def _missing(folder: Path) -> None:

@@ -9,10 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fedpriv.server.secure_rounds import secagg_shares
 
 from fedpriv.kernel.config import load_config
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.server.secure_rounds import secagg_shares
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +101,7 @@ def test_one_dropout_leaves_the_round_to_the_survivors_and_too_many_halt_the_nex
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam")])
 def test_both_paths_pick_the_configured_flower_strategy(name, cls, tmp_path):
     import numpy as np
+
     from fedpriv.server.budget_gate import BudgetState
     from fedpriv.server.ledger_store import LedgerStore
     from fedpriv.server.round_tracker import RoundTracker

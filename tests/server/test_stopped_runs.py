@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from fedpriv.kernel.config import load_config
+from fedpriv.kernel.errors import DiskError
 from fedpriv.server.budget_gate import BudgetState
 from fedpriv.server.ledger_store import LedgerStore
 from fedpriv.server.resume import ResumeError, ResumePoint, resumable
 from fedpriv.server.round_tracker import RoundTracker
 from fedpriv.server.run_record import RunRecord
-
-from fedpriv.kernel.config import load_config
-from fedpriv.kernel.errors import DiskError
 from tests.disk_faults import tmpfs
 
 FULL = "[Errno 28] No space left on device"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedpriv.server.update_checks import update_problem
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpriv.kernel import protocol
+from fedpriv.server.update_checks import update_problem
 
 GLOBAL = {"head.weight": np.zeros((3, 4), dtype=np.float32), "head.bias": np.zeros(3, dtype=np.float32)}
 
@@ -104,12 +104,11 @@ def test_under_secagg_only_the_unmasked_aggregate_s_finiteness_can_be_checked():
 # trimmed mean of 2, 3, 4; median; Krum picks one honest update (2: closest to its neighbours, first of a tie)
 @pytest.mark.parametrize(("name", "expected"), [("fedtrimmedavg", 3.0), ("fedmedian", 3.0), ("krum", 2.0)])
 def test_robust_strategies_outvote_an_outlier_that_passes_the_checks(flower_task_identity, tmp_path, name, expected):
+    from fedpriv.kernel.config import load_config
     from fedpriv.server.budget_gate import BudgetGatedStrategy, BudgetState
     from fedpriv.server.ledger_store import LedgerStore
     from fedpriv.server.round_tracker import RoundTracker
     from fedpriv.server.strategy import build_strategy
-
-    from fedpriv.kernel.config import load_config
 
     cfg = load_config(overrides=[f"strategy.name={name}", "strategy.num_malicious_nodes=1"])
     tracker = RoundTracker(num_rounds=1, num_labels=2, dp_enabled=False)

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from fedpriv.shared_models.builder import build_model, build_tokenizer
-from fedpriv.shared_models.export import export_model
-from fedpriv.shared_models.sources import minilm_dir, resolve_pooling
 
 from fedpriv.kernel.config import ModelConfig
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.export import export_model
+from fedpriv.shared_models.sources import minilm_dir, resolve_pooling
 
 LABELS = ["neg", "pos"]
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
+
+from fedpriv.kernel.config import LoraConfig, ModelConfig
+from fedpriv.kernel.errors import ConfigError
 from fedpriv.shared_models.builder import build_model, build_tokenizer
 from fedpriv.shared_models.export import export_model
 from fedpriv.shared_models.weights import (
@@ -13,10 +17,6 @@ from fedpriv.shared_models.weights import (
     trainable_arrays,
     trainable_state,
 )
-from flwr.app import ArrayRecord
-
-from fedpriv.kernel.config import LoraConfig, ModelConfig
-from fedpriv.kernel.errors import ConfigError
 
 LABELS = ["neg", "neu", "pos"]
 

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-from fedpriv.shared_models.builder import build_model, build_tokenizer
-from fedpriv.shared_models.export import export_model
 
 from fedpriv.kernel.config import ModelConfig
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.export import export_model
 
 
 def run_card_code(model_dir: Path) -> str:

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from fedpriv.shared_models.builder import build_model, build_tokenizer
-from fedpriv.shared_models.export import export_model, prediction_rules
-from fedpriv.shared_models.predict import Predictor
 
 from fedpriv.kernel.config import ModelConfig
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.shared_models.builder import build_model, build_tokenizer
+from fedpriv.shared_models.export import export_model, prediction_rules
+from fedpriv.shared_models.predict import Predictor
 
 LABELS = ["neg", "pos"]
 ON = {"enabled": True, "rules": "fedpriv-pii", "version": "1", "kinds": ["email", "person"], "locales": ["uk"],

@@ -17,8 +17,8 @@ import sys
 import textwrap
 
 import pytest
-from fedpriv.client import disclosures
 
+from fedpriv.client import disclosures
 from fedpriv.kernel import protocol
 from tests.handler_messages import HANDLER_RUN
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import fedpriv.privacy.org_plan
-from fedpriv.simulations.runner import preflight
-
 from fedpriv.kernel.config import load_config
+from fedpriv.simulations.runner import preflight
 
 
 def test_preflight_calibrates_each_distinct_plan_once(monkeypatch):

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fedpriv.simulations.runner import backend_config
 
 from fedpriv.kernel.config import load_config
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.simulations.runner import backend_config
 
 RAY = Path(sys.executable).parent / "ray"
 START_TIMEOUT_S = 60.0

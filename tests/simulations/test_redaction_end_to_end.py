@@ -19,18 +19,18 @@ import subprocess
 import sys
 
 import pytest
-from fedpriv.client.client_app import handle_evaluate, handle_train
-from fedpriv.client.node import fresh_model, local_node
-from fedpriv.privacy.person_names import census_names
-from fedpriv.shared_models.builder import build_tokenizer
-from fedpriv.shared_models.weights import trainable_arrays
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedpriv.client.client_app import handle_evaluate, handle_train
+from fedpriv.client.node import fresh_model, local_node
 from fedpriv.data.corpora import load_bbc_news
 from fedpriv.data.partitioning import plan_partitions
 from fedpriv.kernel import protocol
 from fedpriv.kernel.config import load_config
+from fedpriv.privacy.person_names import census_names
+from fedpriv.shared_models.builder import build_tokenizer
+from fedpriv.shared_models.weights import trainable_arrays
 from tests.shared_runs import simulate
 
 pytestmark = pytest.mark.integration

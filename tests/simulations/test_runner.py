@@ -6,10 +6,10 @@ import dataclasses
 import math
 
 import pytest
-from fedpriv.simulations.runner import describe_plan, preflight, resolve_run_dir
 
 from fedpriv.kernel.config import load_config
 from fedpriv.kernel.errors import ConfigError
+from fedpriv.simulations.runner import describe_plan, preflight, resolve_run_dir
 
 TINY = ["model.name=tiny", "partitioning.num_orgs=3", "data.max_examples=300", "training.batch_size=16"]
 

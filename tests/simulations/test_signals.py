@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fedpriv.server.resume import load_resume_point, resumable
 
 from fedpriv.kernel.interrupts import alive, process_tree
+from fedpriv.server.resume import load_resume_point, resumable
 
 pytestmark = pytest.mark.integration
 

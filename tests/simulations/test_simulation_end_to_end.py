@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedpriv.privacy.calibration import compute_epsilon
 
 from fedpriv.kernel import protocol
+from fedpriv.privacy.calibration import compute_epsilon
 from tests.shared_runs import TINY_DP_RUN, simulate_in_sequence
 
 SUMMARY_ROUND_FIELDS = {"round", "accuracy", "macro_f1", "loss", "epsilon"}
@@ -270,12 +270,12 @@ def _final_weights(out: Path) -> dict:
 def _plain_fedavg(cfg, run_dir: Path) -> dict:
     """Round 1 of plain FedAvg, computed here: every organisation's ClientApp trains (same seed, same code as in
     the simulation's actors), the updates are averaged weighted by their training examples."""
-    from fedpriv.client.client_app import handle_train
-    from fedpriv.client.node import fresh_model
-    from fedpriv.shared_models.weights import trainable_arrays
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+    from fedpriv.client.client_app import handle_train
+    from fedpriv.client.node import fresh_model
     from fedpriv.data.partitioning import plan_partitions
+    from fedpriv.shared_models.weights import trainable_arrays
 
     model, digest = fresh_model(cfg.model, plan_partitions(cfg).label_names)
     total, weighted = 0, {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from fedpriv.client.data_report import truncation
 from fedpriv.simulations import truncation_cache
 from fedpriv.simulations.truncation_cache import CACHE_ENV, cache_folder, plan_truncation

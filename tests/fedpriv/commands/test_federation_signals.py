@@ -16,10 +16,10 @@ import time
 
 import pytest
 import yaml
-from fedpriv.server.resume import load_resume_point, resumable
 
 from fedpriv.commands.local_federation import processes_under
 from fedpriv.kernel.interrupts import alive, process_tree
+from fedpriv.server.resume import load_resume_point, resumable
 from tests.deployment.helpers import write_csv
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from fedpriv.server.round_tracker import RoundTracker
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -27,6 +26,7 @@ from fedpriv.kernel.legacy_messages import (
     legacy_fit_to_content,
     split_vector,
 )
+from fedpriv.server.round_tracker import RoundTracker
 
 NAMES = ["layer.lora_A.weight", "layer.lora_B.weight", "classifier.bias"]
 ARRAYS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32), np.array([0.5, -0.5], np.float32)]

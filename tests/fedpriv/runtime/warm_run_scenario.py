@@ -103,7 +103,6 @@ def main(work: Path) -> None:
         )  # a run's first message waits here for its run process when it needs the node's data
         cache = list((work / "state" / "token-cache").glob("*.pt"))
         from fedpriv.client import node, task
-
         from fedpriv.kernel.run_config import config_from_context
 
         cfg = config_from_context(context)

@@ -27,13 +27,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from fedpriv.privacy.ledger import NodeLedger, load_signing_key, public_key_text
 
 import fedpriv.commands.local_federation as local_federation
 from fedpriv.cli import main
 from fedpriv.commands.provisioning import pki
 from fedpriv.commands.provisioning.federation import load_federation
 from fedpriv.commands.provisioning.kits import ledger_pem_private, provision
+from fedpriv.privacy.ledger import NodeLedger, load_signing_key, public_key_text
 
 from .conftest import federation_dict, snapshot, write_federation
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fedpriv.privacy.ledger import load_signing_key
 
 from fedpriv.cli import main
 from fedpriv.commands.provisioning import ProvisioningError, pki
@@ -18,6 +17,7 @@ from fedpriv.commands.provisioning.join import accept_reply, init_org, load_join
 from fedpriv.commands.provisioning.kits import provision
 from fedpriv.kernel.errors import ConfigError
 from fedpriv.kernel.node_config import load_node_config
+from fedpriv.privacy.ledger import load_signing_key
 
 from .conftest import federation_dict, snapshot, write_federation
 
