@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 from fedpriv.client.data_report import Truncation
-from fedpriv.kernel.cache_home import CACHE_ENV, cache_home
+from fedpriv.kernel.cache_home import CACHE_ENV, keep_json
+from fedpriv.kernel.cache_home import cache_folder as kind_folder
+from fedpriv.kernel.cache_home import package_version as _version
 
 __all__ = ["CACHE_ENV", "cache_folder", "plan_truncation"]
 
@@ -35,15 +35,7 @@ _WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", "
 def cache_folder() -> Path | None:
     """Where the counts are kept: ``truncation`` in fedpriv's cache folder (fedpriv/kernel/cache_home.py); None
     when there is no home folder to put it in (nothing is kept)."""
-    home = cache_home()
-    return home / FOLDER if home is not None else None
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "none"
+    return kind_folder(FOLDER)
 
 
 def tokenizer_digest(source: Path) -> str:
@@ -85,18 +77,7 @@ def _read(path: Path, texts_by_org: dict[str, Sequence[str]], max_length: int) -
 
 
 def _write(path: Path, cuts: dict[str, Truncation]) -> None:
-    """Keep ``cuts`` at ``path`` (atomically: a concurrent reader sees all of it or none); a failure is ignored."""
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps({"orgs": {org: cut.to_dict() for org, cut in cuts.items()}}), encoding="utf-8")
-        partial.replace(path)
-        kept = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
-        for old in kept[: len(kept) // 2] if len(kept) > KEEP_FILES else []:
-            old.unlink(missing_ok=True)
-    except OSError:
-        pass  # a cache only: a read-only or full disk costs counting again next time
+    keep_json(path, {"orgs": {org: cut.to_dict() for org, cut in cuts.items()}}, KEEP_FILES)
 
 
 def plan_truncation(

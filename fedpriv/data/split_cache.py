@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 
-from fedpriv.kernel.cache_home import cache_home
+from fedpriv.kernel.cache_home import cache_home, keep_json
+from fedpriv.kernel.cache_home import package_version as _version
 
 FOLDER = "partitions"  # inside the cache folder
 FORMAT = "fedpriv-dirichlet/1"
@@ -30,13 +29,6 @@ def cache_folder() -> Path | None:
     """Where the splits are kept; None when there is no home folder to put them in (nothing is kept)."""
     home = cache_home()
     return home / FOLDER if home is not None else None
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "none"
 
 
 def _file_name(labels: Sequence[int], settings: dict) -> str:
@@ -62,18 +54,7 @@ def _read(path: Path, n: int, num_orgs: int) -> list[list[int]] | None:
 
 
 def _write(path: Path, groups: list[list[int]]) -> None:
-    """Keep ``groups`` at ``path`` (atomically: a concurrent reader sees all of it or none); a failure is ignored."""
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps({"groups": groups}), encoding="utf-8")
-        partial.replace(path)
-        kept = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
-        for old in kept[: len(kept) // 2] if len(kept) > KEEP_FILES else []:
-            old.unlink(missing_ok=True)
-    except OSError:
-        pass  # a cache only: a read-only or full disk costs the split again next time
+    keep_json(path, {"groups": groups}, KEEP_FILES)
 
 
 def kept_split(labels: Sequence[int], settings: dict, split: Callable[[], list[list[int]]]) -> list[list[int]]:
